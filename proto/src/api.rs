@@ -1,0 +1,88 @@
+//! The backend API's request and response bodies (`POST /v1/publish`, `/v1/publish/batch`).
+
+use serde::{Deserialize, Serialize};
+
+use crate::event::{validate_topic, Event, EventIn, InvalidEvent};
+
+/// Body of `POST /v1/publish`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublishIn {
+    /// Customer ids: each receives the event on its own stream.
+    #[serde(default)]
+    pub customers: Vec<String>,
+    /// Topics.
+    #[serde(default)]
+    pub topics: Vec<String>,
+    /// Roles (`physician` or `role:physician`).
+    #[serde(default)]
+    pub roles: Vec<String>,
+    /// Every connected customer.
+    #[serde(default)]
+    pub broadcast: bool,
+    /// The event.
+    pub event: EventIn,
+}
+
+/// A validated publish: targets and the event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Publish {
+    /// Customer targets.
+    pub customers: Vec<String>,
+    /// Topic targets.
+    pub topics: Vec<String>,
+    /// Role names, without the `role:` prefix.
+    pub roles: Vec<String>,
+    /// Broadcast to everyone.
+    pub broadcast: bool,
+    /// The event.
+    pub event: Event,
+}
+
+/// Most targets in one publish: bounds the work one request can cause.
+pub const MAX_TARGETS: usize = 10_000;
+
+impl PublishIn {
+    /// Validates the request.
+    pub fn validate(self, id: impl FnOnce() -> String, now: impl FnOnce() -> String) -> Result<Publish, InvalidEvent> {
+        let n = self.customers.len() + self.topics.len() + self.roles.len();
+        if n == 0 && !self.broadcast {
+            return Err(InvalidEvent { code: "no_target", message: "give customers, topics, roles or broadcast".into() });
+        }
+        if n > MAX_TARGETS {
+            return Err(InvalidEvent { code: "too_many_targets", message: format!("at most {MAX_TARGETS} targets per publish") });
+        }
+        for t in &self.topics {
+            validate_topic(t)?;
+        }
+        if self.customers.iter().any(|c| c.is_empty() || c.len() > 256) {
+            return Err(InvalidEvent { code: "invalid_customer", message: "customer ids are 1-256 bytes".into() });
+        }
+        let roles = self.roles.into_iter().map(|r| r.strip_prefix("role:").map(str::to_owned).unwrap_or(r)).collect();
+        Ok(Publish { customers: self.customers, topics: self.topics, roles, broadcast: self.broadcast, event: self.event.into_event(id, now)? })
+    }
+}
+
+/// Per-transport delivery counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Delivered {
+    /// Frames queued to WebSocket connections.
+    pub websocket: u64,
+    /// Records queued to SSE streams.
+    pub sse: u64,
+    /// Events handed to long-poll requests.
+    pub poll: u64,
+}
+
+/// Response of `POST /v1/publish`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishOut {
+    /// The event id.
+    pub id: String,
+    /// Deliveries per transport.
+    pub delivered: Delivered,
+    /// Persistent events queued for offline customers.
+    pub queued: u64,
+    /// Events dropped (offline customers, non-persistent; slow consumers).
+    pub dropped: u64,
+}

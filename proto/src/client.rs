@@ -1,0 +1,263 @@
+//! Client protocol v1: the `{type, payload, requestId}` envelope over WebSocket text frames.
+//!
+//! [`parse`] decodes a client message with simd-json (in place: the engine hands it the
+//! unmasked frame payload it owns for the duration of the call). Replies are built by the
+//! `*_reply` functions; events are encoded by [`crate::event::Event::to_client_json`].
+
+use serde_json::json;
+use simd_json::prelude::*;
+use simd_json::BorrowedValue;
+
+/// A decoded client request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// Subscribe to topics and/or event-type prefixes of the customer's own stream.
+    Subscribe {
+        /// Topics to join.
+        topics: Vec<String>,
+        /// Event-type prefixes to receive on the customer's own stream.
+        events: Vec<String>,
+    },
+    /// The reverse of `Subscribe`.
+    Unsubscribe {
+        /// Topics to leave.
+        topics: Vec<String>,
+        /// Event-type prefixes to stop receiving.
+        events: Vec<String>,
+    },
+    /// Publish an event to a topic (when the token allows it).
+    Publish {
+        /// Target topic.
+        topic: String,
+        /// Event type.
+        kind: String,
+        /// JSON text of the data.
+        data: String,
+    },
+    /// Send an event to another customer.
+    SendMessage {
+        /// Recipient customer id.
+        to: String,
+        /// Event type (`message_received` by default, as in the seed portal).
+        kind: String,
+        /// JSON text of the data.
+        data: String,
+    },
+    /// Liveness check; answered with `pong`.
+    Ping,
+    /// A type of the protocol that a later release implements (typing, presence, ack,
+    /// update_preferences); answered with an `unsupported_type` error.
+    NotYetSupported(String),
+}
+
+/// A decoded client message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientMessage {
+    /// What the client asks for.
+    pub request: Request,
+    /// Echoed in replies.
+    pub request_id: Option<String>,
+}
+
+/// A client message that could not be served; the engine replies with [`ClientError::to_json`]
+/// and keeps the connection open.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct ClientError {
+    /// Machine-readable code (`bad_json`, `bad_request`, `unknown_type`, `forbidden`, ...).
+    pub code: &'static str,
+    /// Human-readable message.
+    pub message: String,
+    /// The `type` the client sent, if any.
+    pub received_type: Option<String>,
+    /// The `requestId` the client sent, if any.
+    pub request_id: Option<String>,
+}
+
+impl ClientError {
+    /// A new error without type or request id.
+    pub fn new(code: &'static str, message: impl Into<String>) -> Self {
+        ClientError { code, message: message.into(), received_type: None, request_id: None }
+    }
+
+    /// The `error` message sent to the client.
+    pub fn to_json(&self) -> Vec<u8> {
+        let mut v = json!({ "type": "error", "code": self.code, "message": self.message });
+        if let Some(t) = &self.received_type {
+            v["receivedType"] = json!(t);
+        }
+        if let Some(r) = &self.request_id {
+            v["requestId"] = json!(r);
+        }
+        v.to_string().into_bytes()
+    }
+}
+
+fn strings(v: Option<&BorrowedValue<'_>>, field: &str) -> Result<Vec<String>, ClientError> {
+    match v {
+        None => Ok(Vec::new()),
+        Some(v) if v.is_null() => Ok(Vec::new()),
+        Some(v) => {
+            if let Some(s) = v.as_str() {
+                return Ok(vec![s.to_owned()]);
+            }
+            let arr = v.as_array().ok_or_else(|| ClientError::new("bad_request", format!("payload.{field} must be a list of strings")))?;
+            arr.iter()
+                .map(|x| x.as_str().map(str::to_owned).ok_or_else(|| ClientError::new("bad_request", format!("payload.{field} must be a list of strings"))))
+                .collect()
+        }
+    }
+}
+
+fn string(payload: Option<&BorrowedValue<'_>>, names: &[&str]) -> Option<String> {
+    let p = payload?;
+    names.iter().find_map(|n| p.get(*n).and_then(|v| v.as_str()).map(str::to_owned))
+}
+
+/// Parses a client text message. `buf` is used as simd-json's scratch space and is clobbered.
+pub fn parse(buf: &mut [u8]) -> Result<ClientMessage, ClientError> {
+    let value = simd_json::to_borrowed_value(buf).map_err(|e| ClientError::new("bad_json", format!("invalid JSON: {e}")))?;
+    let request_id = value.get("requestId").and_then(|v| {
+        v.as_str().map(str::to_owned).or_else(|| v.as_i64().map(|n| n.to_string()))
+    });
+    let Some(kind) = value.get("type").and_then(|v| v.as_str()) else {
+        return Err(ClientError { request_id, ..ClientError::new("bad_request", "message needs a string \"type\"") });
+    };
+    let kind = kind.to_owned();
+    let payload = value.get("payload");
+    let fail = |code: &'static str, message: String| ClientError {
+        code,
+        message,
+        received_type: Some(kind.clone()),
+        request_id: request_id.clone(),
+    };
+    let with_ctx = |e: ClientError| ClientError { received_type: Some(kind.clone()), request_id: request_id.clone(), ..e };
+    let request = match kind.as_str() {
+        "subscribe" | "unsubscribe" => {
+            let mut topics = strings(payload.and_then(|p| p.get("topics")), "topics").map_err(with_ctx)?;
+            topics.extend(string(payload, &["topic"]));
+            let events = strings(payload.and_then(|p| p.get("events")), "events").map_err(with_ctx)?;
+            if topics.is_empty() && events.is_empty() {
+                return Err(fail("bad_request", format!("{kind} needs payload.topics or payload.events")));
+            }
+            if kind == "subscribe" {
+                Request::Subscribe { topics, events }
+            } else {
+                Request::Unsubscribe { topics, events }
+            }
+        }
+        "publish" => {
+            let topic = string(payload, &["topic"]).ok_or_else(|| fail("bad_request", "publish needs payload.topic".into()))?;
+            let event_kind = string(payload, &["type", "event"]).ok_or_else(|| fail("bad_request", "publish needs payload.type".into()))?;
+            let data = payload.and_then(|p| p.get("data")).map_or_else(|| "{}".to_owned(), |d| d.encode());
+            Request::Publish { topic, kind: event_kind, data }
+        }
+        "send_message" => {
+            let to = string(payload, &["to", "recipientId"]).ok_or_else(|| fail("bad_request", "send_message needs payload.to".into()))?;
+            let event_kind = string(payload, &["type"]).unwrap_or_else(|| "message_received".to_owned());
+            // The seed portal sends `{recipientId, message, ...}` without `data`: the whole
+            // payload becomes the data then.
+            let data = match payload.and_then(|p| p.get("data")) {
+                Some(d) => d.encode(),
+                None => payload.map_or_else(|| "{}".to_owned(), |p| p.encode()),
+            };
+            Request::SendMessage { to, kind: event_kind, data }
+        }
+        "ping" => Request::Ping,
+        "typing" | "presence" | "ack" | "update_preferences" => Request::NotYetSupported(kind.clone()),
+        other => return Err(fail("unknown_type", format!("unknown message type {other:?}"))),
+    };
+    Ok(ClientMessage { request, request_id })
+}
+
+/// The `welcome` message sent after the upgrade.
+pub fn welcome(customer: &str, connection_id: &str, subscriptions: &[String], heartbeat_secs: u64, timestamp: &str) -> Vec<u8> {
+    json!({
+        "type": "welcome",
+        "timestamp": timestamp,
+        "data": {
+            "customerId": customer,
+            "connectionId": connection_id,
+            "subscriptions": subscriptions,
+            "heartbeat": heartbeat_secs,
+            "protocol": 1,
+        }
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// One topic's position, as reported in `subscription_confirmed`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicPosition {
+    /// Topic name.
+    pub topic: String,
+    /// Offset of the last event published to it (0 if none).
+    pub offset: u64,
+    /// Epoch of the topic's history.
+    pub epoch: String,
+}
+
+/// The `subscription_confirmed` reply (also used, with `type` `unsubscribed`, for unsubscribe).
+pub fn subscription_reply(kind: &str, topics: &[TopicPosition], events: &[String], request_id: Option<&str>) -> Vec<u8> {
+    let mut per_topic = serde_json::Map::new();
+    for t in topics {
+        per_topic.insert(t.topic.clone(), json!({ "offset": t.offset, "epoch": t.epoch, "recovered": true }));
+    }
+    let mut v = json!({
+        "type": kind,
+        "data": { "topics": per_topic, "events": events },
+        "subscriptions": topics.iter().map(|t| t.topic.as_str()).chain(events.iter().map(String::as_str)).collect::<Vec<_>>(),
+    });
+    if let Some(r) = request_id {
+        v["requestId"] = json!(r);
+    }
+    v.to_string().into_bytes()
+}
+
+/// A simple acknowledgement `{type, requestId, data}` (for `pong`, `published`, `sent`).
+pub fn ack_reply(kind: &str, request_id: Option<&str>, data: serde_json::Value, timestamp: &str) -> Vec<u8> {
+    let mut v = json!({ "type": kind, "timestamp": timestamp, "data": data });
+    if let Some(r) = request_id {
+        v["requestId"] = json!(r);
+    }
+    v.to_string().into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> Result<ClientMessage, ClientError> {
+        parse(&mut s.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn parses_the_envelope() {
+        let m = p(r#"{"type":"subscribe","payload":{"topics":["conversation:1"],"events":["case_"]},"requestId":"r1"}"#).unwrap();
+        assert_eq!(m.request_id.as_deref(), Some("r1"));
+        assert_eq!(m.request, Request::Subscribe { topics: vec!["conversation:1".into()], events: vec!["case_".into()] });
+        let m = p(r#"{"type":"publish","payload":{"topic":"t","type":"chat","data":{"text":"hi"}}}"#).unwrap();
+        assert_eq!(m.request, Request::Publish { topic: "t".into(), kind: "chat".into(), data: r#"{"text":"hi"}"#.into() });
+        let m = p(r#"{"type":"send_message","payload":{"recipientId":"bob","message":"hello"}}"#).unwrap();
+        let Request::SendMessage { to, kind, data } = m.request else { panic!("wrong request") };
+        assert_eq!((to.as_str(), kind.as_str()), ("bob", "message_received"));
+        assert!(data.contains("\"message\":\"hello\""));
+        assert_eq!(p(r#"{"type":"ping","requestId":7}"#).unwrap().request_id.as_deref(), Some("7"));
+    }
+
+    #[test]
+    fn errors_carry_type_and_request_id() {
+        let e = p("{not json").unwrap_err();
+        assert_eq!(e.code, "bad_json");
+        let e = p(r#"{"type":"dance","requestId":"r9"}"#).unwrap_err();
+        assert_eq!((e.code, e.received_type.as_deref(), e.request_id.as_deref()), ("unknown_type", Some("dance"), Some("r9")));
+        let v: serde_json::Value = serde_json::from_slice(&e.to_json()).unwrap();
+        assert_eq!(v["type"], "error");
+        assert_eq!(v["receivedType"], "dance");
+        assert_eq!(v["requestId"], "r9");
+        assert_eq!(p(r#"{"type":"subscribe","payload":{"topics":[1]}}"#).unwrap_err().code, "bad_request");
+        assert_eq!(p(r#"{"type":"subscribe"}"#).unwrap_err().code, "bad_request");
+        assert_eq!(p(r#"[1,2]"#).unwrap_err().code, "bad_request");
+    }
+}

@@ -1,0 +1,29 @@
+//! Sans-IO protocol logic for ringcast.
+//!
+//! This crate decides every byte ringcast reads or writes and does nothing else: no sockets, no
+//! clock, no executor. The engine feeds it bytes and the current time and acts on what it
+//! returns.
+//!
+//! - [`http1`]: request heads ([`http1::parse_head`]), the routing decision ([`http1::route`])
+//!   and responses.
+//! - [`ws`]: WebSocket handshake, frame codec, masking and the receive state machine
+//!   ([`ws::Receiver`]).
+//! - [`client`]: the client JSON protocol (`{type, payload, requestId}`), parsed with simd-json.
+//! - [`event`]: events and their one-time JSON encoding; [`api`]: the backend API bodies.
+//! - [`auth`]: JWT verification with a pinned algorithm, and topic permission globs.
+//! - [`bus`]: rkyv-encoded messages between shards.
+//! - [`placement`]: which shard owns a customer or a topic (jump consistent hash).
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+pub mod api;
+pub mod auth;
+// rkyv derives `Archived*` twins of the documented types without docs of their own.
+#[allow(missing_docs)]
+pub mod bus;
+pub mod client;
+#[allow(missing_docs)]
+pub mod event;
+pub mod http1;
+pub mod placement;
+pub mod ws;
