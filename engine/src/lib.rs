@@ -1,1 +1,17 @@
-//! x
+//! The ringcast engine: a thread-per-core real-time delivery server on glommio.
+//!
+//! - [`shard`]: one pinned executor per core; connection registry, topic ownership, fan-out,
+//!   the shard mesh and the timer wheel. [`shard::start`] is the entry point.
+//! - [`conn`]: a connection's life: request head, routing, authentication, handoff to the owner
+//!   shard, then the WebSocket driver or the backend API.
+//! - [`config`]: settings from defaults, TOML, environment and flags.
+//! - [`metrics`]: per-shard counters and the Prometheus/JSON renderings.
+//! - [`io`]: the few system calls glommio lacks; all `unsafe` code lives there.
+//! - [`cli`]: `ringcast serve` and `ringcast token`.
+
+pub mod cli;
+pub mod config;
+pub mod conn;
+pub mod io;
+pub mod metrics;
+pub mod shard;

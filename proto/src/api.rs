@@ -44,22 +44,45 @@ pub const MAX_TARGETS: usize = 10_000;
 
 impl PublishIn {
     /// Validates the request.
-    pub fn validate(self, id: impl FnOnce() -> String, now: impl FnOnce() -> String) -> Result<Publish, InvalidEvent> {
+    pub fn validate(
+        self,
+        id: impl FnOnce() -> String,
+        now: impl FnOnce() -> String,
+    ) -> Result<Publish, InvalidEvent> {
         let n = self.customers.len() + self.topics.len() + self.roles.len();
         if n == 0 && !self.broadcast {
-            return Err(InvalidEvent { code: "no_target", message: "give customers, topics, roles or broadcast".into() });
+            return Err(InvalidEvent {
+                code: "no_target",
+                message: "give customers, topics, roles or broadcast".into(),
+            });
         }
         if n > MAX_TARGETS {
-            return Err(InvalidEvent { code: "too_many_targets", message: format!("at most {MAX_TARGETS} targets per publish") });
+            return Err(InvalidEvent {
+                code: "too_many_targets",
+                message: format!("at most {MAX_TARGETS} targets per publish"),
+            });
         }
         for t in &self.topics {
             validate_topic(t)?;
         }
         if self.customers.iter().any(|c| c.is_empty() || c.len() > 256) {
-            return Err(InvalidEvent { code: "invalid_customer", message: "customer ids are 1-256 bytes".into() });
+            return Err(InvalidEvent {
+                code: "invalid_customer",
+                message: "customer ids are 1-256 bytes".into(),
+            });
         }
-        let roles = self.roles.into_iter().map(|r| r.strip_prefix("role:").map(str::to_owned).unwrap_or(r)).collect();
-        Ok(Publish { customers: self.customers, topics: self.topics, roles, broadcast: self.broadcast, event: self.event.into_event(id, now)? })
+        let roles = self
+            .roles
+            .into_iter()
+            .map(|r| r.strip_prefix("role:").map(str::to_owned).unwrap_or(r))
+            .collect();
+        Ok(Publish {
+            customers: self.customers,
+            topics: self.topics,
+            roles,
+            broadcast: self.broadcast,
+            event: self.event.into_event(id, now)?,
+        })
     }
 }
 

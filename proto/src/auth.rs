@@ -33,6 +33,9 @@ pub struct Claims {
     /// Glob patterns of topics the customer may publish to from a client connection.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub publish: Vec<String>,
+    /// Glob patterns of customer ids the customer may send direct messages to.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub message: Vec<String>,
 }
 
 impl Claims {
@@ -44,6 +47,11 @@ impl Claims {
     /// Whether the token allows publishing to `topic` from the client.
     pub fn may_publish(&self, topic: &str) -> bool {
         self.publish.iter().any(|p| glob_match(p, topic))
+    }
+
+    /// Whether the token allows sending a direct message to customer `to`.
+    pub fn may_message(&self, to: &str) -> bool {
+        self.message.iter().any(|p| glob_match(p, to))
     }
 }
 
@@ -112,11 +120,16 @@ pub struct Verifier {
 
 impl Verifier {
     /// Builds a verifier. `issuer` and `audience` are checked when given.
-    pub fn new(key: &KeyConfig, issuer: Option<&str>, audience: Option<&str>) -> Result<Self, AuthError> {
+    pub fn new(
+        key: &KeyConfig,
+        issuer: Option<&str>,
+        audience: Option<&str>,
+    ) -> Result<Self, AuthError> {
         let (key, alg) = match key {
             KeyConfig::Hs256 { secret } => (DecodingKey::from_secret(secret), Algorithm::HS256),
             KeyConfig::Rs256 { public_pem } => (
-                DecodingKey::from_rsa_pem(public_pem).map_err(|e| AuthError::Invalid(format!("RSA key: {e}")))?,
+                DecodingKey::from_rsa_pem(public_pem)
+                    .map_err(|e| AuthError::Invalid(format!("RSA key: {e}")))?,
                 Algorithm::RS256,
             ),
         };
@@ -142,10 +155,14 @@ impl Verifier {
     /// Verifies `token` at time `now` (seconds since the Unix epoch).
     pub fn verify(&self, token: &str, now: u64) -> Result<Claims, AuthError> {
         use jsonwebtoken::errors::ErrorKind;
-        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(|e| match e.kind() {
-            ErrorKind::InvalidIssuer | ErrorKind::InvalidAudience => AuthError::WrongIssuerOrAudience,
-            _ => AuthError::Invalid(e.to_string()),
-        })?;
+        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(
+            |e| match e.kind() {
+                ErrorKind::InvalidIssuer | ErrorKind::InvalidAudience => {
+                    AuthError::WrongIssuerOrAudience
+                }
+                _ => AuthError::Invalid(e.to_string()),
+            },
+        )?;
         let claims = data.claims;
         if claims.exp <= now {
             return Err(AuthError::Expired);
@@ -159,8 +176,12 @@ impl Verifier {
 
 /// Signs claims with HS256 (what `ringcast token` and the load generator use).
 pub fn mint_hs256(claims: &Claims, secret: &[u8]) -> String {
-    jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, &EncodingKey::from_secret(secret))
-        .expect("HS256 signing of serialisable claims cannot fail")
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        claims,
+        &EncodingKey::from_secret(secret),
+    )
+    .expect("HS256 signing of serialisable claims cannot fail")
 }
 
 /// Glob match where `*` matches any run of characters (including `:`), everything else literally.
@@ -191,13 +212,25 @@ mod tests {
     use super::*;
 
     fn claims(exp: u64) -> Claims {
-        Claims { sub: "alice".into(), exp, channels: vec!["conversation:*".into()], ..Claims::default() }
+        Claims {
+            sub: "alice".into(),
+            exp,
+            channels: vec!["conversation:*".into()],
+            ..Claims::default()
+        }
     }
 
     #[test]
     fn verifies_and_rejects() {
         let secret = b"s3cret".to_vec();
-        let v = Verifier::new(&KeyConfig::Hs256 { secret: secret.clone() }, None, None).unwrap();
+        let v = Verifier::new(
+            &KeyConfig::Hs256 {
+                secret: secret.clone(),
+            },
+            None,
+            None,
+        )
+        .unwrap();
         let tok = mint_hs256(&claims(1000), &secret);
         assert_eq!(v.verify(&tok, 999).unwrap().sub, "alice");
         assert_eq!(v.verify(&tok, 1000), Err(AuthError::Expired));
@@ -205,21 +238,35 @@ mod tests {
         assert!(matches!(v.verify(&other, 1), Err(AuthError::Invalid(_))));
         assert!(matches!(v.verify("garbage", 1), Err(AuthError::Invalid(_))));
         // alg=none must never pass.
-        let none = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJzdWIiOiJhbGljZSIsImV4cCI6OTk5OTk5OTk5OX0.";
+        let none =
+            "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJzdWIiOiJhbGljZSIsImV4cCI6OTk5OTk5OTk5OX0.";
         assert!(matches!(v.verify(none, 1), Err(AuthError::Invalid(_))));
     }
 
     #[test]
     fn audience_and_issuer_are_enforced_when_configured() {
         let secret = b"k".to_vec();
-        let v = Verifier::new(&KeyConfig::Hs256 { secret: secret.clone() }, Some("me"), Some("ringcast")).unwrap();
+        let v = Verifier::new(
+            &KeyConfig::Hs256 {
+                secret: secret.clone(),
+            },
+            Some("me"),
+            Some("ringcast"),
+        )
+        .unwrap();
         let mut c = claims(10);
         assert!(v.verify(&mint_hs256(&c, &secret), 1).is_err());
         c.iss = Some("me".into());
         c.aud = Some("ringcast".into());
-        assert_eq!(v.verify(&mint_hs256(&c, &secret), 1).map(|c| c.sub), Ok("alice".to_owned()));
+        assert_eq!(
+            v.verify(&mint_hs256(&c, &secret), 1).map(|c| c.sub),
+            Ok("alice".to_owned())
+        );
         c.aud = Some("other".into());
-        assert_eq!(v.verify(&mint_hs256(&c, &secret), 1), Err(AuthError::WrongIssuerOrAudience));
+        assert_eq!(
+            v.verify(&mint_hs256(&c, &secret), 1),
+            Err(AuthError::WrongIssuerOrAudience)
+        );
     }
 
     #[test]

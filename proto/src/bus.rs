@@ -91,7 +91,8 @@ pub enum Target {
 
 /// Encodes a message.
 pub fn encode(msg: &ShardMsg) -> AlignedVec {
-    rkyv::to_bytes::<rancor::Error>(msg).expect("serialising owned strings and integers cannot fail")
+    rkyv::to_bytes::<rancor::Error>(msg)
+        .expect("serialising owned strings and integers cannot fail")
 }
 
 /// Validates and accesses an encoded message in place.
@@ -101,7 +102,8 @@ pub fn access(bytes: &[u8]) -> Result<&ArchivedShardMsg, rancor::Error> {
 
 /// Deserialises an archived message (for the rare messages that are kept).
 pub fn to_owned(archived: &ArchivedShardMsg) -> ShardMsg {
-    rkyv::deserialize::<ShardMsg, rancor::Error>(archived).expect("a validated archive deserialises")
+    rkyv::deserialize::<ShardMsg, rancor::Error>(archived)
+        .expect("a validated archive deserialises")
 }
 
 #[cfg(test)]
@@ -112,8 +114,16 @@ mod tests {
     #[test]
     fn round_trips() {
         let msgs = [
-            ShardMsg::Handoff { fd: 42, initial: b"GET / HTTP/1.1\r\n\r\n".to_vec() },
-            ShardMsg::Interest { topic: "conversation:1".into(), from: 3, on: true, req: 9 },
+            ShardMsg::Handoff {
+                fd: 42,
+                initial: b"GET / HTTP/1.1\r\n\r\n".to_vec(),
+            },
+            ShardMsg::Interest {
+                topic: "conversation:1".into(),
+                from: 3,
+                on: true,
+                req: 9,
+            },
             ShardMsg::PublishTopic {
                 topic: "t".into(),
                 event: Event {
@@ -129,8 +139,18 @@ mod tests {
                 origin: 1,
                 req: 2,
             },
-            ShardMsg::Deliver { target: Target::Customers(vec!["a".into(), "b".into()]), kind: "k".into(), origin: 0, req: 1 },
-            ShardMsg::Report { req: 1, websocket: 10, dropped: 0, more: 2 },
+            ShardMsg::Deliver {
+                target: Target::Customers(vec!["a".into(), "b".into()]),
+                kind: "k".into(),
+                origin: 0,
+                req: 1,
+            },
+            ShardMsg::Report {
+                req: 1,
+                websocket: 10,
+                dropped: 0,
+                more: 2,
+            },
         ];
         for m in msgs {
             let bytes = encode(&m);

@@ -77,7 +77,12 @@ pub struct ClientError {
 impl ClientError {
     /// A new error without type or request id.
     pub fn new(code: &'static str, message: impl Into<String>) -> Self {
-        ClientError { code, message: message.into(), received_type: None, request_id: None }
+        ClientError {
+            code,
+            message: message.into(),
+            received_type: None,
+            request_id: None,
+        }
     }
 
     /// The `error` message sent to the client.
@@ -101,9 +106,21 @@ fn strings(v: Option<&BorrowedValue<'_>>, field: &str) -> Result<Vec<String>, Cl
             if let Some(s) = v.as_str() {
                 return Ok(vec![s.to_owned()]);
             }
-            let arr = v.as_array().ok_or_else(|| ClientError::new("bad_request", format!("payload.{field} must be a list of strings")))?;
+            let arr = v.as_array().ok_or_else(|| {
+                ClientError::new(
+                    "bad_request",
+                    format!("payload.{field} must be a list of strings"),
+                )
+            })?;
             arr.iter()
-                .map(|x| x.as_str().map(str::to_owned).ok_or_else(|| ClientError::new("bad_request", format!("payload.{field} must be a list of strings"))))
+                .map(|x| {
+                    x.as_str().map(str::to_owned).ok_or_else(|| {
+                        ClientError::new(
+                            "bad_request",
+                            format!("payload.{field} must be a list of strings"),
+                        )
+                    })
+                })
                 .collect()
         }
     }
@@ -111,17 +128,25 @@ fn strings(v: Option<&BorrowedValue<'_>>, field: &str) -> Result<Vec<String>, Cl
 
 fn string(payload: Option<&BorrowedValue<'_>>, names: &[&str]) -> Option<String> {
     let p = payload?;
-    names.iter().find_map(|n| p.get(*n).and_then(|v| v.as_str()).map(str::to_owned))
+    names
+        .iter()
+        .find_map(|n| p.get(*n).and_then(|v| v.as_str()).map(str::to_owned))
 }
 
 /// Parses a client text message. `buf` is used as simd-json's scratch space and is clobbered.
 pub fn parse(buf: &mut [u8]) -> Result<ClientMessage, ClientError> {
-    let value = simd_json::to_borrowed_value(buf).map_err(|e| ClientError::new("bad_json", format!("invalid JSON: {e}")))?;
+    let value = simd_json::to_borrowed_value(buf)
+        .map_err(|e| ClientError::new("bad_json", format!("invalid JSON: {e}")))?;
     let request_id = value.get("requestId").and_then(|v| {
-        v.as_str().map(str::to_owned).or_else(|| v.as_i64().map(|n| n.to_string()))
+        v.as_str()
+            .map(str::to_owned)
+            .or_else(|| v.as_i64().map(|n| n.to_string()))
     });
     let Some(kind) = value.get("type").and_then(|v| v.as_str()) else {
-        return Err(ClientError { request_id, ..ClientError::new("bad_request", "message needs a string \"type\"") });
+        return Err(ClientError {
+            request_id,
+            ..ClientError::new("bad_request", "message needs a string \"type\"")
+        });
     };
     let kind = kind.to_owned();
     let payload = value.get("payload");
@@ -131,14 +156,23 @@ pub fn parse(buf: &mut [u8]) -> Result<ClientMessage, ClientError> {
         received_type: Some(kind.clone()),
         request_id: request_id.clone(),
     };
-    let with_ctx = |e: ClientError| ClientError { received_type: Some(kind.clone()), request_id: request_id.clone(), ..e };
+    let with_ctx = |e: ClientError| ClientError {
+        received_type: Some(kind.clone()),
+        request_id: request_id.clone(),
+        ..e
+    };
     let request = match kind.as_str() {
         "subscribe" | "unsubscribe" => {
-            let mut topics = strings(payload.and_then(|p| p.get("topics")), "topics").map_err(with_ctx)?;
+            let mut topics =
+                strings(payload.and_then(|p| p.get("topics")), "topics").map_err(with_ctx)?;
             topics.extend(string(payload, &["topic"]));
-            let events = strings(payload.and_then(|p| p.get("events")), "events").map_err(with_ctx)?;
+            let events =
+                strings(payload.and_then(|p| p.get("events")), "events").map_err(with_ctx)?;
             if topics.is_empty() && events.is_empty() {
-                return Err(fail("bad_request", format!("{kind} needs payload.topics or payload.events")));
+                return Err(fail(
+                    "bad_request",
+                    format!("{kind} needs payload.topics or payload.events"),
+                ));
             }
             if kind == "subscribe" {
                 Request::Subscribe { topics, events }
@@ -147,31 +181,61 @@ pub fn parse(buf: &mut [u8]) -> Result<ClientMessage, ClientError> {
             }
         }
         "publish" => {
-            let topic = string(payload, &["topic"]).ok_or_else(|| fail("bad_request", "publish needs payload.topic".into()))?;
-            let event_kind = string(payload, &["type", "event"]).ok_or_else(|| fail("bad_request", "publish needs payload.type".into()))?;
-            let data = payload.and_then(|p| p.get("data")).map_or_else(|| "{}".to_owned(), |d| d.encode());
-            Request::Publish { topic, kind: event_kind, data }
+            let topic = string(payload, &["topic"])
+                .ok_or_else(|| fail("bad_request", "publish needs payload.topic".into()))?;
+            let event_kind = string(payload, &["type", "event"])
+                .ok_or_else(|| fail("bad_request", "publish needs payload.type".into()))?;
+            let data = payload
+                .and_then(|p| p.get("data"))
+                .map_or_else(|| "{}".to_owned(), |d| d.encode());
+            Request::Publish {
+                topic,
+                kind: event_kind,
+                data,
+            }
         }
         "send_message" => {
-            let to = string(payload, &["to", "recipientId"]).ok_or_else(|| fail("bad_request", "send_message needs payload.to".into()))?;
-            let event_kind = string(payload, &["type"]).unwrap_or_else(|| "message_received".to_owned());
+            let to = string(payload, &["to", "recipientId"])
+                .ok_or_else(|| fail("bad_request", "send_message needs payload.to".into()))?;
+            let event_kind =
+                string(payload, &["type"]).unwrap_or_else(|| "message_received".to_owned());
             // The seed portal sends `{recipientId, message, ...}` without `data`: the whole
             // payload becomes the data then.
             let data = match payload.and_then(|p| p.get("data")) {
                 Some(d) => d.encode(),
                 None => payload.map_or_else(|| "{}".to_owned(), |p| p.encode()),
             };
-            Request::SendMessage { to, kind: event_kind, data }
+            Request::SendMessage {
+                to,
+                kind: event_kind,
+                data,
+            }
         }
         "ping" => Request::Ping,
-        "typing" | "presence" | "ack" | "update_preferences" => Request::NotYetSupported(kind.clone()),
-        other => return Err(fail("unknown_type", format!("unknown message type {other:?}"))),
+        "typing" | "presence" | "ack" | "update_preferences" => {
+            Request::NotYetSupported(kind.clone())
+        }
+        other => {
+            return Err(fail(
+                "unknown_type",
+                format!("unknown message type {other:?}"),
+            ))
+        }
     };
-    Ok(ClientMessage { request, request_id })
+    Ok(ClientMessage {
+        request,
+        request_id,
+    })
 }
 
 /// The `welcome` message sent after the upgrade.
-pub fn welcome(customer: &str, connection_id: &str, subscriptions: &[String], heartbeat_secs: u64, timestamp: &str) -> Vec<u8> {
+pub fn welcome(
+    customer: &str,
+    connection_id: &str,
+    subscriptions: &[String],
+    heartbeat_secs: u64,
+    timestamp: &str,
+) -> Vec<u8> {
     json!({
         "type": "welcome",
         "timestamp": timestamp,
@@ -199,10 +263,18 @@ pub struct TopicPosition {
 }
 
 /// The `subscription_confirmed` reply (also used, with `type` `unsubscribed`, for unsubscribe).
-pub fn subscription_reply(kind: &str, topics: &[TopicPosition], events: &[String], request_id: Option<&str>) -> Vec<u8> {
+pub fn subscription_reply(
+    kind: &str,
+    topics: &[TopicPosition],
+    events: &[String],
+    request_id: Option<&str>,
+) -> Vec<u8> {
     let mut per_topic = serde_json::Map::new();
     for t in topics {
-        per_topic.insert(t.topic.clone(), json!({ "offset": t.offset, "epoch": t.epoch, "recovered": true }));
+        per_topic.insert(
+            t.topic.clone(),
+            json!({ "offset": t.offset, "epoch": t.epoch, "recovered": true }),
+        );
     }
     let mut v = json!({
         "type": kind,
@@ -216,7 +288,12 @@ pub fn subscription_reply(kind: &str, topics: &[TopicPosition], events: &[String
 }
 
 /// A simple acknowledgement `{type, requestId, data}` (for `pong`, `published`, `sent`).
-pub fn ack_reply(kind: &str, request_id: Option<&str>, data: serde_json::Value, timestamp: &str) -> Vec<u8> {
+pub fn ack_reply(
+    kind: &str,
+    request_id: Option<&str>,
+    data: serde_json::Value,
+    timestamp: &str,
+) -> Vec<u8> {
     let mut v = json!({ "type": kind, "timestamp": timestamp, "data": data });
     if let Some(r) = request_id {
         v["requestId"] = json!(r);
@@ -236,14 +313,38 @@ mod tests {
     fn parses_the_envelope() {
         let m = p(r#"{"type":"subscribe","payload":{"topics":["conversation:1"],"events":["case_"]},"requestId":"r1"}"#).unwrap();
         assert_eq!(m.request_id.as_deref(), Some("r1"));
-        assert_eq!(m.request, Request::Subscribe { topics: vec!["conversation:1".into()], events: vec!["case_".into()] });
-        let m = p(r#"{"type":"publish","payload":{"topic":"t","type":"chat","data":{"text":"hi"}}}"#).unwrap();
-        assert_eq!(m.request, Request::Publish { topic: "t".into(), kind: "chat".into(), data: r#"{"text":"hi"}"#.into() });
-        let m = p(r#"{"type":"send_message","payload":{"recipientId":"bob","message":"hello"}}"#).unwrap();
-        let Request::SendMessage { to, kind, data } = m.request else { panic!("wrong request") };
+        assert_eq!(
+            m.request,
+            Request::Subscribe {
+                topics: vec!["conversation:1".into()],
+                events: vec!["case_".into()]
+            }
+        );
+        let m =
+            p(r#"{"type":"publish","payload":{"topic":"t","type":"chat","data":{"text":"hi"}}}"#)
+                .unwrap();
+        assert_eq!(
+            m.request,
+            Request::Publish {
+                topic: "t".into(),
+                kind: "chat".into(),
+                data: r#"{"text":"hi"}"#.into()
+            }
+        );
+        let m = p(r#"{"type":"send_message","payload":{"recipientId":"bob","message":"hello"}}"#)
+            .unwrap();
+        let Request::SendMessage { to, kind, data } = m.request else {
+            panic!("wrong request")
+        };
         assert_eq!((to.as_str(), kind.as_str()), ("bob", "message_received"));
         assert!(data.contains("\"message\":\"hello\""));
-        assert_eq!(p(r#"{"type":"ping","requestId":7}"#).unwrap().request_id.as_deref(), Some("7"));
+        assert_eq!(
+            p(r#"{"type":"ping","requestId":7}"#)
+                .unwrap()
+                .request_id
+                .as_deref(),
+            Some("7")
+        );
     }
 
     #[test]
@@ -251,13 +352,24 @@ mod tests {
         let e = p("{not json").unwrap_err();
         assert_eq!(e.code, "bad_json");
         let e = p(r#"{"type":"dance","requestId":"r9"}"#).unwrap_err();
-        assert_eq!((e.code, e.received_type.as_deref(), e.request_id.as_deref()), ("unknown_type", Some("dance"), Some("r9")));
+        assert_eq!(
+            (e.code, e.received_type.as_deref(), e.request_id.as_deref()),
+            ("unknown_type", Some("dance"), Some("r9"))
+        );
         let v: serde_json::Value = serde_json::from_slice(&e.to_json()).unwrap();
         assert_eq!(v["type"], "error");
         assert_eq!(v["receivedType"], "dance");
         assert_eq!(v["requestId"], "r9");
-        assert_eq!(p(r#"{"type":"subscribe","payload":{"topics":[1]}}"#).unwrap_err().code, "bad_request");
-        assert_eq!(p(r#"{"type":"subscribe"}"#).unwrap_err().code, "bad_request");
+        assert_eq!(
+            p(r#"{"type":"subscribe","payload":{"topics":[1]}}"#)
+                .unwrap_err()
+                .code,
+            "bad_request"
+        );
+        assert_eq!(
+            p(r#"{"type":"subscribe"}"#).unwrap_err().code,
+            "bad_request"
+        );
         assert_eq!(p(r#"[1,2]"#).unwrap_err().code, "bad_request");
     }
 }

@@ -87,7 +87,11 @@ impl Event {
         out.extend_from_slice(self.data.as_bytes());
         out.extend_from_slice(b",\"priority\":\"");
         out.extend_from_slice(self.priority.as_str().as_bytes());
-        out.extend_from_slice(if self.persistent { b"\",\"persistent\":true" } else { b"\",\"persistent\":false" });
+        out.extend_from_slice(if self.persistent {
+            b"\",\"persistent\":true"
+        } else {
+            b"\",\"persistent\":false"
+        });
         out.extend_from_slice(b",\"id\":");
         push_json_str(&mut out, &self.id);
         if let Some(topic) = via.topic {
@@ -150,7 +154,10 @@ pub struct InvalidEvent {
 }
 
 fn invalid(code: &'static str, message: impl Into<String>) -> InvalidEvent {
-    InvalidEvent { code, message: message.into() }
+    InvalidEvent {
+        code,
+        message: message.into(),
+    }
 }
 
 /// Largest event type name; keeps frames and metrics labels bounded.
@@ -159,16 +166,23 @@ pub const MAX_TYPE_LEN: usize = 128;
 impl EventIn {
     /// Validates and completes the event. `id` and `now` come from the engine when the publisher
     /// gave none.
-    pub fn into_event(self, id: impl FnOnce() -> String, now: impl FnOnce() -> String) -> Result<Event, InvalidEvent> {
+    pub fn into_event(
+        self,
+        id: impl FnOnce() -> String,
+        now: impl FnOnce() -> String,
+    ) -> Result<Event, InvalidEvent> {
         validate_type(&self.kind)?;
         let priority = match self.priority.as_deref() {
             None => Priority::Normal,
-            Some(p) => Priority::parse(p).ok_or_else(|| invalid("invalid_priority", format!("unknown priority {p:?}")))?,
+            Some(p) => Priority::parse(p)
+                .ok_or_else(|| invalid("invalid_priority", format!("unknown priority {p:?}")))?,
         };
         Ok(Event {
             id: self.id.filter(|s| !s.is_empty()).unwrap_or_else(id),
             kind: self.kind,
-            data: self.data.map_or_else(|| "{}".to_owned(), |d| d.get().to_owned()),
+            data: self
+                .data
+                .map_or_else(|| "{}".to_owned(), |d| d.get().to_owned()),
             priority,
             persistent: self.persistent,
             ttl: self.ttl,
@@ -181,15 +195,24 @@ impl EventIn {
 /// Checks an event type name: non-empty, at most [`MAX_TYPE_LEN`] bytes, no control characters.
 pub fn validate_type(kind: &str) -> Result<(), InvalidEvent> {
     if kind.is_empty() || kind.len() > MAX_TYPE_LEN || kind.chars().any(char::is_control) {
-        return Err(invalid("invalid_type", "event type must be 1-128 printable characters"));
+        return Err(invalid(
+            "invalid_type",
+            "event type must be 1-128 printable characters",
+        ));
     }
     Ok(())
 }
 
 /// Checks a topic name: 1-256 bytes, no whitespace or control characters.
 pub fn validate_topic(topic: &str) -> Result<(), InvalidEvent> {
-    if topic.is_empty() || topic.len() > 256 || topic.chars().any(|c| c.is_control() || c.is_whitespace()) {
-        return Err(invalid("invalid_topic", format!("invalid topic name {topic:?}")));
+    if topic.is_empty()
+        || topic.len() > 256
+        || topic.chars().any(|c| c.is_control() || c.is_whitespace())
+    {
+        return Err(invalid(
+            "invalid_topic",
+            format!("invalid topic name {topic:?}"),
+        ));
     }
     Ok(())
 }
@@ -200,9 +223,17 @@ mod tests {
 
     #[test]
     fn client_json_shape() {
-        let ev: EventIn = serde_json::from_str(r#"{"type":"case_status_update","data":{"caseId":"C-1","s":"x\"y"},"priority":"high"}"#).unwrap();
-        let ev = ev.into_event(|| "e1".into(), || "2026-01-01T00:00:00Z".into()).unwrap();
-        let json = ev.to_client_json(Via { topic: Some("conversation:1"), offset: Some(7) });
+        let ev: EventIn = serde_json::from_str(
+            r#"{"type":"case_status_update","data":{"caseId":"C-1","s":"x\"y"},"priority":"high"}"#,
+        )
+        .unwrap();
+        let ev = ev
+            .into_event(|| "e1".into(), || "2026-01-01T00:00:00Z".into())
+            .unwrap();
+        let json = ev.to_client_json(Via {
+            topic: Some("conversation:1"),
+            offset: Some(7),
+        });
         let v: serde_json::Value = serde_json::from_slice(&json).unwrap();
         assert_eq!(v["type"], "case_status_update");
         assert_eq!(v["data"]["s"], "x\"y");
@@ -216,7 +247,11 @@ mod tests {
 
     #[test]
     fn rejects_bad_events() {
-        let bad = |s: &str| serde_json::from_str::<EventIn>(s).map_err(|_| ()).and_then(|e| e.into_event(|| "i".into(), || "t".into()).map_err(|_| ()));
+        let bad = |s: &str| {
+            serde_json::from_str::<EventIn>(s)
+                .map_err(|_| ())
+                .and_then(|e| e.into_event(|| "i".into(), || "t".into()).map_err(|_| ()))
+        };
         assert!(bad(r#"{"type":""}"#).is_err());
         assert!(bad(r#"{"type":"a","priority":"meh"}"#).is_err());
         assert!(bad(r#"{"type":"a","extra":1}"#).is_err());

@@ -29,7 +29,8 @@ pub fn jump_consistent_hash(mut key: u64, n_buckets: u32) -> u32 {
     while j < n {
         b = j;
         key = key.wrapping_mul(2_862_933_555_777_941_757).wrapping_add(1);
-        j = ((b.wrapping_add(1) as f64) * ((1u64 << 31) as f64 / (((key >> 33) + 1) as f64))) as i64;
+        j = ((b.wrapping_add(1) as f64) * ((1u64 << 31) as f64 / (((key >> 33) + 1) as f64)))
+            as i64;
     }
     b as u32
 }

@@ -96,7 +96,9 @@ impl Head {
 
     /// A decoded query parameter (first occurrence).
     pub fn query_param(&self, name: &str) -> Option<Cow<'_, str>> {
-        query_params(&self.query).find(|(k, _)| k == name).map(|(_, v)| v)
+        query_params(&self.query)
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v)
     }
 }
 
@@ -118,15 +120,13 @@ fn percent_decode(s: &str) -> Cow<'_, str> {
     while i < bytes.len() {
         match bytes[i] {
             b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len() => {
-                match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                    (Some(h), Some(l)) => {
-                        out.push(h << 4 | l);
-                        i += 2;
-                    }
-                    _ => out.push(b'%'),
+            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push(h << 4 | l);
+                    i += 2;
                 }
-            }
+                _ => out.push(b'%'),
+            },
             b => out.push(b),
         }
         i += 1;
@@ -212,7 +212,9 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, HeadError> {
         } else if name.eq_ignore_ascii_case("origin") {
             head.origin = Some(value());
         } else if name.eq_ignore_ascii_case("content-length") {
-            let len = value().parse().map_err(|_| HeadError::Malformed("bad Content-Length"))?;
+            let len = value()
+                .parse()
+                .map_err(|_| HeadError::Malformed("bad Content-Length"))?;
             if head.content_length.is_some_and(|prev| prev != len) {
                 return Err(HeadError::Malformed("conflicting Content-Length headers"));
             }
@@ -263,7 +265,10 @@ pub enum Route {
 impl Route {
     /// Whether this route is served on a long-lived client connection (not the request/response API).
     pub fn is_client_stream(self) -> bool {
-        matches!(self, Route::WebSocket | Route::Echo | Route::Sse | Route::Missed)
+        matches!(
+            self,
+            Route::WebSocket | Route::Echo | Route::Sse | Route::Missed
+        )
     }
 }
 
@@ -321,7 +326,12 @@ mod tests {
         assert_eq!(parse_head(b"GET / HTTP/1.1\r\nHost:"), Ok(None));
         let big = format!("GET / HTTP/1.1\r\nX: {}\r\n", "a".repeat(MAX_HEAD));
         assert_eq!(parse_head(big.as_bytes()), Err(HeadError::TooLarge));
-        assert_eq!(parse_head(b"\x16\x03\x01garbage\r\n\r\n").unwrap_err().status(), 400);
+        assert_eq!(
+            parse_head(b"\x16\x03\x01garbage\r\n\r\n")
+                .unwrap_err()
+                .status(),
+            400
+        );
         assert!(parse_head(b"POST / HTTP/1.1\r\nContent-Length: x\r\n\r\n").is_err());
     }
 
@@ -329,8 +339,14 @@ mod tests {
     fn routes() {
         let r = |s: &str| route(&parse(s));
         assert_eq!(r("POST /v1/publish HTTP/1.1\r\n\r\n"), Route::Publish);
-        assert_eq!(r("GET /v1/publish HTTP/1.1\r\n\r\n"), Route::MethodNotAllowed);
-        assert_eq!(r("GET /v1/portal/events/stream HTTP/1.1\r\n\r\n"), Route::Sse);
+        assert_eq!(
+            r("GET /v1/publish HTTP/1.1\r\n\r\n"),
+            Route::MethodNotAllowed
+        );
+        assert_eq!(
+            r("GET /v1/portal/events/stream HTTP/1.1\r\n\r\n"),
+            Route::Sse
+        );
         assert_eq!(r("GET /nope HTTP/1.1\r\n\r\n"), Route::NotFound);
         assert_eq!(r("GET /healthz HTTP/1.0\r\n\r\n"), Route::Health);
         assert!(parse("GET /healthz HTTP/1.0\r\n\r\n").close);

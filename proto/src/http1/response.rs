@@ -18,12 +18,22 @@ pub struct Response {
 impl Response {
     /// A JSON response.
     pub fn json(status: u16, body: impl Into<Vec<u8>>) -> Self {
-        Response { status, content_type: "application/json", body: body.into(), headers: Vec::new() }
+        Response {
+            status,
+            content_type: "application/json",
+            body: body.into(),
+            headers: Vec::new(),
+        }
     }
 
     /// A plain-text response.
     pub fn text(status: u16, content_type: &'static str, body: impl Into<Vec<u8>>) -> Self {
-        Response { status, content_type, body: body.into(), headers: Vec::new() }
+        Response {
+            status,
+            content_type,
+            body: body.into(),
+            headers: Vec::new(),
+        }
     }
 
     /// Serialises the response. `keep_alive` picks the `Connection` header.

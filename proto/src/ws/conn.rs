@@ -19,7 +19,9 @@ pub struct WsLimits {
 
 impl Default for WsLimits {
     fn default() -> Self {
-        WsLimits { max_message: 64 * 1024 }
+        WsLimits {
+            max_message: 64 * 1024,
+        }
     }
 }
 
@@ -72,7 +74,11 @@ impl Receiver {
     }
 
     /// Decodes one frame from the front of `buf`, unmasking its payload in place.
-    pub fn decode<'a>(&'a mut self, buf: &'a mut [u8], limits: &WsLimits) -> Result<Decoded<'a>, WsError> {
+    pub fn decode<'a>(
+        &'a mut self,
+        buf: &'a mut [u8],
+        limits: &WsLimits,
+    ) -> Result<Decoded<'a>, WsError> {
         self.assembled = None;
         let Some((header, header_len)) = FrameHeader::parse(buf)? else {
             return Ok(Decoded::NeedMore);
@@ -83,7 +89,10 @@ impl Receiver {
         let pending = self.fragments.as_ref().map_or(0, |f| f.data.len() as u64);
         let size = header.payload_len.saturating_add(pending);
         if !header.opcode.is_control() && size > limits.max_message as u64 {
-            return Err(WsError::TooBig { size, limit: limits.max_message });
+            return Err(WsError::TooBig {
+                size,
+                limit: limits.max_message,
+            });
         }
         let total = header_len + header.payload_len as usize;
         if buf.len() < total {
@@ -102,17 +111,24 @@ impl Receiver {
                     if !close::is_valid_on_wire(code) {
                         return Err(WsError::Protocol("invalid close code"));
                     }
-                    let reason = std::str::from_utf8(&payload[2..]).map_err(|_| WsError::InvalidUtf8)?;
+                    let reason =
+                        std::str::from_utf8(&payload[2..]).map_err(|_| WsError::InvalidUtf8)?;
                     Message::Close(Some((code, reason)))
                 }
             },
             OpCode::Text | OpCode::Binary => {
                 if self.fragments.is_some() {
-                    return Err(WsError::Protocol("new message while a fragmented one is open"));
+                    return Err(WsError::Protocol(
+                        "new message while a fragmented one is open",
+                    ));
                 }
                 let text = header.opcode == OpCode::Text;
                 if !header.fin {
-                    let mut f = Box::new(Fragments { text, data: payload.to_vec(), valid_utf8: 0 });
+                    let mut f = Box::new(Fragments {
+                        text,
+                        data: payload.to_vec(),
+                        valid_utf8: 0,
+                    });
                     if text {
                         f.valid_utf8 = utf8_prefix(&f.data, 0)?;
                     }
@@ -140,7 +156,9 @@ impl Receiver {
                 if f.text && f.valid_utf8 != f.data.len() {
                     return Err(WsError::InvalidUtf8);
                 }
-                let f = &**self.assembled.insert(self.fragments.take().expect("checked above"));
+                let f = &**self
+                    .assembled
+                    .insert(self.fragments.take().expect("checked above"));
                 if f.text {
                     Message::Text(&f.data)
                 } else {
@@ -216,7 +234,12 @@ mod tests {
         wire.extend(frame(OpCode::Close, true, &[0x03, 0xe8, b'o', b'k']));
         assert_eq!(
             run(&wire, WsLimits::default()),
-            ["text:hello", "ping:p", "text:fragment", "close:Some((1000, \"ok\"))"]
+            [
+                "text:hello",
+                "ping:p",
+                "text:fragment",
+                "close:Some((1000, \"ok\"))"
+            ]
         );
     }
 
@@ -238,17 +261,41 @@ mod tests {
         // Unmasked client frame.
         assert_eq!(run(&[0x81, 0x00], WsLimits::default()), ["err:1002"]);
         // Continuation without a start.
-        assert_eq!(run(&frame(OpCode::Continue, true, b"x"), WsLimits::default()), ["err:1002"]);
+        assert_eq!(
+            run(&frame(OpCode::Continue, true, b"x"), WsLimits::default()),
+            ["err:1002"]
+        );
         // New data message inside a fragmented one.
         let mut wire = frame(OpCode::Text, false, b"a");
         wire.extend(frame(OpCode::Text, true, b"b"));
         assert_eq!(run(&wire, WsLimits::default()), ["err:1002"]);
         // Close codes: reserved 1005 and 999 are invalid, one-byte payload too.
-        assert_eq!(run(&frame(OpCode::Close, true, &[0x03, 0xed]), WsLimits::default()), ["err:1002"]);
-        assert_eq!(run(&frame(OpCode::Close, true, &[0x03, 0xe7]), WsLimits::default()), ["err:1002"]);
-        assert_eq!(run(&frame(OpCode::Close, true, &[0x03]), WsLimits::default()), ["err:1002"]);
+        assert_eq!(
+            run(
+                &frame(OpCode::Close, true, &[0x03, 0xed]),
+                WsLimits::default()
+            ),
+            ["err:1002"]
+        );
+        assert_eq!(
+            run(
+                &frame(OpCode::Close, true, &[0x03, 0xe7]),
+                WsLimits::default()
+            ),
+            ["err:1002"]
+        );
+        assert_eq!(
+            run(&frame(OpCode::Close, true, &[0x03]), WsLimits::default()),
+            ["err:1002"]
+        );
         // Close reason must be UTF-8.
-        assert_eq!(run(&frame(OpCode::Close, true, &[0x03, 0xe8, 0xFF]), WsLimits::default()), ["err:1007"]);
+        assert_eq!(
+            run(
+                &frame(OpCode::Close, true, &[0x03, 0xe8, 0xFF]),
+                WsLimits::default()
+            ),
+            ["err:1007"]
+        );
     }
 
     #[test]

@@ -82,8 +82,7 @@ impl FrameHeader {
         if b0 & 0x70 != 0 {
             return Err(WsError::Protocol("reserved bits set without an extension"));
         }
-        let opcode =
-            OpCode::from_bits(b0 & 0x0F).ok_or(WsError::Protocol("unknown opcode"))?;
+        let opcode = OpCode::from_bits(b0 & 0x0F).ok_or(WsError::Protocol("unknown opcode"))?;
         let fin = b0 & 0x80 != 0;
         let masked = b1 & 0x80 != 0;
         let len7 = b1 & 0x7F;
@@ -117,9 +116,19 @@ impl FrameHeader {
             None
         };
         if opcode.is_control() && (!fin || payload_len > 125) {
-            return Err(WsError::Protocol("control frame fragmented or longer than 125 bytes"));
+            return Err(WsError::Protocol(
+                "control frame fragmented or longer than 125 bytes",
+            ));
         }
-        Ok(Some((FrameHeader { fin, opcode, mask, payload_len }, pos)))
+        Ok(Some((
+            FrameHeader {
+                fin,
+                opcode,
+                mask,
+                payload_len,
+            },
+            pos,
+        )))
     }
 
     /// Appends this header to `out`.
@@ -145,7 +154,13 @@ impl FrameHeader {
 /// Appends an unmasked (server-to-client) frame to `out`.
 pub fn encode_frame(opcode: OpCode, payload: &[u8], out: &mut BytesMut) {
     out.reserve(payload.len() + 10);
-    FrameHeader { fin: true, opcode, mask: None, payload_len: payload.len() as u64 }.encode(out);
+    FrameHeader {
+        fin: true,
+        opcode,
+        mask: None,
+        payload_len: payload.len() as u64,
+    }
+    .encode(out);
     out.put_slice(payload);
 }
 
@@ -169,8 +184,20 @@ pub fn close_frame(code: u16, reason: &str) -> Bytes {
 }
 
 /// Appends a masked (client-to-server) frame to `out`; used by the load generator and tests.
-pub fn encode_client_frame(opcode: OpCode, fin: bool, payload: &[u8], mask: [u8; 4], out: &mut BytesMut) {
-    FrameHeader { fin, opcode, mask: Some(mask), payload_len: payload.len() as u64 }.encode(out);
+pub fn encode_client_frame(
+    opcode: OpCode,
+    fin: bool,
+    payload: &[u8],
+    mask: [u8; 4],
+    out: &mut BytesMut,
+) {
+    FrameHeader {
+        fin,
+        opcode,
+        mask: Some(mask),
+        payload_len: payload.len() as u64,
+    }
+    .encode(out);
     let start = out.len();
     out.put_slice(payload);
     super::mask::apply_mask(&mut out[start..], mask);
@@ -196,7 +223,10 @@ mod tests {
             Some((true, OpCode::Text, Some([0x37, 0xfa, 0x21, 0x3d]), 5, 6)),
         );
         // 256 bytes binary message in a single unmasked frame.
-        check(&[0x82, 0x7E, 0x01, 0x00], Some((true, OpCode::Binary, None, 256, 4)));
+        check(
+            &[0x82, 0x7E, 0x01, 0x00],
+            Some((true, OpCode::Binary, None, 256, 4)),
+        );
         // 64 KiB binary message.
         check(
             &[0x82, 0x7F, 0, 0, 0, 0, 0, 1, 0, 0],
@@ -230,8 +260,17 @@ mod tests {
             assert_eq!(&frame[n..], &payload[..]);
         }
         let mut out = BytesMut::new();
-        encode_client_frame(OpCode::Text, true, b"Hello", [0x37, 0xfa, 0x21, 0x3d], &mut out);
-        assert_eq!(&out[..], &[0x81, 0x85, 0x37, 0xfa, 0x21, 0x3d, 0x7f, 0x9f, 0x4d, 0x51, 0x58]);
+        encode_client_frame(
+            OpCode::Text,
+            true,
+            b"Hello",
+            [0x37, 0xfa, 0x21, 0x3d],
+            &mut out,
+        );
+        assert_eq!(
+            &out[..],
+            &[0x81, 0x85, 0x37, 0xfa, 0x21, 0x3d, 0x7f, 0x9f, 0x4d, 0x51, 0x58]
+        );
         let close = close_frame(1000, "bye");
         assert_eq!(&close[..], &[0x88, 0x05, 0x03, 0xe8, b'b', b'y', b'e']);
     }

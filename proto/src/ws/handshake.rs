@@ -60,7 +60,10 @@ pub fn token_from_protocols(protocols: &str) -> Option<&str> {
 
 /// The subprotocol to answer with: `ringcast.v1` when the client offered it.
 pub fn selected_protocol(protocols: Option<&str>) -> Option<&'static str> {
-    protocols?.split(',').any(|p| p.trim() == SUBPROTOCOL).then_some(SUBPROTOCOL)
+    protocols?
+        .split(',')
+        .any(|p| p.trim() == SUBPROTOCOL)
+        .then_some(SUBPROTOCOL)
 }
 
 /// The `101 Switching Protocols` response for a validated key.
@@ -86,18 +89,25 @@ mod tests {
     #[test]
     fn rfc_example_accept_key() {
         let resp = String::from_utf8(response("dGhlIHNhbXBsZSBub25jZQ==", None)).unwrap();
-        assert!(resp.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"), "{resp}");
+        assert!(
+            resp.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"),
+            "{resp}"
+        );
     }
 
     #[test]
     fn validation() {
         let head = |extra: &str| {
-            let s = format!("GET /v1/ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n{extra}\r\n");
+            let s = format!(
+                "GET /v1/ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n{extra}\r\n"
+            );
             parse_head(s.as_bytes()).unwrap().unwrap().0
         };
-        let ok = head("Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n");
+        let ok =
+            head("Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n");
         assert_eq!(validate(&ok), Ok("dGhlIHNhbXBsZSBub25jZQ=="));
-        let v8 = head("Sec-WebSocket-Version: 8\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n");
+        let v8 =
+            head("Sec-WebSocket-Version: 8\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n");
         assert_eq!(validate(&v8), Err(HandshakeError::BadVersion));
         let nokey = head("Sec-WebSocket-Version: 13\r\n");
         assert_eq!(validate(&nokey), Err(HandshakeError::BadKey));
@@ -105,7 +115,10 @@ mod tests {
 
     #[test]
     fn protocol_tokens() {
-        assert_eq!(token_from_protocols("ringcast.v1, aaa.bbb.ccc"), Some("aaa.bbb.ccc"));
+        assert_eq!(
+            token_from_protocols("ringcast.v1, aaa.bbb.ccc"),
+            Some("aaa.bbb.ccc")
+        );
         assert_eq!(token_from_protocols("bearer.x.y.z"), Some("x.y.z"));
         assert_eq!(token_from_protocols("ringcast.v1"), None);
         assert_eq!(selected_protocol(Some("x, ringcast.v1")), Some(SUBPROTOCOL));

@@ -1,0 +1,402 @@
+//! Configuration: defaults, a TOML file, `RINGCAST_*` environment variables and CLI flags, in
+//! increasing order of precedence.
+//!
+//! Every key is `section.key` (TOML) or `RINGCAST_SECTION_KEY` (environment). The short names of
+//! DESIGN.md §3 (`RINGCAST_LISTEN`, `RINGCAST_SHARDS`, `RINGCAST_JWT_SECRET`, `RINGCAST_API_KEY`,
+//! `RINGCAST_DIAGNOSTICS_ECHO`, `RINGCAST_CONFIG`) always work. docs/operations.md lists every key
+//! with its default and the reason for it; keep the two in step.
+
+use std::{net::SocketAddr, path::Path, time::Duration};
+
+use anyhow::{bail, Context as _};
+use serde::Deserialize;
+
+/// The development secret shared by `ringcast serve` and `ringcast token` when nothing is
+/// configured. Never use it outside a laptop: `serve` warns loudly when it is in effect.
+pub const DEV_JWT_SECRET: &str = "ringcast-development-secret-do-not-use-in-production";
+/// The development API key, likewise.
+pub const DEV_API_KEY: &str = "ringcast-dev-api-key";
+
+/// All settings.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// `[server]`
+    pub server: Server,
+    /// `[auth]`
+    pub auth: Auth,
+    /// `[limits]`
+    pub limits: Limits,
+    /// `[diagnostics]`
+    pub diagnostics: Diagnostics,
+    /// `[log]`
+    pub log: Log,
+}
+
+/// `[server]`: sockets, shards, timers.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Server {
+    /// Listen address. Default `127.0.0.1:8080`: loopback until an operator decides otherwise.
+    pub listen: String,
+    /// Number of shards (one pinned executor each). 0 = one per available CPU.
+    pub shards: usize,
+    /// Seconds between server pings on an idle WebSocket. 25 s stays under the usual 60 s
+    /// idle timeout of load balancers.
+    pub heartbeat_secs: u64,
+    /// Seconds without any client frame (pong included) before the connection is closed.
+    /// Default 60: two missed heartbeats plus slack.
+    pub idle_timeout_secs: u64,
+    /// Seconds a client has to send a complete request head. Default 10: slow-loris bound.
+    pub handshake_timeout_secs: u64,
+    /// Seconds a keep-alive API connection may stay idle. Default 60.
+    pub api_idle_secs: u64,
+    /// Upper bound on the graceful drain at SIGTERM/SIGINT, in seconds. Default 10.
+    pub drain_timeout_secs: u64,
+    /// glommio's registered I/O memory per shard, KiB. ringcast does not use glommio's file
+    /// I/O, so a small pool saves locked memory. Default 512 (the minimum glommio accepts).
+    pub io_memory_kib: usize,
+    /// io_uring ring depth per shard. Default 1024: room for a burst of accepts and sends.
+    pub ring_depth: usize,
+    /// Capacity of each cross-shard channel, in messages. Default 4096; overflow is queued,
+    /// never dropped.
+    pub mesh_capacity: usize,
+}
+
+/// `[auth]`: tokens and the API key.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Auth {
+    /// Token algorithm, pinned: `HS256` or `RS256`.
+    pub jwt_algorithm: String,
+    /// HS256 secret. Empty = the development secret (with a warning).
+    pub jwt_secret: String,
+    /// RS256: path of the PEM public key.
+    pub jwt_public_key_file: String,
+    /// Required `iss`, if set.
+    pub issuer: String,
+    /// Required `aud`, if set.
+    pub audience: String,
+    /// Bearer key for the backend API. Empty = the development key (with a warning).
+    pub api_key: String,
+    /// Allowed `Origin` values for browser clients; empty = any origin.
+    pub allowed_origins: Vec<String>,
+}
+
+/// `[limits]`: per-connection bounds.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest client message in bytes (1009 above). Default 64 KiB.
+    pub max_message: usize,
+    /// Outbound backlog per connection in bytes before a slow-consumer close (4008).
+    /// Default 1 MiB: about 10k small events, far beyond a healthy client's lag.
+    pub max_backlog: usize,
+    /// Largest backend API request body in bytes (413 above). Default 1 MiB.
+    pub max_body: usize,
+}
+
+/// `[diagnostics]`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Diagnostics {
+    /// Serve the `/v1/echo` WebSocket (for Autobahn). Off by default: it is unauthenticated.
+    pub echo: bool,
+    /// Largest message on `/v1/echo`. Default 16 MiB, what Autobahn's 9.* cases send.
+    pub echo_max_message: usize,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Log {
+    /// `human` or `json`.
+    pub format: String,
+    /// A tracing filter, e.g. `info` or `ringcast=debug`. `RUST_LOG` also works.
+    pub level: String,
+}
+
+impl Default for Server {
+    fn default() -> Self {
+        Server {
+            listen: "127.0.0.1:8080".into(),
+            shards: 0,
+            heartbeat_secs: 25,
+            idle_timeout_secs: 60,
+            handshake_timeout_secs: 10,
+            api_idle_secs: 60,
+            drain_timeout_secs: 10,
+            io_memory_kib: 512,
+            ring_depth: 1024,
+            mesh_capacity: 4096,
+        }
+    }
+}
+
+impl Default for Auth {
+    fn default() -> Self {
+        Auth {
+            jwt_algorithm: "HS256".into(),
+            jwt_secret: String::new(),
+            jwt_public_key_file: String::new(),
+            issuer: String::new(),
+            audience: String::new(),
+            api_key: String::new(),
+            allowed_origins: Vec::new(),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message: 64 * 1024,
+            max_backlog: 1024 * 1024,
+            max_body: 1024 * 1024,
+        }
+    }
+}
+
+impl Default for Diagnostics {
+    fn default() -> Self {
+        Diagnostics {
+            echo: false,
+            echo_max_message: 16 * 1024 * 1024,
+        }
+    }
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Log {
+            format: "human".into(),
+            level: "info".into(),
+        }
+    }
+}
+
+/// Short environment names that map to a `section.key`.
+const SHORT_ENV: &[(&str, &str)] = &[
+    ("RINGCAST_LISTEN", "server.listen"),
+    ("RINGCAST_SHARDS", "server.shards"),
+    ("RINGCAST_JWT_SECRET", "auth.jwt_secret"),
+    ("RINGCAST_API_KEY", "auth.api_key"),
+    ("RINGCAST_DIAGNOSTICS_ECHO", "diagnostics.echo"),
+];
+
+impl Config {
+    /// Loads the file (if any), then applies the environment.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl Iterator<Item = (String, String)>,
+    ) -> anyhow::Result<Config> {
+        let mut config = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?
+            }
+            None => Config::default(),
+        };
+        let env: Vec<(String, String)> = env.filter(|(k, _)| k.starts_with("RINGCAST_")).collect();
+        // Long names first, then short names, so a short name always wins.
+        for (key, value) in &env {
+            if key == "RINGCAST_CONFIG" || SHORT_ENV.iter().any(|(s, _)| s == key) {
+                continue;
+            }
+            let rest = &key["RINGCAST_".len()..];
+            let Some((section, field)) = rest.split_once('_') else {
+                bail!("unknown environment variable {key}");
+            };
+            config
+                .set(
+                    &format!("{}.{}", section.to_lowercase(), field.to_lowercase()),
+                    value,
+                )
+                .with_context(|| format!("environment variable {key}"))?;
+        }
+        for (short, path) in SHORT_ENV {
+            if let Some((_, value)) = env.iter().find(|(k, _)| k == short) {
+                config
+                    .set(path, value)
+                    .with_context(|| format!("environment variable {short}"))?;
+            }
+        }
+        Ok(config)
+    }
+
+    /// Sets one key from its text form (environment variables and CLI flags).
+    pub fn set(&mut self, key: &str, value: &str) -> anyhow::Result<()> {
+        fn num<T: std::str::FromStr>(v: &str) -> anyhow::Result<T>
+        where
+            T::Err: std::fmt::Display,
+        {
+            v.trim()
+                .parse()
+                .map_err(|e| anyhow::anyhow!("{v:?} is not a valid number: {e}"))
+        }
+        fn flag(v: &str) -> anyhow::Result<bool> {
+            match v.trim().to_ascii_lowercase().as_str() {
+                "1" | "true" | "yes" | "on" => Ok(true),
+                "0" | "false" | "no" | "off" | "" => Ok(false),
+                _ => bail!("{v:?} is not a boolean"),
+            }
+        }
+        let list = |v: &str| {
+            v.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect()
+        };
+        match key {
+            "server.listen" => self.server.listen = value.into(),
+            "server.shards" => self.server.shards = num(value)?,
+            "server.heartbeat_secs" => self.server.heartbeat_secs = num(value)?,
+            "server.idle_timeout_secs" => self.server.idle_timeout_secs = num(value)?,
+            "server.handshake_timeout_secs" => self.server.handshake_timeout_secs = num(value)?,
+            "server.api_idle_secs" => self.server.api_idle_secs = num(value)?,
+            "server.drain_timeout_secs" => self.server.drain_timeout_secs = num(value)?,
+            "server.io_memory_kib" => self.server.io_memory_kib = num(value)?,
+            "server.ring_depth" => self.server.ring_depth = num(value)?,
+            "server.mesh_capacity" => self.server.mesh_capacity = num(value)?,
+            "auth.jwt_algorithm" => self.auth.jwt_algorithm = value.into(),
+            "auth.jwt_secret" => self.auth.jwt_secret = value.into(),
+            "auth.jwt_public_key_file" => self.auth.jwt_public_key_file = value.into(),
+            "auth.issuer" => self.auth.issuer = value.into(),
+            "auth.audience" => self.auth.audience = value.into(),
+            "auth.api_key" => self.auth.api_key = value.into(),
+            "auth.allowed_origins" => self.auth.allowed_origins = list(value),
+            "limits.max_message" => self.limits.max_message = num(value)?,
+            "limits.max_backlog" => self.limits.max_backlog = num(value)?,
+            "limits.max_body" => self.limits.max_body = num(value)?,
+            "diagnostics.echo" => self.diagnostics.echo = flag(value)?,
+            "diagnostics.echo_max_message" => self.diagnostics.echo_max_message = num(value)?,
+            "log.format" => self.log.format = value.into(),
+            "log.level" => self.log.level = value.into(),
+            _ => bail!("unknown setting {key}"),
+        }
+        Ok(())
+    }
+
+    /// Checks values that would otherwise fail later or silently misbehave.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        self.listen_addr()?;
+        if self.server.heartbeat_secs == 0
+            || self.server.idle_timeout_secs <= self.server.heartbeat_secs
+        {
+            bail!("server.idle_timeout_secs must exceed server.heartbeat_secs (> 0)");
+        }
+        if !matches!(self.auth.jwt_algorithm.as_str(), "HS256" | "RS256") {
+            bail!(
+                "auth.jwt_algorithm must be HS256 or RS256, not {:?}",
+                self.auth.jwt_algorithm
+            );
+        }
+        if self.auth.jwt_algorithm == "RS256" && self.auth.jwt_public_key_file.is_empty() {
+            bail!("auth.jwt_public_key_file is required with RS256");
+        }
+        if self.limits.max_message < 125 || self.limits.max_backlog < self.limits.max_message {
+            bail!("limits.max_message must be >= 125 and limits.max_backlog >= limits.max_message");
+        }
+        if !matches!(self.log.format.as_str(), "human" | "json") {
+            bail!("log.format must be human or json");
+        }
+        Ok(())
+    }
+
+    /// The parsed listen address.
+    pub fn listen_addr(&self) -> anyhow::Result<SocketAddr> {
+        self.server
+            .listen
+            .parse()
+            .with_context(|| format!("server.listen {:?} is not an IP:port", self.server.listen))
+    }
+
+    /// The HS256 secret in effect (the development one when unset).
+    pub fn jwt_secret(&self) -> &str {
+        if self.auth.jwt_secret.is_empty() {
+            DEV_JWT_SECRET
+        } else {
+            &self.auth.jwt_secret
+        }
+    }
+
+    /// The API key in effect (the development one when unset).
+    pub fn api_key(&self) -> &str {
+        if self.auth.api_key.is_empty() {
+            DEV_API_KEY
+        } else {
+            &self.auth.api_key
+        }
+    }
+
+    /// Whether development credentials are in effect.
+    pub fn uses_dev_credentials(&self) -> bool {
+        (self.auth.jwt_algorithm == "HS256" && self.auth.jwt_secret.is_empty())
+            || self.auth.api_key.is_empty()
+    }
+
+    /// Heartbeat interval.
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_secs(self.server.heartbeat_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> impl Iterator<Item = (String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<Vec<_>>()
+            .into_iter()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = Config::load(None, env(&[])).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.server.listen, "127.0.0.1:8080");
+        assert!(c.uses_dev_credentials());
+        assert_eq!(c.jwt_secret(), DEV_JWT_SECRET);
+    }
+
+    #[test]
+    fn environment_long_and_short_names() {
+        let c = Config::load(
+            None,
+            env(&[
+                ("RINGCAST_SERVER_HEARTBEAT_SECS", "5"),
+                ("RINGCAST_SERVER_LISTEN", "127.0.0.1:1"),
+                ("RINGCAST_LISTEN", "127.0.0.1:2"),
+                ("RINGCAST_DIAGNOSTICS_ECHO", "true"),
+                ("RINGCAST_AUTH_ALLOWED_ORIGINS", "https://a, https://b"),
+                ("OTHER", "x"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.server.heartbeat_secs, 5);
+        assert_eq!(c.server.listen, "127.0.0.1:2");
+        assert!(c.diagnostics.echo);
+        assert_eq!(c.auth.allowed_origins, ["https://a", "https://b"]);
+        assert!(Config::load(None, env(&[("RINGCAST_SERVER_NOPE", "1")])).is_err());
+        assert!(Config::load(None, env(&[("RINGCAST_SHARDS", "many")])).is_err());
+    }
+
+    #[test]
+    fn toml_file() {
+        let dir = std::env::temp_dir().join(format!("ringcast-cfg-{}", std::process::id()));
+        std::fs::write(&dir, "[server]\nshards = 3\n[limits]\nmax_message = 1000\n").unwrap();
+        let c = Config::load(Some(&dir), env(&[])).unwrap();
+        assert_eq!((c.server.shards, c.limits.max_message), (3, 1000));
+        std::fs::write(&dir, "[server]\nshard = 3\n").unwrap();
+        assert!(
+            Config::load(Some(&dir), env(&[])).is_err(),
+            "unknown keys are refused"
+        );
+        std::fs::remove_file(&dir).unwrap();
+    }
+}

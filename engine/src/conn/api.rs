@@ -1,0 +1,194 @@
+//! The backend API and operational endpoints on keep-alive HTTP/1.1 connections.
+
+use std::{rc::Rc, sync::atomic::Ordering::Relaxed, time::Duration};
+
+use glommio::net::TcpStream;
+use proto::{
+    api::{Delivered, PublishIn, PublishOut},
+    http1::{json_error, parse_head, route, Head, Response, Route},
+};
+
+use super::{read_more, respond};
+use crate::{metrics, shard::Shard};
+
+/// Serves requests until the client closes, asks to close, idles out, or the server drains.
+pub async fn serve(
+    shard: Rc<Shard>,
+    mut stream: TcpStream,
+    mut head: Head,
+    mut buf: Vec<u8>,
+    mut head_len: usize,
+) {
+    let m = shard.metrics();
+    m.api_connections.fetch_add(1, Relaxed);
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(
+        shard.shared.config.server.api_idle_secs,
+    )));
+    loop {
+        let (resp, keep_alive) =
+            match read_body(&shard, &mut stream, &head, &mut buf, head_len).await {
+                Ok(body_len) => {
+                    let body = buf[head_len..head_len + body_len].to_vec();
+                    buf.drain(..head_len + body_len);
+                    let resp = handle(&shard, &head, body).await;
+                    (resp, !head.close && !shard.draining())
+                }
+                Err(Some(resp)) => (resp, false),
+                Err(None) => break,
+            };
+        if !respond(&mut stream, &resp, keep_alive).await || !keep_alive {
+            break;
+        }
+        // The next request on this connection.
+        loop {
+            match parse_head(&buf) {
+                Ok(Some((h, n))) => {
+                    head = h;
+                    head_len = n;
+                    break;
+                }
+                Ok(None) => match read_more(&shard, &mut stream, &mut buf).await {
+                    Ok(n) if n > 0 => {}
+                    _ => {
+                        m.api_connections.fetch_sub(1, Relaxed);
+                        return;
+                    }
+                },
+                Err(e) => {
+                    respond(
+                        &mut stream,
+                        &json_error(e.status(), "bad_request", &e.to_string()),
+                        false,
+                    )
+                    .await;
+                    m.api_connections.fetch_sub(1, Relaxed);
+                    return;
+                }
+            }
+        }
+    }
+    m.api_connections.fetch_sub(1, Relaxed);
+}
+
+/// Reads the request body into `buf` after the head. `Err(Some)`: answer and close.
+async fn read_body(
+    shard: &Shard,
+    stream: &mut TcpStream,
+    head: &Head,
+    buf: &mut Vec<u8>,
+    head_len: usize,
+) -> Result<usize, Option<Response>> {
+    if head.chunked {
+        return Err(Some(json_error(
+            501,
+            "chunked_not_supported",
+            "send the body with Content-Length",
+        )));
+    }
+    let len = head.content_length.unwrap_or(0) as usize;
+    if len > shard.shared.config.limits.max_body {
+        return Err(Some(json_error(
+            413,
+            "body_too_large",
+            &format!(
+                "bodies are limited to {} bytes",
+                shard.shared.config.limits.max_body
+            ),
+        )));
+    }
+    while buf.len() < head_len + len {
+        match read_more(shard, stream, buf).await {
+            Ok(n) if n > 0 => {}
+            _ => return Err(None),
+        }
+    }
+    Ok(len)
+}
+
+fn authorized(shard: &Shard, head: &Head) -> bool {
+    let expected = shard.shared.config.api_key().as_bytes();
+    let given = head.bearer().unwrap_or("").as_bytes();
+    // Constant-time comparison: the key must not leak through response timing.
+    given.len() == expected.len()
+        && given
+            .iter()
+            .zip(expected)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+async fn handle(shard: &Rc<Shard>, head: &Head, body: Vec<u8>) -> Response {
+    let shared = &shard.shared;
+    match route(head) {
+        Route::Health => Response::json(200, r#"{"status":"ok"}"#),
+        Route::Ready => {
+            if shard.draining() {
+                Response::json(503, r#"{"status":"draining"}"#)
+            } else {
+                Response::json(200, r#"{"status":"ready"}"#)
+            }
+        }
+        Route::Metrics => Response::text(
+            200,
+            "text/plain; version=0.0.4",
+            metrics::render_prometheus(&shared.metrics, crate::io::rss_bytes()),
+        ),
+        Route::Stats => {
+            let v = metrics::stats_json(
+                &shared.metrics,
+                crate::io::rss_bytes(),
+                shared.started.elapsed().as_secs(),
+            );
+            Response::json(200, v.to_string())
+        }
+        Route::Histograms => json_error(
+            501,
+            "not_implemented",
+            "HdrHistogram export arrives with the load generator release",
+        ),
+        Route::Publish | Route::PublishBatch if !authorized(shard, head) => json_error(
+            401,
+            "unauthorized",
+            "Authorization: Bearer <api key> required",
+        ),
+        Route::Publish => match serde_json::from_slice::<PublishIn>(&body) {
+            Ok(p) => match publish_one(shard, p).await {
+                Ok(out) => Response::json(200, serde_json::to_vec(&out).expect("serialisable")),
+                Err(resp) => resp,
+            },
+            Err(e) => json_error(400, "bad_json", &e.to_string()),
+        },
+        Route::PublishBatch => match serde_json::from_slice::<Vec<PublishIn>>(&body) {
+            Ok(list) => {
+                let mut results = Vec::with_capacity(list.len());
+                for p in list {
+                    results.push(match publish_one(shard, p).await {
+                        Ok(out) => serde_json::to_value(out).expect("serialisable"),
+                        Err(resp) => serde_json::from_slice(&resp.body).unwrap_or_default(),
+                    });
+                }
+                Response::json(200, serde_json::json!({ "results": results }).to_string())
+            }
+            Err(e) => json_error(400, "bad_json", &e.to_string()),
+        },
+        _ => json_error(404, "not_found", "no such endpoint"),
+    }
+}
+
+async fn publish_one(shard: &Rc<Shard>, p: PublishIn) -> Result<PublishOut, Response> {
+    let now = || humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+    let p = p
+        .validate(|| shard.next_conn_id(), now)
+        .map_err(|e| json_error(400, e.code, &e.message))?;
+    let (websocket, dropped) = shard.publish(&p, true).await;
+    Ok(PublishOut {
+        id: p.event.id,
+        delivered: Delivered {
+            websocket,
+            sse: 0,
+            poll: 0,
+        },
+        queued: 0,
+        dropped,
+    })
+}

@@ -1,0 +1,685 @@
+//! The WebSocket connection driver: upgrade, then read → `proto` → route → write, until close.
+//!
+//! The task owns the socket, the token's claims, its subscriptions and, only while a frame is
+//! incomplete, a buffer. Outbound frames are queued in the shard's `Conn` and written by the
+//! shard's flush rounds; this task writes only when the socket buffer was full.
+
+use std::{
+    future::poll_fn, pin::Pin, rc::Rc, sync::atomic::Ordering::Relaxed, task::Poll, time::Instant,
+};
+
+use bytes::Bytes;
+use futures_lite::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use glommio::net::TcpStream;
+use proto::{
+    api::Publish,
+    auth::{AuthError, Claims},
+    client::{self, ClientError, ClientMessage, Request, TopicPosition},
+    event::{validate_topic, validate_type, Event, Priority},
+    http1::{json_error, Head},
+    placement::owner_shard,
+    ws::{
+        self, close, close_frame, handshake, server_frame, Message, OpCode, Receiver, WsError,
+        WsLimits,
+    },
+};
+
+use super::respond;
+use crate::{
+    metrics::AUTH_REASONS,
+    shard::{
+        conn_state::{Conn, Flush, Written},
+        slab::ConnKey,
+        Shard,
+    },
+};
+
+/// Which WebSocket endpoint.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// `/v1/ws`: authenticated client protocol.
+    Client,
+    /// `/v1/echo`: diagnostic echo, no auth.
+    Echo,
+}
+
+fn now_rfc3339() -> String {
+    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+}
+
+/// Verifies the request and either hands the socket to its owner shard or upgrades it here.
+pub async fn upgrade(
+    shard: Rc<Shard>,
+    mut stream: TcpStream,
+    head: Head,
+    buf: Vec<u8>,
+    head_len: usize,
+    kind: Kind,
+) {
+    let key = match handshake::validate(&head) {
+        Ok(k) => k.to_owned(),
+        Err(e) => {
+            shard.metrics().bad_requests.fetch_add(1, Relaxed);
+            let mut resp = json_error(e.status(), "bad_handshake", &e.to_string());
+            if e.status() == 426 {
+                resp.headers.push("Sec-WebSocket-Version: 13".into());
+            }
+            respond(&mut stream, &resp, false).await;
+            return;
+        }
+    };
+    let claims = if kind == Kind::Client {
+        match authenticate(&shard, &head) {
+            Ok(c) => c,
+            Err(e) => {
+                let reason = e.reason();
+                if let Some(i) = AUTH_REASONS.iter().position(|r| *r == reason) {
+                    shard.metrics().auth_failures[i].fetch_add(1, Relaxed);
+                }
+                respond(
+                    &mut stream,
+                    &json_error(e.status(), reason, &e.to_string()),
+                    false,
+                )
+                .await;
+                return;
+            }
+        }
+    } else {
+        Claims::default()
+    };
+    if kind == Kind::Client {
+        let owner = owner_shard(&claims.sub, shard.shared.n_shards);
+        if owner != shard.id {
+            // Every connection of a customer lives on its owner shard: move the socket there
+            // with the bytes read so far; the owner replays the handshake from them.
+            match crate::io::detach_for_handoff(stream) {
+                Ok(fd) => {
+                    shard.metrics().handoffs_out.fetch_add(1, Relaxed);
+                    shard.send_msg(
+                        owner,
+                        &proto::bus::ShardMsg::Handoff { fd, initial: buf },
+                        None,
+                        None,
+                    );
+                }
+                Err(e) => tracing::warn!(error = %e, "handoff failed"),
+            }
+            return;
+        }
+    }
+    let protocol = handshake::selected_protocol(head.ws_protocol.as_deref());
+    if stream
+        .write_all(&handshake::response(&key, protocol))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let _ = stream.set_read_timeout(None);
+    shard.metrics().handshakes.fetch_add(1, Relaxed);
+    let limits = WsLimits {
+        max_message: if kind == Kind::Echo {
+            shard.shared.config.diagnostics.echo_max_message
+        } else {
+            shard.shared.config.limits.max_message
+        },
+    };
+    let customer: Rc<str> = Rc::from(claims.sub.as_str());
+    let conn_key = shard.register(
+        Conn::new(
+            std::os::fd::AsRawFd::as_raw_fd(&stream),
+            customer.clone(),
+            shard.clock.get(),
+        ),
+        &claims.roles,
+    );
+    let mut session = Session {
+        key: conn_key,
+        claims,
+        kind,
+        rx: Receiver::default(),
+        pending: buf[head_len..].to_vec(),
+        topics: Vec::new(),
+        limits,
+        peer_closed: false,
+    };
+    if kind == Kind::Client {
+        let welcome = client::welcome(
+            &customer,
+            &shard.next_conn_id(),
+            &[],
+            shard.shared.config.server.heartbeat_secs,
+            &now_rfc3339(),
+        );
+        shard.send_now(conn_key, &server_frame(OpCode::Text, &welcome));
+    }
+    // Bytes that arrived with the head (a client that did not wait for the 101).
+    if !session.pending.is_empty() {
+        let actions = session.decode(&shard, None);
+        if !session.act(&shard, actions).await {
+            session.finish(&shard);
+            return;
+        }
+    }
+    session.run(&shard, &mut stream).await;
+    session.finish(&shard);
+}
+
+fn authenticate(shard: &Shard, head: &Head) -> Result<Claims, AuthError> {
+    let allowed = &shard.shared.config.auth.allowed_origins;
+    if !allowed.is_empty()
+        && !head
+            .origin
+            .as_deref()
+            .is_some_and(|o| allowed.iter().any(|a| a == o))
+    {
+        return Err(AuthError::OriginRefused);
+    }
+    let token = head
+        .query_param("token")
+        .map(|t| t.into_owned())
+        .or_else(|| head.bearer().map(str::to_owned))
+        .or_else(|| {
+            head.ws_protocol
+                .as_deref()
+                .and_then(handshake::token_from_protocols)
+                .map(str::to_owned)
+        })
+        .ok_or(AuthError::Missing)?;
+    shard
+        .shared
+        .verifier
+        .verify(&token, shard.shared.unix_now())
+}
+
+/// What one read asks the task to do.
+enum Action {
+    Request(Result<ClientMessage, ClientError>),
+    Echo(OpCode, Vec<u8>),
+    Pong(Vec<u8>),
+    PeerClose(Option<u16>),
+    Fail(WsError),
+    Unsupported(&'static str),
+}
+
+/// What woke the task.
+enum Wake {
+    Read(usize),
+    Close(u16),
+    Gone,
+}
+
+struct Session {
+    key: ConnKey,
+    claims: Claims,
+    kind: Kind,
+    rx: Receiver,
+    /// Input bytes of an incomplete frame (empty, and unallocated, most of the time).
+    pending: Vec<u8>,
+    topics: Vec<Rc<str>>,
+    limits: WsLimits,
+    /// The peer sent its close frame, or the connection failed: stop once our queue is out.
+    peer_closed: bool,
+}
+
+impl Session {
+    async fn run(&mut self, shard: &Rc<Shard>, stream: &mut TcpStream) {
+        loop {
+            let wake = poll_fn(|cx| self.poll(shard, stream, cx)).await;
+            match wake {
+                Wake::Read(n) => {
+                    shard.metrics().bytes_in.fetch_add(n as u64, Relaxed);
+                    let actions = self.decode(shard, Some(n));
+                    if !self.act(shard, actions).await {
+                        return;
+                    }
+                }
+                Wake::Close(code) => self.start_close(shard, code, ""),
+                Wake::Gone => return,
+            }
+        }
+    }
+
+    fn poll(
+        &mut self,
+        shard: &Shard,
+        stream: &mut TcpStream,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<Wake> {
+        {
+            let mut conns = shard.conns.borrow_mut();
+            let Some(c) = conns.get_mut(self.key) else {
+                return Poll::Ready(Wake::Gone);
+            };
+            if !c.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                c.waker = Some(cx.waker().clone());
+            }
+            if c.dead {
+                return Poll::Ready(Wake::Gone);
+            }
+            if let (Some(code), false) = (c.close_request, c.closing) {
+                return Poll::Ready(Wake::Close(code));
+            }
+            if c.write_blocked && !write_blocked(shard, c, stream, cx) {
+                return Poll::Ready(Wake::Gone);
+            }
+            if c.closing && self.peer_closed && c.out.is_empty() {
+                return Poll::Ready(Wake::Gone);
+            }
+        }
+        if self.peer_closed {
+            return Poll::Pending;
+        }
+        let mut scratch = shard.scratch.borrow_mut();
+        match Pin::new(&mut *stream).poll_read(cx, &mut scratch[..]) {
+            Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => Poll::Ready(Wake::Gone),
+            Poll::Ready(Ok(n)) => Poll::Ready(Wake::Read(n)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    /// Decodes the bytes just read (`Some(n)`: in the scratch buffer) or pending bytes (`None`).
+    fn decode(&mut self, shard: &Shard, read: Option<usize>) -> Vec<Action> {
+        if let Some(c) = shard.conns.borrow_mut().get_mut(self.key) {
+            c.last_rx = shard.clock.get();
+        }
+        let mut scratch = shard.scratch.borrow_mut();
+        let from_scratch = match read {
+            Some(n) if self.pending.is_empty() => Some(n),
+            Some(n) => {
+                self.pending.extend_from_slice(&scratch[..n]);
+                None
+            }
+            None => None,
+        };
+        let Session {
+            rx,
+            pending,
+            limits,
+            kind,
+            ..
+        } = self;
+        let data: &mut [u8] = match from_scratch {
+            Some(n) => &mut scratch[..n],
+            None => &mut pending[..],
+        };
+        let mut actions = Vec::new();
+        let mut pos = 0;
+        loop {
+            match rx.decode(&mut data[pos..], limits) {
+                Ok(ws::conn::Decoded::NeedMore) => break,
+                Ok(ws::conn::Decoded::Absorbed(n)) => pos += n,
+                Ok(ws::conn::Decoded::Message(msg, n)) => {
+                    pos += n;
+                    shard.metrics().messages_in.fetch_add(1, Relaxed);
+                    let action = match (msg, *kind) {
+                        (Message::Text(t), Kind::Echo) => Action::Echo(OpCode::Text, t.to_vec()),
+                        (Message::Binary(b), Kind::Echo) => {
+                            Action::Echo(OpCode::Binary, b.to_vec())
+                        }
+                        (Message::Text(t), Kind::Client) => {
+                            Action::Request(client::parse(&mut t.to_vec()))
+                        }
+                        (Message::Binary(_), Kind::Client) => Action::Unsupported(
+                            "binary messages are not part of protocol v1; send JSON text",
+                        ),
+                        (Message::Ping(p), _) => Action::Pong(p.to_vec()),
+                        (Message::Pong(_), _) => continue,
+                        (Message::Close(c), _) => {
+                            actions.push(Action::PeerClose(c.map(|(code, _)| code)));
+                            pos = data.len();
+                            break;
+                        }
+                    };
+                    actions.push(action);
+                }
+                Err(e) => {
+                    actions.push(Action::Fail(e));
+                    pos = data.len();
+                    break;
+                }
+            }
+        }
+        match from_scratch {
+            Some(_) => {
+                if pos < data.len() {
+                    *pending = data[pos..].to_vec();
+                }
+            }
+            None => {
+                pending.drain(..pos);
+                if pending.is_empty() {
+                    *pending = Vec::new();
+                }
+            }
+        }
+        actions
+    }
+
+    /// Carries out decoded actions. Returns false when the connection is finished.
+    async fn act(&mut self, shard: &Rc<Shard>, actions: Vec<Action>) -> bool {
+        for action in actions {
+            match action {
+                Action::Request(Ok(msg)) => self.handle_request(shard, msg).await,
+                Action::Request(Err(e)) => self.reply(shard, &e.to_json()),
+                Action::Unsupported(why) => {
+                    self.reply(shard, &ClientError::new("unsupported", why).to_json())
+                }
+                Action::Echo(op, payload) => {
+                    shard.send_now(self.key, &server_frame(op, &payload));
+                }
+                Action::Pong(p) => shard.send_control(self.key, &server_frame(OpCode::Pong, &p)),
+                Action::PeerClose(code) => {
+                    let closing = shard
+                        .conns
+                        .borrow_mut()
+                        .get_mut(self.key)
+                        .is_some_and(|c| c.closing);
+                    self.peer_closed = true;
+                    if closing {
+                        return false; // our close was answered
+                    }
+                    let code = code.unwrap_or(close::NORMAL);
+                    self.start_close(
+                        shard,
+                        if close::is_valid_on_wire(code) {
+                            code
+                        } else {
+                            close::NORMAL
+                        },
+                        "",
+                    );
+                }
+                Action::Fail(e) => {
+                    self.peer_closed = true;
+                    self.start_close(shard, e.close_code(), &e.to_string());
+                }
+            }
+        }
+        true
+    }
+
+    /// Queues a close frame; the connection ends when the peer answers, fails, or after 2 s.
+    fn start_close(&mut self, shard: &Shard, code: u16, reason: &str) {
+        {
+            let mut conns = shard.conns.borrow_mut();
+            let Some(c) = conns.get_mut(self.key) else {
+                return;
+            };
+            if c.closing {
+                return;
+            }
+            if code == close::SLOW_CONSUMER {
+                let n = c.drop_unsent();
+                shard.metrics().drops.fetch_add(n as u64, Relaxed);
+            }
+            c.closing = true;
+            c.close_request.get_or_insert(code);
+            c.close_deadline = shard.clock.get() + 2;
+        }
+        shard.schedule(self.key, shard.clock.get() + 1);
+        let reason = match code {
+            close::SLOW_CONSUMER => "slow consumer",
+            close::GOING_AWAY if shard.draining() => "server shutting down",
+            close::GOING_AWAY => "idle timeout",
+            _ => reason,
+        };
+        shard.send_control(self.key, &close_frame(code, reason));
+    }
+
+    fn reply(&self, shard: &Shard, json: &[u8]) {
+        shard.send_now(self.key, &server_frame(OpCode::Text, json));
+    }
+
+    async fn handle_request(&mut self, shard: &Rc<Shard>, msg: ClientMessage) {
+        let rid = msg.request_id.as_deref();
+        let error = |code: &'static str, message: String, kind: &str| ClientError {
+            code,
+            message,
+            received_type: Some(kind.to_owned()),
+            request_id: msg.request_id.clone(),
+        };
+        match msg.request {
+            Request::Ping => self.reply(
+                shard,
+                &client::ack_reply("pong", rid, serde_json::json!({}), &now_rfc3339()),
+            ),
+            Request::Subscribe { topics, events } => {
+                if let Some(e) = topics.iter().find_map(|t| validate_topic(t).err()) {
+                    return self.reply(shard, &error(e.code, e.message, "subscribe").to_json());
+                }
+                let refused: Vec<&str> = topics
+                    .iter()
+                    .filter(|t| !self.claims.may_subscribe(t))
+                    .map(String::as_str)
+                    .collect();
+                if !refused.is_empty() {
+                    let e = error(
+                        "forbidden",
+                        format!("token does not allow subscribing to {}", refused.join(", ")),
+                        "subscribe",
+                    );
+                    return self.reply(shard, &e.to_json());
+                }
+                let mut positions = Vec::with_capacity(topics.len());
+                for topic in topics {
+                    let new = !self.topics.iter().any(|t| **t == *topic);
+                    let position = if new {
+                        self.topics.push(Rc::from(topic.as_str()));
+                        shard.subscribe_topic(self.key, &topic).await
+                    } else {
+                        None
+                    };
+                    let (offset, epoch) = position.unwrap_or((0, shard.shared.epoch.clone()));
+                    positions.push(TopicPosition {
+                        topic,
+                        offset,
+                        epoch,
+                    });
+                }
+                let mut filters = Vec::new();
+                if let Some(c) = shard.conns.borrow_mut().get_mut(self.key) {
+                    for e in &events {
+                        let prefix: Box<str> = if e == "all" || e == "*" {
+                            "".into()
+                        } else {
+                            e.as_str().into()
+                        };
+                        if !c.filters.contains(&prefix) {
+                            c.filters.push(prefix);
+                        }
+                    }
+                    filters = c
+                        .filters
+                        .iter()
+                        .map(|f| {
+                            if f.is_empty() {
+                                "all".to_owned()
+                            } else {
+                                f.to_string()
+                            }
+                        })
+                        .collect();
+                }
+                self.reply(
+                    shard,
+                    &client::subscription_reply(
+                        "subscription_confirmed",
+                        &positions,
+                        &filters,
+                        rid,
+                    ),
+                );
+            }
+            Request::Unsubscribe { topics, events } => {
+                for topic in &topics {
+                    if let Some(i) = self.topics.iter().position(|t| **t == **topic) {
+                        let t = self.topics.swap_remove(i);
+                        shard.remove_subscriber(&t, self.key);
+                    }
+                }
+                let mut filters = Vec::new();
+                if let Some(c) = shard.conns.borrow_mut().get_mut(self.key) {
+                    c.filters.retain(|f| {
+                        !events
+                            .iter()
+                            .any(|e| **f == **e || (f.is_empty() && e == "all"))
+                    });
+                    filters = c.filters.iter().map(|f| f.to_string()).collect();
+                }
+                let remaining: Vec<TopicPosition> = self
+                    .topics
+                    .iter()
+                    .map(|t| TopicPosition {
+                        topic: t.to_string(),
+                        offset: 0,
+                        epoch: shard.shared.epoch.clone(),
+                    })
+                    .collect();
+                self.reply(
+                    shard,
+                    &client::subscription_reply("unsubscribed", &remaining, &filters, rid),
+                );
+            }
+            Request::Publish { topic, kind, data } => {
+                if let Err(e) = validate_topic(&topic).and_then(|_| validate_type(&kind)) {
+                    return self.reply(shard, &error(e.code, e.message, "publish").to_json());
+                }
+                if !self.claims.may_publish(&topic) {
+                    return self.reply(
+                        shard,
+                        &error(
+                            "forbidden",
+                            format!("token does not allow publishing to {topic}"),
+                            "publish",
+                        )
+                        .to_json(),
+                    );
+                }
+                let event = self.client_event(shard, kind, data);
+                let id = event.id.clone();
+                let p = Publish {
+                    customers: vec![],
+                    topics: vec![topic.clone()],
+                    roles: vec![],
+                    broadcast: false,
+                    event,
+                };
+                shard.publish(&p, false).await;
+                self.reply(
+                    shard,
+                    &client::ack_reply(
+                        "published",
+                        rid,
+                        serde_json::json!({ "id": id, "topic": topic }),
+                        &now_rfc3339(),
+                    ),
+                );
+            }
+            Request::SendMessage { to, kind, data } => {
+                if let Err(e) = validate_type(&kind) {
+                    return self.reply(shard, &error(e.code, e.message, "send_message").to_json());
+                }
+                if !self.claims.may_message(&to) {
+                    return self.reply(
+                        shard,
+                        &error(
+                            "forbidden",
+                            format!("token does not allow messaging {to}"),
+                            "send_message",
+                        )
+                        .to_json(),
+                    );
+                }
+                let event = self.client_event(shard, kind, data);
+                let id = event.id.clone();
+                let p = Publish {
+                    customers: vec![to.clone()],
+                    topics: vec![],
+                    roles: vec![],
+                    broadcast: false,
+                    event,
+                };
+                shard.publish(&p, false).await;
+                self.reply(
+                    shard,
+                    &client::ack_reply(
+                        "sent",
+                        rid,
+                        serde_json::json!({ "id": id, "to": to }),
+                        &now_rfc3339(),
+                    ),
+                );
+            }
+            Request::NotYetSupported(kind) => {
+                let e = error(
+                    "unsupported_type",
+                    format!("{kind} is not supported by this server yet"),
+                    &kind,
+                );
+                self.reply(shard, &e.to_json());
+            }
+        }
+    }
+
+    fn client_event(&self, shard: &Shard, kind: String, data: String) -> Event {
+        Event {
+            id: shard.next_conn_id(),
+            kind,
+            data,
+            priority: Priority::Normal,
+            persistent: false,
+            ttl: None,
+            timestamp: now_rfc3339(),
+            from: Some(self.claims.sub.clone()),
+        }
+    }
+
+    fn finish(&mut self, shard: &Shard) {
+        shard.unregister(self.key, &self.claims.roles, &self.topics);
+    }
+}
+
+/// Drives a connection whose socket buffer was full: waits for writability through glommio,
+/// then resumes vectored flushing. Returns false if the socket failed.
+fn write_blocked(
+    shard: &Shard,
+    c: &mut Conn,
+    stream: &mut TcpStream,
+    cx: &mut std::task::Context<'_>,
+) -> bool {
+    let m = shard.metrics();
+    let mut written = Written {
+        bytes: 0,
+        latency: &m.latency,
+    };
+    let ok = loop {
+        let Some(front) = c.out.front() else {
+            c.write_blocked = false;
+            break true;
+        };
+        let chunk: Bytes = front.bytes.slice(c.sent..);
+        match Pin::new(&mut *stream).poll_write(cx, &chunk) {
+            Poll::Ready(Ok(n)) => {
+                written.bytes += n as u64;
+                c.advance(n, Instant::now(), &mut written);
+                match c.flush(&mut written) {
+                    Flush::Done => {
+                        c.write_blocked = false;
+                        break true;
+                    }
+                    Flush::Blocked => continue,
+                    Flush::Failed => break false,
+                }
+            }
+            Poll::Ready(Err(_)) => break false,
+            Poll::Pending => break true,
+        }
+    };
+    m.bytes_out.fetch_add(written.bytes, Relaxed);
+    if !ok {
+        c.dead = true;
+    }
+    ok
+}

@@ -1,0 +1,111 @@
+//! The engine's only `unsafe` code: thin wrappers over a few system calls glommio does not
+//! offer (vectored non-blocking send, fd duplication for handoff, resource limits).
+#![deny(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
+
+use std::{
+    io::{self, IoSlice},
+    os::fd::{AsRawFd, FromRawFd, RawFd},
+};
+
+use glommio::net::TcpStream;
+
+/// Most slices handed to one `sendmsg`; Linux's `IOV_MAX` is 1024.
+pub const MAX_IOV: usize = 64;
+
+/// Sends `bufs` on a socket without blocking and without raising SIGPIPE.
+///
+/// Returns the bytes written, `WouldBlock` when the socket buffer is full.
+pub fn send_vectored(fd: RawFd, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+    let n_iov = bufs.len().min(MAX_IOV);
+    // SAFETY: an all-zero msghdr is a valid empty message header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    // IoSlice is ABI-compatible with iovec on Unix (documented by std).
+    msg.msg_iov = bufs.as_ptr() as *mut libc::iovec;
+    msg.msg_iovlen = n_iov as _;
+    // SAFETY: msg points at `n_iov` valid iovecs borrowed from `bufs` for the whole call; the
+    // kernel only reads them. An invalid fd yields EBADF, not undefined behaviour.
+    let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// Duplicates a socket fd (close-on-exec) so it can outlive the glommio stream that owns the
+/// original: the handoff moves a live connection to another shard this way.
+pub fn dup_fd(fd: RawFd) -> io::Result<RawFd> {
+    // SAFETY: F_DUPFD_CLOEXEC takes an int argument and returns a new fd or -1.
+    let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+    if new < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(new)
+    }
+}
+
+/// Detaches a connection from this shard for a handoff: returns a duplicate of its fd that
+/// the receiving shard will own, and drops (closes) this shard's copy.
+pub fn detach_for_handoff(stream: TcpStream) -> io::Result<RawFd> {
+    let fd = dup_fd(stream.as_raw_fd())?;
+    drop(stream);
+    Ok(fd)
+}
+
+/// Adopts a socket fd carried by a `ShardMsg::Handoff` into this shard's reactor.
+///
+/// Only call it with the fd of a handoff message, once: such an fd comes from
+/// [`detach_for_handoff`] and has no other owner.
+pub fn adopt_handoff(fd: RawFd) -> TcpStream {
+    // SAFETY: handoff fds come from `detach_for_handoff`, which duplicated the socket and closed
+    // the original; each handoff message is handled once, so this is the fd's sole owner.
+    unsafe { TcpStream::from_raw_fd(fd) }
+}
+
+/// Closes an fd that will not be adopted (a handoff that could not be delivered).
+pub fn close_fd(fd: RawFd) {
+    // SAFETY: closing an fd we own; an invalid fd only returns EBADF.
+    unsafe {
+        libc::close(fd);
+    }
+}
+
+/// Raises `RLIMIT_NOFILE`'s soft limit to the hard limit; returns the resulting soft limit.
+pub fn raise_nofile_limit() -> io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid out-pointer for getrlimit.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: `lim` is a valid pointer to an initialised rlimit.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(lim.rlim_cur as u64)
+}
+
+/// The locked-memory limit in bytes (glommio's rings need it).
+pub fn memlock_limit() -> io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid out-pointer for getrlimit.
+    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(lim.rlim_cur as u64)
+}
+
+/// Resident set size of this process in bytes, from /proc/self/statm.
+pub fn rss_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
+}

@@ -1,0 +1,258 @@
+//! Counters and histograms, one set per shard.
+//!
+//! Each shard writes only its own [`ShardMetrics`] (relaxed atomics, no contention); `/metrics`
+//! and `/v1/stats` read all of them from whichever shard serves the request. This is the one
+//! piece of mutable state shared across shards, and it is write-only on the hot path.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+
+/// Reasons a handshake is refused; the label of `ringcast_auth_failures_total`.
+pub const AUTH_REASONS: [&str; 5] = [
+    "missing_token",
+    "invalid_token",
+    "token_expired",
+    "wrong_issuer_or_audience",
+    "origin_refused",
+];
+
+/// Upper bounds (microseconds) of the publish-to-write latency buckets.
+pub const LATENCY_BOUNDS_US: [u64; 16] = [
+    50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
+    1_000_000, 2_500_000, 10_000_000,
+];
+
+/// A Prometheus-style cumulative histogram on atomics.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; LATENCY_BOUNDS_US.len() + 1],
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    /// Records one observation.
+    pub fn record_us(&self, us: u64) {
+        let i = LATENCY_BOUNDS_US
+            .iter()
+            .position(|&b| us <= b)
+            .unwrap_or(LATENCY_BOUNDS_US.len());
+        self.buckets[i].fetch_add(1, Relaxed);
+        self.sum_us.fetch_add(us, Relaxed);
+    }
+
+    /// Records `n` observations of the same value (one flush writing `n` frames).
+    pub fn record_us_n(&self, us: u64, n: u64) {
+        let i = LATENCY_BOUNDS_US
+            .iter()
+            .position(|&b| us <= b)
+            .unwrap_or(LATENCY_BOUNDS_US.len());
+        self.buckets[i].fetch_add(n, Relaxed);
+        self.sum_us.fetch_add(us * n, Relaxed);
+    }
+}
+
+/// One shard's counters.
+#[derive(Debug, Default)]
+pub struct ShardMetrics {
+    /// Open client WebSocket connections.
+    pub connections: AtomicI64,
+    /// Open backend API connections.
+    pub api_connections: AtomicI64,
+    /// Completed WebSocket handshakes.
+    pub handshakes: AtomicU64,
+    /// Refused handshakes by [`AUTH_REASONS`].
+    pub auth_failures: [AtomicU64; 5],
+    /// Requests refused before routing (malformed, too large, timeout, wrong upgrade).
+    pub bad_requests: AtomicU64,
+    /// Connections handed to their owner shard.
+    pub handoffs_out: AtomicU64,
+    /// Connections received from other shards.
+    pub handoffs_in: AtomicU64,
+    /// Client messages received.
+    pub messages_in: AtomicU64,
+    /// Client bytes received (frames, on WebSocket connections).
+    pub bytes_in: AtomicU64,
+    /// Frames queued to clients.
+    pub messages_out: AtomicU64,
+    /// Bytes written to clients.
+    pub bytes_out: AtomicU64,
+    /// Frames not delivered (connection closing or over its backlog).
+    pub drops: AtomicU64,
+    /// Connections closed with 4008.
+    pub slow_consumer_closes: AtomicU64,
+    /// Events published (API and clients), counted on the shard that accepted them.
+    pub publishes: AtomicU64,
+    /// Cross-shard messages sent.
+    pub mesh_out: AtomicU64,
+    /// Accept errors (EMFILE and friends).
+    pub accept_errors: AtomicU64,
+    /// Publish-to-write latency.
+    pub latency: Histogram,
+}
+
+fn sum(shards: &[ShardMetrics], f: impl Fn(&ShardMetrics) -> u64) -> u64 {
+    shards.iter().map(f).sum()
+}
+
+/// Renders all shards' metrics in the Prometheus text format.
+pub fn render_prometheus(shards: &[ShardMetrics], rss: Option<u64>) -> String {
+    let mut out = String::with_capacity(4096);
+    let mut gauge = |name: &str, help: &str, kind: &str| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        name.to_owned()
+    };
+    let name = gauge(
+        "ringcast_connections",
+        "Open client WebSocket connections per shard.",
+        "gauge",
+    );
+    let mut lines = String::new();
+    for (i, s) in shards.iter().enumerate() {
+        let _ = writeln!(
+            lines,
+            "{name}{{shard=\"{i}\"}} {}",
+            s.connections.load(Relaxed)
+        );
+    }
+    out.push_str(&lines);
+    let counters: [(&str, &str, fn(&ShardMetrics) -> u64); 14] = [
+        (
+            "ringcast_api_connections",
+            "Open backend API connections.",
+            |s| s.api_connections.load(Relaxed).max(0) as u64,
+        ),
+        (
+            "ringcast_handshakes_total",
+            "Completed WebSocket handshakes.",
+            |s| s.handshakes.load(Relaxed),
+        ),
+        (
+            "ringcast_bad_requests_total",
+            "Requests refused before routing.",
+            |s| s.bad_requests.load(Relaxed),
+        ),
+        (
+            "ringcast_handoffs_total",
+            "Connections handed to their owner shard.",
+            |s| s.handoffs_out.load(Relaxed),
+        ),
+        (
+            "ringcast_messages_in_total",
+            "Client messages received.",
+            |s| s.messages_in.load(Relaxed),
+        ),
+        ("ringcast_bytes_in_total", "Client bytes received.", |s| {
+            s.bytes_in.load(Relaxed)
+        }),
+        (
+            "ringcast_messages_out_total",
+            "Frames queued to clients.",
+            |s| s.messages_out.load(Relaxed),
+        ),
+        (
+            "ringcast_bytes_out_total",
+            "Bytes written to clients.",
+            |s| s.bytes_out.load(Relaxed),
+        ),
+        ("ringcast_drops_total", "Frames not delivered.", |s| {
+            s.drops.load(Relaxed)
+        }),
+        (
+            "ringcast_slow_consumer_closes_total",
+            "Connections closed for exceeding the outbound backlog.",
+            |s| s.slow_consumer_closes.load(Relaxed),
+        ),
+        ("ringcast_publishes_total", "Events published.", |s| {
+            s.publishes.load(Relaxed)
+        }),
+        (
+            "ringcast_mesh_messages_total",
+            "Cross-shard messages sent.",
+            |s| s.mesh_out.load(Relaxed),
+        ),
+        (
+            "ringcast_accept_errors_total",
+            "Accept errors (EMFILE and others).",
+            |s| s.accept_errors.load(Relaxed),
+        ),
+        (
+            "ringcast_handoffs_received_total",
+            "Connections received from other shards.",
+            |s| s.handoffs_in.load(Relaxed),
+        ),
+    ];
+    for (name, help, f) in counters {
+        let kind = if name.ends_with("_total") {
+            "counter"
+        } else {
+            "gauge"
+        };
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}",
+            sum(shards, f)
+        );
+    }
+    let _ = writeln!(out, "# HELP ringcast_auth_failures_total Refused handshakes by reason.\n# TYPE ringcast_auth_failures_total counter");
+    for (i, reason) in AUTH_REASONS.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "ringcast_auth_failures_total{{reason=\"{reason}\"}} {}",
+            sum(shards, |s| s.auth_failures[i].load(Relaxed))
+        );
+    }
+    let name = "ringcast_publish_to_write_seconds";
+    let _ = writeln!(out, "# HELP {name} Time from accepting a publish to writing its frame to a client socket.\n# TYPE {name} histogram");
+    let mut cumulative = 0;
+    for (i, bound) in LATENCY_BOUNDS_US.iter().enumerate() {
+        cumulative += sum(shards, |s| s.latency.buckets[i].load(Relaxed));
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{le=\"{}\"}} {cumulative}",
+            *bound as f64 / 1e6
+        );
+    }
+    cumulative += sum(shards, |s| {
+        s.latency.buckets[LATENCY_BOUNDS_US.len()].load(Relaxed)
+    });
+    let _ = writeln!(
+        out,
+        "{name}_bucket{{le=\"+Inf\"}} {cumulative}\n{name}_count {cumulative}"
+    );
+    let _ = writeln!(
+        out,
+        "{name}_sum {}",
+        sum(shards, |s| s.latency.sum_us.load(Relaxed)) as f64 / 1e6
+    );
+    if let Some(rss) = rss {
+        let _ = writeln!(out, "# HELP ringcast_resident_memory_bytes Resident set size.\n# TYPE ringcast_resident_memory_bytes gauge\nringcast_resident_memory_bytes {rss}");
+    }
+    out
+}
+
+/// The `/v1/stats` JSON.
+pub fn stats_json(
+    shards: &[ShardMetrics],
+    rss: Option<u64>,
+    uptime_secs: u64,
+) -> serde_json::Value {
+    let per_shard: Vec<_> = shards
+        .iter()
+        .enumerate()
+        .map(|(i, s)| serde_json::json!({ "shard": i, "connections": s.connections.load(Relaxed), "messagesOut": s.messages_out.load(Relaxed) }))
+        .collect();
+    serde_json::json!({
+        "uptimeSecs": uptime_secs,
+        "connections": shards.iter().map(|s| s.connections.load(Relaxed)).sum::<i64>(),
+        "handshakes": sum(shards, |s| s.handshakes.load(Relaxed)),
+        "authFailures": sum(shards, |s| s.auth_failures.iter().map(|a| a.load(Relaxed)).sum()),
+        "messagesIn": sum(shards, |s| s.messages_in.load(Relaxed)),
+        "messagesOut": sum(shards, |s| s.messages_out.load(Relaxed)),
+        "bytesOut": sum(shards, |s| s.bytes_out.load(Relaxed)),
+        "drops": sum(shards, |s| s.drops.load(Relaxed)),
+        "slowConsumerCloses": sum(shards, |s| s.slow_consumer_closes.load(Relaxed)),
+        "publishes": sum(shards, |s| s.publishes.load(Relaxed)),
+        "residentBytes": rss,
+        "shards": per_shard,
+    })
+}

@@ -1,0 +1,176 @@
+//! The per-connection state that fan-out touches: the outbound queue of shared frames and the
+//! flags that tell the connection's task what to do. Everything else about a connection (its
+//! claims, subscriptions, partial input) lives in that task.
+
+use std::{
+    collections::VecDeque,
+    io::{self, IoSlice},
+    os::fd::RawFd,
+    rc::Rc,
+    task::Waker,
+    time::Instant,
+};
+
+use bytes::Bytes;
+
+use crate::{
+    io::{send_vectored, MAX_IOV},
+    metrics::Histogram,
+};
+
+/// A queued frame: a handle to a shared buffer, plus when its event was published (for the
+/// publish-to-write histogram). Never a copy of the payload.
+pub struct OutFrame {
+    /// The encoded frame.
+    pub bytes: Bytes,
+    /// When the publish was accepted, for events.
+    pub published: Option<Instant>,
+}
+
+/// A connection as the shard sees it.
+pub struct Conn {
+    /// The socket (owned by the connection's task; used here for direct vectored sends).
+    pub fd: RawFd,
+    /// The customer (empty for the diagnostic echo).
+    pub customer: Rc<str>,
+    /// Event-type prefixes accepted on the customer's own stream; empty = all.
+    pub filters: Vec<Box<str>>,
+    /// Frames waiting to be written.
+    pub out: VecDeque<OutFrame>,
+    /// Bytes in `out`, minus `sent`.
+    pub out_bytes: usize,
+    /// Bytes of `out.front()` already written.
+    pub sent: usize,
+    /// The connection task's waker.
+    pub waker: Option<Waker>,
+    /// Set when the shard wants the task to close the connection with this code.
+    pub close_request: Option<u16>,
+    /// A close frame is queued; nothing else may follow it.
+    pub closing: bool,
+    /// The socket failed or the close deadline passed: the task must drop it now.
+    pub dead: bool,
+    /// The socket buffer is full; the task waits for writability.
+    pub write_blocked: bool,
+    /// Queued in the shard's dirty list for the next flush round.
+    pub dirty: bool,
+    /// Shard clock (seconds) of the last frame from the client.
+    pub last_rx: u32,
+    /// Shard clock when the close handshake must be over.
+    pub close_deadline: u32,
+}
+
+/// What a flush achieved.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Flush {
+    /// Everything queued was written.
+    Done,
+    /// The socket buffer filled up; the rest waits for writability.
+    Blocked,
+    /// The socket failed.
+    Failed,
+}
+
+/// What a flush wrote, for metrics.
+pub struct Written<'a> {
+    /// Bytes written.
+    pub bytes: u64,
+    /// Publish-to-write latency of completed event frames.
+    pub latency: &'a Histogram,
+}
+
+impl Conn {
+    /// A new connection with nothing queued.
+    pub fn new(fd: RawFd, customer: Rc<str>, now: u32) -> Self {
+        Conn {
+            fd,
+            customer,
+            filters: Vec::new(),
+            out: VecDeque::new(),
+            out_bytes: 0,
+            sent: 0,
+            waker: None,
+            close_request: None,
+            closing: false,
+            dead: false,
+            write_blocked: false,
+            dirty: false,
+            last_rx: now,
+            close_deadline: u32::MAX,
+        }
+    }
+
+    /// Whether the customer's stream filters let an event of type `kind` through.
+    pub fn accepts(&self, kind: &str) -> bool {
+        self.filters.is_empty() || self.filters.iter().any(|f| kind.starts_with(&**f))
+    }
+
+    /// Wakes the connection's task.
+    pub fn wake(&self) {
+        if let Some(w) = &self.waker {
+            w.wake_by_ref();
+        }
+    }
+
+    /// Writes as much of the queue as the socket takes, in vectored sends of up to
+    /// [`MAX_IOV`] frames: one system call per flush for a connection with a short queue.
+    pub fn flush(&mut self, written: &mut Written<'_>) -> Flush {
+        let now = Instant::now();
+        while !self.out.is_empty() {
+            let mut iov: [IoSlice<'_>; MAX_IOV] = [IoSlice::new(&[]); MAX_IOV];
+            let mut n_iov = 0;
+            for (i, f) in self.out.iter().take(MAX_IOV).enumerate() {
+                let skip = if i == 0 { self.sent } else { 0 };
+                iov[n_iov] = IoSlice::new(&f.bytes[skip..]);
+                n_iov += 1;
+            }
+            match send_vectored(self.fd, &iov[..n_iov]) {
+                Ok(n) => {
+                    written.bytes += n as u64;
+                    self.advance(n, now, written);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Flush::Blocked,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return Flush::Failed,
+            }
+        }
+        Flush::Done
+    }
+
+    /// Accounts for `n` bytes written from the front of the queue.
+    pub fn advance(&mut self, mut n: usize, now: Instant, written: &mut Written<'_>) {
+        self.out_bytes -= n;
+        while n > 0 {
+            let front = self
+                .out
+                .front()
+                .expect("the kernel wrote no more than was queued");
+            let left = front.bytes.len() - self.sent;
+            if n < left {
+                self.sent += n;
+                return;
+            }
+            n -= left;
+            self.sent = 0;
+            let f = self.out.pop_front().expect("front exists");
+            if let Some(t) = f.published {
+                written
+                    .latency
+                    .record_us(now.saturating_duration_since(t).as_micros() as u64);
+            }
+        }
+        if self.out.is_empty() && self.out.capacity() > 16 {
+            // Give back the memory a burst needed; idle connections stay small.
+            self.out = VecDeque::new();
+        }
+    }
+
+    /// Drops queued frames that have not started to go out (before a slow-consumer close);
+    /// a partly written frame stays so the stream remains well-framed. Returns frames dropped.
+    pub fn drop_unsent(&mut self) -> usize {
+        let keep = usize::from(self.sent > 0);
+        let dropped = self.out.len().saturating_sub(keep);
+        self.out.truncate(keep);
+        self.out_bytes = self.out.front().map_or(0, |f| f.bytes.len() - self.sent);
+        dropped
+    }
+}

@@ -1,0 +1,261 @@
+//! The shard mesh: rkyv-encoded [`ShardMsg`]s over glommio's channel mesh, with the shared
+//! frame `Bytes` travelling beside the message (never inside it, never copied).
+//!
+//! Sending never blocks the sender: when a peer's bounded channel is full the envelope waits
+//! in an overflow queue drained by a per-peer task. Receiving tasks never await a send, so two
+//! shards flooding each other cannot deadlock.
+
+use std::{
+    cell::RefCell, collections::VecDeque, rc::Rc, sync::atomic::Ordering::Relaxed, time::Instant,
+};
+
+use futures_lite::StreamExt as _;
+use glommio::{
+    channels::channel_mesh::{Full, MeshBuilder, Senders},
+    GlommioError, ResourceType,
+};
+use proto::bus::{self, ArchivedShardMsg, ShardMsg};
+use rkyv::util::AlignedVec;
+
+use super::{notify::Notify, Frame, Shard};
+
+/// What crosses between shards.
+pub struct Envelope {
+    /// The rkyv-encoded [`ShardMsg`].
+    pub msg: AlignedVec,
+    /// The encoded frame of a delivery, shared.
+    pub frame: Option<Frame>,
+    /// When the publish was accepted (publish-to-write latency).
+    pub published: Option<Instant>,
+}
+
+/// This shard's end of the mesh.
+pub struct Mesh {
+    id: usize,
+    senders: Option<Senders<Envelope>>,
+    receivers: RefCell<Option<glommio::channels::channel_mesh::Receivers<Envelope>>>,
+    overflow: Vec<RefCell<VecDeque<Envelope>>>,
+    overflow_notify: Vec<Notify>,
+    local: RefCell<VecDeque<Envelope>>,
+    local_notify: Notify,
+}
+
+impl Mesh {
+    /// Joins the mesh (waits for every shard).
+    pub async fn join(
+        builder: MeshBuilder<Envelope, Full>,
+        n_shards: usize,
+    ) -> anyhow::Result<Mesh> {
+        let (id, senders, receivers) = if n_shards > 1 {
+            let (s, r) = builder
+                .join()
+                .await
+                .map_err(|e| anyhow::anyhow!("joining the shard mesh: {e}"))?;
+            (s.peer_id(), Some(s), Some(r))
+        } else {
+            (0, None, None)
+        };
+        Ok(Mesh {
+            id,
+            senders,
+            receivers: RefCell::new(receivers),
+            overflow: (0..n_shards).map(|_| RefCell::default()).collect(),
+            overflow_notify: (0..n_shards).map(|_| Notify::default()).collect(),
+            local: RefCell::default(),
+            local_notify: Notify::default(),
+        })
+    }
+
+    /// This shard's id (its mesh peer id).
+    pub fn id(&self) -> usize {
+        self.id
+    }
+
+    /// Starts the receive tasks and the overflow senders.
+    pub fn spawn_receivers(&self, shard: &Rc<Shard>) {
+        if let Some(mut receivers) = self.receivers.borrow_mut().take() {
+            for (peer, mut stream) in receivers.streams() {
+                let shard = shard.clone();
+                glommio::spawn_local(async move {
+                    while let Some(env) = stream.next().await {
+                        shard.handle_envelope(env);
+                    }
+                    tracing::debug!(shard = shard.id, peer, "mesh channel closed");
+                })
+                .detach();
+            }
+            for peer in 0..self.overflow.len() {
+                if peer == self.id {
+                    continue;
+                }
+                let shard = shard.clone();
+                glommio::spawn_local(async move {
+                    let mesh = &shard.mesh;
+                    loop {
+                        mesh.overflow_notify[peer].wait().await;
+                        loop {
+                            let Some(env) = mesh.overflow[peer].borrow_mut().pop_front() else {
+                                break;
+                            };
+                            let senders = mesh.senders.as_ref().expect("peers imply senders");
+                            if senders.send_to(peer, env).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                })
+                .detach();
+            }
+        }
+        let shard = shard.clone();
+        glommio::spawn_local(async move {
+            loop {
+                shard.mesh.local_notify.wait().await;
+                loop {
+                    let Some(env) = shard.mesh.local.borrow_mut().pop_front() else {
+                        break;
+                    };
+                    shard.handle_envelope(env);
+                }
+            }
+        })
+        .detach();
+    }
+
+    /// Sends an envelope to shard `to` (possibly this one), without waiting.
+    pub fn send(&self, to: usize, env: Envelope) {
+        if to == self.id {
+            self.local.borrow_mut().push_back(env);
+            self.local_notify.notify();
+            return;
+        }
+        let senders = self.senders.as_ref().expect("another shard implies a mesh");
+        let queue = &self.overflow[to];
+        if queue.borrow().is_empty() {
+            match senders.try_send_to(to, env) {
+                Ok(()) => return,
+                Err(GlommioError::WouldBlock(ResourceType::Channel(env))) => {
+                    queue.borrow_mut().push_back(env)
+                }
+                Err(e) => {
+                    tracing::error!(to, error = %e, "mesh send failed");
+                    return;
+                }
+            }
+        } else {
+            queue.borrow_mut().push_back(env);
+        }
+        self.overflow_notify[to].notify();
+    }
+}
+
+impl Shard {
+    /// Encodes and sends a message to shard `to`.
+    pub fn send_msg(
+        &self,
+        to: usize,
+        msg: &ShardMsg,
+        frame: Option<Frame>,
+        published: Option<Instant>,
+    ) {
+        if to != self.id {
+            self.metrics().mesh_out.fetch_add(1, Relaxed);
+        }
+        self.mesh.send(
+            to,
+            Envelope {
+                msg: bus::encode(msg),
+                frame,
+                published,
+            },
+        );
+    }
+
+    fn handle_envelope(self: &Rc<Self>, env: Envelope) {
+        let msg = match bus::access(&env.msg) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::error!(shard = self.id, error = %e, "undecodable mesh message");
+                return;
+            }
+        };
+        match msg {
+            ArchivedShardMsg::Handoff { fd, initial } => {
+                self.metrics().handoffs_in.fetch_add(1, Relaxed);
+                let stream = crate::io::adopt_handoff(fd.to_native());
+                glommio::spawn_local(crate::conn::serve(self.clone(), stream, initial.to_vec()))
+                    .detach();
+            }
+            ArchivedShardMsg::Interest {
+                topic,
+                from,
+                on,
+                req,
+            } => {
+                self.handle_interest(
+                    topic.as_str(),
+                    from.to_native() as usize,
+                    *on,
+                    req.to_native(),
+                );
+            }
+            ArchivedShardMsg::InterestAck { req, offset, epoch } => {
+                if let Some(tx) = self.interest_waiters.borrow_mut().remove(&req.to_native()) {
+                    let _ = tx.send((offset.to_native(), epoch.as_str().to_owned()));
+                }
+            }
+            ArchivedShardMsg::PublishTopic {
+                topic,
+                event,
+                origin,
+                req,
+            } => {
+                let event = rkyv::deserialize::<proto::event::Event, rkyv::rancor::Error>(event)
+                    .expect("a validated archive deserialises");
+                self.publish_owned_topic(
+                    topic.as_str(),
+                    &event,
+                    origin.to_native() as usize,
+                    req.to_native(),
+                    env.published,
+                );
+            }
+            ArchivedShardMsg::Deliver { .. } => {
+                let ShardMsg::Deliver {
+                    target,
+                    kind,
+                    origin,
+                    req,
+                } = bus::to_owned(msg)
+                else {
+                    unreachable!()
+                };
+                let Some(frame) = env.frame else {
+                    tracing::error!(shard = self.id, "delivery without a frame");
+                    return;
+                };
+                self.queue_delivery(super::DeliverJob {
+                    target,
+                    kind,
+                    frame,
+                    origin: origin as usize,
+                    req,
+                    published: env.published,
+                });
+            }
+            ArchivedShardMsg::Report {
+                req,
+                websocket,
+                dropped,
+                more,
+            } => {
+                self.handle_report(
+                    req.to_native(),
+                    websocket.to_native(),
+                    dropped.to_native(),
+                    more.to_native(),
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,571 @@
+//! Shards: one pinned glommio executor per core, each with its own listener, connections,
+//! topics and timer wheel. Shards share nothing mutable but metrics atomics; they talk through
+//! the mesh ([`mesh`]).
+//!
+//! Entry point: [`start`] spawns the shards and returns a [`Server`] handle; each shard runs
+//! `Shard::run` (accept loop, mesh receivers, fan-out task, flusher, ticker).
+
+pub mod conn_state;
+mod mesh;
+pub mod notify;
+mod route;
+pub mod slab;
+mod wheel;
+
+use std::{
+    cell::{Cell, RefCell},
+    collections::VecDeque,
+    net::SocketAddr,
+    rc::Rc,
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed},
+        Arc,
+    },
+    time::{Duration, Instant, SystemTime},
+};
+
+use ahash::AHashMap;
+use anyhow::Context as _;
+use bytes::Bytes;
+use glommio::{
+    channels::channel_mesh::MeshBuilder, net::TcpListener, LocalExecutorBuilder, Placement,
+};
+use proto::auth::{KeyConfig, Verifier};
+
+use crate::{config::Config, metrics::ShardMetrics};
+use conn_state::{Conn, Flush, OutFrame, Written};
+pub use mesh::Envelope;
+use mesh::Mesh;
+use notify::Notify;
+pub use route::DeliverJob;
+use slab::{ConnKey, Slab};
+use wheel::Wheel;
+
+/// State shared by all shards: immutable configuration, metrics atomics, lifecycle flags.
+pub struct Shared {
+    /// Configuration.
+    pub config: Config,
+    /// Token verifier (algorithm pinned from configuration).
+    pub verifier: Verifier,
+    /// One metrics block per shard.
+    pub metrics: Vec<ShardMetrics>,
+    /// Number of shards.
+    pub n_shards: usize,
+    /// `/readyz` answers 503 and shards drain their connections.
+    pub draining: AtomicBool,
+    /// Shards still running.
+    pub running: AtomicUsize,
+    /// History epoch of this process: topics restart from offset 0 with a new epoch.
+    pub epoch: String,
+    /// Process start.
+    pub started: Instant,
+    /// The address the listeners are bound to.
+    pub listen: SocketAddr,
+}
+
+impl Shared {
+    /// Seconds since the Unix epoch (token expiry checks).
+    pub fn unix_now(&self) -> u64 {
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+    }
+}
+
+/// A frame shared by many receivers.
+pub type Frame = Bytes;
+
+/// Local subscribers of a topic. Copy-on-write so a fan-out can iterate a snapshot across
+/// yields while connections come and go.
+pub type Subscribers = Rc<Vec<ConnKey>>;
+
+/// A topic owned by this shard.
+#[derive(Default)]
+pub struct OwnedTopic {
+    /// Offset of the last event.
+    pub offset: u64,
+    /// Shards with at least one subscriber, as a bitset.
+    pub interest: Vec<u64>,
+}
+
+/// One shard's state. Lives in an `Rc` on its executor; never crosses threads.
+pub struct Shard {
+    /// This shard's index (its mesh peer id).
+    pub id: usize,
+    /// Shared state.
+    pub shared: Arc<Shared>,
+    /// Connections.
+    pub conns: RefCell<Slab>,
+    /// Customer -> its connections (all on this shard, its owner).
+    pub customers: RefCell<AHashMap<Rc<str>, Vec<ConnKey>>>,
+    /// Topic -> local subscribers.
+    pub topics: RefCell<AHashMap<Rc<str>, Subscribers>>,
+    /// Role -> local connections whose token has it.
+    pub roles: RefCell<AHashMap<Rc<str>, Subscribers>>,
+    /// Topics this shard owns.
+    pub owned: RefCell<AHashMap<Rc<str>, OwnedTopic>>,
+    /// Connections with queued frames awaiting the next flush round.
+    dirty: RefCell<Vec<ConnKey>>,
+    /// The shared read buffer (see DESIGN.md §2.5).
+    pub scratch: RefCell<Box<[u8]>>,
+    /// Transport to the other shards.
+    mesh: Mesh,
+    /// Publishes awaiting delivery reports.
+    reports: RefCell<AHashMap<u64, route::PendingReport>>,
+    /// Subscriptions awaiting the topic owner's acknowledgement.
+    interest_waiters: RefCell<AHashMap<u64, futures_channel::oneshot::Sender<(u64, String)>>>,
+    next_req: Cell<u64>,
+    next_conn: Cell<u64>,
+    /// Deliveries in arrival order (keeps per-topic order), run by the fan-out task.
+    deliveries: RefCell<VecDeque<DeliverJob>>,
+    deliver_notify: Notify,
+    /// Heartbeats, idle and close timeouts.
+    wheel: RefCell<Wheel>,
+    /// Seconds since the shard started, advanced by the ticker.
+    pub clock: Cell<u32>,
+    /// Woken when the shard starts draining.
+    drain_notify: Notify,
+}
+
+impl Shard {
+    /// This shard's metrics.
+    pub fn metrics(&self) -> &ShardMetrics {
+        &self.shared.metrics[self.id]
+    }
+
+    /// A new request id, unique on this shard.
+    pub fn next_req(&self) -> u64 {
+        let r = self.next_req.get() + 1;
+        self.next_req.set(r);
+        r
+    }
+
+    /// A new connection id, unique in this process.
+    pub fn next_conn_id(&self) -> String {
+        let n = self.next_conn.get() + 1;
+        self.next_conn.set(n);
+        format!("{}-{}-{n}", self.shared.epoch, self.id)
+    }
+
+    /// Registers a connection of `customer` with `roles`; returns its key.
+    pub fn register(&self, conn: Conn, roles: &[String]) -> ConnKey {
+        let customer = conn.customer.clone();
+        let key = self.conns.borrow_mut().insert(conn);
+        self.wheel.borrow_mut().schedule(
+            key,
+            self.clock.get() + self.shared.config.server.heartbeat_secs as u32,
+        );
+        if !customer.is_empty() {
+            self.customers
+                .borrow_mut()
+                .entry(customer)
+                .or_default()
+                .push(key);
+            let mut map = self.roles.borrow_mut();
+            for role in roles {
+                Rc::make_mut(map.entry(Rc::from(role.as_str())).or_default()).push(key);
+            }
+        }
+        self.metrics().connections.fetch_add(1, Relaxed);
+        key
+    }
+
+    /// Forgets a connection (its task is ending).
+    pub fn unregister(&self, key: ConnKey, roles: &[String], topics: &[Rc<str>]) {
+        let Some(conn) = self.conns.borrow_mut().remove(key) else {
+            return;
+        };
+        self.metrics().connections.fetch_sub(1, Relaxed);
+        let dropped = conn.out.len() as u64;
+        self.metrics().drops.fetch_add(dropped, Relaxed);
+        if !conn.customer.is_empty() {
+            let mut customers = self.customers.borrow_mut();
+            if let Some(list) = customers.get_mut(&conn.customer) {
+                list.retain(|k| *k != key);
+                if list.is_empty() {
+                    customers.remove(&conn.customer);
+                }
+            }
+            let mut map = self.roles.borrow_mut();
+            for role in roles {
+                if let Some(list) = map.get_mut(role.as_str()) {
+                    Rc::make_mut(list).retain(|k| *k != key);
+                    if list.is_empty() {
+                        map.remove(role.as_str());
+                    }
+                }
+            }
+        }
+        for topic in topics {
+            self.remove_subscriber(topic, key);
+        }
+    }
+
+    /// Queues a frame on a connection. Returns false when it was not queued: the connection is
+    /// gone or closing, or the frame would push its backlog over the limit (which also asks
+    /// the connection to close with 4008).
+    pub fn enqueue(
+        &self,
+        conns: &mut Slab,
+        key: ConnKey,
+        frame: &Frame,
+        published: Option<Instant>,
+    ) -> bool {
+        let Some(c) = conns.get_mut(key) else {
+            return false;
+        };
+        let m = self.metrics();
+        if c.closing || c.close_request.is_some() || c.dead {
+            m.drops.fetch_add(1, Relaxed);
+            return false;
+        }
+        if c.out_bytes + frame.len() > self.shared.config.limits.max_backlog {
+            c.close_request = Some(proto::ws::close::SLOW_CONSUMER);
+            m.slow_consumer_closes.fetch_add(1, Relaxed);
+            m.drops.fetch_add(1, Relaxed);
+            c.wake();
+            return false;
+        }
+        c.out.push_back(OutFrame {
+            bytes: frame.clone(),
+            published,
+        });
+        c.out_bytes += frame.len();
+        m.messages_out.fetch_add(1, Relaxed);
+        if !c.dirty && !c.write_blocked {
+            c.dirty = true;
+            self.dirty.borrow_mut().push(key);
+        }
+        true
+    }
+
+    /// Queues a frame for one connection and flushes it at once (replies to its own requests).
+    pub fn send_now(&self, key: ConnKey, frame: &Frame) -> bool {
+        let mut conns = self.conns.borrow_mut();
+        let queued = self.enqueue(&mut conns, key, frame, None);
+        if let Some(c) = conns.get_mut(key) {
+            self.flush_conn(c);
+        }
+        queued
+    }
+
+    /// Queues a frame that must go out even past the backlog limit (close frames).
+    pub fn send_control(&self, key: ConnKey, frame: &Frame) {
+        let mut conns = self.conns.borrow_mut();
+        if let Some(c) = conns.get_mut(key) {
+            c.out.push_back(OutFrame {
+                bytes: frame.clone(),
+                published: None,
+            });
+            c.out_bytes += frame.len();
+            self.flush_conn(c);
+        }
+    }
+
+    /// Flushes one connection unless its task is already waiting for writability.
+    pub fn flush_conn(&self, c: &mut Conn) {
+        c.dirty = false;
+        if c.write_blocked || c.out.is_empty() {
+            return;
+        }
+        let m = self.metrics();
+        let mut written = Written {
+            bytes: 0,
+            latency: &m.latency,
+        };
+        match c.flush(&mut written) {
+            Flush::Done => {}
+            Flush::Blocked => {
+                c.write_blocked = true;
+                c.wake();
+            }
+            Flush::Failed => {
+                c.dead = true;
+                c.wake();
+            }
+        }
+        m.bytes_out.fetch_add(written.bytes, Relaxed);
+    }
+
+    /// One flush round: every connection that got frames since the last round is written with
+    /// one vectored send.
+    pub fn flush_dirty(&self) {
+        let keys = std::mem::take(&mut *self.dirty.borrow_mut());
+        if keys.is_empty() {
+            return;
+        }
+        let mut conns = self.conns.borrow_mut();
+        for key in &keys {
+            if let Some(c) = conns.get_mut(*key) {
+                self.flush_conn(c);
+            }
+        }
+        // Reuse the list's allocation for the next round.
+        let mut dirty = self.dirty.borrow_mut();
+        if dirty.is_empty() {
+            let mut keys = keys;
+            keys.clear();
+            *dirty = keys;
+        }
+    }
+
+    /// Whether the process is draining.
+    pub fn draining(&self) -> bool {
+        self.shared.draining.load(Relaxed)
+    }
+
+    /// Schedules a connection's next timer check.
+    pub fn schedule(&self, key: ConnKey, at: u32) {
+        self.wheel.borrow_mut().schedule(key, at);
+    }
+}
+
+/// Handle to running shards.
+pub struct Server {
+    /// Shared state (flags, metrics, the bound address).
+    pub shared: Arc<Shared>,
+    handles: Vec<glommio::ExecutorJoinHandle<()>>,
+}
+
+impl Server {
+    /// Starts draining: `/readyz` turns 503, listeners close, connections get 1001.
+    pub fn drain(&self) {
+        self.shared.draining.store(true, Relaxed);
+    }
+
+    /// Waits for every shard to finish.
+    pub fn join(self) {
+        for h in self.handles {
+            let _ = h.join();
+        }
+    }
+}
+
+fn verifier(config: &Config) -> anyhow::Result<Verifier> {
+    let key = match config.auth.jwt_algorithm.as_str() {
+        "RS256" => KeyConfig::Rs256 {
+            public_pem: std::fs::read(&config.auth.jwt_public_key_file)
+                .with_context(|| format!("reading {}", config.auth.jwt_public_key_file))?,
+        },
+        _ => KeyConfig::Hs256 {
+            secret: config.jwt_secret().as_bytes().to_vec(),
+        },
+    };
+    let opt = |s: &str| (!s.is_empty()).then(|| s.to_owned());
+    Verifier::new(
+        &key,
+        opt(&config.auth.issuer).as_deref(),
+        opt(&config.auth.audience).as_deref(),
+    )
+    .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// Binds a socket with SO_REUSEPORT to learn the port when `:0` was asked, without listening
+/// on it (a listening socket in the group would take a share of the connections).
+fn reserve_port(addr: SocketAddr) -> anyhow::Result<(SocketAddr, socket2::Socket)> {
+    let domain = if addr.is_ipv4() {
+        socket2::Domain::IPV4
+    } else {
+        socket2::Domain::IPV6
+    };
+    let sock = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
+    sock.set_reuse_port(true)?;
+    sock.set_reuse_address(true)?;
+    sock.bind(&addr.into())
+        .with_context(|| format!("binding {addr}"))?;
+    let local = sock
+        .local_addr()?
+        .as_socket()
+        .context("bound address is not IP")?;
+    Ok((local, sock))
+}
+
+/// Starts all shards. Returns once every shard is listening.
+pub fn start(config: Config) -> anyhow::Result<Server> {
+    let n_cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let n_shards = if config.server.shards == 0 {
+        n_cpus
+    } else {
+        config.server.shards
+    };
+    anyhow::ensure!(
+        (1..=256).contains(&n_shards),
+        "server.shards must be 1..=256"
+    );
+    let (listen, reservation) = reserve_port(config.listen_addr()?)?;
+    let epoch = format!(
+        "{:x}",
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)?
+            .as_millis()
+    );
+    let shared = Arc::new(Shared {
+        verifier: verifier(&config)?,
+        metrics: (0..n_shards).map(|_| ShardMetrics::default()).collect(),
+        n_shards,
+        draining: AtomicBool::new(false),
+        running: AtomicUsize::new(n_shards),
+        epoch,
+        started: Instant::now(),
+        listen,
+        config,
+    });
+    let mesh_builder =
+        MeshBuilder::<Envelope, _>::full(n_shards, shared.config.server.mesh_capacity);
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
+    let mut handles = Vec::with_capacity(n_shards);
+    for i in 0..n_shards {
+        let shared = shared.clone();
+        let mesh_builder = mesh_builder.clone();
+        let ready_tx = ready_tx.clone();
+        let placement = if n_shards <= n_cpus {
+            Placement::Fixed(i)
+        } else {
+            Placement::Unbound
+        };
+        let builder = LocalExecutorBuilder::new(placement)
+            .name(&format!("shard-{i}"))
+            .io_memory(shared.config.server.io_memory_kib * 1024)
+            .ring_depth(shared.config.server.ring_depth)
+            .preempt_timer(Duration::from_millis(10));
+        let handle = builder
+            .spawn(move || async move {
+                let listener = match TcpListener::bind(listen) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        let _ =
+                            ready_tx.send(Err(anyhow::anyhow!("shard {i}: binding {listen}: {e}")));
+                        shared.running.fetch_sub(1, Relaxed);
+                        return;
+                    }
+                };
+                let mesh = match Mesh::join(mesh_builder, n_shards).await {
+                    Ok(m) => m,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        shared.running.fetch_sub(1, Relaxed);
+                        return;
+                    }
+                };
+                let id = mesh.id();
+                let shard = Rc::new(Shard {
+                    id,
+                    shared: shared.clone(),
+                    conns: RefCell::default(),
+                    customers: RefCell::default(),
+                    topics: RefCell::default(),
+                    roles: RefCell::default(),
+                    owned: RefCell::default(),
+                    dirty: RefCell::default(),
+                    scratch: RefCell::new(vec![0u8; 64 * 1024].into_boxed_slice()),
+                    mesh,
+                    reports: RefCell::default(),
+                    interest_waiters: RefCell::default(),
+                    next_req: Cell::new(0),
+                    next_conn: Cell::new(0),
+                    deliveries: RefCell::default(),
+                    deliver_notify: Notify::default(),
+                    wheel: RefCell::new(Wheel::default()),
+                    clock: Cell::new(0),
+                    drain_notify: Notify::default(),
+                });
+                let _ = ready_tx.send(Ok(()));
+                drop(ready_tx);
+                shard.run(listener).await;
+                shared.running.fetch_sub(1, Relaxed);
+            })
+            .map_err(|e| anyhow::anyhow!("starting shard {i}: {e}"))?;
+        handles.push(handle);
+    }
+    drop(ready_tx);
+    for _ in 0..n_shards {
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                shared.draining.store(true, Relaxed);
+                return Err(e);
+            }
+            Err(_) => anyhow::bail!("a shard exited during start-up"),
+        }
+    }
+    drop(reservation);
+    Ok(Server { shared, handles })
+}
+
+impl Shard {
+    /// Runs the shard until it has drained.
+    async fn run(self: Rc<Self>, listener: TcpListener) {
+        use glommio::spawn_local;
+        self.mesh.spawn_receivers(&self);
+        spawn_local(self.clone().fanout_task()).detach();
+        let ticker = spawn_local(self.clone().ticker_task());
+        self.clone().accept_loop(listener).await;
+        // Draining: ask every connection to close with 1001 and wait for them (bounded).
+        let deadline =
+            Instant::now() + Duration::from_secs(self.shared.config.server.drain_timeout_secs);
+        {
+            let mut conns = self.conns.borrow_mut();
+            for idx in 0..conns.capacity() {
+                if let Some(key) = conns.key_at(idx) {
+                    let c = conns.get_mut(key).expect("key_at returned a live key");
+                    c.close_request.get_or_insert(proto::ws::close::GOING_AWAY);
+                    c.wake();
+                }
+            }
+        }
+        while (!self.conns.borrow().is_empty() || self.metrics().api_connections.load(Relaxed) > 0)
+            && Instant::now() < deadline
+        {
+            glommio::timer::sleep(Duration::from_millis(20)).await;
+        }
+        ticker.cancel().await;
+    }
+
+    async fn accept_loop(self: Rc<Self>, listener: TcpListener) {
+        let mut backoff = Duration::from_millis(5);
+        loop {
+            let accepted =
+                futures_lite::future::or(async { Some(listener.accept().await) }, async {
+                    self.drain_notify.wait().await;
+                    None
+                })
+                .await;
+            let Some(result) = accepted else { return };
+            match result {
+                Ok(stream) => {
+                    backoff = Duration::from_millis(5);
+                    glommio::spawn_local(crate::conn::serve(self.clone(), stream, Vec::new()))
+                        .detach();
+                }
+                Err(e) => {
+                    // EMFILE/ENFILE/ENOBUFS: back off instead of spinning on a full table.
+                    self.metrics().accept_errors.fetch_add(1, Relaxed);
+                    tracing::warn!(shard = self.id, error = %e, backoff_ms = backoff.as_millis() as u64, "accept failed");
+                    glommio::timer::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
+            if self.draining() {
+                return;
+            }
+        }
+    }
+
+    /// Advances the shard clock, runs the timer wheel and watches for the drain flag.
+    async fn ticker_task(self: Rc<Self>) {
+        let start = Instant::now();
+        let mut drained = false;
+        loop {
+            glommio::timer::sleep(Duration::from_millis(200)).await;
+            if !drained && self.draining() {
+                drained = true;
+                self.drain_notify.notify();
+            }
+            let now = start.elapsed().as_secs() as u32;
+            while self.clock.get() < now {
+                self.clock.set(self.clock.get() + 1);
+                self.run_timers(self.clock.get());
+            }
+        }
+    }
+}

@@ -1,0 +1,93 @@
+//! The shard's timer wheel: heartbeats, idle timeouts and close deadlines for every
+//! connection, driven by one ticker instead of a timer per connection (glommio keeps timers in
+//! a BTree and each `TimerActionOnce` spawns a task, which idle connections cannot afford).
+
+use bytes::Bytes;
+
+use super::{slab::ConnKey, Shard};
+
+const SLOTS: usize = 64;
+
+/// A hashed wheel of one-second slots. An entry due more than `SLOTS` seconds ahead waits for
+/// later turns of the wheel.
+pub struct Wheel {
+    slots: Vec<Vec<(ConnKey, u32)>>,
+}
+
+impl Default for Wheel {
+    fn default() -> Self {
+        Wheel {
+            slots: (0..SLOTS).map(|_| Vec::new()).collect(),
+        }
+    }
+}
+
+impl Wheel {
+    /// Checks `key` at second `at`.
+    pub fn schedule(&mut self, key: ConnKey, at: u32) {
+        self.slots[at as usize % SLOTS].push((key, at));
+    }
+
+    fn take(&mut self, now: u32) -> Vec<(ConnKey, u32)> {
+        std::mem::take(&mut self.slots[now as usize % SLOTS])
+    }
+
+    fn give_back(&mut self, now: u32, mut buf: Vec<(ConnKey, u32)>) {
+        let slot = &mut self.slots[now as usize % SLOTS];
+        if slot.is_empty() {
+            buf.clear();
+            *slot = buf;
+        }
+    }
+}
+
+/// The server's heartbeat: an empty ping, encoded once for all connections.
+static PING: [u8; 2] = [0x89, 0x00];
+
+impl Shard {
+    /// Runs the checks due at second `now`.
+    pub(super) fn run_timers(&self, now: u32) {
+        let entries = self.wheel.borrow_mut().take(now);
+        let hb = self.shared.config.server.heartbeat_secs as u32;
+        let idle = self.shared.config.server.idle_timeout_secs as u32;
+        let ping = Bytes::from_static(&PING);
+        {
+            let mut conns = self.conns.borrow_mut();
+            let mut wheel = self.wheel.borrow_mut();
+            for &(key, at) in &entries {
+                if at > now {
+                    wheel.schedule(key, at);
+                    continue;
+                }
+                let Some(c) = conns.get_mut(key) else {
+                    continue;
+                };
+                if c.closing || c.close_request.is_some() {
+                    if now >= c.close_deadline {
+                        c.dead = true;
+                        c.wake();
+                    } else {
+                        wheel.schedule(key, c.close_deadline.min(now + 2));
+                    }
+                    continue;
+                }
+                let silent = now.saturating_sub(c.last_rx);
+                if silent >= idle {
+                    c.close_request = Some(proto::ws::close::GOING_AWAY);
+                    c.wake();
+                    wheel.schedule(key, now + 1);
+                    continue;
+                }
+                let next = if silent >= hb {
+                    self.enqueue(&mut conns, key, &ping, None);
+                    now + hb.min(idle - silent)
+                } else {
+                    now + (hb - silent).min(idle - silent)
+                };
+                wheel.schedule(key, next);
+            }
+        }
+        self.wheel.borrow_mut().give_back(now, entries);
+        self.flush_dirty();
+    }
+}
