@@ -167,7 +167,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     if config.diagnostics.echo {
         tracing::warn!("diagnostic /v1/echo endpoint is enabled (unauthenticated)");
     }
-    let drain_timeout = Duration::from_secs(config.server.drain_timeout_secs);
+    let drain_timeout =
+        Duration::from_secs(config.server.drain_timeout_secs + config.server.drain_grace_secs);
     let server = crate::shard::start(config).context("starting shards")?;
     tracing::info!(
         shards = server.shared.n_shards,

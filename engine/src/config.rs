@@ -53,6 +53,10 @@ pub struct Server {
     pub api_idle_secs: u64,
     /// Upper bound on the graceful drain at SIGTERM/SIGINT, in seconds. Default 10.
     pub drain_timeout_secs: u64,
+    /// Seconds between SIGTERM and closing the listeners, during which `/readyz` answers 503
+    /// so a load balancer can take the node out first. Default 0 (set it to a few health-check
+    /// intervals behind a load balancer).
+    pub drain_grace_secs: u64,
     /// glommio's registered I/O memory per shard, KiB. ringcast does not use glommio's file
     /// I/O, so a small pool saves locked memory. Default 512 (the minimum glommio accepts).
     pub io_memory_kib: usize,
@@ -126,6 +130,7 @@ impl Default for Server {
             handshake_timeout_secs: 10,
             api_idle_secs: 60,
             drain_timeout_secs: 10,
+            drain_grace_secs: 0,
             io_memory_kib: 512,
             ring_depth: 1024,
             mesh_capacity: 4096,
@@ -257,6 +262,7 @@ impl Config {
             "server.handshake_timeout_secs" => self.server.handshake_timeout_secs = num(value)?,
             "server.api_idle_secs" => self.server.api_idle_secs = num(value)?,
             "server.drain_timeout_secs" => self.server.drain_timeout_secs = num(value)?,
+            "server.drain_grace_secs" => self.server.drain_grace_secs = num(value)?,
             "server.io_memory_kib" => self.server.io_memory_kib = num(value)?,
             "server.ring_depth" => self.server.ring_depth = num(value)?,
             "server.mesh_capacity" => self.server.mesh_capacity = num(value)?,

@@ -87,7 +87,7 @@ pub fn raise_nofile_limit() -> io::Result<u64> {
             return Err(io::Error::last_os_error());
         }
     }
-    Ok(lim.rlim_cur as u64)
+    Ok(lim.rlim_cur)
 }
 
 /// The locked-memory limit in bytes (glommio's rings need it).
@@ -100,7 +100,7 @@ pub fn memlock_limit() -> io::Result<u64> {
     if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(lim.rlim_cur as u64)
+    Ok(lim.rlim_cur)
 }
 
 /// Resident set size of this process in bytes, from /proc/self/statm.

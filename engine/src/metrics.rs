@@ -115,7 +115,8 @@ pub fn render_prometheus(shards: &[ShardMetrics], rss: Option<u64>) -> String {
         );
     }
     out.push_str(&lines);
-    let counters: [(&str, &str, fn(&ShardMetrics) -> u64); 14] = [
+    type Counter = (&'static str, &'static str, fn(&ShardMetrics) -> u64);
+    let counters: [Counter; 14] = [
         (
             "ringcast_api_connections",
             "Open backend API connections.",

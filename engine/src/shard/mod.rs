@@ -554,12 +554,17 @@ impl Shard {
     /// Advances the shard clock, runs the timer wheel and watches for the drain flag.
     async fn ticker_task(self: Rc<Self>) {
         let start = Instant::now();
+        let grace = Duration::from_secs(self.shared.config.server.drain_grace_secs);
+        let mut drain_seen: Option<Instant> = None;
         let mut drained = false;
         loop {
-            glommio::timer::sleep(Duration::from_millis(200)).await;
-            if !drained && self.draining() {
-                drained = true;
-                self.drain_notify.notify();
+            glommio::timer::sleep(Duration::from_millis(100)).await;
+            if self.draining() && !drained {
+                let seen = *drain_seen.get_or_insert_with(Instant::now);
+                if seen.elapsed() >= grace {
+                    drained = true;
+                    self.drain_notify.notify();
+                }
             }
             let now = start.elapsed().as_secs() as u32;
             while self.clock.get() < now {

@@ -207,7 +207,10 @@ pub fn encode_client_frame(
 mod tests {
     use super::*;
 
-    fn check(bytes: &[u8], expect: Option<(bool, OpCode, Option<[u8; 4]>, u64, usize)>) {
+    /// (fin, opcode, mask, payload length, header length)
+    type Expect = Option<(bool, OpCode, Option<[u8; 4]>, u64, usize)>;
+
+    fn check(bytes: &[u8], expect: Expect) {
         let got = FrameHeader::parse(bytes).unwrap();
         let got = got.map(|(h, n)| (h.fin, h.opcode, h.mask, h.payload_len, n));
         assert_eq!(got, expect);

@@ -1,0 +1,142 @@
+//! The backend API: authentication, validation, keep-alive, operational endpoints.
+
+use std::io::{Read, Write};
+
+use serde_json::json;
+
+use crate::util::*;
+
+#[test]
+fn publish_requires_the_api_key_and_valid_bodies() {
+    let server = Server::start(1);
+    let body = json!({"topics": ["t"], "event": {"type": "x"}}).to_string();
+    let (status, text) = server.http("POST", "/v1/publish", &[], &body);
+    assert_eq!(status, 401, "{text}");
+    let (status, _) = server.http(
+        "POST",
+        "/v1/publish",
+        &[("Authorization", "Bearer wrong")],
+        &body,
+    );
+    assert_eq!(status, 401);
+    let auth = format!("Bearer {API_KEY}");
+    let cases = [
+        ("{oops", "bad_json"),
+        (r#"{"event": {"type": "x"}}"#, "no_target"),
+        (
+            r#"{"topics": ["t"], "event": {"type": ""}}"#,
+            "invalid_type",
+        ),
+        (
+            r#"{"topics": ["a b"], "event": {"type": "x"}}"#,
+            "invalid_topic",
+        ),
+        (
+            r#"{"topics": ["t"], "event": {"type": "x", "priority": "asap"}}"#,
+            "invalid_priority",
+        ),
+    ];
+    for (body, code) in cases {
+        let (status, text) = server.http("POST", "/v1/publish", &[("Authorization", &auth)], body);
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            (status, v["error"]["code"].as_str()),
+            (400, Some(code)),
+            "{body}"
+        );
+    }
+    let (status, text) = server.http("GET", "/v1/publish", &[], "");
+    assert_eq!(status, 405, "{text}");
+    assert_eq!(server.http("GET", "/nowhere", &[], "").0, 404);
+}
+
+#[test]
+fn malformed_oversized_and_slow_heads() {
+    let server = Server::start_with(1, &[("RINGCAST_SERVER_HANDSHAKE_TIMEOUT_SECS", "1")]);
+    let raw = |bytes: &[u8]| {
+        let mut s = std::net::TcpStream::connect(server.addr).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        s.write_all(bytes).unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        parse_response(&out).0
+    };
+    assert_eq!(raw(b"\x16\x03\x01\x00garbage\r\n\r\n"), 400);
+    let big = format!(
+        "GET /healthz HTTP/1.1\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(9000)
+    );
+    assert_eq!(raw(big.as_bytes()), 431);
+    assert_eq!(
+        raw(b"GET /healthz HTTP/1.1\r\nHost: x\r\n"),
+        408,
+        "incomplete head times out"
+    );
+    assert_eq!(
+        raw(b"POST /v1/publish HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"),
+        501
+    );
+    // A body over the limit is refused before it is read.
+    let huge = format!("POST /v1/publish HTTP/1.1\r\nContent-Length: {}\r\nAuthorization: Bearer {API_KEY}\r\n\r\n", 10 << 20);
+    assert_eq!(raw(huge.as_bytes()), 413);
+    assert!(server.metric("ringcast_bad_requests_total") >= 3.0);
+    assert_eq!(
+        server.http("GET", "/healthz", &[], "").0,
+        200,
+        "still serving"
+    );
+}
+
+#[test]
+fn keep_alive_batch_and_operational_endpoints() {
+    let server = Server::start(2);
+    let mut c = Client::connect(&server, &sub_token("batchy"));
+    let mut s = std::net::TcpStream::connect(server.addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let body = json!([
+        {"customers": ["batchy"], "event": {"type": "a"}},
+        {"customers": ["batchy"], "event": {"type": "b", "id": "fixed-id"}},
+        {"event": {"type": "c"}}
+    ])
+    .to_string();
+    // Two requests pipelined on one keep-alive connection.
+    let req = format!(
+        "POST /v1/publish/batch HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\nContent-Length: {}\r\n\r\n{body}GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let responses: Vec<&str> = out.split("HTTP/1.1 ").filter(|r| !r.is_empty()).collect();
+    assert_eq!(responses.len(), 2, "{out}");
+    let (status, text) = parse_response(&format!("HTTP/1.1 {}", responses[0]));
+    assert_eq!(status, 200);
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["results"][0]["delivered"]["websocket"], 1);
+    assert_eq!(v["results"][1]["id"], "fixed-id");
+    assert_eq!(v["results"][2]["error"]["code"], "no_target");
+    assert!(responses[1].starts_with("200"));
+    let got: Vec<_> = c
+        .drain_until_pong()
+        .iter()
+        .map(|e| e["type"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(got, ["a", "b"]);
+    let (status, metrics) = server.http("GET", "/metrics", &[], "");
+    assert_eq!(status, 200);
+    for name in [
+        "ringcast_connections{shard=\"0\"}",
+        "ringcast_connections{shard=\"1\"}",
+        "ringcast_publish_to_write_seconds_bucket",
+        "ringcast_auth_failures_total{reason=\"token_expired\"}",
+        "ringcast_bytes_out_total",
+    ] {
+        assert!(metrics.contains(name), "{name} missing");
+    }
+    assert!(server.metric("ringcast_publish_to_write_seconds_count") >= 2.0);
+    let (status, stats) = server.http("GET", "/v1/stats", &[], "");
+    let v: serde_json::Value = serde_json::from_str(&stats).unwrap();
+    assert_eq!((status, v["connections"].as_i64()), (200, Some(1)));
+}

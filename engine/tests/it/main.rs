@@ -1,0 +1,10 @@
+//! Integration tests: the real `ringcast` binary on loopback port 0, driven by real clients
+//! (tungstenite for WebSocket, raw HTTP/1.1 for the API).
+
+mod util;
+
+mod api;
+mod auth;
+mod delivery;
+mod lifecycle;
+mod protocol;
