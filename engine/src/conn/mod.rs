@@ -1,6 +1,6 @@
 //! Connections from accept to close: read the request head, route it, authenticate, hand the
-//! socket to its owner shard if needed, then run the WebSocket driver ([`ws`]) or the backend
-//! API ([`api`]).
+//! socket to its owner shard if needed, then run the WebSocket driver (`ws`) or the backend
+//! API (`api`).
 
 mod api;
 mod ws;

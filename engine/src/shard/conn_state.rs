@@ -39,6 +39,8 @@ pub struct Conn {
     pub out: VecDeque<OutFrame>,
     /// Bytes in `out`, minus `sent`.
     pub out_bytes: usize,
+    /// Backlog above which the connection is closed as a slow consumer (4008).
+    pub max_backlog: usize,
     /// Bytes of `out.front()` already written.
     pub sent: usize,
     /// The connection task's waker.
@@ -80,13 +82,14 @@ pub struct Written<'a> {
 
 impl Conn {
     /// A new connection with nothing queued.
-    pub fn new(fd: RawFd, customer: Rc<str>, now: u32) -> Self {
+    pub fn new(fd: RawFd, customer: Rc<str>, now: u32, max_backlog: usize) -> Self {
         Conn {
             fd,
             customer,
             filters: Vec::new(),
             out: VecDeque::new(),
             out_bytes: 0,
+            max_backlog,
             sent: 0,
             waker: None,
             close_request: None,

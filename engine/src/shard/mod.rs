@@ -1,6 +1,6 @@
 //! Shards: one pinned glommio executor per core, each with its own listener, connections,
 //! topics and timer wheel. Shards share nothing mutable but metrics atomics; they talk through
-//! the mesh ([`mesh`]).
+//! the mesh (`mesh`).
 //!
 //! Entry point: [`start`] spawns the shards and returns a [`Server`] handle; each shard runs
 //! `Shard::run` (accept loop, mesh receivers, fan-out task, flusher, ticker).
@@ -219,7 +219,7 @@ impl Shard {
             m.drops.fetch_add(1, Relaxed);
             return false;
         }
-        if c.out_bytes + frame.len() > self.shared.config.limits.max_backlog {
+        if c.out_bytes + frame.len() > c.max_backlog {
             c.close_request = Some(proto::ws::close::SLOW_CONSUMER);
             m.slow_consumer_closes.fetch_add(1, Relaxed);
             m.drops.fetch_add(1, Relaxed);
