@@ -393,6 +393,14 @@ mod tests {
     }
 
     #[test]
+    fn the_example_in_deploy_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/ringcast.toml");
+        let c = Config::load(Some(&path), env(&[])).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.server.drain_grace_secs, 5);
+    }
+
+    #[test]
     fn toml_file() {
         let dir = std::env::temp_dir().join(format!("ringcast-cfg-{}", std::process::id()));
         std::fs::write(&dir, "[server]\nshards = 3\n[limits]\nmax_message = 1000\n").unwrap();

@@ -127,9 +127,17 @@ pub async fn upgrade(
     };
     let customer: Rc<str> = Rc::from(claims.sub.as_str());
     // The echo endpoint sends back messages up to its own (larger) limit.
-    let max_backlog = shard.shared.config.limits.max_backlog.max(limits.max_message + 1024);
+    let max_backlog = shard
+        .shared
+        .config
+        .limits
+        .max_backlog
+        .max(limits.max_message + 1024);
     let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
-    let conn_key = shard.register(Conn::new(fd, customer.clone(), shard.clock.get(), max_backlog), &claims.roles);
+    let conn_key = shard.register(
+        Conn::new(fd, customer.clone(), shard.clock.get(), max_backlog),
+        &claims.roles,
+    );
     let mut session = Session {
         key: conn_key,
         claims,
