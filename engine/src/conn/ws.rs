@@ -1,6 +1,6 @@
 //! The WebSocket connection driver: upgrade, then read → `proto` → route → write, until close.
 //!
-//! The task owns the socket, the token's claims, its subscriptions and, only while a frame is
+//! The task owns the socket, what the token grants, its subscriptions and, only while a frame is
 //! incomplete, a buffer. Outbound frames are queued in the shard's `Conn` and written by the
 //! shard's flush rounds; this task writes only when the socket buffer was full.
 
@@ -126,6 +126,7 @@ pub async fn upgrade(
         },
     };
     let customer: Rc<str> = Rc::from(claims.sub.as_str());
+    let roles = claims.roles.clone();
     // The echo endpoint sends back messages up to its own (larger) limit.
     let max_backlog = shard
         .shared
@@ -136,11 +137,12 @@ pub async fn upgrade(
     let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
     let conn_key = shard.register(
         Conn::new(fd, customer.clone(), shard.clock.get(), max_backlog),
-        &claims.roles,
+        &roles,
     );
     let mut session = Session {
         key: conn_key,
-        claims,
+        grants: Grants::from(claims),
+        customer: customer.clone(),
         kind,
         rx: Receiver::default(),
         pending: buf[head_len..].to_vec(),
@@ -158,16 +160,24 @@ pub async fn upgrade(
         );
         shard.send_now(conn_key, &server_frame(OpCode::Text, &welcome));
     }
-    // Bytes that arrived with the head (a client that did not wait for the 101).
-    if !session.pending.is_empty() {
-        let actions = session.decode(&shard, None);
-        if !session.act(&shard, actions).await {
-            session.finish(&shard);
-            return;
+    // The handshake's state (request head, read buffer, this future) is dropped here: the
+    // connection lives on in a task that holds only the socket and its session, which is what
+    // keeps an idle connection small.
+    drop(head);
+    drop(buf);
+    glommio::spawn_local(async move {
+        let mut stream = stream;
+        // Bytes that arrived with the head (a client that did not wait for the 101).
+        let proceed = session.pending.is_empty() || {
+            let actions = session.decode(&shard, None);
+            Box::pin(session.act(&shard, actions)).await
+        };
+        if proceed {
+            session.run(&shard, &mut stream).await;
         }
-    }
-    session.run(&shard, &mut stream).await;
-    session.finish(&shard);
+        session.finish(&shard);
+    })
+    .detach();
 }
 
 fn authenticate(shard: &Shard, head: &Head) -> Result<Claims, AuthError> {
@@ -214,9 +224,37 @@ enum Wake {
     Gone,
 }
 
+/// What a token allows, kept compact for the connection's lifetime (the full `Claims` are
+/// dropped after the handshake).
+struct Grants {
+    roles: Box<[String]>,
+    channels: Box<[Box<str>]>,
+    publish: Box<[Box<str>]>,
+    message: Box<[Box<str>]>,
+}
+
+impl From<Claims> for Grants {
+    fn from(c: Claims) -> Self {
+        let compact = |v: Vec<String>| v.into_iter().map(String::into_boxed_str).collect();
+        Grants {
+            roles: c.roles.into_boxed_slice(),
+            channels: compact(c.channels),
+            publish: compact(c.publish),
+            message: compact(c.message),
+        }
+    }
+}
+
+impl Grants {
+    fn may(patterns: &[Box<str>], name: &str) -> bool {
+        patterns.iter().any(|p| proto::auth::glob_match(p, name))
+    }
+}
+
 struct Session {
     key: ConnKey,
-    claims: Claims,
+    grants: Grants,
+    customer: Rc<str>,
     kind: Kind,
     rx: Receiver,
     /// Input bytes of an incomplete frame (empty, and unallocated, most of the time).
@@ -235,7 +273,9 @@ impl Session {
                 Wake::Read(n) => {
                     shard.metrics().bytes_in.fetch_add(n as u64, Relaxed);
                     let actions = self.decode(shard, Some(n));
-                    if !self.act(shard, actions).await {
+                    // Boxed: request handling has large, rarely live states that would
+                    // otherwise sit in every idle connection's future.
+                    if !Box::pin(self.act(shard, actions)).await {
                         return;
                     }
                 }
@@ -455,7 +495,7 @@ impl Session {
                 }
                 let refused: Vec<&str> = topics
                     .iter()
-                    .filter(|t| !self.claims.may_subscribe(t))
+                    .filter(|t| !Grants::may(&self.grants.channels, t))
                     .map(String::as_str)
                     .collect();
                 if !refused.is_empty() {
@@ -470,8 +510,11 @@ impl Session {
                 for topic in topics {
                     let new = !self.topics.iter().any(|t| **t == *topic);
                     let position = if new {
-                        self.topics.push(Rc::from(topic.as_str()));
-                        shard.subscribe_topic(self.key, &topic).await
+                        let (name, position) = shard.subscribe_topic(self.key, &topic).await;
+                        // Exact growth: most connections hold one or two topics.
+                        self.topics.reserve_exact(1);
+                        self.topics.push(name);
+                        position
                     } else {
                         None
                     };
@@ -550,7 +593,7 @@ impl Session {
                 if let Err(e) = validate_topic(&topic).and_then(|_| validate_type(&kind)) {
                     return self.reply(shard, &error(e.code, e.message, "publish").to_json());
                 }
-                if !self.claims.may_publish(&topic) {
+                if !Grants::may(&self.grants.publish, &topic) {
                     return self.reply(
                         shard,
                         &error(
@@ -585,7 +628,7 @@ impl Session {
                 if let Err(e) = validate_type(&kind) {
                     return self.reply(shard, &error(e.code, e.message, "send_message").to_json());
                 }
-                if !self.claims.may_message(&to) {
+                if !Grants::may(&self.grants.message, &to) {
                     return self.reply(
                         shard,
                         &error(
@@ -636,12 +679,12 @@ impl Session {
             persistent: false,
             ttl: None,
             timestamp: now_rfc3339(),
-            from: Some(self.claims.sub.clone()),
+            from: Some(self.customer.to_string()),
         }
     }
 
     fn finish(&mut self, shard: &Shard) {
-        shard.unregister(self.key, &self.claims.roles, &self.topics);
+        shard.unregister(self.key, &self.grants.roles, &self.topics);
     }
 }
 

@@ -156,11 +156,12 @@ impl Shard {
             self.clock.get() + self.shared.config.server.heartbeat_secs as u32,
         );
         if !customer.is_empty() {
-            self.customers
-                .borrow_mut()
-                .entry(customer)
-                .or_default()
-                .push(key);
+            let mut customers = self.customers.borrow_mut();
+            let list = customers.entry(customer).or_default();
+            // Exact growth: most customers have one connection.
+            list.reserve_exact(1);
+            list.push(key);
+            drop(customers);
             let mut map = self.roles.borrow_mut();
             for role in roles {
                 Rc::make_mut(map.entry(Rc::from(role.as_str())).or_default()).push(key);

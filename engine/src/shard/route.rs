@@ -222,16 +222,28 @@ impl Shard {
 
     /// Adds a local subscriber and registers interest with the topic's owner; resolves to the
     /// topic's `(offset, epoch)` once the owner has it (events after that offset will come).
-    pub async fn subscribe_topic(&self, key: ConnKey, topic: &str) -> Option<(u64, String)> {
-        {
+    ///
+    /// Also returns the shard's interned name of the topic, which the connection keeps instead
+    /// of a copy of its own.
+    pub async fn subscribe_topic(
+        &self,
+        key: ConnKey,
+        topic: &str,
+    ) -> (Rc<str>, Option<(u64, String)>) {
+        let name = {
             let mut topics = self.topics.borrow_mut();
-            match topics.get_mut(topic) {
-                Some(list) => Rc::make_mut(list).push(key),
+            match topics.get_key_value(topic).map(|(name, _)| name.clone()) {
+                Some(name) => {
+                    Rc::make_mut(topics.get_mut(topic).expect("just found")).push(key);
+                    name
+                }
                 None => {
-                    topics.insert(Rc::from(topic), Rc::new(vec![key]));
+                    let name: Rc<str> = Rc::from(topic);
+                    topics.insert(name.clone(), Rc::new(vec![key]));
+                    name
                 }
             }
-        }
+        };
         let req = self.next_req();
         let (tx, rx) = oneshot::channel();
         self.interest_waiters.borrow_mut().insert(req, tx);
@@ -255,7 +267,7 @@ impl Shard {
         if got.is_none() {
             self.interest_waiters.borrow_mut().remove(&req);
         }
-        got
+        (name, got)
     }
 
     /// Removes a local subscriber; the last one withdraws the shard's interest.
