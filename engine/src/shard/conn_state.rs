@@ -61,6 +61,18 @@ pub struct Conn {
     pub close_deadline: u32,
 }
 
+/// What [`Conn::queue`] did with a frame.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Queued {
+    /// The frame handle is queued.
+    Yes,
+    /// The connection is closing or dead: nothing more goes out.
+    Closing,
+    /// The frame would push the backlog over the limit: the connection is now asked to close
+    /// with 4008 (the caller wakes its task).
+    OverBacklog,
+}
+
 /// What a flush achieved.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Flush {
@@ -100,6 +112,24 @@ impl Conn {
             last_rx: now,
             close_deadline: u32::MAX,
         }
+    }
+
+    /// Queues a handle to a shared frame: a reference-count increment, never a copy of the
+    /// payload. Enforces the backlog limit.
+    pub fn queue(&mut self, frame: &Bytes, published: Option<Instant>) -> Queued {
+        if self.closing || self.close_request.is_some() || self.dead {
+            return Queued::Closing;
+        }
+        if self.out_bytes + frame.len() > self.max_backlog {
+            self.close_request = Some(proto::ws::close::SLOW_CONSUMER);
+            return Queued::OverBacklog;
+        }
+        self.out.push_back(OutFrame {
+            bytes: frame.clone(),
+            published,
+        });
+        self.out_bytes += frame.len();
+        Queued::Yes
     }
 
     /// Whether the customer's stream filters let an event of type `kind` through.
@@ -175,5 +205,55 @@ impl Conn {
         self.out.truncate(keep);
         self.out_bytes = self.out.front().map_or(0, |f| f.bytes.len() - self.sent);
         dropped
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fan_out_queues_handles_to_one_buffer() {
+        let frame = proto::ws::server_frame(proto::ws::OpCode::Text, &[b'x'; 100]);
+        let mut conns: Vec<Conn> = (0..1000)
+            .map(|i| Conn::new(i, "c".into(), 0, 4096))
+            .collect();
+        for c in &mut conns {
+            assert_eq!(c.queue(&frame, None), Queued::Yes);
+        }
+        // Every queued frame is the same allocation: no per-subscriber copy of the payload.
+        assert!(conns
+            .iter()
+            .all(|c| c.out[0].bytes.as_ptr() == frame.as_ptr()));
+    }
+
+    #[test]
+    fn backlog_limit_and_closing() {
+        let frame = Bytes::from(vec![0u8; 1000]);
+        let mut c = Conn::new(0, "c".into(), 0, 2500);
+        assert_eq!(c.queue(&frame, None), Queued::Yes);
+        assert_eq!(c.queue(&frame, None), Queued::Yes);
+        assert_eq!(c.queue(&frame, None), Queued::OverBacklog);
+        assert_eq!(c.close_request, Some(4008));
+        assert_eq!(c.queue(&frame, None), Queued::Closing);
+        assert_eq!((c.out.len(), c.out_bytes), (2, 2000));
+    }
+
+    #[test]
+    fn advance_across_frames_and_drop_unsent() {
+        let h = Histogram::default();
+        let mut w = Written {
+            bytes: 0,
+            latency: &h,
+        };
+        let mut c = Conn::new(0, "c".into(), 0, 10_000);
+        for n in [10usize, 20, 30] {
+            c.queue(&Bytes::from(vec![0u8; n]), Some(Instant::now()));
+        }
+        c.advance(15, Instant::now(), &mut w);
+        assert_eq!((c.out.len(), c.sent, c.out_bytes), (2, 5, 45));
+        // The partly written frame stays so the stream remains well-framed.
+        assert_eq!(c.drop_unsent(), 1);
+        assert_eq!((c.out.len(), c.out_bytes), (1, 15));
     }
 }

@@ -33,7 +33,7 @@ use glommio::{
 use proto::auth::{KeyConfig, Verifier};
 
 use crate::{config::Config, metrics::ShardMetrics};
-use conn_state::{Conn, Flush, OutFrame, Written};
+use conn_state::{Conn, Flush, OutFrame, Queued, Written};
 pub use mesh::Envelope;
 use mesh::Mesh;
 use notify::Notify;
@@ -216,22 +216,19 @@ impl Shard {
             return false;
         };
         let m = self.metrics();
-        if c.closing || c.close_request.is_some() || c.dead {
-            m.drops.fetch_add(1, Relaxed);
-            return false;
+        match c.queue(frame, published) {
+            Queued::Yes => {}
+            Queued::Closing => {
+                m.drops.fetch_add(1, Relaxed);
+                return false;
+            }
+            Queued::OverBacklog => {
+                m.slow_consumer_closes.fetch_add(1, Relaxed);
+                m.drops.fetch_add(1, Relaxed);
+                c.wake();
+                return false;
+            }
         }
-        if c.out_bytes + frame.len() > c.max_backlog {
-            c.close_request = Some(proto::ws::close::SLOW_CONSUMER);
-            m.slow_consumer_closes.fetch_add(1, Relaxed);
-            m.drops.fetch_add(1, Relaxed);
-            c.wake();
-            return false;
-        }
-        c.out.push_back(OutFrame {
-            bytes: frame.clone(),
-            published,
-        });
-        c.out_bytes += frame.len();
         m.messages_out.fetch_add(1, Relaxed);
         if !c.dirty && !c.write_blocked {
             c.dirty = true;
