@@ -270,6 +270,37 @@ mod tests {
     }
 
     #[test]
+    fn rs256_is_verified_and_pinned() {
+        let private = include_bytes!("../tests/fixtures/rs256-test-private.pem");
+        let public = include_bytes!("../tests/fixtures/rs256-test-public.pem").to_vec();
+        let v = Verifier::new(
+            &KeyConfig::Rs256 {
+                public_pem: public.clone(),
+            },
+            None,
+            None,
+        )
+        .unwrap();
+        let c = claims(100);
+        let key = EncodingKey::from_rsa_pem(private).unwrap();
+        let rs = jsonwebtoken::encode(&Header::new(Algorithm::RS256), &c, &key).unwrap();
+        assert_eq!(v.verify(&rs, 1).unwrap().sub, "alice");
+        // Algorithm confusion: an HS256 token signed with the public key as the HMAC secret.
+        let confused = mint_hs256(&c, &public);
+        assert!(matches!(v.verify(&confused, 1), Err(AuthError::Invalid(_))));
+        // And the HS256 verifier refuses RS256 tokens.
+        let hs = Verifier::new(
+            &KeyConfig::Hs256 {
+                secret: b"k".to_vec(),
+            },
+            None,
+            None,
+        )
+        .unwrap();
+        assert!(matches!(hs.verify(&rs, 1), Err(AuthError::Invalid(_))));
+    }
+
+    #[test]
     fn globs() {
         assert!(glob_match("conversation:*", "conversation:1"));
         assert!(glob_match("*", "anything"));

@@ -118,3 +118,41 @@ fn origin_allowlist_and_forbidden_topics() {
     // Still open, and an allowed topic works.
     c.subscribe(&["conversation:3"]);
 }
+
+#[test]
+fn rs256_tokens_with_the_configured_public_key() {
+    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/../proto/tests/fixtures");
+    let public = format!("{fixtures}/rs256-test-public.pem");
+    let server = Server::start_with(
+        1,
+        &[
+            ("RINGCAST_AUTH_JWT_ALGORITHM", "RS256"),
+            ("RINGCAST_AUTH_JWT_PUBLIC_KEY_FILE", &public),
+        ],
+    );
+    let private = std::fs::read(format!("{fixtures}/rs256-test-private.pem")).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let claims = proto::auth::Claims {
+        sub: "rsa-user".into(),
+        exp: now + 60,
+        ..Default::default()
+    };
+    let header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+    let rs = jsonwebtoken::encode(
+        &header,
+        &claims,
+        &jsonwebtoken::EncodingKey::from_rsa_pem(&private).unwrap(),
+    )
+    .unwrap();
+    let c = Client::connect(&server, &rs);
+    assert_eq!(c.welcome["data"]["customerId"], "rsa-user");
+    // An HS256 token (even with the shared test secret) is refused: the algorithm is pinned.
+    let (status, body) = refused(&server, &format!("/v1/ws?token={}", sub_token("rsa-user")));
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (401, Some("invalid_token"))
+    );
+}
