@@ -32,6 +32,16 @@ def masked_text(payload: bytes) -> bytes:
     return bytes([0x81, 0x80 | len(payload)]) + mask + body
 
 
+def heap_bytes(host, port):
+    """Live heap bytes from /v1/stats (a build with `--features alloc-stats`), else None."""
+    import urllib.request
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}/v1/stats", timeout=10) as r:
+            return json.loads(r.read()).get("heapBytes")
+    except OSError:
+        return None
+
+
 def rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         return int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1))
@@ -117,6 +127,7 @@ async def main():
     ap.add_argument("--concurrency", type=int, default=200)
     ap.add_argument("--broadcasts", type=int, default=0,
                     help="after measuring, publish this many 100-byte broadcasts and check every connection gets each exactly once")
+    ap.add_argument("--settle", type=float, default=2.0, help="seconds to wait before each RSS reading")
     ap.add_argument("--base", type=int, default=2000,
                     help="connections opened before the first reading, so that start-up and warm-up allocations are not charged to the measured ones")
     args = ap.parse_args()
@@ -140,15 +151,18 @@ async def main():
 
         await asyncio.sleep(0.5)
         empty = rss_kib(proc.pid)
+        heap_empty = heap_bytes(host, port)
         # The base population: its cost includes one-off growth (maps, chunks, allocator pages).
         await asyncio.gather(*(one(1_000_000 + i) for i in range(args.base)))
-        await asyncio.sleep(2.0)
+        await asyncio.sleep(args.settle)
         before = rss_kib(proc.pid)
+        heap_before = heap_bytes(host, port)
         t0 = time.time()
         await asyncio.gather(*(one(i) for i in range(args.conns)))
         elapsed = time.time() - t0
-        await asyncio.sleep(2.0)
+        await asyncio.sleep(args.settle)
         after = rss_kib(proc.pid)
+        heap_after = heap_bytes(host, port)
         per_conn = (after - before) * 1024 / args.conns
         all_in = (after - empty) * 1024 / (args.conns + args.base)
         broadcast = await check_broadcast(host, port, writers, args.broadcasts) if args.broadcasts else None
@@ -157,6 +171,8 @@ async def main():
             "rss_empty_kib": empty, "rss_before_kib": before, "rss_after_kib": after,
             "bytes_per_connection": round(per_conn, 1), "bytes_per_connection_all_in": round(all_in, 1),
             "connect_seconds": round(elapsed, 2), "broadcast": broadcast,
+            "heap_bytes": [heap_empty, heap_before, heap_after],
+            "heap_bytes_per_connection": round((heap_after - heap_before) / args.conns, 1) if heap_after else None,
         }))
         for _, w in writers:
             w.close()

@@ -109,3 +109,33 @@ pub fn rss_bytes() -> Option<u64> {
     let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
     Some(pages * 4096)
 }
+
+/// A global allocator wrapper that counts live bytes in `metrics::HEAP_BYTES` (the
+/// `alloc-stats` feature; memory investigations only: one atomic add per allocation).
+pub struct CountingAlloc<A>(pub A);
+
+// SAFETY: every method forwards to the inner allocator unchanged; the counter is bookkeeping.
+unsafe impl<A: std::alloc::GlobalAlloc> std::alloc::GlobalAlloc for CountingAlloc<A> {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        crate::metrics::HEAP_BYTES
+            .fetch_add(layout.size() as i64, std::sync::atomic::Ordering::Relaxed);
+        // SAFETY: forwarded with the caller's guarantees.
+        unsafe { self.0.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        crate::metrics::HEAP_BYTES
+            .fetch_sub(layout.size() as i64, std::sync::atomic::Ordering::Relaxed);
+        // SAFETY: forwarded with the caller's guarantees.
+        unsafe { self.0.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
+        crate::metrics::HEAP_BYTES.fetch_add(
+            new_size as i64 - layout.size() as i64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        // SAFETY: forwarded with the caller's guarantees.
+        unsafe { self.0.realloc(ptr, layout, new_size) }
+    }
+}

@@ -7,6 +7,10 @@
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 
+/// Live heap bytes, maintained by `io::CountingAlloc` when the `alloc-stats` feature
+/// installs it as the global allocator; 0 (and absent from `/v1/stats`) otherwise.
+pub static HEAP_BYTES: AtomicI64 = AtomicI64::new(0);
+
 /// Reasons a handshake is refused; the label of `ringcast_auth_failures_total`.
 pub const AUTH_REASONS: [&str; 5] = [
     "missing_token",
@@ -254,6 +258,7 @@ pub fn stats_json(
         "slowConsumerCloses": sum(shards, |s| s.slow_consumer_closes.load(Relaxed)),
         "publishes": sum(shards, |s| s.publishes.load(Relaxed)),
         "residentBytes": rss,
+        "heapBytes": match HEAP_BYTES.load(Relaxed) { 0 => None, n => Some(n) },
         "shards": per_shard,
     })
 }
