@@ -11,11 +11,7 @@ use std::{net::SocketAddr, path::Path, time::Duration};
 use anyhow::{bail, Context as _};
 use serde::Deserialize;
 
-/// The development secret shared by `ringcast serve` and `ringcast token` when nothing is
-/// configured. Never use it outside a laptop: `serve` warns loudly when it is in effect.
-pub const DEV_JWT_SECRET: &str = "ringcast-development-secret-do-not-use-in-production";
-/// The development API key, likewise.
-pub const DEV_API_KEY: &str = "ringcast-dev-api-key";
+pub use proto::auth::{DEV_API_KEY, DEV_JWT_SECRET};
 
 /// All settings.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]

@@ -78,6 +78,8 @@ pub struct ShardMetrics {
     pub bytes_in: AtomicU64,
     /// Frames queued to clients.
     pub messages_out: AtomicU64,
+    /// Event frames queued to clients (deliveries; excludes replies, pings and closes).
+    pub events_out: AtomicU64,
     /// Bytes written to clients.
     pub bytes_out: AtomicU64,
     /// Frames not delivered (connection closing or over its backlog).
@@ -120,7 +122,12 @@ pub fn render_prometheus(shards: &[ShardMetrics], rss: Option<u64>) -> String {
     }
     out.push_str(&lines);
     type Counter = (&'static str, &'static str, fn(&ShardMetrics) -> u64);
-    let counters: [Counter; 14] = [
+    let counters: [Counter; 15] = [
+        (
+            "ringcast_events_out_total",
+            "Event frames queued to clients (deliveries).",
+            |s| s.events_out.load(Relaxed),
+        ),
         (
             "ringcast_api_connections",
             "Open backend API connections.",
@@ -253,6 +260,7 @@ pub fn stats_json(
         "authFailures": sum(shards, |s| s.auth_failures.iter().map(|a| a.load(Relaxed)).sum()),
         "messagesIn": sum(shards, |s| s.messages_in.load(Relaxed)),
         "messagesOut": sum(shards, |s| s.messages_out.load(Relaxed)),
+        "eventsOut": sum(shards, |s| s.events_out.load(Relaxed)),
         "bytesOut": sum(shards, |s| s.bytes_out.load(Relaxed)),
         "drops": sum(shards, |s| s.drops.load(Relaxed)),
         "slowConsumerCloses": sum(shards, |s| s.slow_consumer_closes.load(Relaxed)),

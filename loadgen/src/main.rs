@@ -1,1 +1,332 @@
-fn main() {}
+//! `ringcast-loadgen`: load generator and capacity reports for ringcast, and for other
+//! WebSocket servers in generic target mode.
+//!
+//! Thread-per-core on glommio like the server; connections spread over several 127.0.0.x
+//! source addresses; tokens minted per customer (`c-0..c-N`) from the shared secret. Each
+//! scenario is bounded in count and time and writes a JSON summary, `.hgrm` percentile
+//! distributions and an HTML report.
+#![forbid(unsafe_code)]
+
+mod net;
+mod report;
+mod scenario;
+mod stats;
+
+use std::{net::IpAddr, path::PathBuf, process::ExitCode};
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+
+use scenario::{fanout::Publisher, Target};
+
+/// Load generator for ringcast and other WebSocket servers.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(flatten)]
+    target: TargetArgs,
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Args)]
+struct TargetArgs {
+    /// WebSocket endpoint.
+    #[arg(long, global = true, default_value = "ws://127.0.0.1:8080/v1/ws")]
+    url: String,
+    /// HS256 secret to mint tokens (default: $RINGCAST_JWT_SECRET, else the development secret).
+    #[arg(long, global = true)]
+    secret: Option<String>,
+    /// Generic target: no token, and no ringcast subscribe frame unless --subscribe-frame.
+    #[arg(long, global = true)]
+    generic: bool,
+    /// Frame sent after connecting; `{topic}` is replaced.
+    #[arg(long, global = true)]
+    subscribe_frame: Option<String>,
+    /// Text a server frame must contain before a connection counts as ready.
+    #[arg(long, global = true)]
+    ready_match: Option<String>,
+    /// Source addresses as a range (127.0.0.2-127.0.0.9) or a list; empty: the kernel picks.
+    #[arg(long, global = true, default_value = "127.0.0.2-127.0.0.9")]
+    sources: String,
+    /// Executor threads (default: one per CPU).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    /// Directory for summary.json, *.hgrm and report.html.
+    #[arg(long, global = true)]
+    out: Option<PathBuf>,
+    /// Label of this run in reports.
+    #[arg(long, global = true, default_value = "ringcast")]
+    label: String,
+}
+
+#[derive(Subcommand)]
+enum Scenario {
+    /// Ramp to N connections at R per second and hold them; with --server-pid, RSS per connection.
+    Connect {
+        /// Connections.
+        #[arg(long, default_value_t = 1000)]
+        conns: usize,
+        /// Connections per second.
+        #[arg(long, default_value_t = 2000.0)]
+        rate: f64,
+        /// Seconds to hold once all are open.
+        #[arg(long, default_value_t = 5.0)]
+        hold: f64,
+        /// Topic each connection subscribes to.
+        #[arg(long, default_value = "loadgen")]
+        topic: String,
+        /// Server process id (for resident memory before and after).
+        #[arg(long)]
+        server_pid: Option<u32>,
+    },
+    /// N subscribers on a topic; events of S bytes published at R per second.
+    Fanout {
+        /// Subscribers.
+        #[arg(long, default_value_t = 1000)]
+        subscribers: usize,
+        /// Topic.
+        #[arg(long, default_value = "loadgen")]
+        topic: String,
+        /// Events per second (total, open loop).
+        #[arg(long, default_value_t = 100.0)]
+        rate: f64,
+        /// Bytes of each event's data object.
+        #[arg(long, default_value_t = 100)]
+        size: usize,
+        /// Seconds of publishing.
+        #[arg(long, default_value_t = 10.0)]
+        duration: f64,
+        /// Concurrent publishing connections.
+        #[arg(long, default_value_t = 8)]
+        publishers: usize,
+        /// Connections per second while ramping the subscribers.
+        #[arg(long, default_value_t = 4000.0)]
+        connect_rate: f64,
+        /// Publish endpoint (default: /v1/publish on the WebSocket host).
+        #[arg(long)]
+        publish_url: Option<String>,
+        /// API key for ringcast's publish endpoint (default: $RINGCAST_API_KEY or the development key).
+        #[arg(long)]
+        api_key: Option<String>,
+        /// Publish body template: {topic} {seq} {ts} {pad}.
+        #[arg(long)]
+        publish_body: Option<String>,
+        /// Extra publish header lines, e.g. 'Authorization: Bearer x'.
+        #[arg(long)]
+        publish_header: Vec<String>,
+    },
+    /// Merge the summaries and latency histograms of earlier runs into one HTML report.
+    Report {
+        /// Run directories (each with summary.json and latency.hgrm).
+        runs: Vec<PathBuf>,
+    },
+}
+
+fn parse_sources(s: &str) -> anyhow::Result<Vec<IpAddr>> {
+    if s.is_empty() {
+        return Ok(Vec::new());
+    }
+    if let Some((a, b)) = s.split_once('-') {
+        let (a, b): (std::net::Ipv4Addr, std::net::Ipv4Addr) = (a.parse()?, b.parse()?);
+        let (a, b) = (u32::from(a), u32::from(b));
+        anyhow::ensure!(
+            a <= b && b - a < 256,
+            "source range must be ascending and at most 256 addresses"
+        );
+        return Ok((a..=b).map(|x| IpAddr::V4(x.into())).collect());
+    }
+    s.split(',')
+        .map(|x| x.trim().parse().context("source address"))
+        .collect()
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ringcast-loadgen: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Reads one counter from ringcast's /metrics (the independent check of delivery counts).
+fn server_counter(host: &str, name: &str) -> Option<u64> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(host).ok()?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .ok()?;
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))?
+        .rsplit(' ')
+        .next()?
+        .parse()
+        .ok()
+}
+
+fn run() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let t = &cli.target;
+    let threads = t
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let (addr, host, path) = Target::parse_url(&t.url)?;
+    let ringcast = !t.generic;
+    let target = Target {
+        addr,
+        host: host.clone(),
+        path,
+        secret: ringcast.then(|| {
+            t.secret
+                .clone()
+                .or_else(|| std::env::var("RINGCAST_JWT_SECRET").ok())
+                .unwrap_or_else(|| proto::auth::DEV_JWT_SECRET.to_owned())
+        }),
+        subscribe_frame: t.subscribe_frame.clone().or_else(|| {
+            ringcast.then(|| r#"{"type":"subscribe","payload":{"topics":["{topic}"]}}"#.to_owned())
+        }),
+        ready_match: t
+            .ready_match
+            .clone()
+            .or_else(|| ringcast.then(|| "subscription_confirmed".to_owned())),
+        sources: parse_sources(&t.sources)?,
+    };
+    let (summary, stats) = match cli.scenario {
+        Scenario::Connect {
+            conns,
+            rate,
+            hold,
+            topic,
+            server_pid,
+        } => scenario::connect::run(scenario::connect::Args {
+            target,
+            conns,
+            rate,
+            hold,
+            threads,
+            topic,
+            server_pid,
+        })?,
+        Scenario::Fanout {
+            subscribers,
+            topic,
+            rate,
+            size,
+            duration,
+            publishers,
+            connect_rate,
+            publish_url,
+            api_key,
+            publish_body,
+            mut publish_header,
+        } => {
+            let url = publish_url.unwrap_or_else(|| format!("http://{host}/v1/publish"));
+            let rest = url
+                .strip_prefix("http://")
+                .context("only http:// publish URLs are supported")?;
+            let (authority, ppath) = rest
+                .split_once('/')
+                .map(|(a, p)| (a.to_owned(), format!("/{p}")))
+                .unwrap_or((rest.to_owned(), "/".into()));
+            let paddr = std::net::ToSocketAddrs::to_socket_addrs(&authority)?
+                .next()
+                .context("publish address")?;
+            if ringcast {
+                let key = api_key
+                    .or_else(|| std::env::var("RINGCAST_API_KEY").ok())
+                    .unwrap_or_else(|| proto::auth::DEV_API_KEY.to_owned());
+                publish_header.push(format!("Authorization: Bearer {key}"));
+            }
+            let body = publish_body.unwrap_or_else(|| r#"{"topics":["{topic}"],"event":{"type":"lg","data":{"seq":{seq},"ts":{ts},"pad":"{pad}"}}}"#.to_owned());
+            let publisher = Publisher {
+                addr: paddr,
+                host: authority.clone(),
+                path: ppath,
+                headers: publish_header,
+                body,
+            };
+            let before = ringcast
+                .then(|| server_counter(&authority, "ringcast_events_out_total"))
+                .flatten();
+            let (mut summary, stats) = scenario::fanout::run(scenario::fanout::Args {
+                target,
+                publisher,
+                subscribers,
+                connect_rate,
+                rate,
+                size,
+                duration,
+                publishers,
+                threads,
+                topic,
+            })?;
+            if let (Some(b), Some(a)) = (
+                before,
+                ringcast
+                    .then(|| server_counter(&authority, "ringcast_events_out_total"))
+                    .flatten(),
+            ) {
+                summary["server_check"] = serde_json::json!({
+                    "server_events_out": a - b,
+                    "loadgen_received": summary["received"],
+                    "agree": Some(a - b) == summary["received"].as_u64(),
+                });
+            }
+            (summary, stats)
+        }
+        Scenario::Report { runs } => {
+            let out = t
+                .out
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("loadgen-report"));
+            let mut summaries = Vec::new();
+            let mut series = Vec::new();
+            for dir in &runs {
+                let summary: serde_json::Value =
+                    serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json"))?)?;
+                let hgrm = std::fs::read_to_string(dir.join("latency.hgrm")).unwrap_or_default();
+                let timeline = summary["timeline"]
+                    .as_array()
+                    .map(|a| a.iter().filter_map(|v| v.as_u64()).collect())
+                    .unwrap_or_default();
+                let label = summary["label"]
+                    .as_str()
+                    .map_or_else(|| dir.display().to_string(), str::to_owned);
+                series.push(report::Series {
+                    label,
+                    percentiles: report::parse_hgrm(&hgrm),
+                    timeline,
+                });
+                summaries.push(summary);
+            }
+            std::fs::create_dir_all(&out)?;
+            std::fs::write(
+                out.join("report.html"),
+                report::html("ringcast-loadgen: merged runs", &summaries, &series),
+            )?;
+            std::fs::write(
+                out.join("summary.json"),
+                serde_json::to_string_pretty(&summaries)?,
+            )?;
+            eprintln!("wrote {}", out.join("report.html").display());
+            return Ok(());
+        }
+    };
+    let mut summary = summary;
+    summary["label"] = serde_json::json!(t.label);
+    summary["threads"] = serde_json::json!(threads);
+    println!("{}", serde_json::to_string_pretty(&summary)?);
+    if let Some(dir) = &t.out {
+        report::write(dir, &summary, &stats, &t.label)?;
+        eprintln!("wrote {}", dir.display());
+    }
+    Ok(())
+}

@@ -8,6 +8,12 @@
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
+/// The development secret shared by `ringcast serve`, `ringcast token` and the load generator
+/// when nothing is configured. Never use it outside a laptop: `serve` warns loudly about it.
+pub const DEV_JWT_SECRET: &str = "ringcast-development-secret-do-not-use-in-production";
+/// The development API key, likewise.
+pub const DEV_API_KEY: &str = "ringcast-dev-api-key";
+
 /// The claims ringcast reads from a token.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Claims {

@@ -230,6 +230,9 @@ impl Shard {
             }
         }
         m.messages_out.fetch_add(1, Relaxed);
+        if published.is_some() {
+            m.events_out.fetch_add(1, Relaxed);
+        }
         if !c.dirty && !c.write_blocked {
             c.dirty = true;
             self.dirty.borrow_mut().push(key);

@@ -1,0 +1,243 @@
+//! The client side of the wire: TCP connections from chosen source addresses, the WebSocket
+//! opening handshake, masked client frames, and a push decoder for server frames.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
+
+use anyhow::{bail, Context as _};
+use bytes::BytesMut;
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::TcpStream;
+use proto::ws::{frame::encode_client_frame, FrameHeader, OpCode};
+
+/// Opens a TCP connection from `source` (port chosen by the kernel) to `target`.
+///
+/// The socket is non-blocking before `connect`, so a full listen backlog never blocks the
+/// executor; the handshake's first write waits for the connection instead.
+pub fn connect_from(source: Option<IpAddr>, target: SocketAddr) -> anyhow::Result<TcpStream> {
+    let domain = if target.is_ipv4() {
+        socket2::Domain::IPV4
+    } else {
+        socket2::Domain::IPV6
+    };
+    let sock = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
+    sock.set_nodelay(true)?;
+    if let Some(ip) = source {
+        sock.bind(&SocketAddr::new(ip, 0).into())
+            .with_context(|| format!("binding {ip}"))?;
+    }
+    sock.set_nonblocking(true)?;
+    match sock.connect(&target.into()) {
+        Ok(()) => {}
+        Err(e)
+            if e.raw_os_error() == Some(libc_einprogress())
+                || e.kind() == std::io::ErrorKind::WouldBlock => {}
+        Err(e) => return Err(e).with_context(|| format!("connecting to {target}")),
+    }
+    Ok(TcpStream::from(sock))
+}
+
+fn libc_einprogress() -> i32 {
+    115 // EINPROGRESS on Linux
+}
+
+/// A connected WebSocket client.
+pub struct WsClient {
+    /// The socket.
+    pub stream: TcpStream,
+    /// Bytes read but not yet decoded.
+    pending: Vec<u8>,
+    mask_seed: u32,
+}
+
+/// A frame from the server.
+pub enum Incoming<'a> {
+    /// A text message (single-frame; servers under test do not fragment small events).
+    Text(&'a [u8]),
+    /// A ping to answer.
+    Ping(&'a [u8]),
+    /// The server closed with this code.
+    Close(u16),
+    /// Anything else (binary, pong, continuation).
+    Other,
+}
+
+impl WsClient {
+    /// Performs the opening handshake for `path` (which carries `?token=` if needed).
+    pub async fn handshake(
+        mut stream: TcpStream,
+        host: &str,
+        path: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<WsClient> {
+        stream
+            .set_read_timeout(Some(timeout))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let req = format!(
+            "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        );
+        stream
+            .write_all(req.as_bytes())
+            .await
+            .context("sending the upgrade request")?;
+        let mut pending = Vec::with_capacity(512);
+        let mut buf = [0u8; 2048];
+        let head_end = loop {
+            let n = stream
+                .read(&mut buf)
+                .await
+                .context("reading the upgrade response")?;
+            if n == 0 {
+                bail!("connection closed during the handshake");
+            }
+            pending.extend_from_slice(&buf[..n]);
+            if let Some(i) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            if pending.len() > 16 * 1024 {
+                bail!("oversized handshake response");
+            }
+        };
+        if !pending.starts_with(b"HTTP/1.1 101") {
+            let line = String::from_utf8_lossy(
+                &pending[..pending
+                    .iter()
+                    .position(|&b| b == b'\r')
+                    .unwrap_or(pending.len())],
+            )
+            .into_owned();
+            bail!("upgrade refused: {line}");
+        }
+        pending.drain(..head_end);
+        stream
+            .set_read_timeout(None)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(WsClient {
+            stream,
+            pending,
+            mask_seed: 0x9E37_79B9,
+        })
+    }
+
+    fn next_mask(&mut self) -> [u8; 4] {
+        // xorshift: masks need not be cryptographic for a load generator.
+        let mut x = self.mask_seed;
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        self.mask_seed = x;
+        x.to_le_bytes()
+    }
+
+    /// Sends a masked frame.
+    pub async fn send(&mut self, opcode: OpCode, payload: &[u8]) -> anyhow::Result<()> {
+        let mut out = BytesMut::with_capacity(payload.len() + 14);
+        let mask = self.next_mask();
+        encode_client_frame(opcode, true, payload, mask, &mut out);
+        self.stream.write_all(&out).await?;
+        Ok(())
+    }
+
+    /// Reads more bytes from the socket into the pending buffer; false at end of stream.
+    pub async fn fill(&mut self, scratch: &mut [u8]) -> anyhow::Result<bool> {
+        let n = self.stream.read(scratch).await?;
+        self.pending.extend_from_slice(&scratch[..n]);
+        Ok(n > 0)
+    }
+
+    /// Decodes the frames in the pending buffer, calling `f` for each.
+    pub fn drain(&mut self, mut f: impl FnMut(Incoming<'_>)) -> anyhow::Result<()> {
+        let mut pos = 0;
+        while let Some((h, n)) = FrameHeader::parse(&self.pending[pos..])
+            .map_err(|e| anyhow::anyhow!("bad server frame: {e}"))?
+        {
+            let end = pos + n + h.payload_len as usize;
+            if self.pending.len() < end {
+                break;
+            }
+            let payload = &self.pending[pos + n..end];
+            f(match h.opcode {
+                OpCode::Text => Incoming::Text(payload),
+                OpCode::Ping => Incoming::Ping(payload),
+                OpCode::Close => Incoming::Close(if payload.len() >= 2 {
+                    u16::from_be_bytes([payload[0], payload[1]])
+                } else {
+                    1005
+                }),
+                _ => Incoming::Other,
+            });
+            pos = end;
+        }
+        self.pending.drain(..pos);
+        Ok(())
+    }
+}
+
+/// Finds `"key":<number>` in a JSON text without parsing all of it, returning the number.
+#[cfg(test)]
+pub fn json_u64(text: &[u8], key: &str) -> Option<u64> {
+    let pat = format!("\"{key}\":");
+    number_after(text, &memchr::memmem::Finder::new(pat.as_bytes()))
+}
+
+fn number_after(text: &[u8], finder: &memchr::memmem::Finder<'_>) -> Option<u64> {
+    let i = finder.find(text)? + finder.needle().len();
+    let mut n: u64 = 0;
+    let mut digits = 0;
+    for &b in &text[i..] {
+        if !b.is_ascii_digit() {
+            break;
+        }
+        n = n.checked_mul(10)?.checked_add(u64::from(b - b'0'))?;
+        digits += 1;
+    }
+    (digits > 0).then_some(n)
+}
+
+/// Precompiled searches for the fields a receiver reads from each event.
+pub struct Fields {
+    ts: memchr::memmem::Finder<'static>,
+    offset: memchr::memmem::Finder<'static>,
+}
+
+impl Fields {
+    /// Finders for `"ts":` and `"offset":`.
+    pub fn new() -> Self {
+        Fields {
+            ts: memchr::memmem::Finder::new(b"\"ts\":"),
+            offset: memchr::memmem::Finder::new(b"\"offset\":"),
+        }
+    }
+
+    /// The event's send timestamp (µs since the epoch).
+    pub fn ts(&self, text: &[u8]) -> Option<u64> {
+        number_after(text, &self.ts)
+    }
+
+    /// The topic offset, for servers that number events.
+    pub fn offset(&self, text: &[u8]) -> Option<u64> {
+        number_after(text, &self.offset)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_numbers() {
+        let t = br#"{"type":"lg","data":{"seq":42,"ts":1700000000000123},"offset":7}"#;
+        assert_eq!(json_u64(t, "seq"), Some(42));
+        assert_eq!(json_u64(t, "ts"), Some(1_700_000_000_000_123));
+        assert_eq!(json_u64(t, "offset"), Some(7));
+        assert_eq!(json_u64(t, "nope"), None);
+        let f = Fields::new();
+        assert_eq!(
+            (f.ts(t), f.offset(t)),
+            (Some(1_700_000_000_000_123), Some(7))
+        );
+    }
+}

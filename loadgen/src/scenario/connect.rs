@@ -1,0 +1,159 @@
+//! `connect`: ramp to N connections at R per second, hold them, measure handshakes and the
+//! server's resident memory per connection.
+
+use std::{
+    cell::RefCell,
+    rc::Rc,
+    sync::{
+        atomic::{AtomicBool, Ordering::Relaxed},
+        Arc,
+    },
+    time::Duration,
+};
+
+use serde_json::json;
+
+use super::{ramp, run_threads, Ramp, Target};
+use crate::{
+    net::Incoming,
+    stats::{Percentiles, Shared, ThreadStats},
+};
+
+/// Parameters of `connect`.
+pub struct Args {
+    /// The server.
+    pub target: Target,
+    /// Connections to open.
+    pub conns: usize,
+    /// Connections per second (total).
+    pub rate: f64,
+    /// Seconds to hold them once all are open.
+    pub hold: f64,
+    /// Executor threads.
+    pub threads: usize,
+    /// Topic to subscribe to (with the target's subscribe frame), if any.
+    pub topic: String,
+    /// Server process to read RSS from.
+    pub server_pid: Option<u32>,
+}
+
+/// Resident set size of a process in KiB.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Runs the scenario; returns the JSON summary and the merged histograms.
+pub fn run(args: Args) -> anyhow::Result<(serde_json::Value, ThreadStats)> {
+    let shared = Arc::new(Shared::new());
+    let stop = Arc::new(AtomicBool::new(false));
+    let rss_before = args.server_pid.and_then(rss_kib);
+    let (target, conns, rate, threads, topic) = (
+        args.target.clone(),
+        args.conns,
+        args.rate,
+        args.threads,
+        args.topic.clone(),
+    );
+    let worker = {
+        let (shared, stop) = (shared.clone(), stop.clone());
+        std::thread::spawn(move || {
+            run_threads(threads, move |t| {
+                let (target, shared, stop, topic) =
+                    (target.clone(), shared.clone(), stop.clone(), topic.clone());
+                async move {
+                    let stats = Rc::new(RefCell::new(ThreadStats::default()));
+                    let keep = |_i: usize, mut client: crate::net::WsClient| {
+                        let shared = shared.clone();
+                        glommio::spawn_local(async move {
+                            let mut scratch = vec![0u8; 4096];
+                            loop {
+                                match client.fill(&mut scratch).await {
+                                    Ok(true) => {}
+                                    _ => {
+                                        shared.closed.fetch_add(1, Relaxed);
+                                        return;
+                                    }
+                                }
+                                let mut pongs = Vec::new();
+                                let _ = client.drain(|m| {
+                                    if let Incoming::Ping(p) = m {
+                                        pongs.push(p.to_vec());
+                                    }
+                                });
+                                for p in pongs {
+                                    let _ = client.send(proto::ws::OpCode::Pong, &p).await;
+                                }
+                            }
+                        })
+                        .detach();
+                    };
+                    ramp(
+                        &target,
+                        &shared,
+                        &stats,
+                        Ramp {
+                            n: conns,
+                            rate,
+                            topic: &topic,
+                            thread: (t, threads),
+                        },
+                        keep,
+                    )
+                    .await;
+                    while !stop.load(Relaxed) {
+                        glommio::timer::sleep(Duration::from_millis(100)).await;
+                    }
+                    let snapshot = stats.borrow().snapshot();
+                    snapshot
+                }
+            })
+        })
+    };
+    let mut ramp_secs = 0.0;
+    let hold = Duration::from_secs_f64(args.hold);
+    let mut rss_after = None;
+    let mut held_since = None;
+    crate::stats::progress(&shared, "connect", || {
+        let attempted = shared.connected.load(Relaxed) + shared.connect_errors.load(Relaxed);
+        if attempted as usize >= conns && held_since.is_none() {
+            ramp_secs = shared.start.elapsed().as_secs_f64();
+            held_since = Some(std::time::Instant::now());
+        }
+        match held_since {
+            Some(t) if t.elapsed() >= hold => {
+                rss_after = args.server_pid.and_then(rss_kib);
+                true
+            }
+            _ => false,
+        }
+    });
+    let still_open = shared.connected.load(Relaxed) - shared.closed.load(Relaxed);
+    stop.store(true, Relaxed);
+    let stats = worker
+        .join()
+        .map_err(|_| anyhow::anyhow!("worker thread panicked"))??;
+    let connected = shared.connected.load(Relaxed);
+    let per_conn = match (rss_before, rss_after) {
+        (Some(b), Some(a)) if connected > 0 => {
+            Some(((a as f64 - b as f64) * 1024.0 / connected as f64 * 10.0).round() / 10.0)
+        }
+        _ => None,
+    };
+    let summary = json!({
+        "scenario": "connect",
+        "connections": {"requested": conns, "connected": connected, "errors": shared.connect_errors.load(Relaxed), "open_at_end_of_hold": still_open},
+        "ramp_seconds": (ramp_secs * 100.0f64).round() / 100.0,
+        "connects_per_second": if ramp_secs > 0.0 { (connected as f64 / ramp_secs).round() } else { 0.0 },
+        "handshake": Percentiles::from(&stats.handshake),
+        "server_rss_kib": {"before": rss_before, "after": rss_after},
+        "server_bytes_per_connection": per_conn,
+    });
+    Ok((summary, stats))
+}

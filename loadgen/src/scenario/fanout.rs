@@ -1,0 +1,416 @@
+//! `fanout`: N subscribers on one topic; publishers post events of S bytes at R per second
+//! through an HTTP publish endpoint; every event carries a sequence number and its send time.
+//! Measures end-to-end latency, deliveries per second, losses, duplicates and reorderings.
+
+use std::{
+    cell::RefCell,
+    net::SocketAddr,
+    rc::Rc,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::Relaxed},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::bail;
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use serde_json::json;
+
+use super::{ramp, run_threads, Ramp, Target};
+use crate::{
+    net::Incoming,
+    stats::{unix_us, Percentiles, Shared, ThreadStats},
+};
+
+/// How events are published.
+#[derive(Clone, Debug)]
+pub struct Publisher {
+    /// Address of the HTTP publish endpoint.
+    pub addr: SocketAddr,
+    /// `Host` header.
+    pub host: String,
+    /// Path, e.g. `/v1/publish`.
+    pub path: String,
+    /// Extra header lines (`Authorization: Bearer ...`).
+    pub headers: Vec<String>,
+    /// Body template: `{topic}`, `{seq}`, `{ts}` (µs since the epoch) and `{pad}` are replaced.
+    pub body: String,
+}
+
+/// Parameters of `fanout`.
+pub struct Args {
+    /// The server.
+    pub target: Target,
+    /// The publish endpoint.
+    pub publisher: Publisher,
+    /// Subscribers.
+    pub subscribers: usize,
+    /// Connections opened per second while ramping.
+    pub connect_rate: f64,
+    /// Events per second (total, open loop).
+    pub rate: f64,
+    /// Size in bytes of the event's data object (`{"seq":..,"ts":..,"pad":".."}`).
+    pub size: usize,
+    /// Seconds of publishing.
+    pub duration: f64,
+    /// Concurrent publishing connections.
+    pub publishers: usize,
+    /// Executor threads.
+    pub threads: usize,
+    /// Topic.
+    pub topic: String,
+}
+
+const WAITING: u8 = 0;
+const PUBLISHING: u8 = 1;
+const DONE: u8 = 2;
+
+/// Runs the scenario.
+pub fn run(args: Args) -> anyhow::Result<(serde_json::Value, ThreadStats)> {
+    let shared = Arc::new(Shared::new());
+    let phase = Arc::new(AtomicU8::new(WAITING));
+    let stop = Arc::new(AtomicBool::new(false));
+    let seq = Arc::new(AtomicU64::new(0));
+    let publish_started_us = Arc::new(AtomicU64::new(0));
+    let threads = args.threads;
+    let worker = {
+        let (shared, phase, stop, seq) = (shared.clone(), phase.clone(), stop.clone(), seq.clone());
+        let (target, publisher, topic) = (
+            args.target.clone(),
+            args.publisher.clone(),
+            args.topic.clone(),
+        );
+        let (subs, connect_rate, rate, size, duration, publishers) = (
+            args.subscribers,
+            args.connect_rate,
+            args.rate,
+            args.size,
+            args.duration,
+            args.publishers,
+        );
+        std::thread::spawn(move || {
+            run_threads(threads, move |t| {
+                let (shared, phase, stop, seq) =
+                    (shared.clone(), phase.clone(), stop.clone(), seq.clone());
+                let (target, publisher, topic) = (target.clone(), publisher.clone(), topic.clone());
+                async move {
+                    let stats = Rc::new(RefCell::new(ThreadStats::default()));
+                    let receive = |_i: usize, client: crate::net::WsClient| {
+                        glommio::spawn_local(receiver(
+                            client,
+                            shared.clone(),
+                            stats.clone(),
+                            stop.clone(),
+                        ))
+                        .detach();
+                    };
+                    ramp(
+                        &target,
+                        &shared,
+                        &stats,
+                        Ramp {
+                            n: subs,
+                            rate: connect_rate,
+                            topic: &topic,
+                            thread: (t, threads),
+                        },
+                        receive,
+                    )
+                    .await;
+                    // Publishers on this thread: an equal share, the remainder on thread 0.
+                    let mine = publishers / threads + if t == 0 { publishers % threads } else { 0 };
+                    let mut tasks = Vec::new();
+                    for _ in 0..mine {
+                        let per_publisher = rate / publishers as f64;
+                        tasks.push(
+                            glommio::spawn_local(publish_loop(
+                                publisher.clone(),
+                                topic.clone(),
+                                per_publisher,
+                                size,
+                                duration,
+                                shared.clone(),
+                                stats.clone(),
+                                phase.clone(),
+                                seq.clone(),
+                            ))
+                            .detach(),
+                        );
+                    }
+                    for task in tasks {
+                        task.await;
+                    }
+                    while !stop.load(Relaxed) {
+                        glommio::timer::sleep(Duration::from_millis(50)).await;
+                    }
+                    let snapshot = stats.borrow().snapshot();
+                    snapshot
+                }
+            })
+        })
+    };
+    // Main thread: wait for every subscriber, publish for the duration, then drain.
+    let mut publishing_since: Option<Instant> = None;
+    let mut drain_since: Option<Instant> = None;
+    let mut ramp_secs = 0.0;
+    crate::stats::progress(&shared, "fanout", || {
+        let attempted =
+            (shared.connected.load(Relaxed) + shared.connect_errors.load(Relaxed)) as usize;
+        if publishing_since.is_none() && attempted >= args.subscribers {
+            ramp_secs = shared.start.elapsed().as_secs_f64();
+            publish_started_us.store(unix_us(), Relaxed);
+            publishing_since = Some(Instant::now());
+            phase.store(PUBLISHING, Relaxed);
+        }
+        if let Some(p) = publishing_since {
+            if drain_since.is_none() && p.elapsed().as_secs_f64() >= args.duration + 0.05 {
+                phase.store(DONE, Relaxed);
+                drain_since = Some(Instant::now());
+            }
+        }
+        if let Some(d) = drain_since {
+            let expected = shared.published.load(Relaxed) * shared.connected.load(Relaxed);
+            return shared.received.load(Relaxed) >= expected
+                || d.elapsed() > Duration::from_secs(5);
+        }
+        false
+    });
+    let publish_secs = publishing_since.map_or(0.0, |p| p.elapsed().as_secs_f64());
+    stop.store(true, Relaxed);
+    let stats = worker
+        .join()
+        .map_err(|_| anyhow::anyhow!("worker thread panicked"))??;
+    let published = shared.published.load(Relaxed);
+    let connected = shared.connected.load(Relaxed);
+    let received = shared.received.load(Relaxed);
+    let expected = published * connected;
+    let active = args.duration.max(0.001);
+    let summary = json!({
+        "scenario": "fanout",
+        "subscribers": {"requested": args.subscribers, "connected": connected, "errors": shared.connect_errors.load(Relaxed), "closed_by_server": shared.closed.load(Relaxed)},
+        "ramp_seconds": (ramp_secs * 100.0f64).round() / 100.0,
+        "offered_events_per_second": args.rate,
+        "event_data_bytes": args.size,
+        "published": published,
+        "publish_errors": shared.publish_errors.load(Relaxed),
+        "published_per_second": (published as f64 / active).round(),
+        "expected_deliveries": expected,
+        "received": received,
+        "lost": expected.saturating_sub(received),
+        "duplicates": shared.duplicates.load(Relaxed),
+        "reorders": shared.reorders.load(Relaxed),
+        "gaps": shared.gaps.load(Relaxed),
+        "deliveries_per_second": (received as f64 / active).round(),
+        "wall_seconds_publish_and_drain": (publish_secs * 100.0).round() / 100.0,
+        "latency": Percentiles::from(&stats.latency),
+        "publish_round_trip": Percentiles::from(&stats.publish),
+        "handshake": Percentiles::from(&stats.handshake),
+        "timeline": timeline(&shared),
+    });
+    Ok((summary, stats))
+}
+
+/// Deliveries per second of the run, trimmed of trailing zeros.
+fn timeline(shared: &Shared) -> Vec<u64> {
+    let mut v: Vec<u64> = shared.timeline.iter().map(|a| a.load(Relaxed)).collect();
+    while v.last() == Some(&0) {
+        v.pop();
+    }
+    v
+}
+
+async fn receiver(
+    mut client: crate::net::WsClient,
+    shared: Arc<Shared>,
+    stats: Rc<RefCell<ThreadStats>>,
+    stop: Arc<AtomicBool>,
+) {
+    let mut scratch = vec![0u8; 16 * 1024];
+    let mut last_offset: Option<u64> = None;
+    let mut last_p99_check = Instant::now();
+    let fields = crate::net::Fields::new();
+    while !stop.load(Relaxed) {
+        match client.fill(&mut scratch).await {
+            Ok(true) => {}
+            _ => {
+                shared.closed.fetch_add(1, Relaxed);
+                return;
+            }
+        }
+        let now = unix_us();
+        let mut pongs = Vec::new();
+        let mut close_code = None;
+        let mut got = 0;
+        let res = {
+            let mut st = stats.borrow_mut();
+            let res = client.drain(|m| match m {
+                Incoming::Text(t) => {
+                    let Some(ts) = fields.ts(t) else { return };
+                    let _ = st.latency.record(now.saturating_sub(ts).max(1));
+                    got += 1;
+                    // Servers that number a topic's events (ringcast's `offset`) are checked for
+                    // order: each subscriber must see offsets rise by exactly one.
+                    if let Some(off) = fields.offset(t) {
+                        match last_offset {
+                            Some(prev) if off == prev => {
+                                shared.duplicates.fetch_add(1, Relaxed);
+                            }
+                            Some(prev) if off < prev => {
+                                shared.reorders.fetch_add(1, Relaxed);
+                            }
+                            Some(prev) if off > prev + 1 => {
+                                shared.gaps.fetch_add(off - prev - 1, Relaxed);
+                            }
+                            _ => {}
+                        }
+                        last_offset = Some(last_offset.map_or(off, |p| p.max(off)));
+                    }
+                }
+                Incoming::Ping(p) => pongs.push(p.to_vec()),
+                Incoming::Close(code) => close_code = Some(code),
+                Incoming::Other => {}
+            });
+            if last_p99_check.elapsed() > Duration::from_secs(1) {
+                last_p99_check = Instant::now();
+                shared
+                    .recent_p99_us
+                    .store(st.latency.value_at_quantile(0.99), Relaxed);
+            }
+            res
+        };
+        // Shared counters once per read, not per message: threads do not contend per event.
+        if got > 0 {
+            shared.received.fetch_add(got, Relaxed);
+            shared.tick_n(got);
+        }
+        if let Some(code) = close_code {
+            if shared.closed.fetch_add(1, Relaxed) < 5 {
+                eprintln!("server closed a subscriber with {code}");
+            }
+            return;
+        }
+        if res.is_err() {
+            shared.closed.fetch_add(1, Relaxed);
+            return;
+        }
+        for p in pongs {
+            let _ = client.send(proto::ws::OpCode::Pong, &p).await;
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn publish_loop(
+    p: Publisher,
+    topic: String,
+    rate: f64,
+    size: usize,
+    duration: f64,
+    shared: Arc<Shared>,
+    stats: Rc<RefCell<ThreadStats>>,
+    phase: Arc<AtomicU8>,
+    seq: Arc<AtomicU64>,
+) {
+    while phase.load(Relaxed) == WAITING {
+        glommio::timer::sleep(Duration::from_millis(5)).await;
+    }
+    let mut conn: Option<glommio::net::TcpStream> = None;
+    let start = Instant::now();
+    let interval = Duration::from_secs_f64(1.0 / rate.max(0.001));
+    let mut k: u32 = 0;
+    // `{"seq":N,"ts":T,"pad":"…"}` sized to `size` bytes with typical N and T widths.
+    let pad_len = size.saturating_sub(r#"{"seq":1000000,"ts":1700000000000000,"pad":""}"#.len());
+    let pad = "x".repeat(pad_len);
+    let mut buf = vec![0u8; 8192];
+    while phase.load(Relaxed) == PUBLISHING && start.elapsed().as_secs_f64() < duration {
+        let due = start + interval * k;
+        k += 1;
+        let now = Instant::now();
+        if due > now {
+            glommio::timer::sleep(due - now).await;
+        }
+        let n = seq.fetch_add(1, Relaxed) + 1;
+        let body = p
+            .body
+            .replace("{topic}", &topic)
+            .replace("{seq}", &n.to_string())
+            .replace("{ts}", &unix_us().to_string())
+            .replace("{pad}", &pad);
+        let t0 = Instant::now();
+        match publish_once(&p, &mut conn, &body, &mut buf).await {
+            Ok(()) => {
+                shared.published.fetch_add(1, Relaxed);
+                let _ = stats
+                    .borrow_mut()
+                    .publish
+                    .record((t0.elapsed().as_micros() as u64).max(1));
+            }
+            Err(e) => {
+                conn = None;
+                if shared.publish_errors.fetch_add(1, Relaxed) < 5 {
+                    eprintln!("publish: {e:#}");
+                }
+            }
+        }
+    }
+}
+
+/// One request on a keep-alive connection; reconnects when needed. Only 2xx counts.
+async fn publish_once(
+    p: &Publisher,
+    conn: &mut Option<glommio::net::TcpStream>,
+    body: &str,
+    buf: &mut [u8],
+) -> anyhow::Result<()> {
+    if conn.is_none() {
+        *conn = Some(
+            glommio::net::TcpStream::connect(p.addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("connecting to the publish endpoint: {e}"))?,
+        );
+    }
+    let stream = conn.as_mut().expect("just set");
+    let mut req = format!(
+        "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
+        p.path,
+        p.host,
+        body.len()
+    );
+    for h in &p.headers {
+        req.push_str(h);
+        req.push_str("\r\n");
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    stream.write_all(req.as_bytes()).await?;
+    let mut got = Vec::new();
+    loop {
+        let n = stream.read(buf).await?;
+        if n == 0 {
+            bail!("publish connection closed");
+        }
+        got.extend_from_slice(&buf[..n]);
+        if let Some(i) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&got[..i]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if got.len() >= i + 4 + len {
+                let status = head.split_whitespace().nth(1).unwrap_or("");
+                if !status.starts_with('2') {
+                    bail!(
+                        "publish answered {status}: {}",
+                        String::from_utf8_lossy(&got[i + 4..])
+                    );
+                }
+                if head.contains("connection: close") {
+                    *conn = None;
+                }
+                return Ok(());
+            }
+        }
+    }
+}
