@@ -10,5 +10,6 @@ static GLOBAL: engine::io::CountingAlloc<mimalloc::MiMalloc> =
     engine::io::CountingAlloc(mimalloc::MiMalloc);
 
 fn main() -> std::process::ExitCode {
+    engine::io::tune_allocator();
     engine::cli::main()
 }

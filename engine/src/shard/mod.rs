@@ -571,6 +571,9 @@ impl Shard {
             while self.clock.get() < now {
                 self.clock.set(self.clock.get() + 1);
                 self.run_timers(self.clock.get());
+                if self.clock.get() % 2 == 0 {
+                    crate::io::collect_allocator(false);
+                }
             }
         }
     }
