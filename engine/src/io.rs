@@ -158,6 +158,14 @@ pub fn tune_allocator() {
 const MI_OPTION_ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
+/// Returns this thread's free allocator pages to the OS. mimalloc purges lazily, on later
+/// allocations of the same thread, so a shard that goes idle after a burst of connections
+/// would otherwise keep the burst's memory resident. The shard ticker calls this.
+pub fn collect_allocator(force: bool) {
+    // SAFETY: mi_collect only walks and releases the calling thread's own heap.
+    unsafe { libmimalloc_sys::mi_collect(force) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -178,12 +186,4 @@ mod tests {
             "mimalloc option ids moved: update the constants"
         );
     }
-}
-
-/// Returns this thread's free allocator pages to the OS. mimalloc purges lazily, on later
-/// allocations of the same thread, so a shard that goes idle after a burst of connections
-/// would otherwise keep the burst's memory resident. The shard ticker calls this.
-pub fn collect_allocator(force: bool) {
-    // SAFETY: mi_collect only walks and releases the calling thread's own heap.
-    unsafe { libmimalloc_sys::mi_collect(force) }
 }

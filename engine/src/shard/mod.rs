@@ -571,7 +571,7 @@ impl Shard {
             while self.clock.get() < now {
                 self.clock.set(self.clock.get() + 1);
                 self.run_timers(self.clock.get());
-                if self.clock.get() % 2 == 0 {
+                if self.clock.get().is_multiple_of(2) {
                     crate::io::collect_allocator(false);
                 }
             }
