@@ -172,6 +172,35 @@ fn server_counter(host: &str, name: &str) -> Option<u64> {
         .ok()
 }
 
+/// Fetches ringcast's `/v1/stats/histograms` and decodes the publish-to-write and handshake
+/// histograms (HdrHistogram V2 + DEFLATE, base64).
+fn server_histograms(
+    host: &str,
+) -> Option<(hdrhistogram::Histogram<u64>, hdrhistogram::Histogram<u64>)> {
+    use base64::Engine as _;
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(host).ok()?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .ok()?;
+    write!(
+        s,
+        "GET /v1/stats/histograms HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let body: serde_json::Value = serde_json::from_str(text.split_once("\r\n\r\n")?.1).ok()?;
+    let decode = |key: &str| -> Option<hdrhistogram::Histogram<u64>> {
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(body[key]["histogram"].as_str()?)
+            .ok()?;
+        hdrhistogram::serialization::Deserializer::new()
+            .deserialize(&mut std::io::Cursor::new(bytes))
+            .ok()
+    };
+    Some((decode("publishToWrite")?, decode("handshake")?))
+}
+
 fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let t = &cli.target;
@@ -256,6 +285,11 @@ fn run() -> anyhow::Result<()> {
             let before = ringcast
                 .then(|| server_counter(&authority, "ringcast_events_out_total"))
                 .flatten();
+            let hists_before = if ringcast {
+                server_histograms(&authority)
+            } else {
+                None
+            };
             let (mut summary, stats) = scenario::fanout::run(scenario::fanout::Args {
                 target,
                 publisher,
@@ -279,6 +313,26 @@ fn run() -> anyhow::Result<()> {
                     "loadgen_received": summary["received"],
                     "agree": Some(a - b) == summary["received"].as_u64(),
                 });
+            }
+            // The server's own view of this run: its histograms after minus before.
+            if let (Some((mut p2w, mut hs)), Some((p0, h0))) = (
+                if ringcast {
+                    server_histograms(&authority)
+                } else {
+                    None
+                },
+                hists_before,
+            ) {
+                let _ = p2w.subtract(&p0);
+                let _ = hs.subtract(&h0);
+                summary["server_histograms"] = serde_json::json!({
+                    "publish_to_write": stats::Percentiles::from(&p2w),
+                    "handshake": stats::Percentiles::from(&hs),
+                });
+                if let Some(dir) = &t.out {
+                    std::fs::create_dir_all(dir)?;
+                    std::fs::write(dir.join("server-publish-to-write.hgrm"), report::hgrm(&p2w))?;
+                }
             }
             (summary, stats)
         }

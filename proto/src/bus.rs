@@ -63,6 +63,22 @@ pub enum ShardMsg {
         /// Request id of the report.
         req: u64,
     },
+    /// Asks a shard for its histograms (for `GET /v1/stats/histograms`).
+    HistogramsRequest {
+        /// Shard awaiting the reply.
+        origin: u32,
+        /// Request id.
+        req: u64,
+    },
+    /// A shard's histograms, HdrHistogram V2-serialised (microseconds).
+    HistogramsReply {
+        /// Request id.
+        req: u64,
+        /// Publish accepted to frame written.
+        publish_to_write: Vec<u8>,
+        /// Connection accepted to `101` written.
+        handshake: Vec<u8>,
+    },
     /// Delivery report to the origin of a publish.
     Report {
         /// Request id.

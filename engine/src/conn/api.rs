@@ -141,11 +141,10 @@ async fn handle(shard: &Rc<Shard>, head: &Head, body: Vec<u8>) -> Response {
             );
             Response::json(200, v.to_string())
         }
-        Route::Histograms => json_error(
-            501,
-            "not_implemented",
-            "HdrHistogram export arrives with the load generator release",
-        ),
+        Route::Histograms => match shard.gather_histograms().await {
+            Some(h) => Response::json(200, histograms_json(&h).to_string()),
+            None => json_error(503, "shard_timeout", "a shard did not answer in time"),
+        },
         Route::Publish | Route::PublishBatch if !authorized(shard, head) => json_error(
             401,
             "unauthorized",
@@ -190,5 +189,33 @@ async fn publish_one(shard: &Rc<Shard>, p: PublishIn) -> Result<PublishOut, Resp
         },
         queued: 0,
         dropped,
+    })
+}
+
+/// The `/v1/stats/histograms` body: each histogram as HdrHistogram V2 + DEFLATE, base64 (the
+/// encoding of HdrHistogram's `HistogramLogWriter`, readable by its tools), with percentiles.
+fn histograms_json(h: &crate::shard::Hists) -> serde_json::Value {
+    use base64::Engine as _;
+    use hdrhistogram::serialization::{Serializer as _, V2DeflateSerializer};
+    let one = |h: &hdrhistogram::Histogram<u64>| {
+        let mut bytes = Vec::new();
+        V2DeflateSerializer::new()
+            .serialize(h, &mut bytes)
+            .expect("serialising to a Vec cannot fail");
+        serde_json::json!({
+            "count": h.len(),
+            "p50": h.value_at_quantile(0.5),
+            "p90": h.value_at_quantile(0.9),
+            "p99": h.value_at_quantile(0.99),
+            "p999": h.value_at_quantile(0.999),
+            "max": h.max(),
+            "histogram": base64::engine::general_purpose::STANDARD.encode(bytes),
+        })
+    };
+    serde_json::json!({
+        "unit": "microseconds",
+        "encoding": "HdrHistogram V2 compressed (DEFLATE), base64",
+        "publishToWrite": one(&h.publish_to_write),
+        "handshake": one(&h.handshake),
     })
 }

@@ -18,6 +18,7 @@ use crate::shard::Shard;
 
 /// Serves a new connection (accepted here, or handed over with the bytes read so far).
 pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, mut buf: Vec<u8>) {
+    let started = std::time::Instant::now();
     let _ = stream.set_nodelay(true);
     let timeout = Duration::from_secs(shard.shared.config.server.handshake_timeout_secs);
     let _ = stream.set_read_timeout(Some(timeout));
@@ -31,9 +32,20 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, mut buf: Vec<u8>) {
         }
     };
     match route(&head) {
-        Route::WebSocket => ws::upgrade(shard, stream, head, buf, head_len, ws::Kind::Client).await,
+        Route::WebSocket => {
+            ws::upgrade(
+                started,
+                shard,
+                stream,
+                head,
+                buf,
+                head_len,
+                ws::Kind::Client,
+            )
+            .await
+        }
         Route::Echo if shard.shared.config.diagnostics.echo => {
-            ws::upgrade(shard, stream, head, buf, head_len, ws::Kind::Echo).await
+            ws::upgrade(started, shard, stream, head, buf, head_len, ws::Kind::Echo).await
         }
         Route::Sse | Route::Missed => {
             let resp = json_error(

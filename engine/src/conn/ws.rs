@@ -49,6 +49,7 @@ fn now_rfc3339() -> String {
 
 /// Verifies the request and either hands the socket to its owner shard or upgrades it here.
 pub async fn upgrade(
+    started: std::time::Instant,
     shard: Rc<Shard>,
     mut stream: TcpStream,
     head: Head,
@@ -116,6 +117,11 @@ pub async fn upgrade(
     {
         return;
     }
+    shard
+        .hists
+        .borrow_mut()
+        .handshake
+        .saturating_record((started.elapsed().as_micros() as u64).max(1));
     let _ = stream.set_read_timeout(None);
     shard.metrics().handshakes.fetch_add(1, Relaxed);
     let limits = WsLimits {
@@ -697,9 +703,11 @@ fn write_blocked(
     cx: &mut std::task::Context<'_>,
 ) -> bool {
     let m = shard.metrics();
+    let mut hists = shard.hists.borrow_mut();
     let mut written = Written {
         bytes: 0,
         latency: &m.latency,
+        hdr: Some(&mut hists.publish_to_write),
     };
     let ok = loop {
         let Some(front) = c.out.front() else {

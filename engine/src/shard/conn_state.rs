@@ -88,8 +88,10 @@ pub enum Flush {
 pub struct Written<'a> {
     /// Bytes written.
     pub bytes: u64,
-    /// Publish-to-write latency of completed event frames.
+    /// Publish-to-write latency of completed event frames (Prometheus buckets).
     pub latency: &'a Histogram,
+    /// The same latencies at full resolution, for `/v1/stats/histograms`.
+    pub hdr: Option<&'a mut hdrhistogram::Histogram<u64>>,
 }
 
 impl Conn {
@@ -186,9 +188,11 @@ impl Conn {
             self.sent = 0;
             let f = self.out.pop_front().expect("front exists");
             if let Some(t) = f.published {
-                written
-                    .latency
-                    .record_us(now.saturating_duration_since(t).as_micros() as u64);
+                let us = now.saturating_duration_since(t).as_micros() as u64;
+                written.latency.record_us(us);
+                if let Some(h) = written.hdr.as_deref_mut() {
+                    h.saturating_record(us.max(1));
+                }
             }
         }
         if self.out.is_empty() && self.out.capacity() > 16 {
@@ -245,6 +249,7 @@ mod tests {
         let mut w = Written {
             bytes: 0,
             latency: &h,
+            hdr: None,
         };
         let mut c = Conn::new(0, "c".into(), 0, 10_000);
         for n in [10usize, 20, 30] {

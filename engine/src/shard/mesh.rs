@@ -243,6 +243,20 @@ impl Shard {
                     published: env.published,
                 });
             }
+            ArchivedShardMsg::HistogramsRequest { origin, req } => {
+                self.handle_histograms_request(origin.to_native() as usize, req.to_native());
+            }
+            ArchivedShardMsg::HistogramsReply {
+                req,
+                publish_to_write,
+                handshake,
+            } => {
+                self.handle_histograms_reply(
+                    req.to_native(),
+                    publish_to_write.as_slice(),
+                    handshake.as_slice(),
+                );
+            }
             ArchivedShardMsg::Report {
                 req,
                 websocket,

@@ -125,6 +125,31 @@ pub struct Shard {
     pub clock: Cell<u32>,
     /// Woken when the shard starts draining.
     drain_notify: Notify,
+    /// Full-resolution histograms of this shard (gathered by `/v1/stats/histograms`).
+    pub hists: RefCell<Hists>,
+    /// Histogram gathers awaiting replies from the shards.
+    hist_waiters: RefCell<AHashMap<u64, route::HistGather>>,
+}
+
+/// A shard's HdrHistograms, in microseconds.
+pub struct Hists {
+    /// Publish accepted to frame written to the socket.
+    pub publish_to_write: hdrhistogram::Histogram<u64>,
+    /// Connection accepted to `101 Switching Protocols` written.
+    pub handshake: hdrhistogram::Histogram<u64>,
+}
+
+impl Default for Hists {
+    fn default() -> Self {
+        let h = || {
+            hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 3)
+                .expect("static bounds are valid")
+        };
+        Hists {
+            publish_to_write: h(),
+            handshake: h(),
+        }
+    }
 }
 
 impl Shard {
@@ -270,9 +295,11 @@ impl Shard {
             return;
         }
         let m = self.metrics();
+        let mut hists = self.hists.borrow_mut();
         let mut written = Written {
             bytes: 0,
             latency: &m.latency,
+            hdr: Some(&mut hists.publish_to_write),
         };
         match c.flush(&mut written) {
             Flush::Done => {}
@@ -469,6 +496,8 @@ pub fn start(config: Config) -> anyhow::Result<Server> {
                     wheel: RefCell::new(Wheel::default()),
                     clock: Cell::new(0),
                     drain_notify: Notify::default(),
+                    hists: RefCell::default(),
+                    hist_waiters: RefCell::default(),
                 });
                 let _ = ready_tx.send(Ok(()));
                 drop(ready_tx);

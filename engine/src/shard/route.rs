@@ -41,6 +41,13 @@ pub(super) struct PendingReport {
     tx: Option<oneshot::Sender<(u64, u64)>>,
 }
 
+/// A `/v1/stats/histograms` gather waiting for every shard's reply.
+pub(super) struct HistGather {
+    remaining: usize,
+    merged: super::Hists,
+    tx: Option<oneshot::Sender<super::Hists>>,
+}
+
 /// Connections visited between checks for preemption during a fan-out.
 const CHUNK: usize = 256;
 
@@ -325,6 +332,95 @@ impl Shard {
             let p = reports.remove(&req).expect("present");
             if let Some(tx) = p.tx {
                 let _ = tx.send((p.websocket, p.dropped));
+            }
+        }
+    }
+
+    /// Gathers and merges every shard's histograms (None if a shard does not answer in 5 s).
+    pub async fn gather_histograms(&self) -> Option<super::Hists> {
+        let req = self.next_req();
+        let (tx, rx) = oneshot::channel();
+        let n = self.shared.n_shards;
+        self.hist_waiters.borrow_mut().insert(
+            req,
+            HistGather {
+                remaining: n,
+                merged: super::Hists::default(),
+                tx: Some(tx),
+            },
+        );
+        for shard in 0..n {
+            self.send_msg(
+                shard,
+                &ShardMsg::HistogramsRequest {
+                    origin: self.id as u32,
+                    req,
+                },
+                None,
+                None,
+            );
+        }
+        let timeout = async {
+            glommio::timer::sleep(std::time::Duration::from_secs(5)).await;
+            Err(oneshot::Canceled)
+        };
+        let got = futures_lite::future::or(rx, timeout).await.ok();
+        self.hist_waiters.borrow_mut().remove(&req);
+        got
+    }
+
+    /// Answers a histogram request with this shard's histograms, V2-serialised.
+    pub(super) fn handle_histograms_request(&self, origin: usize, req: u64) {
+        use hdrhistogram::serialization::{Serializer as _, V2Serializer};
+        let hists = self.hists.borrow();
+        let mut ser = V2Serializer::new();
+        let (mut p2w, mut hs) = (Vec::new(), Vec::new());
+        ser.serialize(&hists.publish_to_write, &mut p2w)
+            .expect("serialising to a Vec cannot fail");
+        ser.serialize(&hists.handshake, &mut hs)
+            .expect("serialising to a Vec cannot fail");
+        drop(hists);
+        self.send_msg(
+            origin,
+            &ShardMsg::HistogramsReply {
+                req,
+                publish_to_write: p2w,
+                handshake: hs,
+            },
+            None,
+            None,
+        );
+    }
+
+    /// Merges one shard's reply into the gather.
+    pub(super) fn handle_histograms_reply(
+        &self,
+        req: u64,
+        publish_to_write: &[u8],
+        handshake: &[u8],
+    ) {
+        use hdrhistogram::serialization::Deserializer;
+        let mut waiters = self.hist_waiters.borrow_mut();
+        let Some(g) = waiters.get_mut(&req) else {
+            return;
+        };
+        let mut de = Deserializer::new();
+        for (bytes, into) in [
+            (publish_to_write, &mut g.merged.publish_to_write),
+            (handshake, &mut g.merged.handshake),
+        ] {
+            match de.deserialize::<u64, _>(&mut std::io::Cursor::new(bytes)) {
+                Ok(h) => {
+                    let _ = into.add(&h);
+                }
+                Err(e) => tracing::error!(error = %e, "undecodable histogram from a shard"),
+            }
+        }
+        g.remaining -= 1;
+        if g.remaining == 0 {
+            let g = waiters.remove(&req).expect("present");
+            if let Some(tx) = g.tx {
+                let _ = tx.send(g.merged);
             }
         }
     }

@@ -136,6 +136,20 @@ fn keep_alive_batch_and_operational_endpoints() {
         assert!(metrics.contains(name), "{name} missing");
     }
     assert!(server.metric("ringcast_publish_to_write_seconds_count") >= 2.0);
+    // Server-side HdrHistograms from every shard, in the standard serialised form.
+    let (status, text) = server.http("GET", "/v1/stats/histograms", &[], "");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(status, 200, "{text}");
+    assert!(v["publishToWrite"]["count"].as_u64().unwrap() >= 2, "{v}");
+    assert!(v["handshake"]["count"].as_u64().unwrap() >= 1, "{v}");
+    use base64::Engine as _;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(v["publishToWrite"]["histogram"].as_str().unwrap())
+        .unwrap();
+    let h: hdrhistogram::Histogram<u64> = hdrhistogram::serialization::Deserializer::new()
+        .deserialize(&mut std::io::Cursor::new(bytes))
+        .unwrap();
+    assert_eq!(h.len(), v["publishToWrite"]["count"].as_u64().unwrap());
     let (status, stats) = server.http("GET", "/v1/stats", &[], "");
     let v: serde_json::Value = serde_json::from_str(&stats).unwrap();
     assert_eq!((status, v["connections"].as_i64()), (200, Some(1)));
