@@ -215,17 +215,25 @@ pub fn write(
         .as_array()
         .map(|a| a.iter().filter_map(|v| v.as_u64()).collect())
         .unwrap_or_default();
-    let series = Series {
-        label: label.to_owned(),
+    let mut series = vec![Series {
+        label: format!("{label}: end to end (client)"),
         percentiles: parse_hgrm(&hgrm(&stats.latency)),
         timeline,
-    };
+    }];
+    // The server's publish-to-write histogram of the same run, when it exported one.
+    if let Ok(text) = std::fs::read_to_string(dir.join("server-publish-to-write.hgrm")) {
+        series.push(Series {
+            label: format!("{label}: publish to write (server)"),
+            percentiles: parse_hgrm(&text),
+            timeline: Vec::new(),
+        });
+    }
     std::fs::write(
         dir.join("report.html"),
         html(
             &format!("ringcast-loadgen: {label}"),
             std::slice::from_ref(summary),
-            &[series],
+            &series,
         ),
     )?;
     Ok(())
