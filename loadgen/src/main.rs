@@ -60,6 +60,44 @@ struct TargetArgs {
     label: String,
 }
 
+/// Options shared by the traffic scenarios (`fanout`, `unicast`, `chat`).
+#[derive(Args)]
+struct Traffic {
+    /// Subscribers.
+    #[arg(long, default_value_t = 1000)]
+    subscribers: usize,
+    /// Topic.
+    #[arg(long, default_value = "loadgen")]
+    topic: String,
+    /// Events per second (total, open loop).
+    #[arg(long, default_value_t = 100.0)]
+    rate: f64,
+    /// Bytes of each event's data object.
+    #[arg(long, default_value_t = 100)]
+    size: usize,
+    /// Seconds of publishing.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Concurrent publishing connections.
+    #[arg(long, default_value_t = 8)]
+    publishers: usize,
+    /// Connections per second while ramping the subscribers.
+    #[arg(long, default_value_t = 4000.0)]
+    connect_rate: f64,
+    /// Publish endpoint (default: /v1/publish on the WebSocket host).
+    #[arg(long)]
+    publish_url: Option<String>,
+    /// API key for ringcast's publish endpoint (default: $RINGCAST_API_KEY or the development key).
+    #[arg(long)]
+    api_key: Option<String>,
+    /// Publish body template: {topic} {seq} {ts} {pad}.
+    #[arg(long)]
+    publish_body: Option<String>,
+    /// Extra publish header lines, e.g. 'Authorization: Bearer x'.
+    #[arg(long)]
+    publish_header: Vec<String>,
+}
+
 #[derive(Subcommand)]
 enum Scenario {
     /// Ramp to N connections at R per second and hold them; with --server-pid, RSS per connection.
@@ -80,41 +118,17 @@ enum Scenario {
         #[arg(long)]
         server_pid: Option<u32>,
     },
-    /// N subscribers on a topic; events of S bytes published at R per second.
-    Fanout {
-        /// Subscribers.
-        #[arg(long, default_value_t = 1000)]
-        subscribers: usize,
-        /// Topic.
-        #[arg(long, default_value = "loadgen")]
-        topic: String,
-        /// Events per second (total, open loop).
-        #[arg(long, default_value_t = 100.0)]
-        rate: f64,
-        /// Bytes of each event's data object.
-        #[arg(long, default_value_t = 100)]
-        size: usize,
-        /// Seconds of publishing.
-        #[arg(long, default_value_t = 10.0)]
-        duration: f64,
-        /// Concurrent publishing connections.
-        #[arg(long, default_value_t = 8)]
-        publishers: usize,
-        /// Connections per second while ramping the subscribers.
-        #[arg(long, default_value_t = 4000.0)]
-        connect_rate: f64,
-        /// Publish endpoint (default: /v1/publish on the WebSocket host).
-        #[arg(long)]
-        publish_url: Option<String>,
-        /// API key for ringcast's publish endpoint (default: $RINGCAST_API_KEY or the development key).
-        #[arg(long)]
-        api_key: Option<String>,
-        /// Publish body template: {topic} {seq} {ts} {pad}.
-        #[arg(long)]
-        publish_body: Option<String>,
-        /// Extra publish header lines, e.g. 'Authorization: Bearer x'.
-        #[arg(long)]
-        publish_header: Vec<String>,
+    /// N subscribers on a topic; events of S bytes published at R per second over HTTP.
+    Fanout(Traffic),
+    /// N customers, each on its own connection; events published to one customer each.
+    Unicast(Traffic),
+    /// Rooms of K members; each member publishes to its room over its WebSocket at R per second.
+    Chat {
+        #[command(flatten)]
+        traffic: Traffic,
+        /// Members per room.
+        #[arg(long, default_value_t = 10)]
+        room_size: usize,
     },
     /// Merge the summaries and latency histograms of earlier runs into one HTML report.
     Report {
@@ -244,19 +258,32 @@ fn run() -> anyhow::Result<()> {
             topic,
             server_pid,
         })?,
-        Scenario::Fanout {
-            subscribers,
-            topic,
-            rate,
-            size,
-            duration,
-            publishers,
-            connect_rate,
-            publish_url,
-            api_key,
-            publish_body,
-            mut publish_header,
-        } => {
+        scenario @ (Scenario::Fanout(_) | Scenario::Unicast(_) | Scenario::Chat { .. }) => {
+            let (mode, tr) = match scenario {
+                Scenario::Fanout(tr) => (scenario::fanout::Mode::Topic, tr),
+                Scenario::Unicast(tr) => (scenario::fanout::Mode::Unicast, tr),
+                Scenario::Chat { traffic, room_size } => (
+                    scenario::fanout::Mode::Chat {
+                        room_size,
+                        per_member_rate: traffic.rate,
+                    },
+                    traffic,
+                ),
+                _ => unreachable!("matched above"),
+            };
+            let Traffic {
+                subscribers,
+                topic,
+                rate,
+                size,
+                duration,
+                publishers,
+                connect_rate,
+                publish_url,
+                api_key,
+                publish_body,
+                mut publish_header,
+            } = tr;
             let url = publish_url.unwrap_or_else(|| format!("http://{host}/v1/publish"));
             let rest = url
                 .strip_prefix("http://")
@@ -274,7 +301,10 @@ fn run() -> anyhow::Result<()> {
                     .unwrap_or_else(|| proto::auth::DEV_API_KEY.to_owned());
                 publish_header.push(format!("Authorization: Bearer {key}"));
             }
-            let body = publish_body.unwrap_or_else(|| r#"{"topics":["{topic}"],"event":{"type":"lg","data":{"seq":{seq},"ts":{ts},"pad":"{pad}"}}}"#.to_owned());
+            let body = publish_body.unwrap_or_else(|| match mode {
+                scenario::fanout::Mode::Unicast => r#"{"customers":["c-{cust}"],"event":{"type":"lg","data":{"seq":{seq},"ts":{ts},"pad":"{pad}"}}}"#.to_owned(),
+                _ => r#"{"topics":["{topic}"],"event":{"type":"lg","data":{"seq":{seq},"ts":{ts},"pad":"{pad}"}}}"#.to_owned(),
+            });
             let publisher = Publisher {
                 addr: paddr,
                 host: authority.clone(),
@@ -301,6 +331,7 @@ fn run() -> anyhow::Result<()> {
                 publishers,
                 threads,
                 topic,
+                mode,
             })?;
             if let (Some(b), Some(a)) = (
                 before,

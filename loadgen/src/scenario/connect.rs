@@ -103,6 +103,7 @@ pub fn run(args: Args) -> anyhow::Result<(serde_json::Value, ThreadStats)> {
                             rate,
                             topic: &topic,
                             thread: (t, threads),
+                            room_size: None,
                         },
                         keep,
                     )

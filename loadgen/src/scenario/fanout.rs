@@ -58,8 +58,47 @@ pub struct Args {
     pub publishers: usize,
     /// Executor threads.
     pub threads: usize,
-    /// Topic.
+    /// Topic (the room prefix in chat mode).
     pub topic: String,
+    /// Who publishes to whom.
+    pub mode: Mode,
+}
+
+/// What a traffic run publishes.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Mode {
+    /// `fanout`: HTTP publishes to one topic every subscriber joined.
+    Topic,
+    /// `unicast`: HTTP publishes to one customer each (`{cust}` in the body: `seq % N`).
+    Unicast,
+    /// `chat`: rooms of `room_size` members; every member publishes to its room over its own
+    /// WebSocket at `per_member_rate` events per second.
+    Chat {
+        /// Members per room.
+        room_size: usize,
+        /// Events per second per member.
+        per_member_rate: f64,
+    },
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Topic => "fanout",
+            Mode::Unicast => "unicast",
+            Mode::Chat { .. } => "chat",
+        }
+    }
+}
+
+/// A member's publishing plan in chat mode.
+#[derive(Clone)]
+struct ChatPlan {
+    rate: f64,
+    size: usize,
+    duration: f64,
+    phase: Arc<AtomicU8>,
+    seq: Arc<AtomicU64>,
 }
 
 const WAITING: u8 = 0;
@@ -81,14 +120,20 @@ pub fn run(args: Args) -> anyhow::Result<(serde_json::Value, ThreadStats)> {
             args.publisher.clone(),
             args.topic.clone(),
         );
-        let (subs, connect_rate, rate, size, duration, publishers) = (
+        let mode = args.mode;
+        let (subs, connect_rate, rate, size, duration) = (
             args.subscribers,
             args.connect_rate,
             args.rate,
             args.size,
             args.duration,
-            args.publishers,
         );
+        // Chat members publish over their own connections: no HTTP publishers.
+        let publishers = if matches!(mode, Mode::Chat { .. }) {
+            0
+        } else {
+            args.publishers
+        };
         std::thread::spawn(move || {
             run_threads(threads, move |t| {
                 let (shared, phase, stop, seq) =
@@ -96,12 +141,31 @@ pub fn run(args: Args) -> anyhow::Result<(serde_json::Value, ThreadStats)> {
                 let (target, publisher, topic) = (target.clone(), publisher.clone(), topic.clone());
                 async move {
                     let stats = Rc::new(RefCell::new(ThreadStats::default()));
-                    let receive = |_i: usize, client: crate::net::WsClient| {
+                    let chat = match mode {
+                        Mode::Chat {
+                            per_member_rate, ..
+                        } => Some(ChatPlan {
+                            rate: per_member_rate,
+                            size,
+                            duration,
+                            phase: phase.clone(),
+                            seq: seq.clone(),
+                        }),
+                        _ => None,
+                    };
+                    let receive = |i: usize, client: crate::net::WsClient| {
+                        let room = match mode {
+                            Mode::Chat { room_size, .. } => {
+                                format!("{topic}:{}", i / room_size.max(1))
+                            }
+                            _ => topic.clone(),
+                        };
                         glommio::spawn_local(receiver(
                             client,
                             shared.clone(),
                             stats.clone(),
                             stop.clone(),
+                            chat.clone().map(|c| (c, room, i)),
                         ))
                         .detach();
                     };
@@ -114,6 +178,10 @@ pub fn run(args: Args) -> anyhow::Result<(serde_json::Value, ThreadStats)> {
                             rate: connect_rate,
                             topic: &topic,
                             thread: (t, threads),
+                            room_size: match mode {
+                                Mode::Chat { room_size, .. } => Some(room_size),
+                                _ => None,
+                            },
                         },
                         receive,
                     )
@@ -128,6 +196,7 @@ pub fn run(args: Args) -> anyhow::Result<(serde_json::Value, ThreadStats)> {
                                 publisher.clone(),
                                 topic.clone(),
                                 per_publisher,
+                                subs,
                                 size,
                                 duration,
                                 shared.clone(),
@@ -170,7 +239,8 @@ pub fn run(args: Args) -> anyhow::Result<(serde_json::Value, ThreadStats)> {
             }
         }
         if let Some(d) = drain_since {
-            let expected = shared.published.load(Relaxed) * shared.connected.load(Relaxed);
+            let expected = shared.published.load(Relaxed)
+                * fanout_of(args.mode, shared.connected.load(Relaxed));
             return shared.received.load(Relaxed) >= expected
                 || d.elapsed() > Duration::from_secs(5);
         }
@@ -184,10 +254,10 @@ pub fn run(args: Args) -> anyhow::Result<(serde_json::Value, ThreadStats)> {
     let published = shared.published.load(Relaxed);
     let connected = shared.connected.load(Relaxed);
     let received = shared.received.load(Relaxed);
-    let expected = published * connected;
+    let expected = published * fanout_of(args.mode, connected);
     let active = args.duration.max(0.001);
     let summary = json!({
-        "scenario": "fanout",
+                "scenario": args.mode.name(),
         "subscribers": {"requested": args.subscribers, "connected": connected, "errors": shared.connect_errors.load(Relaxed), "closed_by_server": shared.closed.load(Relaxed)},
         "ramp_seconds": (ramp_secs * 100.0f64).round() / 100.0,
         "offered_events_per_second": args.rate,
@@ -211,6 +281,15 @@ pub fn run(args: Args) -> anyhow::Result<(serde_json::Value, ThreadStats)> {
     Ok((summary, stats))
 }
 
+/// Receivers per published event.
+fn fanout_of(mode: Mode, connected: u64) -> u64 {
+    match mode {
+        Mode::Topic => connected,
+        Mode::Unicast => 1,
+        Mode::Chat { room_size, .. } => room_size as u64,
+    }
+}
+
 /// Deliveries per second of the run, trimmed of trailing zeros.
 fn timeline(shared: &Shared) -> Vec<u64> {
     let mut v: Vec<u64> = shared.timeline.iter().map(|a| a.load(Relaxed)).collect();
@@ -225,15 +304,74 @@ async fn receiver(
     shared: Arc<Shared>,
     stats: Rc<RefCell<ThreadStats>>,
     stop: Arc<AtomicBool>,
+    chat: Option<(ChatPlan, String, usize)>,
 ) {
     let mut scratch = vec![0u8; 16 * 1024];
+    // Chat: this member's publishing schedule (open loop), started with the publishing phase.
+    let mut sending: Option<(Instant, u32)> = None;
+    let pad = chat
+        .as_ref()
+        .map(|(c, _, _)| {
+            "x".repeat(
+                c.size
+                    .saturating_sub(r#"{"seq":1000000,"ts":1700000000000000,"pad":""}"#.len()),
+            )
+        })
+        .unwrap_or_default();
     let mut last_offset: Option<u64> = None;
     let mut last_p99_check = Instant::now();
     let fields = crate::net::Fields::new();
     while !stop.load(Relaxed) {
-        match client.fill(&mut scratch).await {
-            Ok(true) => {}
-            _ => {
+        let mut due = None;
+        if let Some((plan, room, member)) = &chat {
+            match (plan.phase.load(Relaxed), sending) {
+                (PUBLISHING, None) => {
+                    // Members are spread over the interval (golden-ratio offsets), not in step.
+                    let offset = (*member as f64 * 0.618_033_988_7).fract() / plan.rate.max(0.001);
+                    sending = Some((Instant::now() + Duration::from_secs_f64(offset), 0));
+                    continue;
+                }
+                (PUBLISHING, Some((start, k))) if start.elapsed().as_secs_f64() < plan.duration => {
+                    let at = start + Duration::from_secs_f64(f64::from(k) / plan.rate.max(0.001));
+                    if at <= Instant::now() {
+                        let n = plan.seq.fetch_add(1, Relaxed) + 1;
+                        let frame = format!(
+                            r#"{{"type":"publish","payload":{{"topic":"{room}","type":"chat","data":{{"seq":{n},"ts":{},"pad":"{pad}"}}}}}}"#,
+                            unix_us()
+                        );
+                        if client
+                            .send(proto::ws::OpCode::Text, frame.as_bytes())
+                            .await
+                            .is_ok()
+                        {
+                            shared.published.fetch_add(1, Relaxed);
+                        } else {
+                            shared.publish_errors.fetch_add(1, Relaxed);
+                        }
+                        sending = Some((start, k + 1));
+                        continue;
+                    }
+                    due = Some(at);
+                }
+                (WAITING, _) => due = Some(Instant::now() + Duration::from_millis(20)),
+                _ => {}
+            }
+        }
+        let filled = match due {
+            // Wait for data or for the next send, whichever comes first.
+            Some(at) => {
+                futures_lite::future::or(async { Some(client.fill(&mut scratch).await) }, async {
+                    glommio::timer::sleep(at.saturating_duration_since(Instant::now())).await;
+                    None
+                })
+                .await
+            }
+            None => Some(client.fill(&mut scratch).await),
+        };
+        match filled {
+            None => continue,
+            Some(Ok(true)) => {}
+            Some(_) => {
                 shared.closed.fetch_add(1, Relaxed);
                 return;
             }
@@ -305,6 +443,7 @@ async fn publish_loop(
     p: Publisher,
     topic: String,
     rate: f64,
+    customers: usize,
     size: usize,
     duration: f64,
     shared: Arc<Shared>,
@@ -335,6 +474,7 @@ async fn publish_loop(
             .body
             .replace("{topic}", &topic)
             .replace("{seq}", &n.to_string())
+            .replace("{cust}", &(n % customers.max(1) as u64).to_string())
             .replace("{ts}", &unix_us().to_string())
             .replace("{pad}", &pad);
         let t0 = Instant::now();

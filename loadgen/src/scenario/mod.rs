@@ -77,6 +77,7 @@ impl Target {
                 sub: format!("c-{i}"),
                 exp: now + 24 * 3600,
                 channels: vec!["*".into()],
+                publish: vec!["*".into()],
                 ..Default::default()
             };
             let token = proto::auth::mint_hs256(&claims, secret.as_bytes());
@@ -163,6 +164,8 @@ pub struct Ramp<'a> {
     pub topic: &'a str,
     /// `(this thread, threads)`.
     pub thread: (usize, usize),
+    /// Rooms of this many members: connection `i` uses topic `<topic>:<i / size>`.
+    pub room_size: Option<usize>,
 }
 
 /// Opens this thread's share (`i % threads == t`) of the ramp's connections, calling `on_open`
@@ -179,6 +182,7 @@ pub async fn ramp(
         rate,
         topic,
         thread: (t, threads),
+        room_size,
     } = plan;
     let per_thread_rate = (rate / threads as f64).max(1.0);
     let start = Instant::now();
@@ -195,7 +199,10 @@ pub async fn ramp(
         }
         let target = target.clone();
         let stats = stats.clone();
-        let topic = topic.to_owned();
+        let topic = match room_size {
+            Some(k) => format!("{topic}:{}", i / k.max(1)),
+            None => topic.to_owned(),
+        };
         pending.push(
             glommio::spawn_local(async move { (i, target.open(i, &topic, &stats).await) }).detach(),
         );
