@@ -85,6 +85,8 @@ pub struct ThreadStats {
     pub handshake: Histogram<u64>,
     /// Publish request round trip.
     pub publish: Histogram<u64>,
+    /// Drop to subscribed again, in a reconnect storm.
+    pub reconnect: Histogram<u64>,
 }
 
 impl Default for ThreadStats {
@@ -93,6 +95,7 @@ impl Default for ThreadStats {
             latency: histogram(),
             handshake: histogram(),
             publish: histogram(),
+            reconnect: histogram(),
         }
     }
 }
@@ -104,6 +107,7 @@ impl ThreadStats {
             latency: self.latency.clone(),
             handshake: self.handshake.clone(),
             publish: self.publish.clone(),
+            reconnect: self.reconnect.clone(),
         }
     }
 
@@ -112,6 +116,7 @@ impl ThreadStats {
         self.latency.add(&other.latency).expect("same bounds");
         self.handshake.add(&other.handshake).expect("same bounds");
         self.publish.add(&other.publish).expect("same bounds");
+        self.reconnect.add(&other.reconnect).expect("same bounds");
     }
 }
 

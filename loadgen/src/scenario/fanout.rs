@@ -71,6 +71,12 @@ pub enum Mode {
     Topic,
     /// `unicast`: HTTP publishes to one customer each (`{cust}` in the body: `seq % N`).
     Unicast,
+    /// `storm`: like `Topic`, and `at` seconds into publishing every subscriber drops its
+    /// connection at once and reconnects immediately.
+    Storm {
+        /// Seconds into the publishing phase.
+        at: f64,
+    },
     /// `chat`: rooms of `room_size` members; every member publishes to its room over its own
     /// WebSocket at `per_member_rate` events per second.
     Chat {
@@ -85,10 +91,32 @@ impl Mode {
     fn name(self) -> &'static str {
         match self {
             Mode::Topic => "fanout",
+            Mode::Storm { .. } => "storm",
             Mode::Unicast => "unicast",
             Mode::Chat { .. } => "chat",
         }
     }
+}
+
+/// The reconnect storm's shared state.
+#[derive(Default)]
+struct Storm {
+    /// Set when every subscriber must drop and reconnect.
+    go: AtomicBool,
+    /// When `go` was set (µs since the epoch).
+    started_us: AtomicU64,
+    /// Subscribers connected again.
+    reconnected: AtomicU64,
+    /// When the last one finished (µs since the epoch).
+    last_reconnect_us: AtomicU64,
+}
+
+/// How a subscriber reconnects in a storm.
+struct Redial {
+    target: Target,
+    index: usize,
+    topic: String,
+    storm: Arc<Storm>,
 }
 
 /// A member's publishing plan in chat mode.
@@ -112,9 +140,11 @@ pub fn run(args: Args) -> anyhow::Result<(serde_json::Value, ThreadStats)> {
     let stop = Arc::new(AtomicBool::new(false));
     let seq = Arc::new(AtomicU64::new(0));
     let publish_started_us = Arc::new(AtomicU64::new(0));
+    let storm = Arc::new(Storm::default());
     let threads = args.threads;
     let worker = {
         let (shared, phase, stop, seq) = (shared.clone(), phase.clone(), stop.clone(), seq.clone());
+        let storm = storm.clone();
         let (target, publisher, topic) = (
             args.target.clone(),
             args.publisher.clone(),
@@ -139,6 +169,7 @@ pub fn run(args: Args) -> anyhow::Result<(serde_json::Value, ThreadStats)> {
                 let (shared, phase, stop, seq) =
                     (shared.clone(), phase.clone(), stop.clone(), seq.clone());
                 let (target, publisher, topic) = (target.clone(), publisher.clone(), topic.clone());
+                let storm = storm.clone();
                 async move {
                     let stats = Rc::new(RefCell::new(ThreadStats::default()));
                     let chat = match mode {
@@ -160,12 +191,19 @@ pub fn run(args: Args) -> anyhow::Result<(serde_json::Value, ThreadStats)> {
                             }
                             _ => topic.clone(),
                         };
+                        let redial = matches!(mode, Mode::Storm { .. }).then(|| Redial {
+                            target: target.clone(),
+                            index: i,
+                            topic: room.clone(),
+                            storm: storm.clone(),
+                        });
                         glommio::spawn_local(receiver(
                             client,
                             shared.clone(),
                             stats.clone(),
                             stop.clone(),
                             chat.clone().map(|c| (c, room, i)),
+                            redial,
                         ))
                         .detach();
                     };
@@ -232,6 +270,12 @@ pub fn run(args: Args) -> anyhow::Result<(serde_json::Value, ThreadStats)> {
             publishing_since = Some(Instant::now());
             phase.store(PUBLISHING, Relaxed);
         }
+        if let (Some(p), Mode::Storm { at }) = (publishing_since, args.mode) {
+            if !storm.go.load(Relaxed) && p.elapsed().as_secs_f64() >= at {
+                storm.started_us.store(unix_us(), Relaxed);
+                storm.go.store(true, Relaxed);
+            }
+        }
         if let Some(p) = publishing_since {
             if drain_since.is_none() && p.elapsed().as_secs_f64() >= args.duration + 0.05 {
                 phase.store(DONE, Relaxed);
@@ -241,7 +285,9 @@ pub fn run(args: Args) -> anyhow::Result<(serde_json::Value, ThreadStats)> {
         if let Some(d) = drain_since {
             let expected = shared.published.load(Relaxed)
                 * fanout_of(args.mode, shared.connected.load(Relaxed));
-            return shared.received.load(Relaxed) >= expected
+            let storm_done = !matches!(args.mode, Mode::Storm { .. })
+                || storm.reconnected.load(Relaxed) >= shared.connected.load(Relaxed);
+            return (shared.received.load(Relaxed) >= expected && storm_done)
                 || d.elapsed() > Duration::from_secs(5);
         }
         false
@@ -278,13 +324,29 @@ pub fn run(args: Args) -> anyhow::Result<(serde_json::Value, ThreadStats)> {
         "handshake": Percentiles::from(&stats.handshake),
         "timeline": timeline(&shared),
     });
+    let mut summary = summary;
+    if matches!(args.mode, Mode::Storm { .. }) {
+        let (started, last) = (
+            storm.started_us.load(Relaxed),
+            storm.last_reconnect_us.load(Relaxed),
+        );
+        summary["storm"] = json!({
+            "reconnected": storm.reconnected.load(Relaxed),
+            "of": connected,
+            "seconds_to_reconnect_all": if last > started { ((last - started) as f64 / 1e4).round() / 100.0 } else { 0.0 },
+            "reconnect": Percentiles::from(&stats.reconnect),
+            // No recovery yet (the reliable-delivery release): what a client missed while away.
+            "missed_events": expected.saturating_sub(received),
+            "missed_per_connection": if connected > 0 { ((expected.saturating_sub(received)) as f64 / connected as f64 * 100.0).round() / 100.0 } else { 0.0 },
+        });
+    }
     Ok((summary, stats))
 }
 
 /// Receivers per published event.
 fn fanout_of(mode: Mode, connected: u64) -> u64 {
     match mode {
-        Mode::Topic => connected,
+        Mode::Topic | Mode::Storm { .. } => connected,
         Mode::Unicast => 1,
         Mode::Chat { room_size, .. } => room_size as u64,
     }
@@ -305,6 +367,7 @@ async fn receiver(
     stats: Rc<RefCell<ThreadStats>>,
     stop: Arc<AtomicBool>,
     chat: Option<(ChatPlan, String, usize)>,
+    mut redial: Option<Redial>,
 ) {
     let mut scratch = vec![0u8; 16 * 1024];
     // Chat: this member's publishing schedule (open loop), started with the publishing phase.
@@ -356,6 +419,35 @@ async fn receiver(
                 (WAITING, _) => due = Some(Instant::now() + Duration::from_millis(20)),
                 _ => {}
             }
+        }
+        if let Some(r) = &redial {
+            if r.storm.go.load(Relaxed) {
+                let r = redial.take().expect("checked");
+                let began = Instant::now();
+                drop(client);
+                match r.target.open(r.index, &r.topic, &stats).await {
+                    Ok(c) => {
+                        client = c;
+                        let us = (began.elapsed().as_micros() as u64).max(1);
+                        let _ = stats.borrow_mut().reconnect.record(us);
+                        r.storm.reconnected.fetch_add(1, Relaxed);
+                        r.storm.last_reconnect_us.fetch_max(unix_us(), Relaxed);
+                        continue;
+                    }
+                    Err(e) => {
+                        if shared.connect_errors.fetch_add(1, Relaxed) < 5 {
+                            eprintln!("reconnect {}: {e:#}", r.index);
+                        }
+                        return;
+                    }
+                }
+            }
+            // Wake up regularly to notice the storm.
+            due = Some(
+                due.map_or(Instant::now() + Duration::from_millis(20), |d: Instant| {
+                    d.min(Instant::now() + Duration::from_millis(20))
+                }),
+            );
         }
         let filled = match due {
             // Wait for data or for the next send, whichever comes first.
