@@ -114,9 +114,9 @@ enum Scenario {
         /// Topic each connection subscribes to.
         #[arg(long, default_value = "loadgen")]
         topic: String,
-        /// Server process id (for resident memory before and after).
-        #[arg(long)]
-        server_pid: Option<u32>,
+        /// Server process ids, comma-separated (resident memory before and after, summed).
+        #[arg(long, value_delimiter = ',')]
+        server_pid: Vec<u32>,
     },
     /// N subscribers on a topic; events of S bytes published at R per second over HTTP.
     Fanout(Traffic),

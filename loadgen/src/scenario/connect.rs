@@ -33,8 +33,16 @@ pub struct Args {
     pub threads: usize,
     /// Topic to subscribe to (with the target's subscribe frame), if any.
     pub topic: String,
-    /// Server process to read RSS from.
-    pub server_pid: Option<u32>,
+    /// Server processes to read RSS from (summed: e.g. nginx workers).
+    pub server_pid: Vec<u32>,
+}
+
+/// Summed resident set size of processes, KiB (None if there are none or one is gone).
+pub fn rss_sum_kib(pids: &[u32]) -> Option<u64> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter().map(|&p| rss_kib(p)).sum()
 }
 
 /// Resident set size of a process in KiB.
@@ -53,7 +61,7 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
 pub fn run(args: Args) -> anyhow::Result<(serde_json::Value, ThreadStats)> {
     let shared = Arc::new(Shared::new());
     let stop = Arc::new(AtomicBool::new(false));
-    let rss_before = args.server_pid.and_then(rss_kib);
+    let rss_before = rss_sum_kib(&args.server_pid);
     let (target, conns, rate, threads, topic) = (
         args.target.clone(),
         args.conns,
@@ -129,7 +137,7 @@ pub fn run(args: Args) -> anyhow::Result<(serde_json::Value, ThreadStats)> {
         }
         match held_since {
             Some(t) if t.elapsed() >= hold => {
-                rss_after = args.server_pid.and_then(rss_kib);
+                rss_after = rss_sum_kib(&args.server_pid);
                 true
             }
             _ => false,
