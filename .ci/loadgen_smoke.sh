@@ -30,7 +30,7 @@ checks = {
     "connect: all 1000 connected": c["connections"]["connected"] == 1000 and c["connections"]["errors"] == 0,
     "connect: server RSS measured": c["server_bytes_per_connection"] is not None,
     "fanout: events published": f["published"] > 0 and f["publish_errors"] == 0,
-    "fanout: nothing lost": f["lost"] == 0 and f["received"] == f["expected_deliveries"],
+    "fanout: nothing lost": f["missing"] == 0 and f["received"] == f["expected_deliveries"],
     "fanout: no duplicates, reorders or gaps": f["duplicates"] == 0 and f["reorders"] == 0 and f["gaps"] == 0,
     "fanout: server count agrees": f.get("server_check", {}).get("agree") is True,
     "reports written": all(os.path.exists(os.path.join(out, p)) for p in ["fanout/latency.hgrm", "fanout/report.html", "merged/report.html"]),

@@ -181,7 +181,7 @@ def main():
                             os.path.join(out, f"{name}-fanout-{int(rate)}"))
                 res["steps"].append(f)
                 print(f"{name} fanout offered {rate}/s: {f['deliveries_per_second']:.0f} deliveries/s, "
-                      f"p99 {f['latency']['p99_us'] / 1000:.1f} ms, lost {f['lost']}", file=sys.stderr)
+                      f"p99 {f['latency']['p99_us'] / 1000:.1f} ms, missing {f['missing']}", file=sys.stderr)
                 if f["latency"]["p99_us"] > 100_000:
                     break
         finally:
@@ -206,7 +206,7 @@ def main():
 
 def render(results, args):
     base = results.get("bun")
-    rows = ["| server | idle memory per connection | connects/s | peak deliveries/s | p50 / p99 at half of Bun's peak | lost |",
+    rows = ["| server | idle memory per connection | connects/s | peak deliveries/s | p50 / p99 at half of Bun's peak | missing |",
             "|---|---|---|---|---|---|"]
 
     def ratio(v, b):
@@ -217,7 +217,7 @@ def render(results, args):
         mem = c.get("server_bytes_per_connection")
         peak = max((f["deliveries_per_second"] for f in r["steps"]), default=0)
         half = r.get("half_bun")
-        lost = sum(f["lost"] for f in r["steps"]) + (half["lost"] if half else 0)
+        lost = sum(f["missing"] for f in r["steps"]) + (half["missing"] if half else 0)
         bmem = base and base.get("connect", {}).get("server_bytes_per_connection")
         bpeak = base and max((f["deliveries_per_second"] for f in base["steps"]), default=0)
         hl = f"{half['latency']['p50_us'] / 1000:.1f} / {half['latency']['p99_us'] / 1000:.1f} ms" if half else "-"

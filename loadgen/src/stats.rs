@@ -28,6 +28,8 @@ pub struct Shared {
     pub published: AtomicU64,
     /// Publish requests that failed.
     pub publish_errors: AtomicU64,
+    /// Publishing tasks still running (the drain waits for them).
+    pub publishers_active: AtomicU64,
     /// Events whose offset repeated one already seen by that subscriber.
     pub duplicates: AtomicU64,
     /// Events whose offset went backwards.
@@ -51,6 +53,7 @@ impl Shared {
             received: AtomicU64::new(0),
             published: AtomicU64::new(0),
             publish_errors: AtomicU64::new(0),
+            publishers_active: AtomicU64::new(0),
             duplicates: AtomicU64::new(0),
             reorders: AtomicU64::new(0),
             gaps: AtomicU64::new(0),

@@ -129,6 +129,9 @@ struct ChatPlan {
     seq: Arc<AtomicU64>,
 }
 
+/// Longest wait, after publishing ends, for deliveries still in flight.
+const DRAIN_SECS: u64 = 15;
+
 const WAITING: u8 = 0;
 const PUBLISHING: u8 = 1;
 const DONE: u8 = 2;
@@ -227,10 +230,17 @@ pub fn run(args: Args) -> anyhow::Result<(serde_json::Value, ThreadStats)> {
                     // Publishers on this thread: an equal share, the remainder on thread 0.
                     let mine = publishers / threads + if t == 0 { publishers % threads } else { 0 };
                     let mut tasks = Vec::new();
-                    for _ in 0..mine {
+                    for j in 0..mine {
                         let per_publisher = rate / publishers as f64;
+                        // Publisher `index` of `publishers` starts `index/publishers` of an
+                        // interval late, so events arrive evenly rather than in bursts.
+                        let index = t + j * threads;
+                        let offset = Duration::from_secs_f64(
+                            index as f64 / publishers.max(1) as f64 / per_publisher.max(0.001),
+                        );
                         tasks.push(
                             glommio::spawn_local(publish_loop(
+                                offset,
                                 publisher.clone(),
                                 topic.clone(),
                                 per_publisher,
@@ -287,8 +297,10 @@ pub fn run(args: Args) -> anyhow::Result<(serde_json::Value, ThreadStats)> {
                 * fanout_of(args.mode, shared.connected.load(Relaxed));
             let storm_done = !matches!(args.mode, Mode::Storm { .. })
                 || storm.reconnected.load(Relaxed) >= shared.connected.load(Relaxed);
-            return (shared.received.load(Relaxed) >= expected && storm_done)
-                || d.elapsed() > Duration::from_secs(5);
+            // Publishes still in flight may add deliveries: the drain waits for them.
+            let publishing = shared.publishers_active.load(Relaxed) > 0;
+            return (!publishing && shared.received.load(Relaxed) >= expected && storm_done)
+                || d.elapsed() > Duration::from_secs(DRAIN_SECS);
         }
         false
     });
@@ -313,7 +325,9 @@ pub fn run(args: Args) -> anyhow::Result<(serde_json::Value, ThreadStats)> {
         "published_per_second": (published as f64 / active).round(),
         "expected_deliveries": expected,
         "received": received,
-        "lost": expected.saturating_sub(received),
+                // Not received by the end of the drain window: dropped, or still in flight (for ringcast,
+        // `server_check` tells which).
+        "missing": expected.saturating_sub(received),
         "duplicates": shared.duplicates.load(Relaxed),
         "reorders": shared.reorders.load(Relaxed),
         "gaps": shared.gaps.load(Relaxed),
@@ -394,7 +408,9 @@ async fn receiver(
                     sending = Some((Instant::now() + Duration::from_secs_f64(offset), 0));
                     continue;
                 }
-                (PUBLISHING, Some((start, k))) if start.elapsed().as_secs_f64() < plan.duration => {
+                (PUBLISHING, Some((start, k)))
+                    if f64::from(k) / plan.rate.max(0.001) < plan.duration =>
+                {
                     let at = start + Duration::from_secs_f64(f64::from(k) / plan.rate.max(0.001));
                     if at <= Instant::now() {
                         let n = plan.seq.fetch_add(1, Relaxed) + 1;
@@ -532,6 +548,7 @@ async fn receiver(
 
 #[allow(clippy::too_many_arguments)]
 async fn publish_loop(
+    offset: Duration,
     p: Publisher,
     topic: String,
     rate: f64,
@@ -547,19 +564,27 @@ async fn publish_loop(
         glommio::timer::sleep(Duration::from_millis(5)).await;
     }
     let mut conn: Option<glommio::net::TcpStream> = None;
-    let start = Instant::now();
+    let start = Instant::now() + offset;
     let interval = Duration::from_secs_f64(1.0 / rate.max(0.001));
     let mut k: u32 = 0;
     // `{"seq":N,"ts":T,"pad":"…"}` sized to `size` bytes with typical N and T widths.
     let pad_len = size.saturating_sub(r#"{"seq":1000000,"ts":1700000000000000,"pad":""}"#.len());
     let pad = "x".repeat(pad_len);
     let mut buf = vec![0u8; 8192];
-    while phase.load(Relaxed) == PUBLISHING && start.elapsed().as_secs_f64() < duration {
+    shared.publishers_active.fetch_add(1, Relaxed);
+    loop {
         let due = start + interval * k;
         k += 1;
+        // Every send is scheduled inside the publishing window; none starts after it.
+        if (due - start).as_secs_f64() >= duration || phase.load(Relaxed) != PUBLISHING {
+            break;
+        }
         let now = Instant::now();
         if due > now {
             glommio::timer::sleep(due - now).await;
+        }
+        if phase.load(Relaxed) != PUBLISHING {
+            break;
         }
         let n = seq.fetch_add(1, Relaxed) + 1;
         let body = p
@@ -586,6 +611,7 @@ async fn publish_loop(
             }
         }
     }
+    shared.publishers_active.fetch_sub(1, Relaxed);
 }
 
 /// One request on a keep-alive connection; reconnects when needed. Only 2xx counts.
