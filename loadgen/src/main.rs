@@ -96,6 +96,9 @@ struct Traffic {
     /// Extra publish header lines, e.g. 'Authorization: Bearer x'.
     #[arg(long)]
     publish_header: Vec<String>,
+    /// Server process ids, comma-separated: their CPU time over the run is reported.
+    #[arg(long, value_delimiter = ',')]
+    server_pid: Vec<u32>,
 }
 
 #[derive(Subcommand)]
@@ -296,6 +299,7 @@ fn run() -> anyhow::Result<()> {
                 api_key,
                 publish_body,
                 mut publish_header,
+                server_pid,
             } = tr;
             let url = publish_url.unwrap_or_else(|| format!("http://{host}/v1/publish"));
             let rest = url
@@ -345,6 +349,7 @@ fn run() -> anyhow::Result<()> {
                 threads,
                 topic,
                 mode,
+                server_pid,
             })?;
             if let (Some(b), Some(a)) = (
                 before,

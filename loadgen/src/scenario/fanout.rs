@@ -62,6 +62,8 @@ pub struct Args {
     pub topic: String,
     /// Who publishes to whom.
     pub mode: Mode,
+    /// Server processes whose CPU time is measured over the publishing phase.
+    pub server_pid: Vec<u32>,
 }
 
 /// What a traffic run publishes.
@@ -271,6 +273,7 @@ pub fn run(args: Args) -> anyhow::Result<(serde_json::Value, ThreadStats)> {
     let mut publishing_since: Option<Instant> = None;
     let mut drain_since: Option<Instant> = None;
     let mut ramp_secs = 0.0;
+    let mut cpu_start = None;
     crate::stats::progress(&shared, "fanout", || {
         let attempted =
             (shared.connected.load(Relaxed) + shared.connect_errors.load(Relaxed)) as usize;
@@ -278,6 +281,7 @@ pub fn run(args: Args) -> anyhow::Result<(serde_json::Value, ThreadStats)> {
             ramp_secs = shared.start.elapsed().as_secs_f64();
             publish_started_us.store(unix_us(), Relaxed);
             publishing_since = Some(Instant::now());
+            cpu_start = cpu_ticks(&args.server_pid);
             phase.store(PUBLISHING, Relaxed);
         }
         if let (Some(p), Mode::Storm { at }) = (publishing_since, args.mode) {
@@ -305,6 +309,12 @@ pub fn run(args: Args) -> anyhow::Result<(serde_json::Value, ThreadStats)> {
         false
     });
     let publish_secs = publishing_since.map_or(0.0, |p| p.elapsed().as_secs_f64());
+    // Server CPU over publishing and drain: the efficiency figure that stays fair when client
+    // and server share the machine (deliveries per second of server CPU).
+    let server_cpu = match (cpu_start, cpu_ticks(&args.server_pid)) {
+        (Some(a), Some(b)) => Some((b - a) as f64 / CLOCK_TICKS),
+        _ => None,
+    };
     stop.store(true, Relaxed);
     let stats = worker
         .join()
@@ -331,7 +341,9 @@ pub fn run(args: Args) -> anyhow::Result<(serde_json::Value, ThreadStats)> {
         "duplicates": shared.duplicates.load(Relaxed),
         "reorders": shared.reorders.load(Relaxed),
         "gaps": shared.gaps.load(Relaxed),
-        "deliveries_per_second": (received as f64 / active).round(),
+                "deliveries_per_second": (received as f64 / active).round(),
+        "server_cpu_seconds": server_cpu.map(|c| (c * 100.0).round() / 100.0),
+        "deliveries_per_server_cpu_second": server_cpu.filter(|c| *c > 0.0).map(|c| (received as f64 / c).round()),
         "wall_seconds_publish_and_drain": (publish_secs * 100.0).round() / 100.0,
         "latency": Percentiles::from(&stats.latency),
         "publish_round_trip": Percentiles::from(&stats.publish),
@@ -355,6 +367,25 @@ pub fn run(args: Args) -> anyhow::Result<(serde_json::Value, ThreadStats)> {
         });
     }
     Ok((summary, stats))
+}
+
+/// `sysconf(_SC_CLK_TCK)` on Linux, the unit of /proc/<pid>/stat times.
+const CLOCK_TICKS: f64 = 100.0;
+
+/// User + system CPU ticks of processes (None if none given or one is gone).
+fn cpu_ticks(pids: &[u32]) -> Option<u64> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter()
+        .map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // Fields after the parenthesised command name: utime and stime are the 12th and 13th.
+            let rest = &stat[stat.rfind(')')? + 2..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .sum()
 }
 
 /// Receivers per published event.
