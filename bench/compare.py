@@ -219,7 +219,7 @@ def peak_step(r):
 
 def render(results, args):
     base = results.get("bun")
-    rows = ["| server | idle memory per connection | connects/s | peak deliveries/s at p99 <= 100 ms | deliveries per server CPU-second at that step | p50 / p99 at half of Bun's peak | missing |",
+    rows = ["| server | idle memory per connection | connects/s | peak deliveries/s at p99 <= 100 ms | deliveries per server CPU-second at the first step (same load for all) | p50 / p99 at half of Bun's peak | missing |",
             "|---|---|---|---|---|---|---|"]
 
     def ratio(v, b):
@@ -230,16 +230,17 @@ def render(results, args):
         mem = c.get("server_bytes_per_connection")
         ps = peak_step(r) if r["steps"] else None
         peak = ps["deliveries_per_second"] if ps and within_slo(ps) else 0
-        eff = (ps or {}).get("deliveries_per_server_cpu_second") or 0
+        eff = (r["steps"][0] if r["steps"] else {}).get("deliveries_per_server_cpu_second") or 0
         half = r.get("half_bun")
         lost = sum(f["missing"] for f in r["steps"]) + (half["missing"] if half else 0)
         bmem = base and base.get("connect", {}).get("server_bytes_per_connection")
         bps = peak_step(base) if base and base["steps"] else None
         bpeak = bps["deliveries_per_second"] if bps and within_slo(bps) else 0
-        beff = (bps or {}).get("deliveries_per_server_cpu_second") or 0
+        beff = (base["steps"][0] if base and base["steps"] else {}).get("deliveries_per_server_cpu_second") or 0
         hl = f"{half['latency']['p50_us'] / 1000:.1f} / {half['latency']['p99_us'] / 1000:.1f} ms" if half else "-"
+        peak_txt = "none (p99 > 100 ms at the lowest step)" if not peak else f"{peak:.0f}{ratio(peak, bpeak) if name != 'bun' else ''}"
         rows.append(f"| {name} | {mem:.0f} B{ratio(mem, bmem) if mem and name != 'bun' else ''} | {c.get('connects_per_second', 0):.0f} | "
-                    f"{peak:.0f}{ratio(peak, bpeak) if name != 'bun' else ''} | {eff:.0f}{ratio(eff, beff) if name != 'bun' and eff else ''} | {hl} | {lost} |" if mem else
+                    f"{peak_txt} | {eff:.0f}{ratio(eff, beff) if name != 'bun' and eff else ''} | {hl} | {lost} |" if mem else
                     f"| {name} | - | - | {peak:.0f} | {eff:.0f} | {hl} | {lost} |")
     return "\n".join(rows)
 
@@ -262,7 +263,7 @@ Versions:
 {versions}
 
 Each row: `connect` ramps {args.conns} idle connections at 5,000/s (RSS of the server's processes before and after);
-`fanout` holds {args.subscribers} subscribers and {args.publishers} closed-loop HTTP publishers post 100-byte events at
+`fanout` holds {args.subscribers} subscribers and {args.publishers} HTTP publishers (open-loop schedule, staggered, one request in flight each) post 100-byte events at
 stepped rates ({args.steps}/s offered) for {args.duration}s each, stopping after the first step whose p99 passes 100 ms.
 Per-run JSON summaries, .hgrm files and HTML reports are in this directory.
 """
