@@ -195,8 +195,9 @@ impl Conn {
                 }
             }
         }
-        if self.out.is_empty() && self.out.capacity() > 16 {
-            // Give back the memory a burst needed; idle connections stay small.
+        if self.out.is_empty() {
+            // An idle connection holds no queue buffer (4 frames' worth would be 192 B per
+            // connection); a busy one pays one small allocation per idle-to-busy transition.
             self.out = VecDeque::new();
         }
     }

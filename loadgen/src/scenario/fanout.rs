@@ -369,7 +369,7 @@ pub fn run(args: Args) -> anyhow::Result<(serde_json::Value, ThreadStats)> {
     Ok((summary, stats))
 }
 
-/// `sysconf(_SC_CLK_TCK)` on Linux, the unit of /proc/<pid>/stat times.
+/// `sysconf(_SC_CLK_TCK)` on Linux, the unit of `/proc/<pid>/stat` times.
 const CLOCK_TICKS: f64 = 100.0;
 
 /// User + system CPU ticks of processes (None if none given or one is gone).
