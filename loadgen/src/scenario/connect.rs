@@ -162,7 +162,45 @@ pub fn run(args: Args) -> anyhow::Result<(serde_json::Value, ThreadStats)> {
         "connects_per_second": if ramp_secs > 0.0 { (connected as f64 / ramp_secs).round() } else { 0.0 },
         "handshake": Percentiles::from(&stats.handshake),
         "server_rss_kib": {"before": rss_before, "after": rss_after},
-        "server_bytes_per_connection": per_conn,
+                "server_bytes_per_connection": per_conn,
+        "capacity": capacity(rss_before, per_conn),
     });
     Ok((summary, stats))
+}
+
+/// What a host needs for 100k and 1M sockets at the measured memory per connection (the
+/// server's RSS before the ramp is the fixed part, per process).
+fn capacity(rss_before_kib: Option<u64>, per_conn: Option<f64>) -> serde_json::Value {
+    let (Some(base), Some(per)) = (rss_before_kib, per_conn) else {
+        return serde_json::Value::Null;
+    };
+    let base = base as f64 * 1024.0;
+    let fds = fd_limit().unwrap_or(0);
+    let per_process = fds.saturating_sub(64);
+    let plan = |n: f64| {
+        let procs = if per_process > 0 {
+            (n / per_process as f64).ceil()
+        } else {
+            1.0
+        };
+        json!({
+            "memory_mib": ((base * procs + n * per) / (1024.0 * 1024.0)).round(),
+            "processes_at_this_fd_limit": procs,
+        })
+    };
+    json!({
+        "bytes_per_connection": per,
+        "fixed_bytes_per_process": base.round(),
+        "open_files_limit_here": fds,
+        "sockets_100k": plan(100_000.0),
+        "sockets_1m": plan(1_000_000.0),
+        "note": "the server process's resident memory only: the kernel's per-socket memory (TCP 'mem' in /proc/net/sockstat) comes on top, and CPU for the traffic is in a fanout run's capacity section",
+    })
+}
+
+/// This process's open-files limit (the server's is raised to the same hard limit).
+fn fd_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(4)?.parse().ok()
 }

@@ -343,7 +343,17 @@ pub fn run(args: Args) -> anyhow::Result<(serde_json::Value, ThreadStats)> {
         "gaps": shared.gaps.load(Relaxed),
                 "deliveries_per_second": (received as f64 / active).round(),
         "server_cpu_seconds": server_cpu.map(|c| (c * 100.0).round() / 100.0),
-        "deliveries_per_server_cpu_second": server_cpu.filter(|c| *c > 0.0).map(|c| (received as f64 / c).round()),
+                "deliveries_per_server_cpu_second": server_cpu.filter(|c| *c > 0.0).map(|c| (received as f64 / c).round()),
+        // CPU a host needs for a delivery rate, at this run's efficiency and event size.
+        "capacity": server_cpu.filter(|c| *c > 0.0 && received > 0).map(|c| {
+            let per_cpu_second = received as f64 / c;
+            json!({
+                "deliveries_per_server_cpu_second": per_cpu_second.round(),
+                "cores_for_100k_deliveries_per_second": (100_000.0 / per_cpu_second * 100.0).round() / 100.0,
+                "cores_for_1m_deliveries_per_second": (1_000_000.0 / per_cpu_second * 100.0).round() / 100.0,
+                "at_p99_ms": (stats.latency.value_at_quantile(0.99) as f64 / 10.0).round() / 100.0,
+            })
+        }),
         "wall_seconds_publish_and_drain": (publish_secs * 100.0).round() / 100.0,
         "latency": Percentiles::from(&stats.latency),
         "publish_round_trip": Percentiles::from(&stats.publish),
