@@ -15,16 +15,10 @@ cargo build --release --locked -p ringcast
 out="$root/target/autobahn"
 rm -rf "$out"
 log=$(mktemp)
-RINGCAST_DIAGNOSTICS_ECHO=true ./target/release/ringcast serve --listen 127.0.0.1:0 --shards 2 2>"$log" &
-pid=$!
-trap 'kill $pid 2>/dev/null || true; rm -f "$log"' EXIT
-addr=""
-for _ in $(seq 1 100); do
-  addr=$(grep -o 'listening on http://[0-9.:]*' "$log" | head -1 | sed 's#.*http://##') || true
-  [ -n "$addr" ] && break
-  sleep 0.1
-done
-[ -n "$addr" ] || { cat "$log"; echo "server did not start"; exit 1; }
+source .ci/lib.sh
+CLEANUP="$log"
+RINGCAST_DIAGNOSTICS_ECHO=true start_ringcast "$log" --listen 127.0.0.1:0 --shards 2
+addr=$RINGCAST_ADDR
 cases=()
 for c in 1 2 3 4 5 6 7 9 10; do cases+=(-i "$c.*"); done
 "$venv/bin/kosoku" -p 4 "${cases[@]}" -o "$out" "ws://$addr/v1/echo" >"$out.log" 2>&1 || true

@@ -7,16 +7,10 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 cargo build --release --locked -p ringcast -p ringcast-loadgen
 log=$(mktemp); out=$(mktemp -d)
-./target/release/ringcast serve --listen 127.0.0.1:0 --shards 2 2>"$log" &
-pid=$!
-trap 'kill $pid 2>/dev/null || true; rm -rf "$log" "$out"' EXIT
-addr=""
-for _ in $(seq 1 100); do
-  addr=$(grep -o 'listening on http://[0-9.:]*' "$log" | head -1 | sed 's#.*http://##') || true
-  [ -n "$addr" ] && break
-  sleep 0.1
-done
-[ -n "$addr" ] || { cat "$log"; exit 1; }
+source .ci/lib.sh
+CLEANUP="$log" "$out"
+start_ringcast "$log" --listen 127.0.0.1:0 --shards 2
+addr=$RINGCAST_ADDR; pid=$RINGCAST_PID
 lg=./target/release/ringcast-loadgen
 $lg --url "ws://$addr/v1/ws" --threads 1 --out "$out/connect" connect --conns 1000 --rate 2000 --hold 1 --server-pid $pid >/dev/null
 $lg --url "ws://$addr/v1/ws" --threads 1 --out "$out/fanout" fanout --subscribers 500 --rate 20 --duration 2 --publishers 2 >/dev/null

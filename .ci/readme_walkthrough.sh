@@ -14,16 +14,11 @@ log=$(mktemp)
 # The embedded default listens on 127.0.0.1:8080; if a stray process holds it, use another port.
 listen=127.0.0.1:8080
 if (exec 3<>/dev/tcp/127.0.0.1/8080) 2>/dev/null; then listen=127.0.0.1:0; fi
-env -u RINGCAST_JWT_SECRET -u RINGCAST_API_KEY "$bin" serve --listen "$listen" 2>"$log" &
-pid=$!
-trap 'kill $pid 2>/dev/null || true; rm -f "$log"' EXIT
-addr=""
-for _ in $(seq 1 100); do
-  addr=$(grep -o 'listening on http://[0-9.:]*' "$log" | head -1 | sed 's#.*http://##') || true
-  [ -n "$addr" ] && break
-  sleep 0.1
-done
-[ -n "$addr" ] || { cat "$log"; exit 1; }
+source .ci/lib.sh
+CLEANUP="$log"
+unset RINGCAST_JWT_SECRET RINGCAST_API_KEY
+start_ringcast "$log" --listen "$listen"
+addr=$RINGCAST_ADDR
 grep -q "DEVELOPMENT CREDENTIALS" "$log" || { echo "missing the development-credentials warning"; exit 1; }
 token=$("$bin" token --sub alice --channels 'conversation:*')
 "$venv/bin/python" - "$addr" "$token" <<'PY' &

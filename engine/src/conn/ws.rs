@@ -213,6 +213,12 @@ fn authenticate(shard: &Shard, head: &Head) -> Result<Claims, AuthError> {
         .verify(&token, shard.shared.unix_now())
 }
 
+/// Where a client-sent event goes.
+enum ClientTarget {
+    Topic(String),
+    Customer(String),
+}
+
 /// What one read asks the task to do.
 enum Action {
     Request(Result<ClientMessage, ClientError>),
@@ -610,25 +616,8 @@ impl Session {
                         .to_json(),
                     );
                 }
-                let event = self.client_event(shard, kind, data);
-                let id = event.id.clone();
-                let p = Publish {
-                    customers: vec![],
-                    topics: vec![topic.clone()],
-                    roles: vec![],
-                    broadcast: false,
-                    event,
-                };
-                shard.publish(&p, false).await;
-                self.reply(
-                    shard,
-                    &client::ack_reply(
-                        "published",
-                        rid,
-                        serde_json::json!({ "id": id, "topic": topic }),
-                        &now_rfc3339(),
-                    ),
-                );
+                self.publish_from_client(shard, kind, data, ClientTarget::Topic(topic), rid)
+                    .await;
             }
             Request::SendMessage { to, kind, data } => {
                 if let Err(e) = validate_type(&kind) {
@@ -645,25 +634,8 @@ impl Session {
                         .to_json(),
                     );
                 }
-                let event = self.client_event(shard, kind, data);
-                let id = event.id.clone();
-                let p = Publish {
-                    customers: vec![to.clone()],
-                    topics: vec![],
-                    roles: vec![],
-                    broadcast: false,
-                    event,
-                };
-                shard.publish(&p, false).await;
-                self.reply(
-                    shard,
-                    &client::ack_reply(
-                        "sent",
-                        rid,
-                        serde_json::json!({ "id": id, "to": to }),
-                        &now_rfc3339(),
-                    ),
-                );
+                self.publish_from_client(shard, kind, data, ClientTarget::Customer(to), rid)
+                    .await;
             }
             Request::NotYetSupported(kind) => {
                 let e = error(
@@ -674,6 +646,47 @@ impl Session {
                 self.reply(shard, &e.to_json());
             }
         }
+    }
+
+    /// Routes an event a client sent (its token allowed it) and acknowledges it with the
+    /// event id: `published` for a topic, `sent` for a customer. Fire and forget: the client is
+    /// not made to wait for the fan-out.
+    async fn publish_from_client(
+        &self,
+        shard: &Rc<Shard>,
+        kind: String,
+        data: String,
+        target: ClientTarget,
+        rid: Option<&str>,
+    ) {
+        let event = self.client_event(shard, kind, data);
+        let id = event.id.clone();
+        let (customers, topics, reply) = match &target {
+            ClientTarget::Topic(t) => (
+                vec![],
+                vec![t.clone()],
+                serde_json::json!({ "id": id, "topic": t }),
+            ),
+            ClientTarget::Customer(c) => (
+                vec![c.clone()],
+                vec![],
+                serde_json::json!({ "id": id, "to": c }),
+            ),
+        };
+        let p = Publish {
+            customers,
+            topics,
+            roles: vec![],
+            broadcast: false,
+            event,
+        };
+        shard.publish(&p, false).await;
+        let kind = if matches!(target, ClientTarget::Topic(_)) {
+            "published"
+        } else {
+            "sent"
+        };
+        self.reply(shard, &client::ack_reply(kind, rid, reply, &now_rfc3339()));
     }
 
     fn client_event(&self, shard: &Shard, kind: String, data: String) -> Event {
