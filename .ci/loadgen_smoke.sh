@@ -8,7 +8,7 @@ cd "$root"
 cargo build --release --locked -p ringcast -p ringcast-loadgen
 log=$(mktemp); out=$(mktemp -d)
 source .ci/lib.sh
-CLEANUP="$log" "$out"
+CLEANUP="$log $out"
 start_ringcast "$log" --listen 127.0.0.1:0 --shards 2
 addr=$RINGCAST_ADDR; pid=$RINGCAST_PID
 lg=./target/release/ringcast-loadgen
