@@ -13,16 +13,19 @@ start_ringcast "$log" --listen 127.0.0.1:0 --shards 2
 addr=$RINGCAST_ADDR; pid=$RINGCAST_PID
 lg=./target/release/ringcast-loadgen
 $lg --url "ws://$addr/v1/ws" --threads 1 --out "$out/connect" connect --conns 1000 --rate 2000 --hold 1 --server-pid $pid >/dev/null
+$lg --url "ws://$addr/v1/ws" --out "$out/procs" connect --procs 2 --conns 600 --rate 2000 --hold 1 --server-pid $pid >/dev/null
 $lg --url "ws://$addr/v1/ws" --threads 1 --out "$out/fanout" fanout --subscribers 500 --rate 20 --duration 2 --publishers 2 >/dev/null
 $lg --out "$out/merged" report "$out/connect" "$out/fanout" 2>/dev/null
 python3 - "$out" <<'PY'
 import json, os, sys
 out = sys.argv[1]
 c = json.load(open(os.path.join(out, "connect/summary.json")))
+pr = json.load(open(os.path.join(out, "procs/summary.json")))
 f = json.load(open(os.path.join(out, "fanout/summary.json")))
 checks = {
     "connect: all 1000 connected": c["connections"]["connected"] == 1000 and c["connections"]["errors"] == 0,
     "connect: server RSS measured": c["server_bytes_per_connection"] is not None,
+    "connect --procs 2: 600 connected, histograms merged": pr["processes"] == 2 and pr["connections"]["connected"] == 600 and pr["handshake"]["count"] == 600,
     "fanout: events published": f["published"] > 0 and f["publish_errors"] == 0,
     "fanout: nothing lost": f["missing"] == 0 and f["received"] == f["expected_deliveries"],
     "fanout: no duplicates, reorders or gaps": f["duplicates"] == 0 and f["reorders"] == 0 and f["gaps"] == 0,

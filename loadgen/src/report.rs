@@ -54,6 +54,28 @@ pub fn hgrm(h: &Histogram<u64>) -> String {
     out
 }
 
+/// A histogram as HdrHistogram V2 + DEFLATE, base64 (the `HistogramLogWriter` encoding).
+pub fn histogram_base64(h: &Histogram<u64>) -> String {
+    use base64::Engine as _;
+    use hdrhistogram::serialization::{Serializer as _, V2DeflateSerializer};
+    let mut bytes = Vec::new();
+    V2DeflateSerializer::new()
+        .serialize(h, &mut bytes)
+        .expect("serialising to a Vec cannot fail");
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// Decodes [`histogram_base64`] output.
+pub fn histogram_from_base64(text: &str) -> Option<Histogram<u64>> {
+    use base64::Engine as _;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .ok()?;
+    hdrhistogram::serialization::Deserializer::new()
+        .deserialize(&mut std::io::Cursor::new(bytes))
+        .ok()
+}
+
 /// Parses the `(percentile, value_ms)` points back out of `.hgrm` text (for merged reports).
 pub fn parse_hgrm(text: &str) -> Vec<(f64, f64)> {
     text.lines()

@@ -35,6 +35,10 @@ pub struct Args {
     pub topic: String,
     /// Server processes to read RSS from (summed: e.g. nginx workers).
     pub server_pid: Vec<u32>,
+    /// First connection index (disjoint ranges per process).
+    pub first: usize,
+    /// Child of a `--procs` run: print `READY` once ramped and hold until stdin closes.
+    pub child: bool,
 }
 
 /// Summed resident set size of processes, KiB (None if there are none or one is gone).
@@ -62,6 +66,18 @@ pub fn run(args: Args) -> anyhow::Result<(serde_json::Value, ThreadStats)> {
     let shared = Arc::new(Shared::new());
     let stop = Arc::new(AtomicBool::new(false));
     let rss_before = rss_sum_kib(&args.server_pid);
+    let first = args.first;
+    let child = args.child;
+    let released = Arc::new(AtomicBool::new(false));
+    if child {
+        // The parent closes our stdin to release the connections.
+        let released = released.clone();
+        std::thread::spawn(move || {
+            let mut sink = Vec::new();
+            let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
+            released.store(true, Relaxed);
+        });
+    }
     let (target, conns, rate, threads, topic) = (
         args.target.clone(),
         args.conns,
@@ -112,6 +128,7 @@ pub fn run(args: Args) -> anyhow::Result<(serde_json::Value, ThreadStats)> {
                             topic: &topic,
                             thread: (t, threads),
                             room_size: None,
+                            first,
                         },
                         keep,
                     )
@@ -129,6 +146,7 @@ pub fn run(args: Args) -> anyhow::Result<(serde_json::Value, ThreadStats)> {
     let hold = Duration::from_secs_f64(args.hold);
     let mut rss_after = None;
     let mut held_since = None;
+    let mut ready_sent = false;
     crate::stats::progress(&shared, "connect", || {
         let attempted = shared.connected.load(Relaxed) + shared.connect_errors.load(Relaxed);
         if attempted as usize >= conns && held_since.is_none() {
@@ -136,6 +154,18 @@ pub fn run(args: Args) -> anyhow::Result<(serde_json::Value, ThreadStats)> {
             held_since = Some(std::time::Instant::now());
         }
         match held_since {
+            Some(_) if child => {
+                if !ready_sent {
+                    ready_sent = true;
+                    println!(
+                        "READY {} {}",
+                        shared.connected.load(Relaxed),
+                        shared.connect_errors.load(Relaxed)
+                    );
+                    let _ = std::io::Write::flush(&mut std::io::stdout());
+                }
+                released.load(Relaxed)
+            }
             Some(t) if t.elapsed() >= hold => {
                 rss_after = rss_sum_kib(&args.server_pid);
                 true
@@ -163,14 +193,19 @@ pub fn run(args: Args) -> anyhow::Result<(serde_json::Value, ThreadStats)> {
         "handshake": Percentiles::from(&stats.handshake),
         "server_rss_kib": {"before": rss_before, "after": rss_after},
                 "server_bytes_per_connection": per_conn,
-        "capacity": capacity(rss_before, per_conn),
+                "capacity": capacity(rss_before, per_conn),
     });
+    let mut summary = summary;
+    if child {
+        // For the parent's merge: the raw histogram, not just its percentiles.
+        summary["handshake_histogram"] = json!(crate::report::histogram_base64(&stats.handshake));
+    }
     Ok((summary, stats))
 }
 
 /// What a host needs for 100k and 1M sockets at the measured memory per connection (the
 /// server's RSS before the ramp is the fixed part, per process).
-fn capacity(rss_before_kib: Option<u64>, per_conn: Option<f64>) -> serde_json::Value {
+pub fn capacity(rss_before_kib: Option<u64>, per_conn: Option<f64>) -> serde_json::Value {
     let (Some(base), Some(per)) = (rss_before_kib, per_conn) else {
         return serde_json::Value::Null;
     };

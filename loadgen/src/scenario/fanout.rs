@@ -225,6 +225,7 @@ pub fn run(args: Args) -> anyhow::Result<(serde_json::Value, ThreadStats)> {
                                 Mode::Chat { room_size, .. } => Some(room_size),
                                 _ => None,
                             },
+                            first: 0,
                         },
                         receive,
                     )

@@ -166,6 +166,9 @@ pub struct Ramp<'a> {
     pub thread: (usize, usize),
     /// Rooms of this many members: connection `i` uses topic `<topic>:<i / size>`.
     pub room_size: Option<usize>,
+    /// Index of the first connection (customer `c-<first>`): processes of one run take
+    /// disjoint ranges.
+    pub first: usize,
 }
 
 /// Opens this thread's share (`i % threads == t`) of the ramp's connections, calling `on_open`
@@ -183,10 +186,11 @@ pub async fn ramp(
         topic,
         thread: (t, threads),
         room_size,
+        first,
     } = plan;
     let per_thread_rate = (rate / threads as f64).max(1.0);
     let start = Instant::now();
-    let mine: Vec<usize> = (t..n).step_by(threads).collect();
+    let mine: Vec<usize> = (t..n).step_by(threads).map(|i| first + i).collect();
     // Handshakes in flight per thread: enough to hide round trips, bounded so a slow server
     // is not buried under SYNs.
     let window = 64;
