@@ -171,8 +171,9 @@ pub async fn upgrade(
     // keeps an idle connection small.
     drop(head);
     drop(buf);
+    // The block uses the captured `stream` as is: rebinding a captured variable inside an
+    // `async move` block (`let mut stream = stream;`) gives the future a second 120-byte slot.
     glommio::spawn_local(async move {
-        let mut stream = stream;
         // Bytes that arrived with the head (a client that did not wait for the 101).
         let proceed = session.pending.is_empty() || {
             let actions = session.decode(&shard, None);
