@@ -15,6 +15,9 @@ lg=./target/release/ringcast-loadgen
 $lg --url "ws://$addr/v1/ws" --threads 1 --out "$out/connect" connect --conns 1000 --rate 2000 --hold 1 --server-pid $pid >/dev/null
 $lg --url "ws://$addr/v1/ws" --out "$out/procs" connect --procs 2 --conns 600 --rate 2000 --hold 1 --server-pid $pid >/dev/null
 $lg --url "ws://$addr/v1/ws" --threads 1 --out "$out/fanout" fanout --subscribers 500 --rate 20 --duration 2 --publishers 2 >/dev/null
+$lg --url "ws://$addr/v1/ws" --threads 1 --out "$out/unicast" unicast --subscribers 300 --rate 100 --duration 2 --publishers 2 >/dev/null
+$lg --url "ws://$addr/v1/ws" --threads 1 --out "$out/chat" chat --subscribers 300 --room-size 10 --rate 1 --duration 2 >/dev/null
+$lg --url "ws://$addr/v1/ws" --threads 1 --out "$out/storm" storm --subscribers 300 --rate 10 --duration 3 --at 1 >/dev/null
 $lg --out "$out/merged" report "$out/connect" "$out/fanout" 2>/dev/null
 python3 - "$out" <<'PY'
 import json, os, sys
@@ -22,6 +25,12 @@ out = sys.argv[1]
 c = json.load(open(os.path.join(out, "connect/summary.json")))
 pr = json.load(open(os.path.join(out, "procs/summary.json")))
 f = json.load(open(os.path.join(out, "fanout/summary.json")))
+def load(name):
+    return json.load(open(os.path.join(out, name, "summary.json")))
+
+def exact(summary):
+    return summary["published"] > 0 and summary["missing"] == 0 and summary["duplicates"] == 0 and summary.get("server_check", {}).get("agree") is True
+
 checks = {
     "connect: all 1000 connected": c["connections"]["connected"] == 1000 and c["connections"]["errors"] == 0,
     "connect: server RSS measured": c["server_bytes_per_connection"] is not None,
@@ -30,6 +39,9 @@ checks = {
     "fanout: nothing lost": f["missing"] == 0 and f["received"] == f["expected_deliveries"],
     "fanout: no duplicates, reorders or gaps": f["duplicates"] == 0 and f["reorders"] == 0 and f["gaps"] == 0,
     "fanout: server count agrees": f.get("server_check", {}).get("agree") is True,
+    "unicast: every event reached its one customer": exact(load("unicast")),
+    "chat: every message reached its 10 room members": exact(load("chat")) and load("chat")["expected_deliveries"] == 10 * load("chat")["published"],
+    "storm: all 300 reconnected, no duplicate or reordering": load("storm")["storm"]["reconnected"] == 300 and load("storm")["duplicates"] == 0 and load("storm")["reorders"] == 0,
     "reports written": all(os.path.exists(os.path.join(out, p)) for p in ["fanout/latency.hgrm", "fanout/report.html", "merged/report.html"]),
 }
 for name, ok in checks.items():
