@@ -1,0 +1,211 @@
+//! The WebSocket connection driver: upgrade, then read → `proto` → route → write, until close.
+//!
+//! The task owns the socket, what the token grants, its subscriptions and, only while a frame is
+//! incomplete, a buffer. Outbound frames are queued in the shard's `Conn` and written by the
+//! shard's flush rounds; this task writes only when the socket buffer was full.
+//!
+//! - this module: the upgrade (handshake, authentication, handoff to the owner shard);
+//! - `session`: the driver of an upgraded connection (read, decode, act, close, blocked writes);
+//! - `requests`: the client protocol's requests (subscribe, publish, send_message, ping).
+
+mod requests;
+mod session;
+
+use std::{rc::Rc, sync::atomic::Ordering::Relaxed};
+
+use futures_lite::AsyncWriteExt;
+use glommio::net::TcpStream;
+use proto::{
+    auth::{AuthError, Claims},
+    client::{self},
+    http1::{json_error, Head},
+    placement::owner_shard,
+    ws::{handshake, server_frame, OpCode, Receiver, WsLimits},
+};
+
+use super::respond;
+use crate::{
+    metrics::AUTH_REASONS,
+    shard::{conn_state::Conn, Shard},
+};
+use session::{Grants, Session};
+
+/// Which WebSocket endpoint.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// `/v1/ws`: authenticated client protocol.
+    Client,
+    /// `/v1/echo`: diagnostic echo, no auth.
+    Echo,
+}
+
+pub(super) fn now_rfc3339() -> String {
+    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+}
+
+/// Verifies the request and either hands the socket to its owner shard or upgrades it here.
+pub async fn upgrade(
+    started: std::time::Instant,
+    shard: Rc<Shard>,
+    mut stream: TcpStream,
+    head: Head,
+    buf: Vec<u8>,
+    head_len: usize,
+    kind: Kind,
+) {
+    let key = match handshake::validate(&head) {
+        Ok(k) => k.to_owned(),
+        Err(e) => {
+            shard.metrics().bad_requests.fetch_add(1, Relaxed);
+            let mut resp = json_error(e.status(), "bad_handshake", &e.to_string());
+            if e.status() == 426 {
+                resp.headers.push("Sec-WebSocket-Version: 13".into());
+            }
+            respond(&mut stream, &resp, false).await;
+            return;
+        }
+    };
+    let claims = if kind == Kind::Client {
+        match authenticate(&shard, &head) {
+            Ok(c) => c,
+            Err(e) => {
+                let reason = e.reason();
+                if let Some(i) = AUTH_REASONS.iter().position(|r| *r == reason) {
+                    shard.metrics().auth_failures[i].fetch_add(1, Relaxed);
+                }
+                respond(
+                    &mut stream,
+                    &json_error(e.status(), reason, &e.to_string()),
+                    false,
+                )
+                .await;
+                return;
+            }
+        }
+    } else {
+        Claims::default()
+    };
+    if kind == Kind::Client {
+        let owner = owner_shard(&claims.sub, shard.shared.n_shards);
+        if owner != shard.id {
+            // Every connection of a customer lives on its owner shard: move the socket there
+            // with the bytes read so far; the owner replays the handshake from them.
+            match crate::io::detach_for_handoff(stream) {
+                Ok(fd) => {
+                    shard.metrics().handoffs_out.fetch_add(1, Relaxed);
+                    shard.send_msg(
+                        owner,
+                        &proto::bus::ShardMsg::Handoff { fd, initial: buf },
+                        None,
+                        None,
+                    );
+                }
+                Err(e) => tracing::warn!(error = %e, "handoff failed"),
+            }
+            return;
+        }
+    }
+    let protocol = handshake::selected_protocol(head.ws_protocol.as_deref());
+    if stream
+        .write_all(&handshake::response(&key, protocol))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    shard
+        .hists
+        .borrow_mut()
+        .handshake
+        .saturating_record((started.elapsed().as_micros() as u64).max(1));
+    let _ = stream.set_read_timeout(None);
+    shard.metrics().handshakes.fetch_add(1, Relaxed);
+    let limits = WsLimits {
+        max_message: if kind == Kind::Echo {
+            shard.shared.config.diagnostics.echo_max_message
+        } else {
+            shard.shared.config.limits.max_message
+        },
+    };
+    let customer: Rc<str> = Rc::from(claims.sub.as_str());
+    let roles = claims.roles.clone();
+    // The echo endpoint sends back messages up to its own (larger) limit.
+    let max_backlog = shard
+        .shared
+        .config
+        .limits
+        .max_backlog
+        .max(limits.max_message + 1024);
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
+    let conn_key = shard.register(
+        Conn::new(fd, customer.clone(), shard.clock.get(), max_backlog),
+        &roles,
+    );
+    let mut session = Session {
+        key: conn_key,
+        grants: Grants::from(claims),
+        customer: customer.clone(),
+        kind,
+        rx: Receiver::default(),
+        pending: buf[head_len..].to_vec(),
+        topics: Vec::new(),
+        limits,
+        peer_closed: false,
+    };
+    if kind == Kind::Client {
+        let welcome = client::welcome(
+            &customer,
+            &shard.next_conn_id(),
+            &[],
+            shard.shared.config.server.heartbeat_secs,
+            &now_rfc3339(),
+        );
+        shard.send_now(conn_key, &server_frame(OpCode::Text, &welcome));
+    }
+    // The handshake's state (request head, read buffer, this future) is dropped here: the
+    // connection lives on in a task that holds only the socket and its session, which is what
+    // keeps an idle connection small.
+    drop(head);
+    drop(buf);
+    // The block uses the captured `stream` as is: rebinding a captured variable inside an
+    // `async move` block (`let mut stream = stream;`) gives the future a second 120-byte slot.
+    glommio::spawn_local(async move {
+        // Bytes that arrived with the head (a client that did not wait for the 101).
+        let proceed = session.pending.is_empty() || {
+            let actions = session.decode(&shard, None);
+            Box::pin(session.act(&shard, actions)).await
+        };
+        if proceed {
+            session.run(&shard, &mut stream).await;
+        }
+        session.finish(&shard);
+    })
+    .detach();
+}
+
+fn authenticate(shard: &Shard, head: &Head) -> Result<Claims, AuthError> {
+    let allowed = &shard.shared.config.auth.allowed_origins;
+    if !allowed.is_empty()
+        && !head
+            .origin
+            .as_deref()
+            .is_some_and(|o| allowed.iter().any(|a| a == o))
+    {
+        return Err(AuthError::OriginRefused);
+    }
+    let token = head
+        .query_param("token")
+        .map(|t| t.into_owned())
+        .or_else(|| head.bearer().map(str::to_owned))
+        .or_else(|| {
+            head.ws_protocol
+                .as_deref()
+                .and_then(handshake::token_from_protocols)
+                .map(str::to_owned)
+        })
+        .ok_or(AuthError::Missing)?;
+    shard
+        .shared
+        .verifier
+        .verify(&token, shard.shared.unix_now())
+}

@@ -1,0 +1,237 @@
+//! The client protocol's requests on an upgraded connection.
+
+use std::rc::Rc;
+
+use proto::{
+    api::Publish,
+    client::{self, ClientError, ClientMessage, Request, TopicPosition},
+    event::{validate_topic, validate_type, Event, Priority},
+};
+
+use super::{
+    now_rfc3339,
+    session::{Grants, Session},
+};
+use crate::shard::Shard;
+
+/// Where a client-sent event goes.
+enum ClientTarget {
+    Topic(String),
+    Customer(String),
+}
+
+impl Session {
+    pub(super) async fn handle_request(&mut self, shard: &Rc<Shard>, msg: ClientMessage) {
+        let rid = msg.request_id.as_deref();
+        let error = |code: &'static str, message: String, kind: &str| ClientError {
+            code,
+            message,
+            received_type: Some(kind.to_owned()),
+            request_id: msg.request_id.clone(),
+        };
+        match msg.request {
+            Request::Ping => self.reply(
+                shard,
+                &client::ack_reply("pong", rid, serde_json::json!({}), &now_rfc3339()),
+            ),
+            Request::Subscribe { topics, events } => {
+                if let Some(e) = topics.iter().find_map(|t| validate_topic(t).err()) {
+                    return self.reply(shard, &error(e.code, e.message, "subscribe").to_json());
+                }
+                let refused: Vec<&str> = topics
+                    .iter()
+                    .filter(|t| !Grants::may(&self.grants.channels, t))
+                    .map(String::as_str)
+                    .collect();
+                if !refused.is_empty() {
+                    let e = error(
+                        "forbidden",
+                        format!("token does not allow subscribing to {}", refused.join(", ")),
+                        "subscribe",
+                    );
+                    return self.reply(shard, &e.to_json());
+                }
+                let mut positions = Vec::with_capacity(topics.len());
+                for topic in topics {
+                    let new = !self.topics.iter().any(|t| **t == *topic);
+                    let position = if new {
+                        let (name, position) = shard.subscribe_topic(self.key, &topic).await;
+                        // Exact growth: most connections hold one or two topics.
+                        self.topics.reserve_exact(1);
+                        self.topics.push(name);
+                        position
+                    } else {
+                        None
+                    };
+                    let (offset, epoch) = position.unwrap_or((0, shard.shared.epoch.clone()));
+                    positions.push(TopicPosition {
+                        topic,
+                        offset,
+                        epoch,
+                    });
+                }
+                let mut filters = Vec::new();
+                if let Some(c) = shard.conns.borrow_mut().get_mut(self.key) {
+                    for e in &events {
+                        let prefix: Box<str> = if e == "all" || e == "*" {
+                            "".into()
+                        } else {
+                            e.as_str().into()
+                        };
+                        if !c.filters.contains(&prefix) {
+                            c.filters.push(prefix);
+                        }
+                    }
+                    filters = c
+                        .filters
+                        .iter()
+                        .map(|f| {
+                            if f.is_empty() {
+                                "all".to_owned()
+                            } else {
+                                f.to_string()
+                            }
+                        })
+                        .collect();
+                }
+                self.reply(
+                    shard,
+                    &client::subscription_reply(
+                        "subscription_confirmed",
+                        &positions,
+                        &filters,
+                        rid,
+                    ),
+                );
+            }
+            Request::Unsubscribe { topics, events } => {
+                for topic in &topics {
+                    if let Some(i) = self.topics.iter().position(|t| **t == **topic) {
+                        let t = self.topics.swap_remove(i);
+                        shard.remove_subscriber(&t, self.key);
+                    }
+                }
+                let mut filters = Vec::new();
+                if let Some(c) = shard.conns.borrow_mut().get_mut(self.key) {
+                    c.filters.retain(|f| {
+                        !events
+                            .iter()
+                            .any(|e| **f == **e || (f.is_empty() && e == "all"))
+                    });
+                    filters = c.filters.iter().map(|f| f.to_string()).collect();
+                }
+                let remaining: Vec<TopicPosition> = self
+                    .topics
+                    .iter()
+                    .map(|t| TopicPosition {
+                        topic: t.to_string(),
+                        offset: 0,
+                        epoch: shard.shared.epoch.clone(),
+                    })
+                    .collect();
+                self.reply(
+                    shard,
+                    &client::subscription_reply("unsubscribed", &remaining, &filters, rid),
+                );
+            }
+            Request::Publish { topic, kind, data } => {
+                if let Err(e) = validate_topic(&topic).and_then(|_| validate_type(&kind)) {
+                    return self.reply(shard, &error(e.code, e.message, "publish").to_json());
+                }
+                if !Grants::may(&self.grants.publish, &topic) {
+                    return self.reply(
+                        shard,
+                        &error(
+                            "forbidden",
+                            format!("token does not allow publishing to {topic}"),
+                            "publish",
+                        )
+                        .to_json(),
+                    );
+                }
+                self.publish_from_client(shard, kind, data, ClientTarget::Topic(topic), rid)
+                    .await;
+            }
+            Request::SendMessage { to, kind, data } => {
+                if let Err(e) = validate_type(&kind) {
+                    return self.reply(shard, &error(e.code, e.message, "send_message").to_json());
+                }
+                if !Grants::may(&self.grants.message, &to) {
+                    return self.reply(
+                        shard,
+                        &error(
+                            "forbidden",
+                            format!("token does not allow messaging {to}"),
+                            "send_message",
+                        )
+                        .to_json(),
+                    );
+                }
+                self.publish_from_client(shard, kind, data, ClientTarget::Customer(to), rid)
+                    .await;
+            }
+            Request::NotYetSupported(kind) => {
+                let e = error(
+                    "unsupported_type",
+                    format!("{kind} is not supported by this server yet"),
+                    &kind,
+                );
+                self.reply(shard, &e.to_json());
+            }
+        }
+    }
+
+    /// Routes an event a client sent (its token allowed it) and acknowledges it with the
+    /// event id: `published` for a topic, `sent` for a customer. Fire and forget: the client is
+    /// not made to wait for the fan-out.
+    async fn publish_from_client(
+        &self,
+        shard: &Rc<Shard>,
+        kind: String,
+        data: String,
+        target: ClientTarget,
+        rid: Option<&str>,
+    ) {
+        let event = self.client_event(shard, kind, data);
+        let id = event.id.clone();
+        let (customers, topics, reply) = match &target {
+            ClientTarget::Topic(t) => (
+                vec![],
+                vec![t.clone()],
+                serde_json::json!({ "id": id, "topic": t }),
+            ),
+            ClientTarget::Customer(c) => (
+                vec![c.clone()],
+                vec![],
+                serde_json::json!({ "id": id, "to": c }),
+            ),
+        };
+        let p = Publish {
+            customers,
+            topics,
+            roles: vec![],
+            broadcast: false,
+            event,
+        };
+        shard.publish(&p, false).await;
+        let kind = if matches!(target, ClientTarget::Topic(_)) {
+            "published"
+        } else {
+            "sent"
+        };
+        self.reply(shard, &client::ack_reply(kind, rid, reply, &now_rfc3339()));
+    }
+
+    fn client_event(&self, shard: &Shard, kind: String, data: String) -> Event {
+        Event {
+            id: shard.next_conn_id(),
+            kind,
+            data,
+            priority: Priority::Normal,
+            persistent: false,
+            ttl: None,
+            timestamp: now_rfc3339(),
+            from: Some(self.customer.to_string()),
+        }
+    }
+}

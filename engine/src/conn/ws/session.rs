@@ -1,0 +1,341 @@
+//! The driver of an upgraded connection: read into the shard's scratch buffer, decode with
+//! `proto`, act, and write when the socket buffer was full; the close handshake.
+
+use std::{
+    future::poll_fn, pin::Pin, rc::Rc, sync::atomic::Ordering::Relaxed, task::Poll, time::Instant,
+};
+
+use bytes::Bytes;
+use futures_lite::{AsyncRead, AsyncWrite};
+use glommio::net::TcpStream;
+use proto::{
+    auth::Claims,
+    client::{self, ClientError, ClientMessage},
+    ws::{self, close, close_frame, server_frame, Message, OpCode, Receiver, WsError, WsLimits},
+};
+
+use super::Kind;
+use crate::shard::{
+    conn_state::{Conn, Flush, Written},
+    slab::ConnKey,
+    Shard,
+};
+
+/// What one read asks the task to do.
+pub(super) enum Action {
+    Request(Result<ClientMessage, ClientError>),
+    Echo(OpCode, Vec<u8>),
+    Pong(Vec<u8>),
+    PeerClose(Option<u16>),
+    Fail(WsError),
+    Unsupported(&'static str),
+}
+
+/// What woke the task.
+enum Wake {
+    Read(usize),
+    Close(u16),
+    Gone,
+}
+
+/// What a token allows, kept compact for the connection's lifetime (the full `Claims` are
+/// dropped after the handshake).
+pub(super) struct Grants {
+    pub(super) roles: Box<[String]>,
+    pub(super) channels: Box<[Box<str>]>,
+    pub(super) publish: Box<[Box<str>]>,
+    pub(super) message: Box<[Box<str>]>,
+}
+
+impl From<Claims> for Grants {
+    fn from(c: Claims) -> Self {
+        let compact = |v: Vec<String>| v.into_iter().map(String::into_boxed_str).collect();
+        Grants {
+            roles: c.roles.into_boxed_slice(),
+            channels: compact(c.channels),
+            publish: compact(c.publish),
+            message: compact(c.message),
+        }
+    }
+}
+
+impl Grants {
+    pub(super) fn may(patterns: &[Box<str>], name: &str) -> bool {
+        patterns.iter().any(|p| proto::auth::glob_match(p, name))
+    }
+}
+
+pub(super) struct Session {
+    pub(super) key: ConnKey,
+    pub(super) grants: Grants,
+    pub(super) customer: Rc<str>,
+    pub(super) kind: Kind,
+    pub(super) rx: Receiver,
+    /// Input bytes of an incomplete frame (empty, and unallocated, most of the time).
+    pub(super) pending: Vec<u8>,
+    pub(super) topics: Vec<Rc<str>>,
+    pub(super) limits: WsLimits,
+    /// The peer sent its close frame, or the connection failed: stop once our queue is out.
+    pub(super) peer_closed: bool,
+}
+
+impl Session {
+    pub(super) async fn run(&mut self, shard: &Rc<Shard>, stream: &mut TcpStream) {
+        loop {
+            let wake = poll_fn(|cx| self.poll(shard, stream, cx)).await;
+            match wake {
+                Wake::Read(n) => {
+                    shard.metrics().bytes_in.fetch_add(n as u64, Relaxed);
+                    let actions = self.decode(shard, Some(n));
+                    // Boxed: request handling has large, rarely live states that would
+                    // otherwise sit in every idle connection's future.
+                    if !Box::pin(self.act(shard, actions)).await {
+                        return;
+                    }
+                }
+                Wake::Close(code) => self.start_close(shard, code, ""),
+                Wake::Gone => return,
+            }
+        }
+    }
+
+    fn poll(
+        &mut self,
+        shard: &Shard,
+        stream: &mut TcpStream,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<Wake> {
+        {
+            let mut conns = shard.conns.borrow_mut();
+            let Some(c) = conns.get_mut(self.key) else {
+                return Poll::Ready(Wake::Gone);
+            };
+            if !c.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                c.waker = Some(cx.waker().clone());
+            }
+            if c.dead {
+                return Poll::Ready(Wake::Gone);
+            }
+            if let (Some(code), false) = (c.close_request, c.closing) {
+                return Poll::Ready(Wake::Close(code));
+            }
+            if c.write_blocked && !write_blocked(shard, c, stream, cx) {
+                return Poll::Ready(Wake::Gone);
+            }
+            if c.closing && self.peer_closed && c.out.is_empty() {
+                return Poll::Ready(Wake::Gone);
+            }
+        }
+        if self.peer_closed {
+            return Poll::Pending;
+        }
+        let mut scratch = shard.scratch.borrow_mut();
+        match Pin::new(&mut *stream).poll_read(cx, &mut scratch[..]) {
+            Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => Poll::Ready(Wake::Gone),
+            Poll::Ready(Ok(n)) => Poll::Ready(Wake::Read(n)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    /// Decodes the bytes just read (`Some(n)`: in the scratch buffer) or pending bytes (`None`).
+    pub(super) fn decode(&mut self, shard: &Shard, read: Option<usize>) -> Vec<Action> {
+        if let Some(c) = shard.conns.borrow_mut().get_mut(self.key) {
+            c.last_rx = shard.clock.get();
+        }
+        let mut scratch = shard.scratch.borrow_mut();
+        let from_scratch = match read {
+            Some(n) if self.pending.is_empty() => Some(n),
+            Some(n) => {
+                self.pending.extend_from_slice(&scratch[..n]);
+                None
+            }
+            None => None,
+        };
+        let Session {
+            rx,
+            pending,
+            limits,
+            kind,
+            ..
+        } = self;
+        let data: &mut [u8] = match from_scratch {
+            Some(n) => &mut scratch[..n],
+            None => &mut pending[..],
+        };
+        let mut actions = Vec::new();
+        let mut pos = 0;
+        loop {
+            match rx.decode(&mut data[pos..], limits) {
+                Ok(ws::conn::Decoded::NeedMore) => break,
+                Ok(ws::conn::Decoded::Absorbed(n)) => pos += n,
+                Ok(ws::conn::Decoded::Message(msg, n)) => {
+                    pos += n;
+                    shard.metrics().messages_in.fetch_add(1, Relaxed);
+                    let action = match (msg, *kind) {
+                        (Message::Text(t), Kind::Echo) => Action::Echo(OpCode::Text, t.to_vec()),
+                        (Message::Binary(b), Kind::Echo) => {
+                            Action::Echo(OpCode::Binary, b.to_vec())
+                        }
+                        (Message::Text(t), Kind::Client) => {
+                            Action::Request(client::parse(&mut t.to_vec()))
+                        }
+                        (Message::Binary(_), Kind::Client) => Action::Unsupported(
+                            "binary messages are not part of protocol v1; send JSON text",
+                        ),
+                        (Message::Ping(p), _) => Action::Pong(p.to_vec()),
+                        (Message::Pong(_), _) => continue,
+                        (Message::Close(c), _) => {
+                            actions.push(Action::PeerClose(c.map(|(code, _)| code)));
+                            pos = data.len();
+                            break;
+                        }
+                    };
+                    actions.push(action);
+                }
+                Err(e) => {
+                    actions.push(Action::Fail(e));
+                    pos = data.len();
+                    break;
+                }
+            }
+        }
+        match from_scratch {
+            Some(_) => {
+                if pos < data.len() {
+                    *pending = data[pos..].to_vec();
+                }
+            }
+            None => {
+                pending.drain(..pos);
+                if pending.is_empty() {
+                    *pending = Vec::new();
+                }
+            }
+        }
+        actions
+    }
+
+    /// Carries out decoded actions. Returns false when the connection is finished.
+    pub(super) async fn act(&mut self, shard: &Rc<Shard>, actions: Vec<Action>) -> bool {
+        for action in actions {
+            match action {
+                Action::Request(Ok(msg)) => self.handle_request(shard, msg).await,
+                Action::Request(Err(e)) => self.reply(shard, &e.to_json()),
+                Action::Unsupported(why) => {
+                    self.reply(shard, &ClientError::new("unsupported", why).to_json())
+                }
+                Action::Echo(op, payload) => {
+                    shard.send_now(self.key, &server_frame(op, &payload));
+                }
+                Action::Pong(p) => shard.send_control(self.key, &server_frame(OpCode::Pong, &p)),
+                Action::PeerClose(code) => {
+                    let closing = shard
+                        .conns
+                        .borrow_mut()
+                        .get_mut(self.key)
+                        .is_some_and(|c| c.closing);
+                    self.peer_closed = true;
+                    if closing {
+                        return false; // our close was answered
+                    }
+                    let code = code.unwrap_or(close::NORMAL);
+                    self.start_close(
+                        shard,
+                        if close::is_valid_on_wire(code) {
+                            code
+                        } else {
+                            close::NORMAL
+                        },
+                        "",
+                    );
+                }
+                Action::Fail(e) => {
+                    self.peer_closed = true;
+                    self.start_close(shard, e.close_code(), &e.to_string());
+                }
+            }
+        }
+        true
+    }
+
+    /// Queues a close frame; the connection ends when the peer answers, fails, or after 2 s.
+    fn start_close(&mut self, shard: &Shard, code: u16, reason: &str) {
+        {
+            let mut conns = shard.conns.borrow_mut();
+            let Some(c) = conns.get_mut(self.key) else {
+                return;
+            };
+            if c.closing {
+                return;
+            }
+            if code == close::SLOW_CONSUMER {
+                let n = c.drop_unsent();
+                shard.metrics().drops.fetch_add(n as u64, Relaxed);
+            }
+            c.closing = true;
+            c.close_request.get_or_insert(code);
+            c.close_deadline = shard.clock.get() + 2;
+        }
+        shard.schedule(self.key, shard.clock.get() + 1);
+        let reason = match code {
+            close::SLOW_CONSUMER => "slow consumer",
+            close::GOING_AWAY if shard.draining() => "server shutting down",
+            close::GOING_AWAY => "idle timeout",
+            _ => reason,
+        };
+        shard.send_control(self.key, &close_frame(code, reason));
+    }
+
+    pub(super) fn reply(&self, shard: &Shard, json: &[u8]) {
+        shard.send_now(self.key, &server_frame(OpCode::Text, json));
+    }
+
+    pub(super) fn finish(&mut self, shard: &Shard) {
+        shard.unregister(self.key, &self.grants.roles, &self.topics);
+    }
+}
+
+/// Drives a connection whose socket buffer was full: waits for writability through glommio,
+/// then resumes vectored flushing. Returns false if the socket failed.
+fn write_blocked(
+    shard: &Shard,
+    c: &mut Conn,
+    stream: &mut TcpStream,
+    cx: &mut std::task::Context<'_>,
+) -> bool {
+    let m = shard.metrics();
+    let mut hists = shard.hists.borrow_mut();
+    let mut written = Written {
+        bytes: 0,
+        latency: &m.latency,
+        hdr: Some(&mut hists.publish_to_write),
+    };
+    let ok = loop {
+        let Some(front) = c.out.front() else {
+            c.write_blocked = false;
+            break true;
+        };
+        let chunk: Bytes = front.bytes.slice(c.sent..);
+        match Pin::new(&mut *stream).poll_write(cx, &chunk) {
+            Poll::Ready(Ok(n)) => {
+                written.bytes += n as u64;
+                c.advance(n, Instant::now(), &mut written);
+                match c.flush(&mut written) {
+                    Flush::Done => {
+                        c.write_blocked = false;
+                        break true;
+                    }
+                    Flush::Blocked => continue,
+                    Flush::Failed => break false,
+                }
+            }
+            Poll::Ready(Err(_)) => break false,
+            Poll::Pending => break true,
+        }
+    };
+    m.bytes_out.fetch_add(written.bytes, Relaxed);
+    if !ok {
+        c.dead = true;
+    }
+    ok
+}
