@@ -8,8 +8,10 @@
 #![forbid(unsafe_code)]
 
 mod net;
+mod procs;
 mod report;
 mod scenario;
+mod server;
 mod stats;
 
 use std::{net::IpAddr, path::PathBuf, process::ExitCode};
@@ -30,7 +32,7 @@ struct Cli {
 }
 
 #[derive(Args)]
-struct TargetArgs {
+pub(crate) struct TargetArgs {
     /// WebSocket endpoint.
     #[arg(long, global = true, default_value = "ws://127.0.0.1:8080/v1/ws")]
     url: String,
@@ -187,178 +189,6 @@ fn main() -> ExitCode {
     }
 }
 
-/// Reads one counter from ringcast's /metrics (the independent check of delivery counts).
-fn server_counter(host: &str, name: &str) -> Option<u64> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(host).ok()?;
-    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
-        .ok()?;
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))?
-        .rsplit(' ')
-        .next()?
-        .parse()
-        .ok()
-}
-
-/// Fetches ringcast's `/v1/stats/histograms` and decodes the publish-to-write and handshake
-/// histograms (HdrHistogram V2 + DEFLATE, base64).
-fn server_histograms(
-    host: &str,
-) -> Option<(hdrhistogram::Histogram<u64>, hdrhistogram::Histogram<u64>)> {
-    use base64::Engine as _;
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(host).ok()?;
-    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
-        .ok()?;
-    write!(
-        s,
-        "GET /v1/stats/histograms HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    let body: serde_json::Value = serde_json::from_str(text.split_once("\r\n\r\n")?.1).ok()?;
-    let decode = |key: &str| -> Option<hdrhistogram::Histogram<u64>> {
-        let bytes = base64::engine::general_purpose::STANDARD
-            .decode(body[key]["histogram"].as_str()?)
-            .ok()?;
-        hdrhistogram::serialization::Deserializer::new()
-            .deserialize(&mut std::io::Cursor::new(bytes))
-            .ok()
-    };
-    Some((decode("publishToWrite")?, decode("handshake")?))
-}
-
-/// A `connect` run spread over processes.
-struct ConnectPlan {
-    conns: usize,
-    rate: f64,
-    hold: f64,
-    topic: String,
-    server_pid: Vec<u32>,
-    procs: usize,
-}
-
-/// Runs `connect` in `procs` child processes holding disjoint connection ranges, measures the
-/// server while all of them hold, and merges their results.
-fn connect_procs(
-    t: &TargetArgs,
-    target: &Target,
-    plan: ConnectPlan,
-) -> anyhow::Result<(serde_json::Value, stats::ThreadStats)> {
-    use std::io::{BufRead, BufReader, Read};
-    use std::process::{Command, Stdio};
-    let exe = std::env::current_exe()?;
-    let rss_before = scenario::connect::rss_sum_kib(&plan.server_pid);
-    let start = std::time::Instant::now();
-    let per = plan.conns.div_ceil(plan.procs);
-    let mut children = Vec::new();
-    for p in 0..plan.procs {
-        let first = p * per;
-        let n = per.min(plan.conns.saturating_sub(first));
-        if n == 0 {
-            break;
-        }
-        let mut cmd = Command::new(&exe);
-        cmd.args(["--url", &t.url, "--sources", &t.sources, "--threads", "1"]);
-        if let Some(secret) = &target.secret {
-            cmd.args(["--secret", secret]);
-        }
-        if t.generic {
-            cmd.arg("--generic");
-        }
-        if let Some(f) = &t.subscribe_frame {
-            cmd.args(["--subscribe-frame", f]);
-        }
-        if let Some(m) = &t.ready_match {
-            cmd.args(["--ready-match", m]);
-        }
-        cmd.args([
-            "connect",
-            "--child",
-            "--conns",
-            &n.to_string(),
-            "--first",
-            &first.to_string(),
-        ]);
-        cmd.args([
-            "--rate",
-            &(plan.rate / plan.procs as f64).to_string(),
-            "--topic",
-            &plan.topic,
-        ]);
-        cmd.stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null());
-        children.push(cmd.spawn()?);
-    }
-    let mut readers = Vec::new();
-    for c in &mut children {
-        let mut out = BufReader::new(c.stdout.take().expect("piped"));
-        let mut line = String::new();
-        out.read_line(&mut line)?;
-        anyhow::ensure!(
-            line.starts_with("READY"),
-            "a child failed before it was ready: {line:?}"
-        );
-        readers.push(out);
-    }
-    let ramp_secs = start.elapsed().as_secs_f64();
-    std::thread::sleep(std::time::Duration::from_secs_f64(plan.hold));
-    let rss_after = scenario::connect::rss_sum_kib(&plan.server_pid);
-    for c in &mut children {
-        drop(c.stdin.take()); // releases the child's connections
-    }
-    let mut merged = stats::ThreadStats::default();
-    let (mut connected, mut errors, mut open) = (0u64, 0u64, 0u64);
-    for (c, mut out) in children.iter_mut().zip(readers) {
-        let mut text = String::new();
-        out.read_to_string(&mut text)?;
-        c.wait()?;
-        let v: serde_json::Value = serde_json::from_str(&text)?;
-        connected += v["connections"]["connected"].as_u64().unwrap_or(0);
-        errors += v["connections"]["errors"].as_u64().unwrap_or(0);
-        open += v["connections"]["open_at_end_of_hold"]
-            .as_u64()
-            .unwrap_or(0);
-        if let Some(h) = v["handshake_histogram"]
-            .as_str()
-            .and_then(report::histogram_from_base64)
-        {
-            merged
-                .handshake
-                .add(&h)
-                .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-        }
-    }
-    let per_conn = match (rss_before, rss_after) {
-        (Some(b), Some(a)) if connected > 0 => {
-            Some(((a as f64 - b as f64) * 1024.0 / connected as f64 * 10.0).round() / 10.0)
-        }
-        _ => None,
-    };
-    let summary = serde_json::json!({
-        "scenario": "connect",
-        "processes": plan.procs,
-        "connections": {"requested": plan.conns, "connected": connected, "errors": errors, "open_at_end_of_hold": open},
-        "ramp_seconds": (ramp_secs * 100.0).round() / 100.0,
-        "connects_per_second": (connected as f64 / ramp_secs.max(0.001)).round(),
-        "handshake": stats::Percentiles::from(&merged.handshake),
-        "server_rss_kib": {"before": rss_before, "after": rss_after},
-                "server_bytes_per_connection": per_conn,
-        "capacity": scenario::connect::capacity(rss_before, per_conn),
-    });
-    Ok((summary, merged))
-}
-
 fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let t = &cli.target;
@@ -395,10 +225,10 @@ fn run() -> anyhow::Result<()> {
             server_pid,
             procs,
             ..
-        } if procs > 1 => connect_procs(
+        } if procs > 1 => procs::connect_procs(
             t,
             &target,
-            ConnectPlan {
+            procs::ConnectPlan {
                 conns,
                 rate,
                 hold,
@@ -487,10 +317,10 @@ fn run() -> anyhow::Result<()> {
                 body,
             };
             let before = ringcast
-                .then(|| server_counter(&authority, "ringcast_events_out_total"))
+                .then(|| server::server_counter(&authority, "ringcast_events_out_total"))
                 .flatten();
             let hists_before = if ringcast {
-                server_histograms(&authority)
+                server::server_histograms(&authority)
             } else {
                 None
             };
@@ -511,7 +341,7 @@ fn run() -> anyhow::Result<()> {
             if let (Some(b), Some(a)) = (
                 before,
                 ringcast
-                    .then(|| server_counter(&authority, "ringcast_events_out_total"))
+                    .then(|| server::server_counter(&authority, "ringcast_events_out_total"))
                     .flatten(),
             ) {
                 summary["server_check"] = serde_json::json!({
@@ -528,7 +358,7 @@ fn run() -> anyhow::Result<()> {
             // The server's own view of this run: its histograms after minus before.
             if let (Some((mut p2w, mut hs)), Some((p0, h0))) = (
                 if ringcast {
-                    server_histograms(&authority)
+                    server::server_histograms(&authority)
                 } else {
                     None
                 },
