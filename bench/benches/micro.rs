@@ -69,6 +69,8 @@ fn rkyv_mesh(c: &mut Criterion) {
     let msg = ShardMsg::Deliver {
         target: Target::Topic("conversation:42".into()),
         kind: "message_received".into(),
+        id: "ev-1".into(),
+        idempotent: false,
         origin: 1,
         req: 77,
     };
@@ -97,6 +99,8 @@ fn hop(n: u64) -> Duration {
     let msg = bus::encode(&ShardMsg::Deliver {
         target: Target::Topic("t".into()),
         kind: "k".into(),
+        id: "e".into(),
+        idempotent: false,
         origin: 0,
         req: 1,
     });

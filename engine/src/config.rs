@@ -23,6 +23,10 @@ pub struct Config {
     pub auth: Auth,
     /// `[limits]`
     pub limits: Limits,
+    /// `[delivery]`
+    pub delivery: Delivery,
+    /// `[history]`
+    pub history: History,
     /// `[diagnostics]`
     pub diagnostics: Diagnostics,
     /// `[log]`
@@ -94,6 +98,86 @@ pub struct Limits {
     pub max_backlog: usize,
     /// Largest backend API request body in bytes (413 above). Default 1 MiB.
     pub max_body: usize,
+}
+
+/// `[delivery]`: the customer stream's guarantees (offline queue, acks, deduplication) and
+/// the HTTP transports.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Delivery {
+    /// Persistent events kept per customer until acknowledged (the offline queue). Default 50,
+    /// from the seeds; the oldest is dropped (and counted) beyond it.
+    pub offline_queue: usize,
+    /// Seconds a persistent event waits for its customer at most (an event's own `ttl` can
+    /// only shorten it). Default 86400: a day covers a phone left off overnight.
+    pub offline_ttl_secs: u64,
+    /// Seconds during which a publisher-chosen event id is delivered at most once per target.
+    /// Default 300: longer than any sane publisher retry loop.
+    pub dedupe_window_secs: u64,
+    /// Longest `wait` a long-poll request may ask for, in seconds. Default 55: under the usual
+    /// 60 s proxy timeout.
+    pub max_poll_wait_secs: u64,
+    /// `retry:` sent to SSE clients, in milliseconds: how soon a browser reconnects. Default 2000.
+    pub sse_retry_ms: u64,
+}
+
+/// History of one topic prefix.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HistoryRule {
+    /// Topic prefix, e.g. `conversation:`.
+    pub prefix: String,
+    /// Events kept.
+    pub size: usize,
+    /// Seconds an event is kept.
+    pub age_secs: u64,
+}
+
+/// `[history]`: what each topic keeps for recovery (`subscribe` with `since`).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct History {
+    /// Events kept per topic when no rule matches. Default 100: a reconnect after a short
+    /// outage on a busy chat recovers; 0 disables history.
+    pub size: usize,
+    /// Seconds an event is kept when no rule matches. Default 600.
+    pub age_secs: u64,
+    /// Per-prefix overrides, longest prefix first wins. TOML: `[[history.rules]]` tables;
+    /// environment: `RINGCAST_HISTORY_RULES="conversation:=200/3600,ticker:=0/0"`.
+    pub rules: Vec<HistoryRule>,
+}
+
+impl History {
+    /// `(size, age_secs)` for a topic.
+    pub fn for_topic(&self, topic: &str) -> (usize, u64) {
+        self.rules
+            .iter()
+            .filter(|r| topic.starts_with(&r.prefix))
+            .max_by_key(|r| r.prefix.len())
+            .map_or((self.size, self.age_secs), |r| (r.size, r.age_secs))
+    }
+}
+
+impl Default for Delivery {
+    fn default() -> Self {
+        Delivery {
+            offline_queue: 50,
+            offline_ttl_secs: 86_400,
+            dedupe_window_secs: 300,
+            max_poll_wait_secs: 55,
+            sse_retry_ms: 2000,
+        }
+    }
+}
+
+impl Default for History {
+    fn default() -> Self {
+        History {
+            size: 100,
+            age_secs: 600,
+            rules: Vec::new(),
+        }
+    }
 }
 
 /// `[diagnostics]`.
@@ -243,7 +327,7 @@ impl Config {
                 _ => bail!("{v:?} is not a boolean"),
             }
         }
-        let list = |v: &str| {
+        let list = |v: &str| -> Vec<String> {
             v.split(',')
                 .map(str::trim)
                 .filter(|s| !s.is_empty())
@@ -272,6 +356,31 @@ impl Config {
             "limits.max_message" => self.limits.max_message = num(value)?,
             "limits.max_backlog" => self.limits.max_backlog = num(value)?,
             "limits.max_body" => self.limits.max_body = num(value)?,
+            "delivery.offline_queue" => self.delivery.offline_queue = num(value)?,
+            "delivery.offline_ttl_secs" => self.delivery.offline_ttl_secs = num(value)?,
+            "delivery.dedupe_window_secs" => self.delivery.dedupe_window_secs = num(value)?,
+            "delivery.max_poll_wait_secs" => self.delivery.max_poll_wait_secs = num(value)?,
+            "delivery.sse_retry_ms" => self.delivery.sse_retry_ms = num(value)?,
+            "history.size" => self.history.size = num(value)?,
+            "history.age_secs" => self.history.age_secs = num(value)?,
+            "history.rules" => {
+                self.history.rules = list(value)
+                    .into_iter()
+                    .map(|r: String| {
+                        let (prefix, spec) = r
+                            .rsplit_once('=')
+                            .ok_or_else(|| anyhow::anyhow!("{r:?} is not prefix=size/age_secs"))?;
+                        let (size, age) = spec
+                            .split_once('/')
+                            .ok_or_else(|| anyhow::anyhow!("{r:?} is not prefix=size/age_secs"))?;
+                        Ok(HistoryRule {
+                            prefix: prefix.to_owned(),
+                            size: num(size)?,
+                            age_secs: num(age)?,
+                        })
+                    })
+                    .collect::<anyhow::Result<_>>()?
+            }
             "diagnostics.echo" => self.diagnostics.echo = flag(value)?,
             "diagnostics.echo_max_message" => self.diagnostics.echo_max_message = num(value)?,
             "log.format" => self.log.format = value.into(),
@@ -300,6 +409,9 @@ impl Config {
         }
         if self.limits.max_message < 125 || self.limits.max_backlog < self.limits.max_message {
             bail!("limits.max_message must be >= 125 and limits.max_backlog >= limits.max_message");
+        }
+        if self.delivery.offline_queue > 10_000 || self.history.size > 100_000 {
+            bail!("delivery.offline_queue is at most 10000 and history.size at most 100000");
         }
         if !matches!(self.log.format.as_str(), "human" | "json") {
             bail!("log.format must be human or json");
@@ -384,6 +496,19 @@ mod tests {
         assert_eq!(c.server.listen, "127.0.0.1:2");
         assert!(c.diagnostics.echo);
         assert_eq!(c.auth.allowed_origins, ["https://a", "https://b"]);
+        let c = Config::load(
+            None,
+            env(&[
+                ("RINGCAST_HISTORY_RULES", "conversation:=200/60, conv=1/2"),
+                ("RINGCAST_DELIVERY_OFFLINE_QUEUE", "7"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.history.for_topic("conversation:7"), (200, 60));
+        assert_eq!(c.history.for_topic("convo"), (1, 2));
+        assert_eq!(c.history.for_topic("other"), (100, 600));
+        assert_eq!(c.delivery.offline_queue, 7);
+        assert!(Config::load(None, env(&[("RINGCAST_HISTORY_RULES", "x=1")])).is_err());
         assert!(Config::load(None, env(&[("RINGCAST_SERVER_NOPE", "1")])).is_err());
         assert!(Config::load(None, env(&[("RINGCAST_SHARDS", "many")])).is_err());
     }

@@ -58,8 +58,24 @@ impl Histogram {
 /// One shard's counters.
 #[derive(Debug, Default)]
 pub struct ShardMetrics {
-    /// Open client WebSocket connections.
+    /// Open client connections (WebSocket and SSE).
     pub connections: AtomicI64,
+    /// Of which SSE streams.
+    pub sse_connections: AtomicI64,
+    /// Long-poll requests parked.
+    pub polls_waiting: AtomicI64,
+    /// Persistent events stored for customers with no connection taking them.
+    pub events_queued: AtomicU64,
+    /// Persistent events dropped unacknowledged: queue full or time to live passed.
+    pub stored_lost: AtomicU64,
+    /// Non-persistent events for customers with no connection (dropped by design).
+    pub offline_dropped: AtomicU64,
+    /// Deliveries skipped as repeats of a publisher-chosen id.
+    pub duplicates: AtomicU64,
+    /// Persistent events acknowledged by clients.
+    pub acks: AtomicU64,
+    /// Events replayed (stored customer events at connect, topic history at subscribe).
+    pub replayed: AtomicU64,
     /// Open backend API connections.
     pub api_connections: AtomicI64,
     /// Completed WebSocket handshakes.
@@ -109,7 +125,7 @@ pub fn render_prometheus(shards: &[ShardMetrics], rss: Option<u64>) -> String {
     };
     let name = gauge(
         "ringcast_connections",
-        "Open client WebSocket connections per shard.",
+        "Open client connections (WebSocket and SSE) per shard.",
         "gauge",
     );
     let mut lines = String::new();
@@ -122,7 +138,45 @@ pub fn render_prometheus(shards: &[ShardMetrics], rss: Option<u64>) -> String {
     }
     out.push_str(&lines);
     type Counter = (&'static str, &'static str, fn(&ShardMetrics) -> u64);
-    let counters: [Counter; 15] = [
+    let counters: [Counter; 23] = [
+        ("ringcast_sse_connections", "Open SSE streams.", |s| {
+            s.sse_connections.load(Relaxed).max(0) as u64
+        }),
+        (
+            "ringcast_polls_waiting",
+            "Long-poll requests parked.",
+            |s| s.polls_waiting.load(Relaxed).max(0) as u64,
+        ),
+        (
+            "ringcast_events_queued_total",
+            "Persistent events stored for offline customers.",
+            |s| s.events_queued.load(Relaxed),
+        ),
+        (
+            "ringcast_stored_events_lost_total",
+            "Persistent events dropped unacknowledged (queue full or expired).",
+            |s| s.stored_lost.load(Relaxed),
+        ),
+        (
+            "ringcast_offline_dropped_total",
+            "Non-persistent events for customers with no connection.",
+            |s| s.offline_dropped.load(Relaxed),
+        ),
+        (
+            "ringcast_duplicates_total",
+            "Deliveries skipped as repeats of a publisher-chosen event id.",
+            |s| s.duplicates.load(Relaxed),
+        ),
+        (
+            "ringcast_acks_total",
+            "Persistent events acknowledged by clients.",
+            |s| s.acks.load(Relaxed),
+        ),
+        (
+            "ringcast_replayed_total",
+            "Events replayed from storage (customer streams, topic history).",
+            |s| s.replayed.load(Relaxed),
+        ),
         (
             "ringcast_events_out_total",
             "Event frames queued to clients (deliveries).",
@@ -263,6 +317,14 @@ pub fn stats_json(
         "eventsOut": sum(shards, |s| s.events_out.load(Relaxed)),
         "bytesOut": sum(shards, |s| s.bytes_out.load(Relaxed)),
         "drops": sum(shards, |s| s.drops.load(Relaxed)),
+        "sseConnections": shards.iter().map(|s| s.sse_connections.load(Relaxed)).sum::<i64>(),
+        "pollsWaiting": shards.iter().map(|s| s.polls_waiting.load(Relaxed)).sum::<i64>(),
+        "eventsQueued": sum(shards, |s| s.events_queued.load(Relaxed)),
+        "storedLost": sum(shards, |s| s.stored_lost.load(Relaxed)),
+        "offlineDropped": sum(shards, |s| s.offline_dropped.load(Relaxed)),
+        "duplicates": sum(shards, |s| s.duplicates.load(Relaxed)),
+        "acks": sum(shards, |s| s.acks.load(Relaxed)),
+        "replayed": sum(shards, |s| s.replayed.load(Relaxed)),
         "slowConsumerCloses": sum(shards, |s| s.slow_consumer_closes.load(Relaxed)),
         "publishes": sum(shards, |s| s.publishes.load(Relaxed)),
         "residentBytes": rss,

@@ -108,4 +108,7 @@ pub struct PublishOut {
     pub queued: u64,
     /// Events dropped (offline customers, non-persistent; slow consumers).
     pub dropped: u64,
+    /// Targets that already had this publisher-chosen id inside the dedupe window.
+    #[serde(default)]
+    pub duplicates: u64,
 }

@@ -20,7 +20,8 @@ pub enum ShardMsg {
         /// Bytes read before the handoff (the request head).
         initial: Vec<u8>,
     },
-    /// To a topic's owner: `from` gained its first (`on`) or lost its last local subscriber.
+    /// To a topic's owner: `from` gained (`on`) or lost its last (`!on`) local subscriber.
+    /// A subscription (`on` with `req`) is answered with [`ShardMsg::InterestAck`].
     Interest {
         /// The topic.
         topic: String,
@@ -30,8 +31,12 @@ pub enum ShardMsg {
         on: bool,
         /// Request id for the [`ShardMsg::InterestAck`] (0: no ack wanted).
         req: u64,
+        /// The subscriber's last known position, to replay what it missed.
+        since: Option<Position>,
     },
     /// From a topic's owner: interest registered; events after `offset` will be delivered.
+    /// Travels the same channel as the owner's deliveries, so the subscriber shard processes
+    /// it exactly between the events it must not see live and those it must.
     InterestAck {
         /// The request id of the `Interest`.
         req: u64,
@@ -39,6 +44,10 @@ pub enum ShardMsg {
         offset: u64,
         /// The topic's history epoch.
         epoch: String,
+        /// Whether every event after `since` could be replayed.
+        recovered: bool,
+        /// The missed events, in order, as client JSON (recovery only; rare).
+        replay: Vec<Vec<u8>>,
     },
     /// To a topic's owner: publish `event`; the owner assigns the offset, encodes the frame once
     /// and forwards it to the interested shards.
@@ -52,15 +61,43 @@ pub enum ShardMsg {
         /// Request id of the report.
         req: u64,
     },
-    /// Deliver the frame sent beside this message to local receivers.
+    /// To a customer's owner shard: the event for these customers' own streams. The owner
+    /// assigns each customer's offset and encodes the event once per customer (the cursor
+    /// differs), keeps persistent events until acknowledged.
+    DeliverCustomers {
+        /// Customers owned by the receiving shard.
+        customers: Vec<String>,
+        /// The event.
+        event: Event,
+        /// Shard awaiting the delivery report.
+        origin: u32,
+        /// Request id of the report.
+        req: u64,
+    },
+    /// Deliver the frames sent beside this message to local receivers.
     Deliver {
         /// Who receives it.
         target: Target,
         /// Event type (for the customer stream's type-prefix filters).
         kind: String,
+        /// Event id (deduplication of publisher-chosen ids).
+        id: String,
+        /// The publisher chose the id.
+        idempotent: bool,
         /// Shard awaiting the delivery report.
         origin: u32,
         /// Request id of the report.
+        req: u64,
+    },
+    /// Close these customers' connections (backend `POST /v1/disconnect`).
+    Disconnect {
+        /// Customers owned by the receiving shard.
+        customers: Vec<String>,
+        /// WebSocket close code.
+        code: u16,
+        /// Shard awaiting the report.
+        origin: u32,
+        /// Request id of the report (`counts.dropped` carries connections closed).
         req: u64,
     },
     /// Asks a shard for its histograms (for `GET /v1/stats/histograms`).
@@ -83,13 +120,49 @@ pub enum ShardMsg {
     Report {
         /// Request id.
         req: u64,
-        /// Frames queued to WebSocket connections.
-        websocket: u64,
-        /// Receivers skipped (slow consumers) or targets with no connection.
-        dropped: u64,
+        /// What this shard did.
+        counts: Counts,
         /// Further reports the origin must now wait for (a topic owner fanning out).
         more: u32,
     },
+}
+
+/// A position in a topic: the last offset seen in an epoch.
+#[derive(Debug, Clone, PartialEq, Eq, Archive, Serialize, Deserialize)]
+pub struct Position {
+    /// Last offset received.
+    pub offset: u64,
+    /// The epoch it belongs to.
+    pub epoch: String,
+}
+
+/// What the receivers of a publish got, summed over shards into the API's response.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Archive, Serialize, Deserialize)]
+pub struct Counts {
+    /// Frames queued to WebSocket connections.
+    pub websocket: u64,
+    /// Records queued to SSE streams.
+    pub sse: u64,
+    /// Events handed to waiting long-poll requests.
+    pub poll: u64,
+    /// Persistent events stored for customers with no connection that takes them.
+    pub queued: u64,
+    /// Receivers skipped (slow consumers), offline customers of non-persistent events, expired.
+    pub dropped: u64,
+    /// Targets that had already received this publisher-chosen id inside the dedupe window.
+    pub duplicates: u64,
+}
+
+impl Counts {
+    /// Adds another report.
+    pub fn add(&mut self, o: &Counts) {
+        self.websocket += o.websocket;
+        self.sse += o.sse;
+        self.poll += o.poll;
+        self.queued += o.queued;
+        self.dropped += o.dropped;
+        self.duplicates += o.duplicates;
+    }
 }
 
 /// Receivers of a [`ShardMsg::Deliver`].
@@ -97,8 +170,6 @@ pub enum ShardMsg {
 pub enum Target {
     /// Local subscribers of a topic.
     Topic(String),
-    /// Local connections of these customers.
-    Customers(Vec<String>),
     /// Local connections whose token has this role.
     Role(String),
     /// Every local connection.
@@ -139,6 +210,17 @@ mod tests {
                 from: 3,
                 on: true,
                 req: 9,
+                since: Some(Position {
+                    offset: 4,
+                    epoch: "e".into(),
+                }),
+            },
+            ShardMsg::InterestAck {
+                req: 9,
+                offset: 7,
+                epoch: "e".into(),
+                recovered: true,
+                replay: vec![b"{}".to_vec()],
             },
             ShardMsg::PublishTopic {
                 topic: "t".into(),
@@ -151,20 +233,32 @@ mod tests {
                     ttl: Some(5),
                     timestamp: "ts".into(),
                     from: None,
+                    idempotent: true,
                 },
                 origin: 1,
                 req: 2,
             },
             ShardMsg::Deliver {
-                target: Target::Customers(vec!["a".into(), "b".into()]),
+                target: Target::Role("admin".into()),
                 kind: "k".into(),
+                id: "i".into(),
+                idempotent: false,
                 origin: 0,
                 req: 1,
             },
+            ShardMsg::Disconnect {
+                customers: vec!["a".into(), "b".into()],
+                code: 4003,
+                origin: 0,
+                req: 0,
+            },
             ShardMsg::Report {
                 req: 1,
-                websocket: 10,
-                dropped: 0,
+                counts: Counts {
+                    websocket: 10,
+                    queued: 1,
+                    ..Counts::default()
+                },
                 more: 2,
             },
         ];

@@ -17,6 +17,8 @@ pub enum Request {
         topics: Vec<String>,
         /// Event-type prefixes to receive on the customer's own stream.
         events: Vec<String>,
+        /// Last known positions, per topic, to recover what was missed (`payload.since`).
+        since: Vec<(String, crate::bus::Position)>,
     },
     /// The reverse of `Subscribe`.
     Unsubscribe {
@@ -43,9 +45,21 @@ pub enum Request {
         /// JSON text of the data.
         data: String,
     },
+    /// Confirms persistent events of the customer's stream: by event id, by cursor, or all up
+    /// to a cursor (`upTo`). Unconfirmed ones are delivered again on the next connection.
+    Ack {
+        /// Event ids.
+        ids: Vec<String>,
+        /// Cursors of single events.
+        cursors: Vec<String>,
+        /// Everything up to and including this cursor.
+        up_to: Option<String>,
+        /// `delivered` (default) or `read` (receipts reach the sender in a later release).
+        status: String,
+    },
     /// Liveness check; answered with `pong`.
     Ping,
-    /// A type of the protocol that a later release implements (typing, presence, ack,
+    /// A type of the protocol that a later release implements (typing, presence,
     /// update_preferences); answered with an `unsupported_type` error.
     NotYetSupported(String),
 }
@@ -133,6 +147,33 @@ fn string(payload: Option<&BorrowedValue<'_>>, names: &[&str]) -> Option<String>
         .find_map(|n| p.get(*n).and_then(|v| v.as_str()).map(str::to_owned))
 }
 
+/// `payload.since`: `{"<topic>": {"offset": n, "epoch": "..."}}`.
+fn positions(
+    v: Option<&BorrowedValue<'_>>,
+) -> Result<Vec<(String, crate::bus::Position)>, ClientError> {
+    let bad = || {
+        ClientError::new(
+            "bad_request",
+            "payload.since must map topics to {\"offset\": n, \"epoch\": \"...\"}",
+        )
+    };
+    let Some(v) = v.filter(|v| !v.is_null()) else {
+        return Ok(Vec::new());
+    };
+    let obj = v.as_object().ok_or_else(bad)?;
+    obj.iter()
+        .map(|(topic, pos)| {
+            let offset = pos.get("offset").and_then(|o| o.as_u64()).ok_or_else(bad)?;
+            let epoch = pos
+                .get("epoch")
+                .and_then(|e| e.as_str())
+                .ok_or_else(bad)?
+                .to_owned();
+            Ok((topic.to_string(), crate::bus::Position { offset, epoch }))
+        })
+        .collect()
+}
+
 /// Parses a client text message. `buf` is used as simd-json's scratch space and is clobbered.
 pub fn parse(buf: &mut [u8]) -> Result<ClientMessage, ClientError> {
     let value = simd_json::to_borrowed_value(buf)
@@ -175,7 +216,12 @@ pub fn parse(buf: &mut [u8]) -> Result<ClientMessage, ClientError> {
                 ));
             }
             if kind == "subscribe" {
-                Request::Subscribe { topics, events }
+                let since = positions(payload.and_then(|p| p.get("since"))).map_err(with_ctx)?;
+                Request::Subscribe {
+                    topics,
+                    events,
+                    since,
+                }
             } else {
                 Request::Unsubscribe { topics, events }
             }
@@ -212,9 +258,32 @@ pub fn parse(buf: &mut [u8]) -> Result<ClientMessage, ClientError> {
             }
         }
         "ping" => Request::Ping,
-        "typing" | "presence" | "ack" | "update_preferences" => {
-            Request::NotYetSupported(kind.clone())
+        "ack" => {
+            let ids = strings(payload.and_then(|p| p.get("ids")), "ids").map_err(with_ctx)?;
+            let cursors =
+                strings(payload.and_then(|p| p.get("cursors")), "cursors").map_err(with_ctx)?;
+            let up_to = string(payload, &["upTo", "up_to"]);
+            let status = string(payload, &["status"]).unwrap_or_else(|| "delivered".into());
+            if !matches!(status.as_str(), "delivered" | "read") {
+                return Err(fail(
+                    "bad_request",
+                    "ack status must be delivered or read".into(),
+                ));
+            }
+            if ids.is_empty() && cursors.is_empty() && up_to.is_none() {
+                return Err(fail(
+                    "bad_request",
+                    "ack needs payload.ids, payload.cursors or payload.upTo".into(),
+                ));
+            }
+            Request::Ack {
+                ids,
+                cursors,
+                up_to,
+                status,
+            }
         }
+        "typing" | "presence" | "update_preferences" => Request::NotYetSupported(kind.clone()),
         other => {
             return Err(fail(
                 "unknown_type",
@@ -228,13 +297,16 @@ pub fn parse(buf: &mut [u8]) -> Result<ClientMessage, ClientError> {
     })
 }
 
-/// The `welcome` message sent after the upgrade.
+/// The `welcome` message sent after the upgrade. `stream` is the customer stream's position
+/// before any replayed event (a safe `since` for the next connection) and whether the
+/// connection's own `since` could be honoured completely.
 pub fn welcome(
     customer: &str,
     connection_id: &str,
     subscriptions: &[String],
     heartbeat_secs: u64,
     timestamp: &str,
+    stream: (&str, bool),
 ) -> Vec<u8> {
     json!({
         "type": "welcome",
@@ -245,6 +317,8 @@ pub fn welcome(
             "subscriptions": subscriptions,
             "heartbeat": heartbeat_secs,
             "protocol": 1,
+            "cursor": stream.0,
+            "recovered": stream.1,
         }
     })
     .to_string()
@@ -260,6 +334,8 @@ pub struct TopicPosition {
     pub offset: u64,
     /// Epoch of the topic's history.
     pub epoch: String,
+    /// Whether everything after the client's `since` was replayed (true without `since`).
+    pub recovered: bool,
 }
 
 /// The `subscription_confirmed` reply (also used, with `type` `unsubscribed`, for unsubscribe).
@@ -273,7 +349,7 @@ pub fn subscription_reply(
     for t in topics {
         per_topic.insert(
             t.topic.clone(),
-            json!({ "offset": t.offset, "epoch": t.epoch, "recovered": true }),
+            json!({ "offset": t.offset, "epoch": t.epoch, "recovered": t.recovered }),
         );
     }
     let mut v = json!({
@@ -317,8 +393,43 @@ mod tests {
             m.request,
             Request::Subscribe {
                 topics: vec!["conversation:1".into()],
-                events: vec!["case_".into()]
+                events: vec!["case_".into()],
+                since: vec![],
             }
+        );
+        let m = p(r#"{"type":"subscribe","payload":{"topics":["t"],"since":{"t":{"offset":3,"epoch":"e1"}}}}"#).unwrap();
+        let Request::Subscribe { since, .. } = m.request else {
+            panic!("wrong request")
+        };
+        assert_eq!(
+            since,
+            [(
+                "t".to_owned(),
+                crate::bus::Position {
+                    offset: 3,
+                    epoch: "e1".into()
+                }
+            )]
+        );
+        assert_eq!(
+            p(r#"{"type":"subscribe","payload":{"topics":["t"],"since":{"t":{"offset":"x"}}}}"#)
+                .unwrap_err()
+                .code,
+            "bad_request"
+        );
+        let m = p(r#"{"type":"ack","payload":{"ids":["a","b"],"status":"read"}}"#).unwrap();
+        assert_eq!(
+            m.request,
+            Request::Ack {
+                ids: vec!["a".into(), "b".into()],
+                cursors: vec![],
+                up_to: None,
+                status: "read".into()
+            }
+        );
+        assert_eq!(
+            p(r#"{"type":"ack","payload":{}}"#).unwrap_err().code,
+            "bad_request"
         );
         let m =
             p(r#"{"type":"publish","payload":{"topic":"t","type":"chat","data":{"text":"hi"}}}"#)

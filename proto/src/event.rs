@@ -63,6 +63,9 @@ pub struct Event {
     pub timestamp: String,
     /// The sending customer, for events a client published.
     pub from: Option<String>,
+    /// The publisher chose the id: a second publish with the same id inside the dedupe window
+    /// is not delivered again (generated ids are unique and skip the check).
+    pub idempotent: bool,
 }
 
 /// Where an event goes, as it appears on the wire to clients.
@@ -72,6 +75,8 @@ pub struct Via<'a> {
     pub topic: Option<&'a str>,
     /// Its offset in that topic.
     pub offset: Option<u64>,
+    /// Its position in the customer's own stream (see [`cursor`]).
+    pub cursor: Option<&'a str>,
 }
 
 impl Event {
@@ -102,6 +107,10 @@ impl Event {
             out.extend_from_slice(b",\"offset\":");
             out.extend_from_slice(offset.to_string().as_bytes());
         }
+        if let Some(cursor) = via.cursor {
+            out.extend_from_slice(b",\"cursor\":");
+            push_json_str(&mut out, cursor);
+        }
         if let Some(from) = &self.from {
             out.extend_from_slice(b",\"from\":");
             push_json_str(&mut out, from);
@@ -109,6 +118,49 @@ impl Event {
         out.push(b'}');
         out
     }
+
+    /// The Server-Sent Events record: `event: <type>`, one `data:` line per line of the JSON
+    /// data (a publisher's pretty-printed JSON stays one event), and `id: <cursor>` when the
+    /// event is on the customer's stream. Records without `id` leave the browser's
+    /// Last-Event-ID as it was, so a resume always refers to the customer stream.
+    pub fn to_sse(&self, id: Option<&str>) -> Vec<u8> {
+        let mut out = Vec::with_capacity(32 + self.kind.len() + self.data.len());
+        out.extend_from_slice(b"event: ");
+        out.extend_from_slice(self.kind.as_bytes());
+        out.push(b'\n');
+        for line in self.data.split('\n') {
+            out.extend_from_slice(b"data: ");
+            out.extend_from_slice(line.trim_end_matches('\r').as_bytes());
+            out.push(b'\n');
+        }
+        if let Some(id) = id {
+            out.extend_from_slice(b"id: ");
+            out.extend_from_slice(id.as_bytes());
+            out.push(b'\n');
+        }
+        out.push(b'\n');
+        out
+    }
+
+    /// Whether the event's time to live has passed `secs` seconds after it was accepted.
+    pub fn expired_after(&self, secs: u64) -> bool {
+        self.ttl.is_some_and(|ttl| secs >= ttl)
+    }
+}
+
+/// The opaque position in a customer's stream: `<epoch>-<offset>`. The epoch changes when the
+/// stream's stored events are lost (restart), so an old cursor is recognised as such.
+pub fn cursor(epoch: &str, offset: u64) -> String {
+    format!("{epoch}-{offset}")
+}
+
+/// Splits a cursor into `(epoch, offset)`; `None` when it is not one of ours.
+pub fn parse_cursor(s: &str) -> Option<(&str, u64)> {
+    let (epoch, offset) = s.rsplit_once('-')?;
+    if epoch.is_empty() || epoch.contains(|c: char| c.is_whitespace() || c.is_control()) {
+        return None;
+    }
+    Some((epoch, offset.parse().ok()?))
 }
 
 /// Appends `s` as a JSON string literal.
@@ -177,8 +229,16 @@ impl EventIn {
             Some(p) => Priority::parse(p)
                 .ok_or_else(|| invalid("invalid_priority", format!("unknown priority {p:?}")))?,
         };
+        let given = self.id.filter(|s| !s.is_empty());
+        if given.as_ref().is_some_and(|s| s.len() > 256) {
+            return Err(invalid("invalid_id", "event ids are at most 256 bytes"));
+        }
+        if self.ttl == Some(0) {
+            return Err(invalid("invalid_ttl", "ttl must be at least 1 second"));
+        }
         Ok(Event {
-            id: self.id.filter(|s| !s.is_empty()).unwrap_or_else(id),
+            idempotent: given.is_some(),
+            id: given.unwrap_or_else(id),
             kind: self.kind,
             data: self
                 .data
@@ -233,6 +293,7 @@ mod tests {
         let json = ev.to_client_json(Via {
             topic: Some("conversation:1"),
             offset: Some(7),
+            cursor: None,
         });
         let v: serde_json::Value = serde_json::from_slice(&json).unwrap();
         assert_eq!(v["type"], "case_status_update");
@@ -243,6 +304,30 @@ mod tests {
         assert_eq!(v["topic"], "conversation:1");
         assert_eq!(v["offset"], 7);
         assert!(v.get("from").is_none());
+        assert!(!ev.idempotent);
+    }
+
+    #[test]
+    fn sse_records_and_cursors() {
+        let ev: EventIn =
+            serde_json::from_str(r#"{"type":"case_status_update","id":"x","data":{"a":1}}"#)
+                .unwrap();
+        let mut ev = ev.into_event(|| "g".into(), || "t".into()).unwrap();
+        assert!(ev.idempotent);
+        assert_eq!(
+            ev.to_sse(Some("e.0.1-4")),
+            b"event: case_status_update\ndata: {\"a\":1}\nid: e.0.1-4\n\n"
+        );
+        ev.data = "{\n  \"a\": 1\r\n}".into();
+        assert_eq!(
+            ev.to_sse(None),
+            b"event: case_status_update\ndata: {\ndata:   \"a\": 1\ndata: }\n\n"
+        );
+        let c = cursor("19a.0.3", 42);
+        assert_eq!(parse_cursor(&c), Some(("19a.0.3", 42)));
+        assert_eq!(parse_cursor("nope"), None);
+        assert_eq!(parse_cursor("-5"), None);
+        assert_eq!(parse_cursor("a-b"), None);
     }
 
     #[test]

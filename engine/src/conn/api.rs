@@ -145,11 +145,37 @@ async fn handle(shard: &Rc<Shard>, head: &Head, body: Vec<u8>) -> Response {
             Some(h) => Response::json(200, histograms_json(&h).to_string()),
             None => json_error(503, "shard_timeout", "a shard did not answer in time"),
         },
-        Route::Publish | Route::PublishBatch if !authorized(shard, head) => json_error(
-            401,
-            "unauthorized",
-            "Authorization: Bearer <api key> required",
-        ),
+        Route::Publish | Route::PublishBatch | Route::Disconnect if !authorized(shard, head) => {
+            json_error(
+                401,
+                "unauthorized",
+                "Authorization: Bearer <api key> required",
+            )
+        }
+        Route::Disconnect => match serde_json::from_slice::<DisconnectIn>(&body) {
+            Ok(d) => {
+                let code = d.code.unwrap_or(proto::ws::close::NORMAL);
+                if !DISCONNECT_CODES.contains(&code) {
+                    return json_error(
+                        400,
+                        "invalid_code",
+                        &format!("code must be one of {DISCONNECT_CODES:?}"),
+                    );
+                }
+                if d.customers.is_empty() || d.customers.len() > proto::api::MAX_TARGETS {
+                    return json_error(400, "no_target", "give 1-10000 customers");
+                }
+                let c = shard.disconnect(&d.customers, code).await;
+                Response::json(
+                    200,
+                    serde_json::json!({
+                        "closed": { "websocket": c.websocket, "sse": c.sse, "poll": c.poll }
+                    })
+                    .to_string(),
+                )
+            }
+            Err(e) => json_error(400, "bad_json", &e.to_string()),
+        },
         Route::Publish => match serde_json::from_slice::<PublishIn>(&body) {
             Ok(p) => match publish_one(shard, p).await {
                 Ok(out) => Response::json(200, serde_json::to_vec(&out).expect("serialisable")),
@@ -174,21 +200,35 @@ async fn handle(shard: &Rc<Shard>, head: &Head, body: Vec<u8>) -> Response {
     }
 }
 
+/// Body of `POST /v1/disconnect`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DisconnectIn {
+    customers: Vec<String>,
+    #[serde(default)]
+    code: Option<u16>,
+}
+
+/// Close codes a backend may ask for: normal, policy, try again later, token expired,
+/// forbidden.
+const DISCONNECT_CODES: [u16; 5] = [1000, 1008, 1013, 4001, 4003];
+
 async fn publish_one(shard: &Rc<Shard>, p: PublishIn) -> Result<PublishOut, Response> {
     let now = || humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
     let p = p
         .validate(|| shard.next_conn_id(), now)
         .map_err(|e| json_error(400, e.code, &e.message))?;
-    let (websocket, dropped) = shard.publish(&p, true).await;
+    let c = shard.publish(&p, true).await;
     Ok(PublishOut {
         id: p.event.id,
         delivered: Delivered {
-            websocket,
-            sse: 0,
-            poll: 0,
+            websocket: c.websocket,
+            sse: c.sse,
+            poll: c.poll,
         },
-        queued: 0,
-        dropped,
+        queued: c.queued,
+        dropped: c.dropped,
+        duplicates: c.duplicates,
     })
 }
 

@@ -3,6 +3,7 @@
 //! API (`api`).
 
 mod api;
+mod stream;
 mod ws;
 
 use std::{
@@ -47,14 +48,8 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, mut buf: Vec<u8>) {
         Route::Echo if shard.shared.config.diagnostics.echo => {
             ws::upgrade(started, shard, stream, head, buf, head_len, ws::Kind::Echo).await
         }
-        Route::Sse | Route::Missed => {
-            let resp = json_error(
-                501,
-                "not_implemented",
-                "SSE and long-poll arrive with the reliable-delivery release",
-            );
-            respond(&mut stream, &resp, false).await;
-        }
+        Route::Sse => stream::sse(shard, stream, head, buf).await,
+        Route::Missed => stream::missed(shard, stream, head, buf).await,
         Route::NotFound | Route::Echo => {
             respond(
                 &mut stream,
@@ -72,6 +67,23 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, mut buf: Vec<u8>) {
             .await;
         }
         _ => api::serve(shard, stream, head, buf, head_len).await,
+    }
+}
+
+/// Moves a customer's connection to its owner shard with the bytes read so far; the owner
+/// serves it from the start (it replays the request head).
+pub(crate) fn hand_off(shard: &Shard, stream: TcpStream, buf: Vec<u8>, owner: usize) {
+    match crate::io::detach_for_handoff(stream) {
+        Ok(fd) => {
+            shard.metrics().handoffs_out.fetch_add(1, Relaxed);
+            shard.send_msg(
+                owner,
+                &proto::bus::ShardMsg::Handoff { fd, initial: buf },
+                None,
+                None,
+            );
+        }
+        Err(e) => tracing::warn!(error = %e, "handoff failed"),
     }
 }
 

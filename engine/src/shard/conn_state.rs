@@ -33,6 +33,8 @@ pub struct Conn {
     pub fd: RawFd,
     /// The customer (empty for the diagnostic echo).
     pub customer: Rc<str>,
+    /// An SSE stream (records, comment pings, no close frames) rather than a WebSocket.
+    pub sse: bool,
     /// Event-type prefixes accepted on the customer's own stream; empty = all.
     pub filters: Vec<Box<str>>,
     /// Frames waiting to be written.
@@ -100,6 +102,7 @@ impl Conn {
         Conn {
             fd,
             customer,
+            sse: false,
             filters: Vec::new(),
             out: VecDeque::new(),
             out_bytes: 0,

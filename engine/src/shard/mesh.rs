@@ -17,14 +17,14 @@ use glommio::{
 use proto::bus::{self, ArchivedShardMsg, ShardMsg};
 use rkyv::util::AlignedVec;
 
-use super::{notify::Notify, Frame, Shard};
+use super::{notify::Notify, Job, Payload, Shard};
 
 /// What crosses between shards.
 pub struct Envelope {
     /// The rkyv-encoded [`ShardMsg`].
     pub msg: AlignedVec,
-    /// The encoded frame of a delivery, shared.
-    pub frame: Option<Frame>,
+    /// The encoded frames of a delivery, shared.
+    pub frame: Option<Payload>,
     /// When the publish was accepted (publish-to-write latency).
     pub published: Option<Instant>,
 }
@@ -155,7 +155,7 @@ impl Shard {
         &self,
         to: usize,
         msg: &ShardMsg,
-        frame: Option<Frame>,
+        frame: Option<Payload>,
         published: Option<Instant>,
     ) {
         if to != self.id {
@@ -191,18 +191,38 @@ impl Shard {
                 from,
                 on,
                 req,
+                since,
             } => {
+                let since = since
+                    .as_ref()
+                    .map(|p| (p.offset.to_native(), p.epoch.as_str()));
                 self.handle_interest(
                     topic.as_str(),
                     from.to_native() as usize,
                     *on,
                     req.to_native(),
+                    since,
                 );
             }
-            ArchivedShardMsg::InterestAck { req, offset, epoch } => {
-                if let Some(tx) = self.interest_waiters.borrow_mut().remove(&req.to_native()) {
-                    let _ = tx.send((offset.to_native(), epoch.as_str().to_owned()));
-                }
+            ArchivedShardMsg::InterestAck { .. } => {
+                // Queued behind the deliveries that arrived before it: see `Job::Subscribed`.
+                let ShardMsg::InterestAck {
+                    req,
+                    offset,
+                    epoch,
+                    recovered,
+                    replay,
+                } = bus::to_owned(msg)
+                else {
+                    unreachable!()
+                };
+                self.queue_job(Job::Subscribed {
+                    req,
+                    offset,
+                    epoch,
+                    recovered,
+                    replay,
+                });
             }
             ArchivedShardMsg::PublishTopic {
                 topic,
@@ -220,27 +240,62 @@ impl Shard {
                     env.published,
                 );
             }
-            ArchivedShardMsg::Deliver { .. } => {
-                let ShardMsg::Deliver {
-                    target,
-                    kind,
+            ArchivedShardMsg::DeliverCustomers { .. } => {
+                let ShardMsg::DeliverCustomers {
+                    customers,
+                    event,
                     origin,
                     req,
                 } = bus::to_owned(msg)
                 else {
                     unreachable!()
                 };
-                let Some(frame) = env.frame else {
-                    tracing::error!(shard = self.id, "delivery without a frame");
-                    return;
-                };
-                self.queue_delivery(super::DeliverJob {
-                    target,
-                    kind,
-                    frame,
+                self.queue_job(Job::Customers {
+                    customers,
+                    event,
                     origin: origin as usize,
                     req,
                     published: env.published,
+                });
+            }
+            ArchivedShardMsg::Deliver { .. } => {
+                let ShardMsg::Deliver {
+                    target,
+                    kind,
+                    id,
+                    idempotent,
+                    origin,
+                    req,
+                } = bus::to_owned(msg)
+                else {
+                    unreachable!()
+                };
+                let Some(payload) = env.frame else {
+                    tracing::error!(shard = self.id, "delivery without a frame");
+                    return;
+                };
+                self.queue_job(Job::Deliver(super::DeliverJob {
+                    target,
+                    kind,
+                    id,
+                    idempotent,
+                    payload,
+                    origin: origin as usize,
+                    req,
+                    published: env.published,
+                }));
+            }
+            ArchivedShardMsg::Disconnect {
+                customers,
+                code,
+                origin,
+                req,
+            } => {
+                self.queue_job(Job::Disconnect {
+                    customers: customers.iter().map(|c| c.as_str().to_owned()).collect(),
+                    code: code.to_native(),
+                    origin: origin.to_native() as usize,
+                    req: req.to_native(),
                 });
             }
             ArchivedShardMsg::HistogramsRequest { origin, req } => {
@@ -257,18 +312,10 @@ impl Shard {
                     handshake.as_slice(),
                 );
             }
-            ArchivedShardMsg::Report {
-                req,
-                websocket,
-                dropped,
-                more,
-            } => {
-                self.handle_report(
-                    req.to_native(),
-                    websocket.to_native(),
-                    dropped.to_native(),
-                    more.to_native(),
-                );
+            ArchivedShardMsg::Report { req, counts, more } => {
+                let counts = rkyv::deserialize::<proto::bus::Counts, rkyv::rancor::Error>(counts)
+                    .expect("a validated archive deserialises");
+                self.handle_report(req.to_native(), &counts, more.to_native());
             }
         }
     }

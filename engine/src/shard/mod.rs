@@ -10,6 +10,7 @@ mod mesh;
 pub mod notify;
 mod route;
 pub mod slab;
+pub mod streams;
 mod wheel;
 
 use std::{
@@ -37,8 +38,9 @@ use conn_state::{Conn, Flush, OutFrame, Queued, Written};
 pub use mesh::Envelope;
 use mesh::Mesh;
 use notify::Notify;
-pub use route::DeliverJob;
+pub use route::{DeliverJob, Job, Payload};
 use slab::{ConnKey, Slab};
+use streams::{CustomerStream, Dedupe, Poller};
 use wheel::Wheel;
 
 /// State shared by all shards: immutable configuration, metrics atomics, lifecycle flags.
@@ -86,6 +88,31 @@ pub struct OwnedTopic {
     pub offset: u64,
     /// Shards with at least one subscriber, as a bitset.
     pub interest: Vec<u64>,
+    /// The last events, for recovery (`subscribe` with `since`).
+    pub history: VecDeque<Kept>,
+    /// Events kept (from `[history]`).
+    pub keep: usize,
+    /// Seconds an event is kept.
+    pub age: u64,
+}
+
+/// An event kept in a topic's history.
+pub struct Kept {
+    /// Its offset.
+    pub offset: u64,
+    /// Unix seconds after which it is dropped (history age or the event's ttl).
+    pub expires: u64,
+    /// Client JSON (with topic and offset).
+    pub json: Frame,
+}
+
+/// A topic's local subscribers on this shard.
+#[derive(Default)]
+pub struct LocalTopic {
+    /// Subscribers receiving live events.
+    pub subs: Subscribers,
+    /// Subscriptions waiting for the owner's answer (the shard's interest stays while > 0).
+    pub pending: u32,
 }
 
 /// One shard's state. Lives in an `Rc` on its executor; never crosses threads.
@@ -99,7 +126,7 @@ pub struct Shard {
     /// Customer -> its connections (all on this shard, its owner).
     pub customers: RefCell<AHashMap<Rc<str>, Vec<ConnKey>>>,
     /// Topic -> local subscribers.
-    pub topics: RefCell<AHashMap<Rc<str>, Subscribers>>,
+    pub topics: RefCell<AHashMap<Rc<str>, LocalTopic>>,
     /// Role -> local connections whose token has it.
     pub roles: RefCell<AHashMap<Rc<str>, Subscribers>>,
     /// Topics this shard owns.
@@ -112,12 +139,20 @@ pub struct Shard {
     mesh: Mesh,
     /// Publishes awaiting delivery reports.
     reports: RefCell<AHashMap<u64, route::PendingReport>>,
-    /// Subscriptions awaiting the topic owner's acknowledgement.
-    interest_waiters: RefCell<AHashMap<u64, futures_channel::oneshot::Sender<(u64, String)>>>,
+    /// Subscriptions awaiting the topic owner's answer.
+    sub_waiters: RefCell<AHashMap<u64, route::SubWaiter>>,
+    /// Stored events of customers owned here.
+    pub streams: RefCell<AHashMap<Rc<str>, CustomerStream>>,
+    /// Parked long polls, by customer.
+    pub pollers: RefCell<AHashMap<Rc<str>, Vec<Rc<Poller>>>>,
+    /// Publisher-chosen ids seen recently.
+    dedupe: RefCell<Dedupe>,
+    /// Last customer-stream offset handed out on this shard.
+    stream_offset: Cell<u64>,
     next_req: Cell<u64>,
     next_conn: Cell<u64>,
     /// Deliveries in arrival order (keeps per-topic order), run by the fan-out task.
-    deliveries: RefCell<VecDeque<DeliverJob>>,
+    deliveries: RefCell<VecDeque<Job>>,
     deliver_notify: Notify,
     /// Heartbeats, idle and close timeouts.
     wheel: RefCell<Wheel>,
@@ -175,6 +210,7 @@ impl Shard {
     /// Registers a connection of `customer` with `roles`; returns its key.
     pub fn register(&self, conn: Conn, roles: &[String]) -> ConnKey {
         let customer = conn.customer.clone();
+        let sse = conn.sse;
         let key = self.conns.borrow_mut().insert(conn);
         self.wheel.borrow_mut().schedule(
             key,
@@ -193,6 +229,9 @@ impl Shard {
             }
         }
         self.metrics().connections.fetch_add(1, Relaxed);
+        if sse {
+            self.metrics().sse_connections.fetch_add(1, Relaxed);
+        }
         key
     }
 
@@ -202,6 +241,9 @@ impl Shard {
             return;
         };
         self.metrics().connections.fetch_sub(1, Relaxed);
+        if conn.sse {
+            self.metrics().sse_connections.fetch_sub(1, Relaxed);
+        }
         let dropped = conn.out.len() as u64;
         self.metrics().drops.fetch_add(dropped, Relaxed);
         if !conn.customer.is_empty() {
@@ -488,7 +530,11 @@ pub fn start(config: Config) -> anyhow::Result<Server> {
                     scratch: RefCell::new(vec![0u8; 64 * 1024].into_boxed_slice()),
                     mesh,
                     reports: RefCell::default(),
-                    interest_waiters: RefCell::default(),
+                    sub_waiters: RefCell::default(),
+                    streams: RefCell::default(),
+                    pollers: RefCell::default(),
+                    dedupe: RefCell::default(),
+                    stream_offset: Cell::new(0),
                     next_req: Cell::new(0),
                     next_conn: Cell::new(0),
                     deliveries: RefCell::default(),
@@ -541,6 +587,11 @@ impl Shard {
                     c.close_request.get_or_insert(proto::ws::close::GOING_AWAY);
                     c.wake();
                 }
+            }
+        }
+        for pollers in self.pollers.borrow().values() {
+            for p in pollers {
+                p.notify.notify();
             }
         }
         while (!self.conns.borrow().is_empty() || self.metrics().api_connections.load(Relaxed) > 0)
@@ -602,6 +653,9 @@ impl Shard {
                 self.run_timers(self.clock.get());
                 if self.clock.get().is_multiple_of(2) {
                     crate::io::collect_allocator(false);
+                }
+                if self.clock.get().is_multiple_of(10) {
+                    self.sweep_streams();
                 }
             }
         }

@@ -9,22 +9,45 @@ use ahash::AHashMap;
 use futures_channel::oneshot;
 use proto::{
     api::Publish,
-    bus::{ShardMsg, Target},
+    bus::{Counts, Position, ShardMsg, Target},
     event::{Event, Via},
     placement::{owner_shard, topic_shard},
     ws::{server_frame, OpCode},
 };
 
-use super::{slab::ConnKey, Frame, Shard};
+use super::{slab::ConnKey, streams::unix_now, Frame, Kept, LocalTopic, OwnedTopic, Shard};
 
-/// A delivery waiting for the shard's fan-out task.
+/// Frames of one event, encoded once per transport.
+#[derive(Clone)]
+pub struct Payload {
+    /// The WebSocket text frame.
+    pub ws: Frame,
+    /// The SSE record.
+    pub sse: Frame,
+}
+
+impl Payload {
+    /// Encodes an event for both transports.
+    pub fn of(event: &Event, via: Via<'_>) -> Payload {
+        Payload {
+            ws: server_frame(OpCode::Text, &event.to_client_json(via)),
+            sse: Frame::from(event.to_sse(None)),
+        }
+    }
+}
+
+/// A delivery to topic subscribers, role members or everyone, waiting for the fan-out task.
 pub struct DeliverJob {
     /// Receivers.
     pub target: Target,
     /// Event type (customer-stream filters).
     pub kind: String,
-    /// The shared frame.
-    pub frame: Frame,
+    /// Event id.
+    pub id: String,
+    /// The publisher chose the id (deduplicate).
+    pub idempotent: bool,
+    /// The shared frames.
+    pub payload: Payload,
     /// Shard awaiting the report.
     pub origin: usize,
     /// Report request id (0: no report).
@@ -33,12 +56,62 @@ pub struct DeliverJob {
     pub published: Option<Instant>,
 }
 
+/// Work for the fan-out task, run strictly in arrival order: that order is what makes
+/// per-topic order, and the exact switch from replay to live at a subscription.
+pub enum Job {
+    /// Topic, role or broadcast delivery.
+    Deliver(DeliverJob),
+    /// Events for customers owned here.
+    Customers {
+        /// Customers.
+        customers: Vec<String>,
+        /// The event.
+        event: Event,
+        /// Shard awaiting the report.
+        origin: usize,
+        /// Report request id.
+        req: u64,
+        /// When the publish was accepted.
+        published: Option<Instant>,
+    },
+    /// A topic owner's answer to a subscription: replay, then add the subscriber.
+    Subscribed {
+        /// The subscription's request id.
+        req: u64,
+        /// The topic's last offset.
+        offset: u64,
+        /// The topic's epoch.
+        epoch: String,
+        /// Whether the replay is complete.
+        recovered: bool,
+        /// Missed events (client JSON).
+        replay: Vec<Vec<u8>>,
+    },
+    /// Close customers' connections.
+    Disconnect {
+        /// Customers.
+        customers: Vec<String>,
+        /// Close code.
+        code: u16,
+        /// Shard awaiting the report.
+        origin: usize,
+        /// Report request id.
+        req: u64,
+    },
+}
+
+/// A subscription waiting for its topic owner's answer.
+pub(super) struct SubWaiter {
+    key: ConnKey,
+    topic: Rc<str>,
+    tx: oneshot::Sender<(u64, String, bool)>,
+}
+
 /// A publish waiting for its delivery reports.
 pub(super) struct PendingReport {
     remaining: u32,
-    websocket: u64,
-    dropped: u64,
-    tx: Option<oneshot::Sender<(u64, u64)>>,
+    counts: Counts,
+    tx: Option<oneshot::Sender<Counts>>,
 }
 
 /// A `/v1/stats/histograms` gather waiting for every shard's reply.
@@ -71,9 +144,9 @@ fn ones(bits: &[u64]) -> impl Iterator<Item = usize> + '_ {
 }
 
 impl Shard {
-    /// Routes a publish. With `wait`, resolves to `(delivered, dropped)` once every shard has
+    /// Routes a publish. With `wait`, resolves to the summed [`Counts`] once every shard has
     /// reported (or after 5 s, with what was reported by then); without, returns at once.
-    pub async fn publish(self: &Rc<Self>, p: &Publish, wait: bool) -> (u64, u64) {
+    pub async fn publish(self: &Rc<Self>, p: &Publish, wait: bool) -> Counts {
         self.metrics().publishes.fetch_add(1, Relaxed);
         let published = Some(Instant::now());
         let n = self.shared.n_shards;
@@ -87,47 +160,36 @@ impl Shard {
         let expected =
             p.topics.len() + by_owner.len() + (p.roles.len() + usize::from(p.broadcast)) * n;
         if expected == 0 {
-            return (0, 0);
+            return Counts::default();
         }
         let (req, rx) = if wait {
-            let req = self.next_req();
-            let (tx, rx) = oneshot::channel();
-            self.reports.borrow_mut().insert(
-                req,
-                PendingReport {
-                    remaining: expected as u32,
-                    websocket: 0,
-                    dropped: 0,
-                    tx: Some(tx),
-                },
-            );
+            let (req, rx) = self.expect_reports(expected as u32);
             (req, Some(rx))
         } else {
             (0, None)
         };
+        let origin = self.id as u32;
         for topic in &p.topics {
             let msg = ShardMsg::PublishTopic {
                 topic: topic.clone(),
                 event: p.event.clone(),
-                origin: self.id as u32,
+                origin,
                 req,
             };
             self.send_msg(topic_shard(topic, n), &msg, None, published);
         }
-        if !by_owner.is_empty() || !p.roles.is_empty() || p.broadcast {
-            // Encoded once for every customer, role member and broadcast receiver.
-            let frame = server_frame(OpCode::Text, &p.event.to_client_json(Via::default()));
-            let kind = &p.event.kind;
-            let origin = self.id as u32;
-            for (shard, ids) in by_owner {
-                let msg = ShardMsg::Deliver {
-                    target: Target::Customers(ids),
-                    kind: kind.clone(),
-                    origin,
-                    req,
-                };
-                self.send_msg(shard, &msg, Some(frame.clone()), published);
-            }
+        for (shard, customers) in by_owner {
+            let msg = ShardMsg::DeliverCustomers {
+                customers,
+                event: p.event.clone(),
+                origin,
+                req,
+            };
+            self.send_msg(shard, &msg, None, published);
+        }
+        if !p.roles.is_empty() || p.broadcast {
+            // Encoded once for every role member and broadcast receiver.
+            let payload = Payload::of(&p.event, Via::default());
             let mut targets: Vec<Target> =
                 p.roles.iter().map(|r| Target::Role(r.clone())).collect();
             if p.broadcast {
@@ -137,15 +199,39 @@ impl Shard {
                 for shard in 0..n {
                     let msg = ShardMsg::Deliver {
                         target: target.clone(),
-                        kind: kind.clone(),
+                        kind: p.event.kind.clone(),
+                        id: p.event.id.clone(),
+                        idempotent: p.event.idempotent,
                         origin,
                         req,
                     };
-                    self.send_msg(shard, &msg, Some(frame.clone()), published);
+                    self.send_msg(shard, &msg, Some(payload.clone()), published);
                 }
             }
         }
-        let Some(rx) = rx else { return (0, 0) };
+        match rx {
+            Some(rx) => self.await_reports(req, rx).await,
+            None => Counts::default(),
+        }
+    }
+
+    /// Registers a request expecting `expected` reports.
+    fn expect_reports(&self, expected: u32) -> (u64, oneshot::Receiver<Counts>) {
+        let req = self.next_req();
+        let (tx, rx) = oneshot::channel();
+        self.reports.borrow_mut().insert(
+            req,
+            PendingReport {
+                remaining: expected,
+                counts: Counts::default(),
+                tx: Some(tx),
+            },
+        );
+        (req, rx)
+    }
+
+    /// Waits for the reports of `req` (5 s at most; then what was reported).
+    async fn await_reports(&self, req: u64, rx: oneshot::Receiver<Counts>) -> Counts {
         let timeout = async {
             glommio::timer::sleep(std::time::Duration::from_secs(5)).await;
             Err(oneshot::Canceled)
@@ -154,13 +240,41 @@ impl Shard {
             Ok(counts) => counts,
             Err(_) => {
                 let pending = self.reports.borrow_mut().remove(&req);
-                tracing::warn!(shard = self.id, "publish report timed out");
-                pending.map_or((0, 0), |p| (p.websocket, p.dropped))
+                tracing::warn!(shard = self.id, "delivery report timed out");
+                pending.map_or_else(Counts::default, |p| p.counts)
             }
         }
     }
 
-    /// On a topic's owner: assign the next offset, encode once, fan out to interested shards.
+    /// Closes every connection of `customers` with `code`; resolves to the connections closed
+    /// per transport (in `websocket` and `sse`).
+    pub async fn disconnect(self: &Rc<Self>, customers: &[String], code: u16) -> Counts {
+        let n = self.shared.n_shards;
+        let mut by_owner: AHashMap<usize, Vec<String>> = AHashMap::new();
+        for c in customers {
+            by_owner
+                .entry(owner_shard(c, n))
+                .or_default()
+                .push(c.clone());
+        }
+        if by_owner.is_empty() {
+            return Counts::default();
+        }
+        let (req, rx) = self.expect_reports(by_owner.len() as u32);
+        for (shard, customers) in by_owner {
+            let msg = ShardMsg::Disconnect {
+                customers,
+                code,
+                origin: self.id as u32,
+                req,
+            };
+            self.send_msg(shard, &msg, None, None);
+        }
+        self.await_reports(req, rx).await
+    }
+
+    /// On a topic's owner: assign the next offset, keep it in the history, encode once, fan
+    /// out to interested shards.
     pub(super) fn publish_owned_topic(
         &self,
         topic: &str,
@@ -169,49 +283,128 @@ impl Shard {
         req: u64,
         published: Option<Instant>,
     ) {
-        let (offset, shards) = {
-            let mut owned = self.owned.borrow_mut();
-            let t = match owned.get_mut(topic) {
-                Some(t) => t,
-                None => owned.entry(Rc::from(topic)).or_default(),
-            };
-            t.offset += 1;
-            (t.offset, ones(&t.interest).collect::<Vec<_>>())
-        };
-        if req != 0 {
-            self.report(origin, req, 0, 0, shards.len() as u32);
-        }
-        if shards.is_empty() {
+        let now = unix_now();
+        if event.idempotent
+            && !self.dedupe.borrow_mut().first(
+                topic,
+                &event.id,
+                now,
+                self.shared.config.delivery.dedupe_window_secs,
+            )
+        {
+            self.metrics().duplicates.fetch_add(1, Relaxed);
+            if req != 0 {
+                let counts = Counts {
+                    duplicates: 1,
+                    ..Counts::default()
+                };
+                self.report(origin, req, counts, 0);
+            }
             return;
         }
-        let frame = server_frame(
-            OpCode::Text,
-            &event.to_client_json(Via {
+        let (shards, payload) = {
+            let mut owned = self.owned.borrow_mut();
+            let t = self.owned_topic(&mut owned, topic);
+            t.offset += 1;
+            let offset = t.offset;
+            let via = Via {
                 topic: Some(topic),
                 offset: Some(offset),
-            }),
-        );
+                cursor: None,
+            };
+            let json = event.to_client_json(via);
+            let payload = Payload {
+                ws: server_frame(OpCode::Text, &json),
+                sse: Frame::from(event.to_sse(None)),
+            };
+            if t.keep > 0 {
+                let expires = now.saturating_add(event.ttl.unwrap_or(u64::MAX).min(t.age));
+                t.history.push_back(Kept {
+                    offset,
+                    expires,
+                    json: Frame::from(json),
+                });
+                while t.history.len() > t.keep {
+                    t.history.pop_front();
+                }
+            }
+            (ones(&t.interest).collect::<Vec<_>>(), payload)
+        };
+        if req != 0 {
+            self.report(origin, req, Counts::default(), shards.len() as u32);
+        }
         for shard in shards {
             let msg = ShardMsg::Deliver {
                 target: Target::Topic(topic.to_owned()),
                 kind: event.kind.clone(),
+                id: event.id.clone(),
+                // Deduplicated here, once for the topic.
+                idempotent: false,
                 origin: origin as u32,
                 req,
             };
-            self.send_msg(shard, &msg, Some(frame.clone()), published);
+            self.send_msg(shard, &msg, Some(payload.clone()), published);
         }
     }
 
-    /// On a topic's owner: a shard gained or lost its subscribers.
-    pub(super) fn handle_interest(&self, topic: &str, from: usize, on: bool, req: u64) {
-        let offset = {
+    /// The owned topic, created with its history settings on first use.
+    fn owned_topic<'a>(
+        &self,
+        owned: &'a mut AHashMap<Rc<str>, OwnedTopic>,
+        topic: &str,
+    ) -> &'a mut OwnedTopic {
+        if !owned.contains_key(topic) {
+            let (keep, age) = self.shared.config.history.for_topic(topic);
+            owned.insert(
+                Rc::from(topic),
+                OwnedTopic {
+                    keep,
+                    age,
+                    ..OwnedTopic::default()
+                },
+            );
+        }
+        owned.get_mut(topic).expect("just ensured")
+    }
+
+    /// On a topic's owner: a shard gained or lost its subscribers. A subscription is answered
+    /// with the topic's position and, when the subscriber gave one, what it missed.
+    pub(super) fn handle_interest(
+        &self,
+        topic: &str,
+        from: usize,
+        on: bool,
+        req: u64,
+        since: Option<(u64, &str)>,
+    ) {
+        let now = unix_now();
+        let (offset, recovered, replay) = {
             let mut owned = self.owned.borrow_mut();
-            let t = match owned.get_mut(topic) {
-                Some(t) => t,
-                None => owned.entry(Rc::from(topic)).or_default(),
-            };
+            let t = self.owned_topic(&mut owned, topic);
             set_bit(&mut t.interest, from, on);
-            t.offset
+            while t.history.front().is_some_and(|k| k.expires <= now) {
+                t.history.pop_front();
+            }
+            let offset = t.offset;
+            let (recovered, replay) = match since {
+                None => (true, Vec::new()),
+                Some((seen, epoch)) => {
+                    // Complete when every offset after `seen` is still kept.
+                    let first_kept = t.history.front().map_or(offset + 1, |k| k.offset);
+                    if epoch == self.shared.epoch && seen <= offset && seen + 1 >= first_kept {
+                        let replay = t
+                            .history
+                            .iter()
+                            .filter(|k| k.offset > seen)
+                            .map(|k| k.json.to_vec())
+                            .collect();
+                        (true, replay)
+                    } else {
+                        (false, Vec::new())
+                    }
+                }
+            };
+            (offset, recovered, replay)
         };
         if req != 0 {
             self.send_msg(
@@ -220,6 +413,8 @@ impl Shard {
                     req,
                     offset,
                     epoch: self.shared.epoch.clone(),
+                    recovered,
+                    replay,
                 },
                 None,
                 None,
@@ -227,33 +422,47 @@ impl Shard {
         }
     }
 
-    /// Adds a local subscriber and registers interest with the topic's owner; resolves to the
-    /// topic's `(offset, epoch)` once the owner has it (events after that offset will come).
-    ///
-    /// Also returns the shard's interned name of the topic, which the connection keeps instead
-    /// of a copy of its own.
+    /// Subscribes a connection to a topic: asks the owner for the topic's position (and the
+    /// events after `since`); the fan-out task, at the owner's answer, queues the replay and
+    /// adds the subscriber, so the live stream starts exactly after the replay. Resolves to
+    /// the shard's interned topic name and `(offset, epoch, recovered)` (None if the owner did
+    /// not answer in 5 s; the subscription then completes whenever it does).
     pub async fn subscribe_topic(
         &self,
         key: ConnKey,
         topic: &str,
-    ) -> (Rc<str>, Option<(u64, String)>) {
+        since: Option<Position>,
+    ) -> (Rc<str>, Option<(u64, String, bool)>) {
         let name = {
             let mut topics = self.topics.borrow_mut();
             match topics.get_key_value(topic).map(|(name, _)| name.clone()) {
                 Some(name) => {
-                    Rc::make_mut(topics.get_mut(topic).expect("just found")).push(key);
+                    topics.get_mut(topic).expect("just found").pending += 1;
                     name
                 }
                 None => {
                     let name: Rc<str> = Rc::from(topic);
-                    topics.insert(name.clone(), Rc::new(vec![key]));
+                    topics.insert(
+                        name.clone(),
+                        LocalTopic {
+                            subs: Rc::default(),
+                            pending: 1,
+                        },
+                    );
                     name
                 }
             }
         };
         let req = self.next_req();
         let (tx, rx) = oneshot::channel();
-        self.interest_waiters.borrow_mut().insert(req, tx);
+        self.sub_waiters.borrow_mut().insert(
+            req,
+            SubWaiter {
+                key,
+                topic: name.clone(),
+                tx,
+            },
+        );
         let owner = topic_shard(topic, self.shared.n_shards);
         self.send_msg(
             owner,
@@ -262,6 +471,7 @@ impl Shard {
                 from: self.id as u32,
                 on: true,
                 req,
+                since,
             },
             None,
             None,
@@ -271,67 +481,102 @@ impl Shard {
             Err(oneshot::Canceled)
         };
         let got = futures_lite::future::or(rx, timeout).await.ok();
-        if got.is_none() {
-            self.interest_waiters.borrow_mut().remove(&req);
-        }
         (name, got)
+    }
+
+    /// The fan-out task's half of a subscription: replay, then join the live list.
+    fn complete_subscription(
+        &self,
+        req: u64,
+        offset: u64,
+        epoch: String,
+        recovered: bool,
+        replay: &[Vec<u8>],
+    ) {
+        let Some(w) = self.sub_waiters.borrow_mut().remove(&req) else {
+            return;
+        };
+        let alive = {
+            let mut conns = self.conns.borrow_mut();
+            let alive = conns.get(w.key).is_some_and(|c| !c.dead);
+            if alive {
+                for json in replay {
+                    self.enqueue(&mut conns, w.key, &server_frame(OpCode::Text, json), None);
+                }
+                self.metrics()
+                    .replayed
+                    .fetch_add(replay.len() as u64, Relaxed);
+            }
+            alive
+        };
+        let empty = {
+            let mut topics = self.topics.borrow_mut();
+            let Some(t) = topics.get_mut(&w.topic) else {
+                return;
+            };
+            t.pending -= 1;
+            if alive {
+                Rc::make_mut(&mut t.subs).push(w.key);
+            }
+            t.subs.is_empty() && t.pending == 0
+        };
+        if empty {
+            self.withdraw_interest(&w.topic);
+        }
+        let _ = w.tx.send((offset, epoch, recovered));
     }
 
     /// Removes a local subscriber; the last one withdraws the shard's interest.
     pub fn remove_subscriber(&self, topic: &str, key: ConnKey) {
-        let mut topics = self.topics.borrow_mut();
-        let Some(list) = topics.get_mut(topic) else {
-            return;
+        let empty = {
+            let mut topics = self.topics.borrow_mut();
+            let Some(t) = topics.get_mut(topic) else {
+                return;
+            };
+            Rc::make_mut(&mut t.subs).retain(|k| *k != key);
+            t.subs.is_empty() && t.pending == 0
         };
-        Rc::make_mut(list).retain(|k| *k != key);
-        if list.is_empty() {
-            topics.remove(topic);
-            drop(topics);
-            let owner = topic_shard(topic, self.shared.n_shards);
-            self.send_msg(
-                owner,
-                &ShardMsg::Interest {
-                    topic: topic.to_owned(),
-                    from: self.id as u32,
-                    on: false,
-                    req: 0,
-                },
-                None,
-                None,
-            );
+        if empty {
+            self.withdraw_interest(topic);
         }
     }
 
-    fn report(&self, origin: usize, req: u64, websocket: u64, dropped: u64, more: u32) {
+    fn withdraw_interest(&self, topic: &str) {
+        self.topics.borrow_mut().remove(topic);
+        let owner = topic_shard(topic, self.shared.n_shards);
+        self.send_msg(
+            owner,
+            &ShardMsg::Interest {
+                topic: topic.to_owned(),
+                from: self.id as u32,
+                on: false,
+                req: 0,
+                since: None,
+            },
+            None,
+            None,
+        );
+    }
+
+    fn report(&self, origin: usize, req: u64, counts: Counts, more: u32) {
         if origin == self.id {
-            self.handle_report(req, websocket, dropped, more);
+            self.handle_report(req, &counts, more);
         } else {
-            self.send_msg(
-                origin,
-                &ShardMsg::Report {
-                    req,
-                    websocket,
-                    dropped,
-                    more,
-                },
-                None,
-                None,
-            );
+            self.send_msg(origin, &ShardMsg::Report { req, counts, more }, None, None);
         }
     }
 
-    pub(super) fn handle_report(&self, req: u64, websocket: u64, dropped: u64, more: u32) {
+    pub(super) fn handle_report(&self, req: u64, counts: &Counts, more: u32) {
         let mut reports = self.reports.borrow_mut();
         let Some(p) = reports.get_mut(&req) else {
             return;
         };
-        p.websocket += websocket;
-        p.dropped += dropped;
+        p.counts.add(counts);
         p.remaining = p.remaining - 1 + more;
         if p.remaining == 0 {
             let p = reports.remove(&req).expect("present");
             if let Some(tx) = p.tx {
-                let _ = tx.send((p.websocket, p.dropped));
+                let _ = tx.send(p.counts);
             }
         }
     }
@@ -425,12 +670,12 @@ impl Shard {
         }
     }
 
-    pub(super) fn queue_delivery(&self, job: DeliverJob) {
+    pub(super) fn queue_job(&self, job: Job) {
         self.deliveries.borrow_mut().push_back(job);
         self.deliver_notify.notify();
     }
 
-    /// Runs deliveries in arrival order, then flushes every touched connection once.
+    /// Runs jobs in arrival order, then flushes every touched connection once.
     pub(super) async fn fanout_task(self: Rc<Self>) {
         loop {
             self.deliver_notify.wait().await;
@@ -438,44 +683,106 @@ impl Shard {
                 let Some(job) = self.deliveries.borrow_mut().pop_front() else {
                     break;
                 };
-                let (delivered, dropped) = self.deliver(&job).await;
-                if job.req != 0 {
-                    self.report(job.origin, job.req, delivered, dropped, 0);
+                match job {
+                    Job::Deliver(job) => {
+                        let counts = self.deliver(&job).await;
+                        if job.req != 0 {
+                            self.report(job.origin, job.req, counts, 0);
+                        }
+                    }
+                    Job::Customers {
+                        customers,
+                        event,
+                        origin,
+                        req,
+                        published,
+                    } => {
+                        let counts = self.deliver_customers(&customers, &event, published);
+                        if req != 0 {
+                            self.report(origin, req, counts, 0);
+                        }
+                    }
+                    Job::Subscribed {
+                        req,
+                        offset,
+                        epoch,
+                        recovered,
+                        replay,
+                    } => self.complete_subscription(req, offset, epoch, recovered, &replay),
+                    Job::Disconnect {
+                        customers,
+                        code,
+                        origin,
+                        req,
+                    } => {
+                        let counts = self.close_customers(&customers, code);
+                        if req != 0 {
+                            self.report(origin, req, counts, 0);
+                        }
+                    }
                 }
             }
             self.flush_dirty();
         }
     }
 
-    /// Queues a job's frame on every local receiver; returns `(delivered, dropped)`.
-    async fn deliver(&self, job: &DeliverJob) -> (u64, u64) {
-        let (mut delivered, mut dropped) = (0u64, 0u64);
-        let list = match &job.target {
-            Target::Topic(topic) => self.topics.borrow().get(topic.as_str()).cloned(),
-            Target::Role(role) => self.roles.borrow().get(role.as_str()).cloned(),
-            Target::Customers(ids) => {
-                let customers = self.customers.borrow();
-                let mut conns = self.conns.borrow_mut();
-                for id in ids {
-                    let keys = customers.get(id.as_str()).map_or(&[][..], Vec::as_slice);
-                    let mut any = false;
-                    for &key in keys {
-                        if conns.get_mut(key).is_some_and(|c| c.accepts(&job.kind)) {
-                            any = true;
-                            if self.enqueue(&mut conns, key, &job.frame, job.published) {
-                                delivered += 1;
-                            } else {
-                                dropped += 1;
-                            }
+    /// Asks every connection of `customers` to close with `code`; parked long polls return.
+    fn close_customers(&self, customers: &[String], code: u16) -> Counts {
+        let mut counts = Counts::default();
+        let list = self.customers.borrow();
+        let mut conns = self.conns.borrow_mut();
+        for id in customers {
+            for &key in list.get(id.as_str()).map_or(&[][..], Vec::as_slice) {
+                if let Some(c) = conns.get_mut(key) {
+                    if c.close_request.is_none() && !c.closing {
+                        c.close_request = Some(code);
+                        if c.sse {
+                            counts.sse += 1;
+                        } else {
+                            counts.websocket += 1;
                         }
-                    }
-                    // Offline (or filtered out everywhere): a non-persistent event is dropped.
-                    if !any {
-                        dropped += 1;
+                        c.wake();
                     }
                 }
-                return (delivered, dropped);
             }
+            if let Some(pollers) = self.pollers.borrow().get(id.as_str()) {
+                for p in pollers {
+                    p.notify.notify();
+                    counts.poll += 1;
+                }
+            }
+        }
+        counts
+    }
+
+    /// Queues a job's frame on every local receiver.
+    async fn deliver(&self, job: &DeliverJob) -> Counts {
+        let mut counts = Counts::default();
+        if job.idempotent {
+            let scope = match &job.target {
+                Target::Topic(t) => t.as_str(),
+                Target::Role(r) => r.as_str(),
+                Target::Broadcast => "*",
+            };
+            let window = self.shared.config.delivery.dedupe_window_secs;
+            if !self
+                .dedupe
+                .borrow_mut()
+                .first(scope, &job.id, unix_now(), window)
+            {
+                self.metrics().duplicates.fetch_add(1, Relaxed);
+                // Every shard sees the repeat; one of them counts it for the publisher.
+                counts.duplicates = u64::from(self.id == 0);
+                return counts;
+            }
+        }
+        let list = match &job.target {
+            Target::Topic(topic) => self
+                .topics
+                .borrow()
+                .get(topic.as_str())
+                .map(|t| t.subs.clone()),
+            Target::Role(role) => self.roles.borrow().get(role.as_str()).cloned(),
             Target::Broadcast => None,
         };
         let filter = !matches!(job.target, Target::Topic(_));
@@ -503,10 +810,20 @@ impl Shard {
                     if filter && (c.customer.is_empty() || !c.accepts(&job.kind)) {
                         continue;
                     }
-                    if self.enqueue(&mut conns, key, &job.frame, job.published) {
-                        delivered += 1;
+                    let sse = c.sse;
+                    let frame = if sse {
+                        &job.payload.sse
                     } else {
-                        dropped += 1;
+                        &job.payload.ws
+                    };
+                    if self.enqueue(&mut conns, key, frame, job.published) {
+                        if sse {
+                            counts.sse += 1;
+                        } else {
+                            counts.websocket += 1;
+                        }
+                    } else {
+                        counts.dropped += 1;
                     }
                 }
             }
@@ -517,6 +834,6 @@ impl Shard {
                 glommio::yield_if_needed().await;
             }
         }
-        (delivered, dropped)
+        counts
     }
 }

@@ -92,6 +92,20 @@ impl Slab {
         }
     }
 
+    /// The connection behind `key`, if it is still there (read-only).
+    pub fn get(&self, key: ConnKey) -> Option<&Conn> {
+        let idx = key.idx as usize;
+        if idx >= self.n_slots {
+            return None;
+        }
+        let slot = &self.chunks.get(idx / CHUNK)?[idx % CHUNK];
+        if slot.gen == key.gen {
+            slot.conn.as_ref()
+        } else {
+            None
+        }
+    }
+
     /// Number of connections.
     pub fn len(&self) -> usize {
         self.len

@@ -44,6 +44,9 @@ impl Wheel {
 /// The server's heartbeat: an empty ping, encoded once for all connections.
 static PING: [u8; 2] = [0x89, 0x00];
 
+/// The SSE heartbeat: a comment line, which browsers ignore and proxies see as traffic.
+static SSE_PING: &[u8] = b": ping\n\n";
+
 impl Shard {
     /// Runs the checks due at second `now`.
     pub(super) fn run_timers(&self, now: u32) {
@@ -51,6 +54,7 @@ impl Shard {
         let hb = self.shared.config.server.heartbeat_secs as u32;
         let idle = self.shared.config.server.idle_timeout_secs as u32;
         let ping = Bytes::from_static(&PING);
+        let sse_ping = Bytes::from_static(SSE_PING);
         {
             let mut conns = self.conns.borrow_mut();
             let mut wheel = self.wheel.borrow_mut();
@@ -69,6 +73,12 @@ impl Shard {
                     } else {
                         wheel.schedule(key, c.close_deadline.min(now + 2));
                     }
+                    continue;
+                }
+                if c.sse {
+                    // An SSE client never speaks: no idle timeout; a failed write ends it.
+                    self.enqueue(&mut conns, key, &sse_ping, None);
+                    wheel.schedule(key, now + hb);
                     continue;
                 }
                 let silent = now.saturating_sub(c.last_rx);

@@ -8,3 +8,4 @@ mod auth;
 mod delivery;
 mod lifecycle;
 mod protocol;
+mod reliable;

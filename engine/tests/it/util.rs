@@ -20,7 +20,7 @@ pub struct Server {
     pub child: Child,
     pub addr: SocketAddr,
     /// Server log lines after the start-up line (kept so the reader thread has a receiver).
-    pub _logs: mpsc::Receiver<String>,
+    pub _logs: std::sync::Mutex<mpsc::Receiver<String>>,
 }
 
 impl Server {
@@ -70,7 +70,7 @@ impl Server {
                 return Server {
                     child,
                     addr,
-                    _logs: rx,
+                    _logs: std::sync::Mutex::new(rx),
                 };
             }
         }
@@ -252,5 +252,84 @@ impl Client {
     pub fn shard(&self) -> usize {
         let id = self.welcome["data"]["connectionId"].as_str().unwrap();
         id.split('-').nth(1).unwrap().parse().unwrap()
+    }
+}
+
+/// One Server-Sent Events record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SseEvent {
+    pub event: String,
+    pub data: String,
+    pub id: Option<String>,
+}
+
+/// A minimal SSE client over a blocking socket (the format of the HTML standard: fields per
+/// line, records separated by a blank line, `:` comments ignored).
+pub struct SseClient {
+    pub reader: BufReader<TcpStream>,
+    pub status: u16,
+}
+
+impl SseClient {
+    /// Opens `path` with optional extra headers; reads the response head.
+    pub fn open(server: &Server, path: &str, headers: &[(&str, &str)]) -> SseClient {
+        let mut s = TcpStream::connect(server.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n");
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        s.write_all(req.as_bytes()).unwrap();
+        let mut reader = BufReader::new(s);
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        let status = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        loop {
+            line.clear();
+            if reader.read_line(&mut line).unwrap() == 0 || line == "\r\n" {
+                break;
+            }
+        }
+        SseClient { reader, status }
+    }
+
+    /// The next record with an `event:` or `data:` field; None when the stream ends.
+    pub fn next(&mut self) -> Option<SseEvent> {
+        let (mut event, mut data, mut id) = (String::new(), Vec::<String>::new(), None);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            match self.reader.read_line(&mut line) {
+                Ok(0) | Err(_) => return None,
+                Ok(_) => {}
+            }
+            let l = line.trim_end_matches(['\r', '\n']);
+            if l.is_empty() {
+                if !event.is_empty() || !data.is_empty() {
+                    return Some(SseEvent {
+                        event: std::mem::take(&mut event),
+                        data: data.join("\n"),
+                        id: id.take(),
+                    });
+                }
+                continue;
+            }
+            if l.starts_with(':') {
+                continue;
+            }
+            let (field, value) = l.split_once(':').unwrap_or((l, ""));
+            let value = value.strip_prefix(' ').unwrap_or(value).to_owned();
+            match field {
+                "event" => event = value,
+                "data" => data.push(value),
+                "id" => id = Some(value),
+                _ => {}
+            }
+        }
     }
 }

@@ -246,6 +246,8 @@ pub enum Route {
     Publish,
     /// `POST /v1/publish/batch`.
     PublishBatch,
+    /// `POST /v1/disconnect`: close customers' connections (revocation, tests of resumption).
+    Disconnect,
     /// `GET /healthz`.
     Health,
     /// `GET /readyz`.
@@ -283,6 +285,7 @@ pub fn route(head: &Head) -> Route {
         "/v1/events/missed" | "/v1/portal/events/missed" => (true, Route::Missed),
         "/v1/publish" => (false, Route::Publish),
         "/v1/publish/batch" => (false, Route::PublishBatch),
+        "/v1/disconnect" => (false, Route::Disconnect),
         "/healthz" => (true, Route::Health),
         "/readyz" => (true, Route::Ready),
         "/metrics" => (true, Route::Metrics),

@@ -28,7 +28,8 @@ use crate::{
     metrics::AUTH_REASONS,
     shard::{conn_state::Conn, Shard},
 };
-use session::{Grants, Session};
+use session::Session;
+pub(super) use session::{write_blocked, Grants};
 
 /// Which WebSocket endpoint.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -69,16 +70,7 @@ pub async fn upgrade(
         match authenticate(&shard, &head) {
             Ok(c) => c,
             Err(e) => {
-                let reason = e.reason();
-                if let Some(i) = AUTH_REASONS.iter().position(|r| *r == reason) {
-                    shard.metrics().auth_failures[i].fetch_add(1, Relaxed);
-                }
-                respond(
-                    &mut stream,
-                    &json_error(e.status(), reason, &e.to_string()),
-                    false,
-                )
-                .await;
+                respond(&mut stream, &auth_failure(&shard, &e), false).await;
                 return;
             }
         }
@@ -90,18 +82,7 @@ pub async fn upgrade(
         if owner != shard.id {
             // Every connection of a customer lives on its owner shard: move the socket there
             // with the bytes read so far; the owner replays the handshake from them.
-            match crate::io::detach_for_handoff(stream) {
-                Ok(fd) => {
-                    shard.metrics().handoffs_out.fetch_add(1, Relaxed);
-                    shard.send_msg(
-                        owner,
-                        &proto::bus::ShardMsg::Handoff { fd, initial: buf },
-                        None,
-                        None,
-                    );
-                }
-                Err(e) => tracing::warn!(error = %e, "handoff failed"),
-            }
+            super::hand_off(&shard, stream, buf, owner);
             return;
         }
     }
@@ -153,14 +134,20 @@ pub async fn upgrade(
         peer_closed: false,
     };
     if kind == Kind::Client {
+        // Stored events of the customer's stream go out right after the greeting, before
+        // anything live (`?since=<cursor>` acknowledges what the client already has).
+        let since = head.query_param("since");
+        let resume = shard.resume_customer(conn_key, &customer, since.as_deref());
         let welcome = client::welcome(
             &customer,
             &shard.next_conn_id(),
             &[],
             shard.shared.config.server.heartbeat_secs,
             &now_rfc3339(),
+            (&resume.cursor, resume.recovered),
         );
         shard.send_now(conn_key, &server_frame(OpCode::Text, &welcome));
+        shard.replay(conn_key, &resume.frames);
     }
     // The handshake's state (request head, read buffer, this future) is dropped here: the
     // connection lives on in a task that holds only the socket and its session, which is what
@@ -183,7 +170,18 @@ pub async fn upgrade(
     .detach();
 }
 
-fn authenticate(shard: &Shard, head: &Head) -> Result<Claims, AuthError> {
+/// Counts a refused authentication and builds its response (401 with a JSON body).
+pub(super) fn auth_failure(shard: &Shard, e: &AuthError) -> proto::http1::Response {
+    let reason = e.reason();
+    if let Some(i) = AUTH_REASONS.iter().position(|r| *r == reason) {
+        shard.metrics().auth_failures[i].fetch_add(1, Relaxed);
+    }
+    json_error(e.status(), reason, &e.to_string())
+}
+
+/// Checks the origin and verifies the token from `?token=`, `Authorization: Bearer` or the
+/// `Sec-WebSocket-Protocol` list.
+pub(super) fn authenticate(shard: &Shard, head: &Head) -> Result<Claims, AuthError> {
     let allowed = &shard.shared.config.auth.allowed_origins;
     if !allowed.is_empty()
         && !head

@@ -34,7 +34,11 @@ impl Session {
                 shard,
                 &client::ack_reply("pong", rid, serde_json::json!({}), &now_rfc3339()),
             ),
-            Request::Subscribe { topics, events } => {
+            Request::Subscribe {
+                topics,
+                events,
+                since,
+            } => {
                 if let Some(e) = topics.iter().find_map(|t| validate_topic(t).err()) {
                     return self.reply(shard, &error(e.code, e.message, "subscribe").to_json());
                 }
@@ -52,23 +56,48 @@ impl Session {
                     return self.reply(shard, &e.to_json());
                 }
                 let mut positions = Vec::with_capacity(topics.len());
+                let mut timed_out = Vec::new();
                 for topic in topics {
-                    let new = !self.topics.iter().any(|t| **t == *topic);
-                    let position = if new {
-                        let (name, position) = shard.subscribe_topic(self.key, &topic).await;
-                        // Exact growth: most connections hold one or two topics.
-                        self.topics.reserve_exact(1);
-                        self.topics.push(name);
-                        position
-                    } else {
-                        None
-                    };
-                    let (offset, epoch) = position.unwrap_or((0, shard.shared.epoch.clone()));
-                    positions.push(TopicPosition {
-                        topic,
-                        offset,
-                        epoch,
-                    });
+                    if self.topics.iter().any(|t| **t == *topic) {
+                        // Already subscribed: nothing to replay, the live stream continues.
+                        positions.push(TopicPosition {
+                            topic,
+                            offset: 0,
+                            epoch: shard.shared.epoch.clone(),
+                            recovered: true,
+                        });
+                        continue;
+                    }
+                    let from = since
+                        .iter()
+                        .find(|(t, _)| *t == topic)
+                        .map(|(_, p)| p.clone());
+                    let (name, position) = shard.subscribe_topic(self.key, &topic, from).await;
+                    // Exact growth: most connections hold one or two topics. Kept even when
+                    // the owner was slow: the subscription completes when it answers.
+                    self.topics.reserve_exact(1);
+                    self.topics.push(name);
+                    match position {
+                        Some((offset, epoch, recovered)) => positions.push(TopicPosition {
+                            topic,
+                            offset,
+                            epoch,
+                            recovered,
+                        }),
+                        None => timed_out.push(topic),
+                    }
+                }
+                if !timed_out.is_empty() {
+                    let e = error(
+                        "timeout",
+                        format!(
+                            "the owner of {} did not answer in time; the subscription \
+                             completes when it does",
+                            timed_out.join(", ")
+                        ),
+                        "subscribe",
+                    );
+                    self.reply(shard, &e.to_json());
                 }
                 let mut filters = Vec::new();
                 if let Some(c) = shard.conns.borrow_mut().get_mut(self.key) {
@@ -127,6 +156,7 @@ impl Session {
                         topic: t.to_string(),
                         offset: 0,
                         epoch: shard.shared.epoch.clone(),
+                        recovered: true,
                     })
                     .collect();
                 self.reply(
@@ -169,6 +199,25 @@ impl Session {
                 }
                 self.publish_from_client(shard, kind, data, ClientTarget::Customer(to), rid)
                     .await;
+            }
+            Request::Ack {
+                ids,
+                cursors,
+                up_to,
+                status: _,
+            } => {
+                let acked = shard.ack(&self.customer, &ids, &cursors, up_to.as_deref());
+                if rid.is_some() {
+                    self.reply(
+                        shard,
+                        &client::ack_reply(
+                            "acked",
+                            rid,
+                            serde_json::json!({ "acked": acked }),
+                            &now_rfc3339(),
+                        ),
+                    );
+                }
             }
             Request::NotYetSupported(kind) => {
                 let e = error(
@@ -232,6 +281,7 @@ impl Session {
             ttl: None,
             timestamp: now_rfc3339(),
             from: Some(self.customer.to_string()),
+            idempotent: false,
         }
     }
 }

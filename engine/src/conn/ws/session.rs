@@ -40,9 +40,9 @@ enum Wake {
 
 /// What a token allows, kept compact for the connection's lifetime (the full `Claims` are
 /// dropped after the handshake).
-pub(super) struct Grants {
-    pub(super) roles: Box<[String]>,
-    pub(super) channels: Box<[Box<str>]>,
+pub(in crate::conn) struct Grants {
+    pub(in crate::conn) roles: Box<[String]>,
+    pub(in crate::conn) channels: Box<[Box<str>]>,
     pub(super) publish: Box<[Box<str>]>,
     pub(super) message: Box<[Box<str>]>,
 }
@@ -60,7 +60,7 @@ impl From<Claims> for Grants {
 }
 
 impl Grants {
-    pub(super) fn may(patterns: &[Box<str>], name: &str) -> bool {
+    pub(in crate::conn) fn may(patterns: &[Box<str>], name: &str) -> bool {
         patterns.iter().any(|p| proto::auth::glob_match(p, name))
     }
 }
@@ -297,7 +297,7 @@ impl Session {
 
 /// Drives a connection whose socket buffer was full: waits for writability through glommio,
 /// then resumes vectored flushing. Returns false if the socket failed.
-fn write_blocked(
+pub(in crate::conn) fn write_blocked(
     shard: &Shard,
     c: &mut Conn,
     stream: &mut TcpStream,

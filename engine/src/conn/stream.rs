@@ -1,0 +1,282 @@
+//! The HTTP transports of the customer stream: Server-Sent Events (`/v1/events/stream`) and
+//! missed events / long poll (`/v1/events/missed`).
+//!
+//! Both authenticate like the WebSocket (token from `?token=` or `Authorization: Bearer`;
+//! a browser's EventSource cannot set headers) and move to the customer's owner shard, where
+//! the customer's stored events and live connections are. An SSE stream is a `Conn` like a
+//! WebSocket: the same fan-out queues shared records on it and the same flush rounds write
+//! them; its task only watches for the client going away and for writability.
+
+use std::{future::poll_fn, pin::Pin, rc::Rc, sync::atomic::Ordering::Relaxed, task::Poll};
+
+use bytes::Bytes;
+use futures_lite::{AsyncRead, AsyncWriteExt};
+use glommio::net::TcpStream;
+use proto::{
+    auth::Claims,
+    event::{push_json_str, validate_topic},
+    http1::{json_error, Head, Method, Response},
+    placement::owner_shard,
+    ws::close,
+};
+
+use super::{
+    respond,
+    ws::{auth_failure, authenticate, write_blocked, Grants},
+};
+use crate::shard::{conn_state::Conn, slab::ConnKey, streams::Poller, Shard};
+
+/// Authenticates and moves the request to the customer's owner shard. `None`: answered or
+/// handed off.
+async fn owner_claims(
+    shard: &Rc<Shard>,
+    stream: TcpStream,
+    head: &Head,
+    buf: Vec<u8>,
+) -> Option<(Claims, TcpStream)> {
+    let mut stream = stream;
+    let claims = match authenticate(shard, head) {
+        Ok(c) => c,
+        Err(e) => {
+            respond(&mut stream, &auth_failure(shard, &e), false).await;
+            return None;
+        }
+    };
+    let owner = owner_shard(&claims.sub, shard.shared.n_shards);
+    if owner != shard.id {
+        super::hand_off(shard, stream, buf, owner);
+        return None;
+    }
+    Some((claims, stream))
+}
+
+/// Values of a repeatable, comma-separated query parameter.
+fn list_param(head: &Head, name: &str) -> Vec<String> {
+    proto::http1::query_params(&head.query)
+        .filter(|(k, _)| k == name)
+        .flat_map(|(_, v)| {
+            v.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// `?events=` prefixes as stream filters (`all` or none: everything).
+fn filters(head: &Head) -> Vec<Box<str>> {
+    let events = list_param(head, "events");
+    if events.iter().any(|e| e == "all" || e == "*") {
+        return Vec::new();
+    }
+    events.into_iter().map(String::into_boxed_str).collect()
+}
+
+/// The client's cursor: `Last-Event-ID` (what a browser sends when it reconnects) or
+/// `?last_event_id=` / `?since=`.
+fn cursor_param(head: &Head) -> Option<String> {
+    head.last_event_id
+        .clone()
+        .filter(|s| !s.is_empty())
+        .or_else(|| head.query_param("last_event_id").map(|s| s.into_owned()))
+        .or_else(|| head.query_param("since").map(|s| s.into_owned()))
+}
+
+/// `Access-Control-Allow-Origin` for browser clients: the request's origin when an allow list
+/// admitted it, any origin otherwise (the token, not a cookie, authenticates).
+fn cors(shard: &Shard, head: &Head) -> String {
+    match (
+        &head.origin,
+        shard.shared.config.auth.allowed_origins.is_empty(),
+    ) {
+        (Some(o), false) => format!("Access-Control-Allow-Origin: {o}\r\nVary: Origin"),
+        _ => "Access-Control-Allow-Origin: *".to_owned(),
+    }
+}
+
+/// `GET /v1/events/stream`.
+pub async fn sse(shard: Rc<Shard>, stream: TcpStream, head: Head, buf: Vec<u8>) {
+    let Some((claims, mut stream)) = owner_claims(&shard, stream, &head, buf).await else {
+        return;
+    };
+    let topics = list_param(&head, "topics");
+    if let Some(e) = topics.iter().find_map(|t| validate_topic(t).err()) {
+        respond(&mut stream, &json_error(400, e.code, &e.message), false).await;
+        return;
+    }
+    let customer: Rc<str> = Rc::from(claims.sub.as_str());
+    let grants = Grants::from(claims);
+    if let Some(t) = topics.iter().find(|t| !Grants::may(&grants.channels, t)) {
+        let msg = format!("token does not allow subscribing to {t}");
+        respond(&mut stream, &json_error(403, "forbidden", &msg), false).await;
+        return;
+    }
+    let since = cursor_param(&head);
+    let filters = filters(&head);
+    let head_bytes = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n\
+         Connection: keep-alive\r\nX-Accel-Buffering: no\r\n{}\r\n\r\nretry: {}\n\n",
+        cors(&shard, &head),
+        shard.shared.config.delivery.sse_retry_ms
+    );
+    if stream.write_all(head_bytes.as_bytes()).await.is_err() || head.method == Some(Method::Head) {
+        return;
+    }
+    let _ = stream.set_read_timeout(None);
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
+    let mut conn = Conn::new(
+        fd,
+        customer.clone(),
+        shard.clock.get(),
+        shard.shared.config.limits.max_backlog,
+    );
+    conn.sse = true;
+    conn.filters = filters.clone();
+    let key = shard.register(conn, &grants.roles);
+    let resume = shard.resume_customer(key, &customer, since.as_deref());
+    // The greeting has no `id:`, so the browser's Last-Event-ID stays the stream's.
+    let mut hello = Vec::with_capacity(256);
+    hello.extend_from_slice(b"event: connection_established\ndata: ");
+    let subscriptions: Vec<String> = if filters.is_empty() {
+        vec!["all".to_owned()]
+    } else {
+        filters.iter().map(|f| f.to_string()).collect()
+    };
+    serde_json::to_writer(
+        &mut hello,
+        &serde_json::json!({
+            "customerId": &*customer,
+            "connectionId": shard.next_conn_id(),
+            "subscriptions": subscriptions,
+            "topics": topics,
+            "cursor": resume.cursor,
+            "recovered": resume.recovered,
+            "heartbeat": shard.shared.config.server.heartbeat_secs,
+        }),
+    )
+    .expect("serialising to a Vec cannot fail");
+    hello.extend_from_slice(b"\n\n");
+    shard.send_now(key, &Bytes::from(hello));
+    shard.replay(key, &resume.frames);
+    let mut names = Vec::with_capacity(topics.len());
+    for topic in &topics {
+        let (name, _) = shard.subscribe_topic(key, topic, None).await;
+        names.push(name);
+    }
+    drive(&shard, key, &mut stream).await;
+    shard.unregister(key, &grants.roles, &names);
+}
+
+/// Watches an SSE stream: ends when the client goes away, the socket fails, or the shard asks
+/// it to close (drain, slow consumer, disconnect) and what was queued is out.
+async fn drive(shard: &Shard, key: ConnKey, stream: &mut TcpStream) {
+    poll_fn(|cx| loop {
+        {
+            let mut conns = shard.conns.borrow_mut();
+            let Some(c) = conns.get_mut(key) else {
+                return Poll::Ready(());
+            };
+            if !c.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                c.waker = Some(cx.waker().clone());
+            }
+            if c.dead {
+                return Poll::Ready(());
+            }
+            if let (Some(code), false) = (c.close_request, c.closing) {
+                // SSE has no close frame: stop adding, let what is queued go out (bounded
+                // by the close deadline), then close the socket.
+                c.closing = true;
+                if code == close::SLOW_CONSUMER {
+                    let n = c.drop_unsent();
+                    shard.metrics().drops.fetch_add(n as u64, Relaxed);
+                }
+                c.close_deadline = shard.clock.get() + 2;
+                shard.schedule(key, shard.clock.get() + 1);
+            }
+            if c.write_blocked && !write_blocked(shard, c, stream, cx) {
+                return Poll::Ready(());
+            }
+            if c.closing && c.out.is_empty() {
+                return Poll::Ready(());
+            }
+        }
+        let mut scratch = shard.scratch.borrow_mut();
+        match Pin::new(&mut *stream).poll_read(cx, &mut scratch[..]) {
+            Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(()),
+            // A client has nothing to say on an SSE stream; whatever it sends is ignored.
+            Poll::Ready(Ok(_)) => continue,
+            Poll::Pending => return Poll::Pending,
+        }
+    })
+    .await
+}
+
+/// `GET /v1/events/missed?since=<cursor>[&wait=SECS][&events=prefix]`.
+pub async fn missed(shard: Rc<Shard>, stream: TcpStream, head: Head, buf: Vec<u8>) {
+    let Some((claims, mut stream)) = owner_claims(&shard, stream, &head, buf).await else {
+        return;
+    };
+    let wait = match head.query_param("wait").map(|w| w.parse::<u64>()) {
+        None => 0,
+        Some(Ok(w)) => w.min(shard.shared.config.delivery.max_poll_wait_secs),
+        Some(Err(_)) => {
+            let resp = json_error(400, "bad_request", "wait must be a number of seconds");
+            respond(&mut stream, &resp, false).await;
+            return;
+        }
+    };
+    let since = cursor_param(&head);
+    let filters = filters(&head);
+    let customer: Rc<str> = Rc::from(claims.sub.as_str());
+    let mut found = shard.missed(&customer, since.as_deref(), &filters);
+    if found.events.is_empty() && wait > 0 && !shard.draining() {
+        let poller = Rc::new(Poller {
+            filters,
+            ..Poller::default()
+        });
+        shard
+            .pollers
+            .borrow_mut()
+            .entry(customer.clone())
+            .or_default()
+            .push(poller.clone());
+        shard.metrics().polls_waiting.fetch_add(1, Relaxed);
+        let timeout = glommio::timer::sleep(std::time::Duration::from_secs(wait));
+        futures_lite::future::or(poller.notify.wait(), async {
+            timeout.await;
+        })
+        .await;
+        {
+            let mut pollers = shard.pollers.borrow_mut();
+            if let Some(list) = pollers.get_mut(&customer) {
+                list.retain(|p| !Rc::ptr_eq(p, &poller));
+                if list.is_empty() {
+                    pollers.remove(&customer);
+                }
+            }
+        }
+        shard.metrics().polls_waiting.fetch_sub(1, Relaxed);
+        found.events = poller.got.take();
+        found.cursor = shard.current_cursor();
+    }
+    let mut body = Vec::with_capacity(64 + found.events.iter().map(Bytes::len).sum::<usize>());
+    body.extend_from_slice(b"{\"events\":[");
+    for (i, e) in found.events.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(e);
+    }
+    body.extend_from_slice(b"],\"cursor\":");
+    push_json_str(&mut body, &found.cursor);
+    body.extend_from_slice(if found.recovered {
+        b",\"recovered\":true}"
+    } else {
+        b",\"recovered\":false}"
+    });
+    let mut resp = Response::json(200, body);
+    resp.headers.push(cors(&shard, &head));
+    resp.headers.push("Cache-Control: no-store".into());
+    respond(&mut stream, &resp, false).await;
+}

@@ -1,0 +1,450 @@
+//! Customer streams: what a shard keeps for the customers it owns so that nothing promised is
+//! lost across a reconnect.
+//!
+//! Invariants (all on the customer's owner shard, so no cross-shard race exists):
+//! - every event addressed to a customer gets an offset from the shard's one counter, so a
+//!   customer's offsets increase (with gaps: other customers share the counter). A cursor is
+//!   `<shard epoch>-<offset>`; the epoch changes at restart, when stored events are lost.
+//! - a persistent event is stored until acknowledged, its time to live passes, or the queue
+//!   (`delivery.offline_queue`) overflows; the last two count as lost and mark `lost_upto`, so
+//!   a cursor from before a loss is answered `recovered: false`.
+//! - storing, delivering live, and replaying at connect all happen in the fan-out task's order
+//!   or synchronously at registration: a connection sees each event once, stored ones first.
+//! - a cursor a client sends back (resume, long-poll `since`) acknowledges everything up to it.
+
+use std::{
+    cell::RefCell,
+    collections::VecDeque,
+    rc::Rc,
+    sync::atomic::Ordering::Relaxed,
+    time::{Instant, SystemTime},
+};
+
+use ahash::AHashMap;
+use bytes::Bytes;
+use proto::{
+    bus::Counts,
+    event::{cursor, parse_cursor, Event, Via},
+    ws::{server_frame, OpCode},
+};
+
+use super::{notify::Notify, slab::ConnKey, Shard};
+
+/// A stored persistent event.
+pub struct Stored {
+    /// Offset in the customer's stream.
+    pub offset: u64,
+    /// Event id (acks by id).
+    pub id: Box<str>,
+    /// Event type (stream filters).
+    pub kind: Box<str>,
+    /// Client JSON (with its cursor): WebSocket frames and long-poll bodies are made from it.
+    pub json: Bytes,
+    /// The SSE record.
+    pub sse: Bytes,
+    /// Unix seconds after which it is dropped.
+    pub expires: u64,
+}
+
+/// One customer's stored events.
+#[derive(Default)]
+pub struct CustomerStream {
+    /// Unacknowledged persistent events, by offset.
+    pub log: VecDeque<Stored>,
+    /// Highest offset of a persistent event lost unacknowledged.
+    pub lost_upto: u64,
+    /// Unix seconds of the last loss (an empty stream is kept a while to remember it).
+    pub lost_at: u64,
+}
+
+impl CustomerStream {
+    /// Drops expired events; returns how many.
+    fn expire(&mut self, now: u64) -> u64 {
+        let before = self.log.len();
+        let mut lost = self.lost_upto;
+        self.log.retain(|s| {
+            let keep = s.expires > now;
+            if !keep {
+                lost = lost.max(s.offset);
+            }
+            keep
+        });
+        let n = (before - self.log.len()) as u64;
+        if n > 0 {
+            self.lost_upto = lost;
+            self.lost_at = now;
+        }
+        n
+    }
+
+    /// Acknowledges every event up to `offset` of the types the client takes (a client
+    /// filtering on `case_` has not seen the `message_` events below its cursor); returns how
+    /// many.
+    fn ack_upto(&mut self, offset: u64, accepts: impl Fn(&str) -> bool) -> u64 {
+        let before = self.log.len();
+        self.log.retain(|s| s.offset > offset || !accepts(&s.kind));
+        (before - self.log.len()) as u64
+    }
+}
+
+/// A parked long-poll request.
+#[derive(Default)]
+pub struct Poller {
+    /// Event-type prefixes it accepts; empty = all.
+    pub filters: Vec<Box<str>>,
+    /// Client JSON of the events handed to it.
+    pub got: RefCell<Vec<Bytes>>,
+    /// Woken on the first event (or a disconnect).
+    pub notify: Notify,
+}
+
+impl Poller {
+    fn accepts(&self, kind: &str) -> bool {
+        self.filters.is_empty() || self.filters.iter().any(|f| kind.starts_with(&**f))
+    }
+}
+
+/// Publisher-chosen event ids seen recently, per target scope.
+#[derive(Default)]
+pub struct Dedupe {
+    seen: AHashMap<Box<str>, u64>,
+    order: VecDeque<(Box<str>, u64)>,
+}
+
+/// Most ids remembered per shard; beyond it the oldest are forgotten early.
+const DEDUPE_CAP: usize = 200_000;
+
+impl Dedupe {
+    /// Records `(scope, id)`; false if it was seen inside the window.
+    pub fn first(&mut self, scope: &str, id: &str, now: u64, window: u64) -> bool {
+        while let Some((k, at)) = self.order.front() {
+            if *at + window > now && self.order.len() < DEDUPE_CAP {
+                break;
+            }
+            if self.seen.get(k) == Some(at) {
+                self.seen.remove(k);
+            }
+            self.order.pop_front();
+        }
+        let key: Box<str> = format!("{scope}\u{0}{id}").into();
+        if self.seen.get(&key).is_some_and(|at| at + window > now) {
+            return false;
+        }
+        self.seen.insert(key.clone(), now);
+        self.order.push_back((key, now));
+        true
+    }
+}
+
+/// Unix time in seconds.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// What a resume (connect with or without a cursor) found.
+pub struct Resume {
+    /// Everything after the cursor could be replayed.
+    pub recovered: bool,
+    /// The stored events to replay, encoded for the connection's transport.
+    pub frames: Vec<Bytes>,
+    /// The position before the first replayed event (a safe cursor for the client to keep).
+    pub cursor: String,
+}
+
+/// The answer to `/v1/events/missed`.
+pub struct Missed {
+    /// Client JSON of the events, in order.
+    pub events: Vec<Bytes>,
+    /// The cursor to send as the next `since`.
+    pub cursor: String,
+    /// Everything after the given cursor was still stored.
+    pub recovered: bool,
+}
+
+impl Shard {
+    /// This shard's customer-stream epoch (process epoch and shard).
+    pub fn stream_epoch(&self) -> String {
+        format!("{}.{}", self.shared.epoch, self.id)
+    }
+
+    /// The cursor of the shard's latest customer-stream offset.
+    pub fn current_cursor(&self) -> String {
+        cursor(&self.stream_epoch(), self.stream_offset.get())
+    }
+
+    /// Resolves a cursor a client sent: `Some(offset)` when it is from this shard's current
+    /// epoch, `None` when it cannot be interpreted here (older epoch, garbage).
+    fn cursor_offset(&self, c: &str) -> Option<u64> {
+        let (epoch, offset) = parse_cursor(c)?;
+        (epoch == self.stream_epoch() && offset <= self.stream_offset.get()).then_some(offset)
+    }
+
+    /// On the owner: delivers an event to customers' own streams (live connections, parked
+    /// long polls) and stores it if persistent. Runs in the fan-out task's order.
+    pub(super) fn deliver_customers(
+        &self,
+        customers: &[String],
+        event: &Event,
+        published: Option<Instant>,
+    ) -> Counts {
+        let mut counts = Counts::default();
+        let m = self.metrics();
+        let now = unix_now();
+        let window = self.shared.config.delivery.dedupe_window_secs;
+        for id in customers {
+            if event.idempotent && !self.dedupe.borrow_mut().first(id, &event.id, now, window) {
+                counts.duplicates += 1;
+                m.duplicates.fetch_add(1, Relaxed);
+                continue;
+            }
+            let keys: Vec<ConnKey> = {
+                let conns = self.conns.borrow();
+                self.customers
+                    .borrow()
+                    .get(id.as_str())
+                    .map(|l| {
+                        l.iter()
+                            .copied()
+                            .filter(|k| conns.get(*k).is_some_and(|c| c.accepts(&event.kind)))
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            };
+            let pollers: Vec<Rc<Poller>> = self
+                .pollers
+                .borrow()
+                .get(id.as_str())
+                .map(|l| {
+                    l.iter()
+                        .filter(|p| p.accepts(&event.kind))
+                        .cloned()
+                        .collect()
+                })
+                .unwrap_or_default();
+            if keys.is_empty() && pollers.is_empty() && !event.persistent {
+                counts.dropped += 1;
+                m.offline_dropped.fetch_add(1, Relaxed);
+                m.drops.fetch_add(1, Relaxed);
+                continue;
+            }
+            let offset = self.stream_offset.get() + 1;
+            self.stream_offset.set(offset);
+            let cur = cursor(&self.stream_epoch(), offset);
+            let json = Bytes::from(event.to_client_json(Via {
+                cursor: Some(&cur),
+                ..Via::default()
+            }));
+            let ws = server_frame(OpCode::Text, &json);
+            let sse = Bytes::from(event.to_sse(Some(&cur)));
+            let mut handed = false;
+            {
+                let mut conns = self.conns.borrow_mut();
+                for key in keys {
+                    let is_sse = conns.get(key).is_some_and(|c| c.sse);
+                    let frame = if is_sse { &sse } else { &ws };
+                    if self.enqueue(&mut conns, key, frame, published) {
+                        handed = true;
+                        if is_sse {
+                            counts.sse += 1;
+                        } else {
+                            counts.websocket += 1;
+                        }
+                    } else {
+                        counts.dropped += 1;
+                    }
+                }
+            }
+            for p in pollers {
+                p.got.borrow_mut().push(json.clone());
+                p.notify.notify();
+                counts.poll += 1;
+                handed = true;
+                m.events_out.fetch_add(1, Relaxed);
+            }
+            if event.persistent {
+                if !handed {
+                    counts.queued += 1;
+                    m.events_queued.fetch_add(1, Relaxed);
+                }
+                let ttl = event
+                    .ttl
+                    .unwrap_or(u64::MAX)
+                    .min(self.shared.config.delivery.offline_ttl_secs);
+                let cap = self.shared.config.delivery.offline_queue;
+                let mut streams = self.streams.borrow_mut();
+                let stream = match streams.get_mut(id.as_str()) {
+                    Some(s) => s,
+                    None => streams.entry(Rc::from(id.as_str())).or_default(),
+                };
+                stream.log.push_back(Stored {
+                    offset,
+                    id: event.id.as_str().into(),
+                    kind: event.kind.as_str().into(),
+                    json,
+                    sse,
+                    expires: now.saturating_add(ttl),
+                });
+                while stream.log.len() > cap {
+                    let lost = stream.log.pop_front().expect("over cap");
+                    stream.lost_upto = stream.lost_upto.max(lost.offset);
+                    stream.lost_at = now;
+                    m.stored_lost.fetch_add(1, Relaxed);
+                }
+            }
+        }
+        counts
+    }
+
+    /// At registration of a customer's connection: acknowledges what the client's cursor
+    /// covers (if any) and returns the stored events after it that the connection accepts, in
+    /// order, to be queued right after the greeting. Synchronous with registration, so no live
+    /// event can slip between the replay and the live stream.
+    pub fn resume_customer(&self, key: ConnKey, customer: &str, since: Option<&str>) -> Resume {
+        let current = self.stream_offset.get();
+        let epoch = self.stream_epoch();
+        let conns = self.conns.borrow();
+        let Some(c) = conns.get(key) else {
+            return Resume {
+                recovered: false,
+                frames: Vec::new(),
+                cursor: cursor(&epoch, current),
+            };
+        };
+        let since = since.map(|s| self.cursor_offset(s));
+        let mut streams = self.streams.borrow_mut();
+        let Some(stream) = streams.get_mut(customer) else {
+            // Nothing stored: complete unless the cursor is not ours.
+            return Resume {
+                recovered: !matches!(since, Some(None)),
+                frames: Vec::new(),
+                cursor: cursor(&epoch, current),
+            };
+        };
+        let m = self.metrics();
+        m.stored_lost.fetch_add(stream.expire(unix_now()), Relaxed);
+        let (from, recovered) = match since {
+            None => (0, true),
+            Some(Some(offset)) => {
+                m.acks
+                    .fetch_add(stream.ack_upto(offset, |k| c.accepts(k)), Relaxed);
+                (offset, offset >= stream.lost_upto)
+            }
+            Some(None) => (0, false),
+        };
+        let mut first = None;
+        let frames: Vec<Bytes> = stream
+            .log
+            .iter()
+            .filter(|s| s.offset > from && c.accepts(&s.kind))
+            .map(|s| {
+                first.get_or_insert(s.offset);
+                if c.sse {
+                    s.sse.clone()
+                } else {
+                    server_frame(OpCode::Text, &s.json)
+                }
+            })
+            .collect();
+        m.replayed.fetch_add(frames.len() as u64, Relaxed);
+        Resume {
+            recovered,
+            frames,
+            cursor: cursor(&epoch, first.map_or(current, |f| f - 1)),
+        }
+    }
+
+    /// Queues frames on one connection (a replay) and flushes it.
+    pub fn replay(&self, key: ConnKey, frames: &[Bytes]) {
+        let mut conns = self.conns.borrow_mut();
+        for f in frames {
+            self.enqueue(&mut conns, key, f, None);
+        }
+        if let Some(c) = conns.get_mut(key) {
+            self.flush_conn(c);
+        }
+    }
+
+    /// Acknowledges stored events of `customer` by id, by cursor, or up to a cursor.
+    pub fn ack(
+        &self,
+        customer: &str,
+        ids: &[String],
+        cursors: &[String],
+        up_to: Option<&str>,
+    ) -> u64 {
+        let mut streams = self.streams.borrow_mut();
+        let Some(stream) = streams.get_mut(customer) else {
+            return 0;
+        };
+        let mut acked = 0;
+        if let Some(offset) = up_to.and_then(|c| self.cursor_offset(c)) {
+            acked += stream.ack_upto(offset, |_| true);
+        }
+        let offsets: Vec<u64> = cursors
+            .iter()
+            .filter_map(|c| self.cursor_offset(c))
+            .collect();
+        let before = stream.log.len();
+        stream
+            .log
+            .retain(|s| !offsets.contains(&s.offset) && !ids.iter().any(|i| **i == *s.id));
+        acked += (before - stream.log.len()) as u64;
+        self.metrics().acks.fetch_add(acked, Relaxed);
+        acked
+    }
+
+    /// `/v1/events/missed`: stored events after `since` (all stored ones without), accepted by
+    /// `filters`; `since` acknowledges everything up to it.
+    pub fn missed(&self, customer: &str, since: Option<&str>, filters: &[Box<str>]) -> Missed {
+        let accepts =
+            |kind: &str| filters.is_empty() || filters.iter().any(|f| kind.starts_with(&**f));
+        let cursor = self.current_cursor();
+        let mut streams = self.streams.borrow_mut();
+        let since = since.map(|c| self.cursor_offset(c));
+        let Some(stream) = streams.get_mut(customer) else {
+            return Missed {
+                events: Vec::new(),
+                cursor,
+                recovered: !matches!(since, Some(None)),
+            };
+        };
+        let m = self.metrics();
+        m.stored_lost.fetch_add(stream.expire(unix_now()), Relaxed);
+        let (from, recovered) = match since {
+            None => (0, true),
+            Some(Some(offset)) => {
+                m.acks.fetch_add(stream.ack_upto(offset, accepts), Relaxed);
+                (offset, offset >= stream.lost_upto)
+            }
+            Some(None) => (0, false),
+        };
+        let events = stream
+            .log
+            .iter()
+            .filter(|s| s.offset > from && accepts(&s.kind))
+            .map(|s| s.json.clone())
+            .collect();
+        Missed {
+            events,
+            cursor,
+            recovered,
+        }
+    }
+
+    /// Drops expired stored events and empty streams of customers with no connection.
+    pub(super) fn sweep_streams(&self) {
+        let now = unix_now();
+        let m = self.metrics();
+        let customers = self.customers.borrow();
+        let keep_loss = self.shared.config.delivery.offline_ttl_secs;
+        self.streams.borrow_mut().retain(|id, s| {
+            m.stored_lost.fetch_add(s.expire(now), Relaxed);
+            // An empty stream is kept while a loss is recent enough to matter to a cursor.
+            !s.log.is_empty()
+                || customers.contains_key(id)
+                || (s.lost_upto > 0 && s.lost_at.saturating_add(keep_loss) > now)
+        });
+    }
+}
