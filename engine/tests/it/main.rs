@@ -7,5 +7,6 @@ mod api;
 mod auth;
 mod delivery;
 mod lifecycle;
+mod property;
 mod protocol;
 mod reliable;
