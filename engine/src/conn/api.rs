@@ -11,14 +11,20 @@ use proto::{
 use super::{read_more, respond};
 use crate::{metrics, shard::Shard};
 
-/// Serves requests until the client closes, asks to close, idles out, or the server drains.
+/// A keep-alive connection whose next request opens a client stream (a browser reusing the
+/// connection that fetched its page for an EventSource, say): the socket, that request's head,
+/// the bytes from the head on, and the head's length.
+pub type Upgrade = (TcpStream, Head, Vec<u8>, usize);
+
+/// Serves requests until the client closes, asks to close, idles out, or the server drains;
+/// or until the next request is for a client stream, which is returned to the caller.
 pub async fn serve(
     shard: Rc<Shard>,
     mut stream: TcpStream,
     mut head: Head,
     mut buf: Vec<u8>,
     mut head_len: usize,
-) {
+) -> Option<Upgrade> {
     let m = shard.metrics();
     m.api_connections.fetch_add(1, Relaxed);
     let _ = stream.set_read_timeout(Some(Duration::from_secs(
@@ -43,6 +49,10 @@ pub async fn serve(
         loop {
             match parse_head(&buf) {
                 Ok(Some((h, n))) => {
+                    if route(&h).is_client_stream() {
+                        m.api_connections.fetch_sub(1, Relaxed);
+                        return Some((stream, h, buf, n));
+                    }
                     head = h;
                     head_len = n;
                     break;
@@ -51,7 +61,7 @@ pub async fn serve(
                     Ok(n) if n > 0 => {}
                     _ => {
                         m.api_connections.fetch_sub(1, Relaxed);
-                        return;
+                        return None;
                     }
                 },
                 Err(e) => {
@@ -62,12 +72,13 @@ pub async fn serve(
                     )
                     .await;
                     m.api_connections.fetch_sub(1, Relaxed);
-                    return;
+                    return None;
                 }
             }
         }
     }
     m.api_connections.fetch_sub(1, Relaxed);
+    None
 }
 
 /// Reads the request body into `buf` after the head. `Err(Some)`: answer and close.

@@ -32,41 +32,49 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, mut buf: Vec<u8>) {
             return;
         }
     };
-    match route(&head) {
-        Route::WebSocket => {
-            ws::upgrade(
-                started,
-                shard,
-                stream,
-                head,
-                buf,
-                head_len,
-                ws::Kind::Client,
-            )
-            .await
+    dispatch(started, shard, stream, head, buf, head_len).await;
+}
+
+/// Serves one request by its route; an API connection may come back with a client stream.
+async fn dispatch(
+    started: std::time::Instant,
+    shard: Rc<Shard>,
+    stream: TcpStream,
+    head: proto::http1::Head,
+    buf: Vec<u8>,
+    head_len: usize,
+) {
+    let mut next = Some((stream, head, buf, head_len));
+    while let Some((mut stream, head, buf, head_len)) = next.take() {
+        match route(&head) {
+            Route::WebSocket => {
+                ws::upgrade(
+                    started,
+                    shard.clone(),
+                    stream,
+                    head,
+                    buf,
+                    head_len,
+                    ws::Kind::Client,
+                )
+                .await
+            }
+            Route::Echo if shard.shared.config.diagnostics.echo => {
+                let kind = ws::Kind::Echo;
+                ws::upgrade(started, shard.clone(), stream, head, buf, head_len, kind).await
+            }
+            Route::Sse => stream::sse(shard.clone(), stream, head, buf).await,
+            Route::Missed => stream::missed(shard.clone(), stream, head, buf).await,
+            Route::NotFound | Route::Echo => {
+                let resp = json_error(404, "not_found", "no such endpoint");
+                respond(&mut stream, &resp, false).await;
+            }
+            Route::MethodNotAllowed => {
+                let resp = json_error(405, "method_not_allowed", "wrong method for this endpoint");
+                respond(&mut stream, &resp, false).await;
+            }
+            _ => next = api::serve(shard.clone(), stream, head, buf, head_len).await,
         }
-        Route::Echo if shard.shared.config.diagnostics.echo => {
-            ws::upgrade(started, shard, stream, head, buf, head_len, ws::Kind::Echo).await
-        }
-        Route::Sse => stream::sse(shard, stream, head, buf).await,
-        Route::Missed => stream::missed(shard, stream, head, buf).await,
-        Route::NotFound | Route::Echo => {
-            respond(
-                &mut stream,
-                &json_error(404, "not_found", "no such endpoint"),
-                false,
-            )
-            .await;
-        }
-        Route::MethodNotAllowed => {
-            respond(
-                &mut stream,
-                &json_error(405, "method_not_allowed", "wrong method for this endpoint"),
-                false,
-            )
-            .await;
-        }
-        _ => api::serve(shard, stream, head, buf, head_len).await,
     }
 }
 
