@@ -52,7 +52,7 @@ fn ws_customer(server: &Server, id: &str, seed: u64, done: &AtomicBool) -> Vec<u
         c.ws.get_ref()
             .set_read_timeout(Some(Duration::from_millis(5)))
             .unwrap();
-        let mut receive =
+        let receive =
             |c: &mut Client, v: Value, got: &mut Vec<u64>, cursor: &mut Option<String>| {
                 got.push(v["data"]["seq"].as_u64().expect("an event"));
                 *cursor = v["cursor"].as_str().map(str::to_owned);
