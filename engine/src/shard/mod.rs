@@ -149,6 +149,8 @@ pub struct Shard {
     dedupe: RefCell<Dedupe>,
     /// Last customer-stream offset handed out on this shard.
     stream_offset: Cell<u64>,
+    /// Epoch of this shard's customer streams (`<process epoch>.<shard>`).
+    stream_epoch: String,
     next_req: Cell<u64>,
     next_conn: Cell<u64>,
     /// Deliveries in arrival order (keeps per-topic order), run by the fan-out task.
@@ -535,6 +537,7 @@ pub fn start(config: Config) -> anyhow::Result<Server> {
                     pollers: RefCell::default(),
                     dedupe: RefCell::default(),
                     stream_offset: Cell::new(0),
+                    stream_epoch: format!("{}.{id}", shared.epoch),
                     next_req: Cell::new(0),
                     next_conn: Cell::new(0),
                     deliveries: RefCell::default(),

@@ -165,13 +165,13 @@ pub struct Missed {
 
 impl Shard {
     /// This shard's customer-stream epoch (process epoch and shard).
-    pub fn stream_epoch(&self) -> String {
-        format!("{}.{}", self.shared.epoch, self.id)
+    pub fn stream_epoch(&self) -> &str {
+        &self.stream_epoch
     }
 
     /// The cursor of the shard's latest customer-stream offset.
     pub fn current_cursor(&self) -> String {
-        cursor(&self.stream_epoch(), self.stream_offset.get())
+        cursor(self.stream_epoch(), self.stream_offset.get())
     }
 
     /// Resolves a cursor a client sent: `Some(offset)` when it is from this shard's current
@@ -231,7 +231,7 @@ impl Shard {
             }
             let offset = self.stream_offset.get() + 1;
             self.stream_offset.set(offset);
-            let cur = cursor(&self.stream_epoch(), offset);
+            let cur = cursor(self.stream_epoch(), offset);
             let json = Bytes::from(event.to_client_json(Via {
                 cursor: Some(&cur),
                 ..Via::default()
@@ -309,7 +309,7 @@ impl Shard {
             return Resume {
                 recovered: false,
                 frames: Vec::new(),
-                cursor: cursor(&epoch, current),
+                cursor: cursor(epoch, current),
             };
         };
         let since = since.map(|s| self.cursor_offset(s));
@@ -319,7 +319,7 @@ impl Shard {
             return Resume {
                 recovered: !matches!(since, Some(None)),
                 frames: Vec::new(),
-                cursor: cursor(&epoch, current),
+                cursor: cursor(epoch, current),
             };
         };
         let m = self.metrics();
@@ -351,7 +351,7 @@ impl Shard {
         Resume {
             recovered,
             frames,
-            cursor: cursor(&epoch, first.map_or(current, |f| f - 1)),
+            cursor: cursor(epoch, first.map_or(current, |f| f - 1)),
         }
     }
 
