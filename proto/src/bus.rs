@@ -154,6 +154,15 @@ pub struct Counts {
 }
 
 impl Counts {
+    /// Counts one connection of either transport.
+    pub fn connection(&mut self, sse: bool) {
+        if sse {
+            self.sse += 1;
+        } else {
+            self.websocket += 1;
+        }
+    }
+
     /// Adds another report.
     pub fn add(&mut self, o: &Counts) {
         self.websocket += o.websocket;

@@ -63,6 +63,12 @@ pub struct Conn {
     pub close_deadline: u32,
 }
 
+/// Whether event-type prefix `filters` let an event of type `kind` through (none: everything).
+/// Shared by connections, parked long polls and `/v1/events/missed`.
+pub fn accepts(filters: &[Box<str>], kind: &str) -> bool {
+    filters.is_empty() || filters.iter().any(|f| kind.starts_with(&**f))
+}
+
 /// What [`Conn::queue`] did with a frame.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Queued {
@@ -139,7 +145,7 @@ impl Conn {
 
     /// Whether the customer's stream filters let an event of type `kind` through.
     pub fn accepts(&self, kind: &str) -> bool {
-        self.filters.is_empty() || self.filters.iter().any(|f| kind.starts_with(&**f))
+        accepts(&self.filters, kind)
     }
 
     /// Wakes the connection's task.

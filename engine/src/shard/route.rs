@@ -124,6 +124,27 @@ pub(super) struct HistGather {
 /// Connections visited between checks for preemption during a fan-out.
 const CHUNK: usize = 256;
 
+/// How long a shard waits for another shard's answer before going on with what it has.
+const ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Another shard's answer, or None after [`ANSWER_TIMEOUT`].
+async fn answer<T>(rx: oneshot::Receiver<T>) -> Option<T> {
+    let timeout = async {
+        glommio::timer::sleep(ANSWER_TIMEOUT).await;
+        Err(oneshot::Canceled)
+    };
+    futures_lite::future::or(rx, timeout).await.ok()
+}
+
+/// Customers grouped by their owner shard.
+fn by_owner(customers: &[String], n: usize) -> AHashMap<usize, Vec<String>> {
+    let mut out: AHashMap<usize, Vec<String>> = AHashMap::new();
+    for c in customers {
+        out.entry(owner_shard(c, n)).or_default().push(c.clone());
+    }
+    out
+}
+
 fn set_bit(bits: &mut Vec<u64>, i: usize, on: bool) {
     if bits.len() <= i / 64 {
         bits.resize(i / 64 + 1, 0);
@@ -150,13 +171,7 @@ impl Shard {
         self.metrics().publishes.fetch_add(1, Relaxed);
         let published = Some(Instant::now());
         let n = self.shared.n_shards;
-        let mut by_owner: AHashMap<usize, Vec<String>> = AHashMap::new();
-        for c in &p.customers {
-            by_owner
-                .entry(owner_shard(c, n))
-                .or_default()
-                .push(c.clone());
-        }
+        let by_owner = by_owner(&p.customers, n);
         let expected =
             p.topics.len() + by_owner.len() + (p.roles.len() + usize::from(p.broadcast)) * n;
         if expected == 0 {
@@ -232,13 +247,9 @@ impl Shard {
 
     /// Waits for the reports of `req` (5 s at most; then what was reported).
     async fn await_reports(&self, req: u64, rx: oneshot::Receiver<Counts>) -> Counts {
-        let timeout = async {
-            glommio::timer::sleep(std::time::Duration::from_secs(5)).await;
-            Err(oneshot::Canceled)
-        };
-        match futures_lite::future::or(rx, timeout).await {
-            Ok(counts) => counts,
-            Err(_) => {
+        match answer(rx).await {
+            Some(counts) => counts,
+            None => {
                 let pending = self.reports.borrow_mut().remove(&req);
                 tracing::warn!(shard = self.id, "delivery report timed out");
                 pending.map_or_else(Counts::default, |p| p.counts)
@@ -250,13 +261,7 @@ impl Shard {
     /// per transport (in `websocket` and `sse`).
     pub async fn disconnect(self: &Rc<Self>, customers: &[String], code: u16) -> Counts {
         let n = self.shared.n_shards;
-        let mut by_owner: AHashMap<usize, Vec<String>> = AHashMap::new();
-        for c in customers {
-            by_owner
-                .entry(owner_shard(c, n))
-                .or_default()
-                .push(c.clone());
-        }
+        let by_owner = by_owner(customers, n);
         if by_owner.is_empty() {
             return Counts::default();
         }
@@ -476,11 +481,7 @@ impl Shard {
             None,
             None,
         );
-        let timeout = async {
-            glommio::timer::sleep(std::time::Duration::from_secs(5)).await;
-            Err(oneshot::Canceled)
-        };
-        let got = futures_lite::future::or(rx, timeout).await.ok();
+        let got = answer(rx).await;
         (name, got)
     }
 
@@ -605,11 +606,7 @@ impl Shard {
                 None,
             );
         }
-        let timeout = async {
-            glommio::timer::sleep(std::time::Duration::from_secs(5)).await;
-            Err(oneshot::Canceled)
-        };
-        let got = futures_lite::future::or(rx, timeout).await.ok();
+        let got = answer(rx).await;
         self.hist_waiters.borrow_mut().remove(&req);
         got
     }
@@ -736,11 +733,7 @@ impl Shard {
                 if let Some(c) = conns.get_mut(key) {
                     if c.close_request.is_none() && !c.closing {
                         c.close_request = Some(code);
-                        if c.sse {
-                            counts.sse += 1;
-                        } else {
-                            counts.websocket += 1;
-                        }
+                        counts.connection(c.sse);
                         c.wake();
                     }
                 }
@@ -817,11 +810,7 @@ impl Shard {
                         &job.payload.ws
                     };
                     if self.enqueue(&mut conns, key, frame, job.published) {
-                        if sse {
-                            counts.sse += 1;
-                        } else {
-                            counts.websocket += 1;
-                        }
+                        counts.connection(sse);
                     } else {
                         counts.dropped += 1;
                     }

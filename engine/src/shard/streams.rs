@@ -28,7 +28,7 @@ use proto::{
     ws::{server_frame, OpCode},
 };
 
-use super::{notify::Notify, slab::ConnKey, Shard};
+use super::{conn_state::accepts, notify::Notify, slab::ConnKey, Shard};
 
 /// A stored persistent event.
 pub struct Stored {
@@ -100,7 +100,7 @@ pub struct Poller {
 
 impl Poller {
     fn accepts(&self, kind: &str) -> bool {
-        self.filters.is_empty() || self.filters.iter().any(|f| kind.starts_with(&**f))
+        accepts(&self.filters, kind)
     }
 }
 
@@ -237,7 +237,15 @@ impl Shard {
                 ..Via::default()
             }));
             let ws = server_frame(OpCode::Text, &json);
-            let sse = Bytes::from(event.to_sse(Some(&cur)));
+            let any_sse = {
+                let conns = self.conns.borrow();
+                keys.iter().any(|k| conns.get(*k).is_some_and(|c| c.sse))
+            };
+            let sse = if any_sse || event.persistent {
+                Bytes::from(event.to_sse(Some(&cur)))
+            } else {
+                Bytes::new()
+            };
             let mut handed = false;
             {
                 let mut conns = self.conns.borrow_mut();
@@ -246,11 +254,7 @@ impl Shard {
                     let frame = if is_sse { &sse } else { &ws };
                     if self.enqueue(&mut conns, key, frame, published) {
                         handed = true;
-                        if is_sse {
-                            counts.sse += 1;
-                        } else {
-                            counts.websocket += 1;
-                        }
+                        counts.connection(is_sse);
                     } else {
                         counts.dropped += 1;
                     }
@@ -303,56 +307,70 @@ impl Shard {
     /// event can slip between the replay and the live stream.
     pub fn resume_customer(&self, key: ConnKey, customer: &str, since: Option<&str>) -> Resume {
         let current = self.stream_offset.get();
-        let epoch = self.stream_epoch();
         let conns = self.conns.borrow();
         let Some(c) = conns.get(key) else {
             return Resume {
                 recovered: false,
                 frames: Vec::new(),
-                cursor: cursor(epoch, current),
+                cursor: self.current_cursor(),
             };
         };
-        let since = since.map(|s| self.cursor_offset(s));
+        let (frames, first, recovered) = self.stored_after(customer, since, &c.filters, |s| {
+            if c.sse {
+                s.sse.clone()
+            } else {
+                server_frame(OpCode::Text, &s.json)
+            }
+        });
+        self.metrics()
+            .replayed
+            .fetch_add(frames.len() as u64, Relaxed);
+        Resume {
+            recovered,
+            frames,
+            cursor: cursor(self.stream_epoch(), first.map_or(current, |f| f - 1)),
+        }
+    }
+
+    /// The one reading of a customer's stored events, for connections and long polls: drops
+    /// expired ones, acknowledges what `since` covers (of the types `filters` take), and maps
+    /// the accepted events after it. Returns them, the first one's offset, and whether
+    /// everything after `since` was still stored.
+    fn stored_after<T>(
+        &self,
+        customer: &str,
+        since: Option<&str>,
+        filters: &[Box<str>],
+        map: impl Fn(&Stored) -> T,
+    ) -> (Vec<T>, Option<u64>, bool) {
+        let since = since.map(|c| self.cursor_offset(c));
         let mut streams = self.streams.borrow_mut();
         let Some(stream) = streams.get_mut(customer) else {
             // Nothing stored: complete unless the cursor is not ours.
-            return Resume {
-                recovered: !matches!(since, Some(None)),
-                frames: Vec::new(),
-                cursor: cursor(epoch, current),
-            };
+            return (Vec::new(), None, !matches!(since, Some(None)));
         };
         let m = self.metrics();
         m.stored_lost.fetch_add(stream.expire(unix_now()), Relaxed);
         let (from, recovered) = match since {
             None => (0, true),
             Some(Some(offset)) => {
-                m.acks
-                    .fetch_add(stream.ack_upto(offset, |k| c.accepts(k)), Relaxed);
+                let acked = stream.ack_upto(offset, |k| accepts(filters, k));
+                m.acks.fetch_add(acked, Relaxed);
                 (offset, offset >= stream.lost_upto)
             }
             Some(None) => (0, false),
         };
         let mut first = None;
-        let frames: Vec<Bytes> = stream
+        let out = stream
             .log
             .iter()
-            .filter(|s| s.offset > from && c.accepts(&s.kind))
+            .filter(|s| s.offset > from && accepts(filters, &s.kind))
             .map(|s| {
                 first.get_or_insert(s.offset);
-                if c.sse {
-                    s.sse.clone()
-                } else {
-                    server_frame(OpCode::Text, &s.json)
-                }
+                map(s)
             })
             .collect();
-        m.replayed.fetch_add(frames.len() as u64, Relaxed);
-        Resume {
-            recovered,
-            frames,
-            cursor: cursor(epoch, first.map_or(current, |f| f - 1)),
-        }
+        (out, first, recovered)
     }
 
     /// Queues frames on one connection (a replay) and flushes it.
@@ -398,37 +416,11 @@ impl Shard {
     /// `/v1/events/missed`: stored events after `since` (all stored ones without), accepted by
     /// `filters`; `since` acknowledges everything up to it.
     pub fn missed(&self, customer: &str, since: Option<&str>, filters: &[Box<str>]) -> Missed {
-        let accepts =
-            |kind: &str| filters.is_empty() || filters.iter().any(|f| kind.starts_with(&**f));
-        let cursor = self.current_cursor();
-        let mut streams = self.streams.borrow_mut();
-        let since = since.map(|c| self.cursor_offset(c));
-        let Some(stream) = streams.get_mut(customer) else {
-            return Missed {
-                events: Vec::new(),
-                cursor,
-                recovered: !matches!(since, Some(None)),
-            };
-        };
-        let m = self.metrics();
-        m.stored_lost.fetch_add(stream.expire(unix_now()), Relaxed);
-        let (from, recovered) = match since {
-            None => (0, true),
-            Some(Some(offset)) => {
-                m.acks.fetch_add(stream.ack_upto(offset, accepts), Relaxed);
-                (offset, offset >= stream.lost_upto)
-            }
-            Some(None) => (0, false),
-        };
-        let events = stream
-            .log
-            .iter()
-            .filter(|s| s.offset > from && accepts(&s.kind))
-            .map(|s| s.json.clone())
-            .collect();
+        let (events, _, recovered) =
+            self.stored_after(customer, since, filters, |s| s.json.clone());
         Missed {
             events,
-            cursor,
+            cursor: self.current_cursor(),
             recovered,
         }
     }
