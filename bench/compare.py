@@ -152,6 +152,10 @@ def main():
     ap.add_argument("--steps", default="100,200,400,800")
     ap.add_argument("--duration", type=float, default=5.0)
     ap.add_argument("--publishers", type=int, default=8)
+    ap.add_argument("--hold", type=float, default=15.0,
+                    help="seconds the connect scenario holds its idle connections before reading the server's RSS "
+                         "(ringcast parks sockets quiet for server.park_after_secs = 10; the same hold for every peer)")
+    ap.add_argument("--only-connect", action="store_true", help="measure idle memory and connects/s only")
     ap.add_argument("--out", default=None)
     ap.add_argument("--no-install", action="store_true")
     args = ap.parse_args()
@@ -161,14 +165,14 @@ def main():
     out = args.out or os.path.join(ROOT, "docs", "bench", "runs", stamp)
     os.makedirs(out, exist_ok=True)
     peers = args.peers.split(",")
-    steps = [float(x) for x in args.steps.split(",")]
+    steps = [] if args.only_connect else [float(x) for x in args.steps.split(",")]
     results = {}
     for name in peers:
         res = results[name] = {"steps": []}
         peer = Peer(name).start()
         res["version"] = peer.version()
         try:
-            c = loadgen(peer, "connect", ["--conns", str(args.conns), "--rate", "5000", "--hold", "3",
+            c = loadgen(peer, "connect", ["--conns", str(args.conns), "--rate", "5000", "--hold", str(args.hold),
                                           "--server-pid", ",".join(map(str, peer.pids))], os.path.join(out, f"{name}-connect"))
             res["connect"] = c
         finally:
@@ -238,7 +242,7 @@ def render(results, args):
         bpeak = bps["deliveries_per_second"] if bps and within_slo(bps) else 0
         beff = (base["steps"][0] if base and base["steps"] else {}).get("deliveries_per_server_cpu_second") or 0
         hl = f"{half['latency']['p50_us'] / 1000:.1f} / {half['latency']['p99_us'] / 1000:.1f} ms" if half else "-"
-        peak_txt = "none (p99 > 100 ms at the lowest step)" if not peak else f"{peak:.0f}{ratio(peak, bpeak) if name != 'bun' else ''}"
+        peak_txt = "-" if not r["steps"] else "none (p99 > 100 ms at the lowest step)" if not peak else f"{peak:.0f}{ratio(peak, bpeak) if name != 'bun' else ''}"
         rows.append(f"| {name} | {mem:.0f} B{ratio(mem, bmem) if mem and name != 'bun' else ''} | {c.get('connects_per_second', 0):.0f} | "
                     f"{peak_txt} | {eff:.0f}{ratio(eff, beff) if name != 'bun' and eff else ''} | {hl} | {lost} |" if mem else
                     f"| {name} | - | - | {peak:.0f} | {eff:.0f} | {hl} | {lost} |")
@@ -251,7 +255,7 @@ def readme(table, args, results):
     versions = "\n".join(f"- {n}: {r.get('version')}" for n, r in results.items())
     return f"""# Side-by-side run {datetime.date.today()}
 
-Command: `python3 bench/compare.py --peers {args.peers} --conns {args.conns} --subscribers {args.subscribers} --steps {args.steps} --duration {args.duration} --publishers {args.publishers}`
+Command: `python3 bench/compare.py --peers {args.peers} --conns {args.conns} --hold {args.hold} --subscribers {args.subscribers} --steps {args.steps} --duration {args.duration} --publishers {args.publishers}{' --only-connect' if args.only_connect else ''}`
 
 Machine: {os.cpu_count()} vCPU ({cpu}), kernel {platform.release()}, commit {commit}. Client and servers share the
 same cores: the load generator (2 threads) competes with the server under test, so absolute rates

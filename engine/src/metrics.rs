@@ -64,6 +64,8 @@ pub struct ShardMetrics {
     pub sse_connections: AtomicI64,
     /// Long-poll requests parked.
     pub polls_waiting: AtomicI64,
+    /// Connections whose quiet socket is parked in the shard's epoll set.
+    pub parked: AtomicI64,
     /// Persistent events stored for customers with no connection taking them.
     pub events_queued: AtomicU64,
     /// Persistent events dropped unacknowledged: queue full or time to live passed.
@@ -138,7 +140,7 @@ pub fn render_prometheus(shards: &[ShardMetrics], rss: Option<u64>) -> String {
     }
     out.push_str(&lines);
     type Counter = (&'static str, &'static str, fn(&ShardMetrics) -> u64);
-    let counters: [Counter; 23] = [
+    let counters: [Counter; 24] = [
         ("ringcast_sse_connections", "Open SSE streams.", |s| {
             s.sse_connections.load(Relaxed).max(0) as u64
         }),
@@ -146,6 +148,11 @@ pub fn render_prometheus(shards: &[ShardMetrics], rss: Option<u64>) -> String {
             "ringcast_polls_waiting",
             "Long-poll requests parked.",
             |s| s.polls_waiting.load(Relaxed).max(0) as u64,
+        ),
+        (
+            "ringcast_parked_connections",
+            "Quiet connections parked in the shards' epoll sets.",
+            |s| s.parked.load(Relaxed).max(0) as u64,
         ),
         (
             "ringcast_events_queued_total",
@@ -319,6 +326,7 @@ pub fn stats_json(
         "drops": sum(shards, |s| s.drops.load(Relaxed)),
         "sseConnections": shards.iter().map(|s| s.sse_connections.load(Relaxed)).sum::<i64>(),
         "pollsWaiting": shards.iter().map(|s| s.polls_waiting.load(Relaxed)).sum::<i64>(),
+        "parkedConnections": shards.iter().map(|s| s.parked.load(Relaxed)).sum::<i64>(),
         "eventsQueued": sum(shards, |s| s.events_queued.load(Relaxed)),
         "storedLost": sum(shards, |s| s.stored_lost.load(Relaxed)),
         "offlineDropped": sum(shards, |s| s.offline_dropped.load(Relaxed)),

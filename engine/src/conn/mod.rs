@@ -3,6 +3,7 @@
 //! API (`api`).
 
 mod api;
+mod link;
 mod stream;
 mod ws;
 

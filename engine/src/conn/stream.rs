@@ -7,10 +7,10 @@
 //! WebSocket: the same fan-out queues shared records on it and the same flush rounds write
 //! them; its task only watches for the client going away and for writability.
 
-use std::{future::poll_fn, pin::Pin, rc::Rc, sync::atomic::Ordering::Relaxed, task::Poll};
+use std::{future::poll_fn, rc::Rc, sync::atomic::Ordering::Relaxed, task::Poll};
 
 use bytes::Bytes;
-use futures_lite::{AsyncRead, AsyncWriteExt};
+use futures_lite::AsyncWriteExt;
 use glommio::net::TcpStream;
 use proto::{
     auth::Claims,
@@ -21,6 +21,7 @@ use proto::{
 };
 
 use super::{
+    link::Link,
     respond,
     ws::{auth_failure, authenticate, write_blocked, Grants},
 };
@@ -105,8 +106,8 @@ pub async fn sse(shard: Rc<Shard>, stream: TcpStream, head: Head, buf: Vec<u8>) 
         respond(&mut stream, &json_error(400, e.code, &e.message), false).await;
         return;
     }
-    let customer: Rc<str> = Rc::from(claims.sub.as_str());
     let grants = Grants::from(claims);
+    let customer = grants.customer.clone();
     if let Some(t) = topics.iter().find(|t| !Grants::may(&grants.channels, t)) {
         let msg = format!("token does not allow subscribing to {t}");
         respond(&mut stream, &json_error(403, "forbidden", &msg), false).await;
@@ -164,13 +165,13 @@ pub async fn sse(shard: Rc<Shard>, stream: TcpStream, head: Head, buf: Vec<u8>) 
         let (name, _) = shard.subscribe_topic(key, topic, None).await;
         names.push(name);
     }
-    drive(&shard, key, &mut stream).await;
+    drive(&shard, key, &mut Link::new(stream)).await;
     shard.unregister(key, &grants.roles, &names);
 }
 
 /// Watches an SSE stream: ends when the client goes away, the socket fails, or the shard asks
 /// it to close (drain, slow consumer, disconnect) and what was queued is out.
-async fn drive(shard: &Shard, key: ConnKey, stream: &mut TcpStream) {
+async fn drive(shard: &Shard, key: ConnKey, link: &mut Link) {
     poll_fn(|cx| loop {
         {
             let mut conns = shard.conns.borrow_mut();
@@ -192,9 +193,10 @@ async fn drive(shard: &Shard, key: ConnKey, stream: &mut TcpStream) {
                     shard.metrics().drops.fetch_add(n as u64, Relaxed);
                 }
                 c.close_deadline = shard.clock.get() + 2;
-                shard.schedule(key, shard.clock.get() + 1);
+                shard.schedule(key, c, shard.clock.get() + 1);
             }
-            if c.write_blocked && !write_blocked(shard, c, stream, cx) {
+            link.settle(shard, key, c);
+            if c.write_blocked && !write_blocked(shard, c, link, cx) {
                 return Poll::Ready(());
             }
             if c.closing && c.out.is_empty() {
@@ -202,7 +204,7 @@ async fn drive(shard: &Shard, key: ConnKey, stream: &mut TcpStream) {
             }
         }
         let mut scratch = shard.scratch.borrow_mut();
-        match Pin::new(&mut *stream).poll_read(cx, &mut scratch[..]) {
+        match link.poll_read(shard, key, cx, &mut scratch[..]) {
             Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(()),
             // A client has nothing to say on an SSE stream; whatever it sends is ignored.
             Poll::Ready(Ok(_)) => continue,

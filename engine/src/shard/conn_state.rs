@@ -59,6 +59,12 @@ pub struct Conn {
     pub dirty: bool,
     /// Shard clock (seconds) of the last frame from the client.
     pub last_rx: u32,
+    /// Shard clock of this connection's pending timer-wheel check (`u32::MAX`: none).
+    pub wheel_at: u32,
+    /// The socket is parked in the shard's epoll set instead of glommio (see `shard::park`).
+    pub parked: bool,
+    /// The parking thread reported the parked socket readable.
+    pub readable: bool,
     /// Shard clock when the close handshake must be over.
     pub close_deadline: u32,
 }
@@ -121,6 +127,9 @@ impl Conn {
             write_blocked: false,
             dirty: false,
             last_rx: now,
+            wheel_at: u32::MAX,
+            parked: false,
+            readable: false,
             close_deadline: u32::MAX,
         }
     }

@@ -8,6 +8,7 @@
 pub mod conn_state;
 mod mesh;
 pub mod notify;
+pub mod park;
 mod route;
 pub mod slab;
 pub mod streams;
@@ -162,6 +163,8 @@ pub struct Shard {
     pub clock: Cell<u32>,
     /// Woken when the shard starts draining.
     drain_notify: Notify,
+    /// The epoll set of parked (quiet) sockets.
+    pub parking: park::Parking,
     /// Full-resolution histograms of this shard (gathered by `/v1/stats/histograms`).
     pub hists: RefCell<Hists>,
     /// Histogram gathers awaiting replies from the shards.
@@ -213,11 +216,18 @@ impl Shard {
     pub fn register(&self, conn: Conn, roles: &[String]) -> ConnKey {
         let customer = conn.customer.clone();
         let sse = conn.sse;
-        let key = self.conns.borrow_mut().insert(conn);
-        self.wheel.borrow_mut().schedule(
-            key,
-            self.clock.get() + self.shared.config.server.heartbeat_secs as u32,
-        );
+        let server = &self.shared.config.server;
+        let first_check = match server.park_after_secs {
+            0 => server.heartbeat_secs,
+            park => park.min(server.heartbeat_secs),
+        };
+        let key = {
+            let mut conns = self.conns.borrow_mut();
+            let key = conns.insert(conn);
+            let c = conns.get_mut(key).expect("just inserted");
+            self.schedule(key, c, self.clock.get() + first_check as u32);
+            key
+        };
         if !customer.is_empty() {
             let mut customers = self.customers.borrow_mut();
             let list = customers.entry(customer).or_default();
@@ -243,6 +253,9 @@ impl Shard {
             return;
         };
         self.metrics().connections.fetch_sub(1, Relaxed);
+        if conn.parked {
+            self.metrics().parked.fetch_sub(1, Relaxed);
+        }
         if conn.sse {
             self.metrics().sse_connections.fetch_sub(1, Relaxed);
         }
@@ -386,9 +399,9 @@ impl Shard {
         self.shared.draining.load(Relaxed)
     }
 
-    /// Schedules a connection's next timer check.
-    pub fn schedule(&self, key: ConnKey, at: u32) {
-        self.wheel.borrow_mut().schedule(key, at);
+    /// Schedules a check of connection `c` at second `at`, unless an earlier one is pending.
+    pub fn schedule(&self, key: ConnKey, c: &mut Conn, at: u32) {
+        self.wheel.borrow_mut().schedule(key, c, at);
     }
 }
 
@@ -520,6 +533,14 @@ pub fn start(config: Config) -> anyhow::Result<Server> {
                     }
                 };
                 let id = mesh.id();
+                let (parking, parked_keys) = match park::Parking::start(id) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(anyhow::anyhow!("shard {id}: parking: {e}")));
+                        shared.running.fetch_sub(1, Relaxed);
+                        return;
+                    }
+                };
                 let shard = Rc::new(Shard {
                     id,
                     shared: shared.clone(),
@@ -545,12 +566,13 @@ pub fn start(config: Config) -> anyhow::Result<Server> {
                     wheel: RefCell::new(Wheel::default()),
                     clock: Cell::new(0),
                     drain_notify: Notify::default(),
+                    parking,
                     hists: RefCell::default(),
                     hist_waiters: RefCell::default(),
                 });
                 let _ = ready_tx.send(Ok(()));
                 drop(ready_tx);
-                shard.run(listener).await;
+                shard.run(listener, parked_keys).await;
                 shared.running.fetch_sub(1, Relaxed);
             })
             .map_err(|e| anyhow::anyhow!("starting shard {i}: {e}"))?;
@@ -573,9 +595,10 @@ pub fn start(config: Config) -> anyhow::Result<Server> {
 
 impl Shard {
     /// Runs the shard until it has drained.
-    async fn run(self: Rc<Self>, listener: TcpListener) {
+    async fn run(self: Rc<Self>, listener: TcpListener, parked_keys: glommio::net::UnixStream) {
         use glommio::spawn_local;
         self.mesh.spawn_receivers(&self);
+        spawn_local(self.clone().parking_task(parked_keys)).detach();
         spawn_local(self.clone().fanout_task()).detach();
         let ticker = spawn_local(self.clone().ticker_task());
         self.clone().accept_loop(listener).await;

@@ -12,6 +12,21 @@ pub struct ConnKey {
     gen: u32,
 }
 
+impl ConnKey {
+    /// The key as one number (the parking thread's epoll tokens).
+    pub fn to_bits(self) -> u64 {
+        (self.gen as u64) << 32 | self.idx as u64
+    }
+
+    /// The key from [`ConnKey::to_bits`].
+    pub fn from_bits(bits: u64) -> ConnKey {
+        ConnKey {
+            idx: bits as u32,
+            gen: (bits >> 32) as u32,
+        }
+    }
+}
+
 #[derive(Default)]
 struct Slot {
     gen: u32,

@@ -1,10 +1,10 @@
-//! The shard's timer wheel: heartbeats, idle timeouts and close deadlines for every
+//! The shard's timer wheel: heartbeats, idle timeouts, parking and close deadlines for every
 //! connection, driven by one ticker instead of a timer per connection (glommio keeps timers in
 //! a BTree and each `TimerActionOnce` spawns a task, which idle connections cannot afford).
 
 use bytes::Bytes;
 
-use super::{slab::ConnKey, Shard};
+use super::{conn_state::Conn, slab::ConnKey, Shard};
 
 const SLOTS: usize = 64;
 
@@ -23,8 +23,18 @@ impl Default for Wheel {
 }
 
 impl Wheel {
-    /// Checks `key` at second `at`.
-    pub fn schedule(&mut self, key: ConnKey, at: u32) {
+    /// Checks `key` at second `at`, unless a check at or before `at` is pending: each
+    /// connection has at most one live entry (`Conn::wheel_at`); entries it replaced are
+    /// skipped when their slot comes up.
+    pub fn schedule(&mut self, key: ConnKey, c: &mut Conn, at: u32) {
+        if at < c.wheel_at {
+            c.wheel_at = at;
+            self.slots[at as usize % SLOTS].push((key, at));
+        }
+    }
+
+    /// Puts back an entry due on a later turn of the wheel.
+    fn keep(&mut self, key: ConnKey, at: u32) {
         self.slots[at as usize % SLOTS].push((key, at));
     }
 
@@ -53,6 +63,7 @@ impl Shard {
         let entries = self.wheel.borrow_mut().take(now);
         let hb = self.shared.config.server.heartbeat_secs as u32;
         let idle = self.shared.config.server.idle_timeout_secs as u32;
+        let park = self.shared.config.server.park_after_secs as u32;
         let ping = Bytes::from_static(&PING);
         let sse_ping = Bytes::from_static(SSE_PING);
         {
@@ -60,41 +71,60 @@ impl Shard {
             let mut wheel = self.wheel.borrow_mut();
             for &(key, at) in &entries {
                 if at > now {
-                    wheel.schedule(key, at);
+                    wheel.keep(key, at);
                     continue;
                 }
                 let Some(c) = conns.get_mut(key) else {
                     continue;
                 };
+                if c.wheel_at != at {
+                    continue; // replaced by an earlier check
+                }
+                c.wheel_at = u32::MAX;
                 if c.closing || c.close_request.is_some() {
                     if now >= c.close_deadline {
                         c.dead = true;
                         c.wake();
                     } else {
-                        wheel.schedule(key, c.close_deadline.min(now + 2));
+                        wheel.schedule(key, c, c.close_deadline.min(now + 2));
                     }
                     continue;
                 }
+                let silent = now.saturating_sub(c.last_rx);
+                let parked = c.parked;
+                if park > 0 && !parked && silent >= park {
+                    // Its task parks the socket (`conn::link`) when it runs.
+                    c.wake();
+                }
                 if c.sse {
                     // An SSE client never speaks: no idle timeout; a failed write ends it.
+                    let next = if parked || park == 0 || silent >= park {
+                        now + hb
+                    } else {
+                        now + hb.min(park - silent)
+                    };
+                    wheel.schedule(key, c, next);
                     self.enqueue(&mut conns, key, &sse_ping, None);
-                    wheel.schedule(key, now + hb);
                     continue;
                 }
-                let silent = now.saturating_sub(c.last_rx);
                 if silent >= idle {
                     c.close_request = Some(proto::ws::close::GOING_AWAY);
                     c.wake();
-                    wheel.schedule(key, now + 1);
+                    wheel.schedule(key, c, now + 1);
                     continue;
                 }
-                let next = if silent >= hb {
-                    self.enqueue(&mut conns, key, &ping, None);
+                let mut next = if silent >= hb {
                     now + hb.min(idle - silent)
                 } else {
                     now + (hb - silent).min(idle - silent)
                 };
-                wheel.schedule(key, next);
+                if park > 0 && !parked && silent < park {
+                    next = next.min(now + (park - silent));
+                }
+                wheel.schedule(key, c, next);
+                if silent >= hb {
+                    self.enqueue(&mut conns, key, &ping, None);
+                }
             }
         }
         self.wheel.borrow_mut().give_back(now, entries);

@@ -7,6 +7,7 @@ mod api;
 mod auth;
 mod delivery;
 mod lifecycle;
+mod parking;
 mod property;
 mod protocol;
 mod reliable;

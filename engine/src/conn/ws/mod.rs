@@ -20,10 +20,10 @@ use proto::{
     client::{self},
     http1::{json_error, Head},
     placement::owner_shard,
-    ws::{handshake, server_frame, OpCode, Receiver, WsLimits},
+    ws::{handshake, server_frame, OpCode, Receiver},
 };
 
-use super::respond;
+use super::{link::Link, respond};
 use crate::{
     metrics::AUTH_REASONS,
     shard::{conn_state::Conn, Shard},
@@ -101,15 +101,9 @@ pub async fn upgrade(
         .saturating_record((started.elapsed().as_micros() as u64).max(1));
     let _ = stream.set_read_timeout(None);
     shard.metrics().handshakes.fetch_add(1, Relaxed);
-    let limits = WsLimits {
-        max_message: if kind == Kind::Echo {
-            shard.shared.config.diagnostics.echo_max_message
-        } else {
-            shard.shared.config.limits.max_message
-        },
-    };
-    let customer: Rc<str> = Rc::from(claims.sub.as_str());
-    let roles = claims.roles.clone();
+    let limits = session::session_limits(&shard, kind);
+    let grants = Box::new(Grants::from(claims));
+    let customer = grants.customer.clone();
     // The echo endpoint sends back messages up to its own (larger) limit.
     let max_backlog = shard
         .shared
@@ -120,17 +114,15 @@ pub async fn upgrade(
     let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
     let conn_key = shard.register(
         Conn::new(fd, customer.clone(), shard.clock.get(), max_backlog),
-        &roles,
+        &grants.roles,
     );
     let mut session = Session {
         key: conn_key,
-        grants: Grants::from(claims),
-        customer: customer.clone(),
+        grants,
         kind,
         rx: Receiver::default(),
         pending: buf[head_len..].to_vec(),
         topics: Vec::new(),
-        limits,
         peer_closed: false,
     };
     if kind == Kind::Client {
@@ -154,8 +146,9 @@ pub async fn upgrade(
     // keeps an idle connection small.
     drop(head);
     drop(buf);
-    // The block uses the captured `stream` as is: rebinding a captured variable inside an
-    // `async move` block (`let mut stream = stream;`) gives the future a second 120-byte slot.
+    // The block uses the captured `link` as is: rebinding a captured variable inside an
+    // `async move` block (`let mut link = link;`) gives the future a second slot.
+    let mut link = Link::new(stream);
     glommio::spawn_local(async move {
         // Bytes that arrived with the head (a client that did not wait for the 101).
         let proceed = session.pending.is_empty() || {
@@ -163,7 +156,7 @@ pub async fn upgrade(
             Box::pin(session.act(&shard, actions)).await
         };
         if proceed {
-            session.run(&shard, &mut stream).await;
+            session.run(&shard, &mut link).await;
         }
         session.finish(&shard);
     })

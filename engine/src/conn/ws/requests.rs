@@ -206,7 +206,7 @@ impl Session {
                 up_to,
                 status: _,
             } => {
-                let acked = shard.ack(&self.customer, &ids, &cursors, up_to.as_deref());
+                let acked = shard.ack(&self.grants.customer, &ids, &cursors, up_to.as_deref());
                 if rid.is_some() {
                     self.reply(
                         shard,
@@ -280,7 +280,7 @@ impl Session {
             persistent: false,
             ttl: None,
             timestamp: now_rfc3339(),
-            from: Some(self.customer.to_string()),
+            from: Some(self.grants.customer.to_string()),
             idempotent: false,
         }
     }
