@@ -18,6 +18,8 @@ $lg --url "ws://$addr/v1/ws" --threads 1 --out "$out/fanout" fanout --subscriber
 $lg --url "ws://$addr/v1/ws" --threads 1 --out "$out/unicast" unicast --subscribers 300 --rate 100 --duration 2 --publishers 2 >/dev/null
 $lg --url "ws://$addr/v1/ws" --threads 1 --out "$out/chat" chat --subscribers 300 --room-size 10 --rate 1 --duration 2 >/dev/null
 $lg --url "ws://$addr/v1/ws" --threads 1 --out "$out/storm" storm --subscribers 300 --rate 10 --duration 3 --at 1 >/dev/null
+$lg --url "ws://$addr/v1/ws" --transport sse --threads 1 --out "$out/sse-fanout" fanout --subscribers 300 --rate 20 --duration 2 --publishers 2 >/dev/null
+$lg --url "ws://$addr/v1/ws" --transport sse --threads 1 --out "$out/sse-unicast" unicast --subscribers 300 --rate 100 --duration 2 --publishers 2 >/dev/null
 $lg --out "$out/merged" report "$out/connect" "$out/fanout" 2>/dev/null
 python3 - "$out" <<'PY'
 import json, os, sys
@@ -41,6 +43,8 @@ checks = {
     "fanout: server count agrees": f.get("server_check", {}).get("agree") is True,
     "unicast: every event reached its one customer": exact(load("unicast")),
     "chat: every message reached its 10 room members": exact(load("chat")) and load("chat")["expected_deliveries"] == 10 * load("chat")["published"],
+    "sse fanout: every event reached all 300 SSE subscribers": exact(load("sse-fanout")) and load("sse-fanout")["expected_deliveries"] == 300 * load("sse-fanout")["published"],
+    "sse unicast: every event reached its one customer's SSE stream": exact(load("sse-unicast")),
     "storm: all 300 reconnected, no duplicate or reordering": load("storm")["storm"]["reconnected"] == 300 and load("storm")["duplicates"] == 0 and load("storm")["reorders"] == 0,
     "reports written": all(os.path.exists(os.path.join(out, p)) for p in ["fanout/latency.hgrm", "fanout/report.html", "merged/report.html"]),
 }

@@ -51,6 +51,10 @@ pub(crate) struct TargetArgs {
     /// Source addresses as a range (127.0.0.2-127.0.0.9) or a list; empty: the kernel picks.
     #[arg(long, global = true, default_value = "127.0.0.2-127.0.0.9")]
     sources: String,
+    /// `ws`, or `sse`: subscribers read Server-Sent Events (ringcast: /v1/events/stream with
+    /// `topics=<topic>`, used instead of the default /v1/ws path; `chat` needs `ws`).
+    #[arg(long, global = true, default_value = "ws", value_parser = ["ws", "sse"])]
+    transport: String,
     /// Executor threads (default: one per CPU).
     #[arg(long, global = true)]
     threads: Option<usize>,
@@ -195,8 +199,19 @@ fn run() -> anyhow::Result<()> {
     let threads = t
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let (addr, host, path) = Target::parse_url(&t.url)?;
+    let (addr, host, mut path) = Target::parse_url(&t.url)?;
     let ringcast = !t.generic;
+    let framing = if t.transport == "sse" {
+        net::Framing::Sse
+    } else {
+        net::Framing::WebSocket
+    };
+    if framing == net::Framing::Sse && ringcast && path == "/v1/ws" {
+        path = "/v1/events/stream".into();
+    }
+    if framing == net::Framing::Sse && matches!(cli.scenario, Scenario::Chat { .. }) {
+        anyhow::bail!("chat members publish over their connection: use --transport ws");
+    }
     let target = Target {
         addr,
         host: host.clone(),
@@ -215,6 +230,7 @@ fn run() -> anyhow::Result<()> {
             .clone()
             .or_else(|| ringcast.then(|| "subscription_confirmed".to_owned())),
         sources: parse_sources(&t.sources)?,
+        framing,
     };
     let (summary, stats) = match cli.scenario {
         Scenario::Connect {

@@ -43,13 +43,23 @@ fn libc_einprogress() -> i32 {
     115 // EINPROGRESS on Linux
 }
 
-/// A connected WebSocket client.
-pub struct WsClient {
+/// How a stream's bytes are framed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Framing {
+    /// RFC 6455 frames.
+    WebSocket,
+    /// Server-Sent Events records (receive only).
+    Sse,
+}
+
+/// A connected client: a WebSocket, or an SSE stream read the same way.
+pub struct Client {
     /// The socket.
     pub stream: TcpStream,
     /// Bytes read but not yet decoded.
     pending: Vec<u8>,
     mask_seed: u32,
+    framing: Framing,
 }
 
 /// A frame from the server.
@@ -64,14 +74,14 @@ pub enum Incoming<'a> {
     Other,
 }
 
-impl WsClient {
+impl Client {
     /// Performs the opening handshake for `path` (which carries `?token=` if needed).
     pub async fn handshake(
         mut stream: TcpStream,
         host: &str,
         path: &str,
         timeout: Duration,
-    ) -> anyhow::Result<WsClient> {
+    ) -> anyhow::Result<Client> {
         stream
             .set_read_timeout(Some(timeout))
             .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -83,42 +93,51 @@ impl WsClient {
             .write_all(req.as_bytes())
             .await
             .context("sending the upgrade request")?;
-        let mut pending = Vec::with_capacity(512);
-        let mut buf = [0u8; 2048];
-        let head_end = loop {
-            let n = stream
-                .read(&mut buf)
-                .await
-                .context("reading the upgrade response")?;
-            if n == 0 {
-                bail!("connection closed during the handshake");
-            }
-            pending.extend_from_slice(&buf[..n]);
-            if let Some(i) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
-                break i + 4;
-            }
-            if pending.len() > 16 * 1024 {
-                bail!("oversized handshake response");
-            }
-        };
+        let (mut pending, head_end) = read_head(&mut stream).await?;
         if !pending.starts_with(b"HTTP/1.1 101") {
-            let line = String::from_utf8_lossy(
-                &pending[..pending
-                    .iter()
-                    .position(|&b| b == b'\r')
-                    .unwrap_or(pending.len())],
-            )
-            .into_owned();
-            bail!("upgrade refused: {line}");
+            bail!("upgrade refused: {}", status_line(&pending));
         }
         pending.drain(..head_end);
         stream
             .set_read_timeout(None)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
-        Ok(WsClient {
+        Ok(Client {
             stream,
             pending,
             mask_seed: 0x9E37_79B9,
+            framing: Framing::WebSocket,
+        })
+    }
+
+    /// Opens an SSE stream: `GET path` with `Accept: text/event-stream`, expects 200.
+    pub async fn open_sse(
+        mut stream: TcpStream,
+        host: &str,
+        path: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<Client> {
+        stream
+            .set_read_timeout(Some(timeout))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let req =
+            format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\n\r\n");
+        stream
+            .write_all(req.as_bytes())
+            .await
+            .context("sending the SSE request")?;
+        let (mut pending, head_end) = read_head(&mut stream).await?;
+        if !pending.starts_with(b"HTTP/1.1 200") {
+            bail!("SSE stream refused: {}", status_line(&pending));
+        }
+        pending.drain(..head_end);
+        stream
+            .set_read_timeout(None)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(Client {
+            stream,
+            pending,
+            mask_seed: 0,
+            framing: Framing::Sse,
         })
     }
 
@@ -132,13 +151,21 @@ impl WsClient {
         x.to_le_bytes()
     }
 
-    /// Sends a masked frame.
+    /// Sends a masked frame (WebSocket only).
     pub async fn send(&mut self, opcode: OpCode, payload: &[u8]) -> anyhow::Result<()> {
+        if self.framing == Framing::Sse {
+            bail!("an SSE stream is receive-only");
+        }
         let mut out = BytesMut::with_capacity(payload.len() + 14);
         let mask = self.next_mask();
         encode_client_frame(opcode, true, payload, mask, &mut out);
         self.stream.write_all(&out).await?;
         Ok(())
+    }
+
+    /// Whether the bytes read and not yet drained contain `needle`.
+    pub fn buffered_contains(&self, needle: &[u8]) -> bool {
+        self.pending.windows(needle.len()).any(|w| w == needle)
     }
 
     /// Reads more bytes from the socket into the pending buffer; false at end of stream.
@@ -148,8 +175,18 @@ impl WsClient {
         Ok(n > 0)
     }
 
-    /// Decodes the frames in the pending buffer, calling `f` for each.
-    pub fn drain(&mut self, mut f: impl FnMut(Incoming<'_>)) -> anyhow::Result<()> {
+    /// Decodes the frames (or SSE records) in the pending buffer, calling `f` for each.
+    pub fn drain(&mut self, f: impl FnMut(Incoming<'_>)) -> anyhow::Result<()> {
+        match self.framing {
+            Framing::WebSocket => self.drain_frames(f),
+            Framing::Sse => {
+                drain_sse_records(&mut self.pending, f);
+                Ok(())
+            }
+        }
+    }
+
+    fn drain_frames(&mut self, mut f: impl FnMut(Incoming<'_>)) -> anyhow::Result<()> {
         let mut pos = 0;
         while let Some((h, n)) = FrameHeader::parse(&self.pending[pos..])
             .map_err(|e| anyhow::anyhow!("bad server frame: {e}"))?
@@ -174,6 +211,58 @@ impl WsClient {
         self.pending.drain(..pos);
         Ok(())
     }
+}
+
+/// Takes the complete SSE records (a blank line ends one) from the front of `pending`: each
+/// record's `data` (lines joined with `\n`) is handed over as a text message; comments
+/// (`: ping`) and records without data are skipped.
+pub fn drain_sse_records(pending: &mut Vec<u8>, mut f: impl FnMut(Incoming<'_>)) {
+    let mut pos = 0;
+    let mut data = Vec::new();
+    while let Some(end) = pending[pos..].windows(2).position(|w| w == b"\n\n") {
+        data.clear();
+        for line in pending[pos..pos + end].split(|&b| b == b'\n') {
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            if let Some(v) = line.strip_prefix(b"data:") {
+                if !data.is_empty() {
+                    data.push(b'\n');
+                }
+                data.extend_from_slice(v.strip_prefix(b" ").unwrap_or(v));
+            }
+        }
+        if !data.is_empty() {
+            f(Incoming::Text(&data));
+        }
+        pos += end + 2;
+    }
+    pending.drain(..pos);
+}
+
+/// Reads an HTTP response head; returns the bytes read and where the head ends.
+async fn read_head(stream: &mut TcpStream) -> anyhow::Result<(Vec<u8>, usize)> {
+    let mut pending = Vec::with_capacity(512);
+    let mut buf = [0u8; 2048];
+    loop {
+        let n = stream
+            .read(&mut buf)
+            .await
+            .context("reading the response head")?;
+        if n == 0 {
+            bail!("connection closed before the response head");
+        }
+        pending.extend_from_slice(&buf[..n]);
+        if let Some(i) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+            return Ok((pending, i + 4));
+        }
+        if pending.len() > 16 * 1024 {
+            bail!("oversized response head");
+        }
+    }
+}
+
+fn status_line(head: &[u8]) -> String {
+    let end = head.iter().position(|&b| b == b'\r').unwrap_or(head.len());
+    String::from_utf8_lossy(&head[..end]).into_owned()
 }
 
 /// Finds `"key":<number>` in a JSON text without parsing all of it, returning the number.
@@ -226,6 +315,21 @@ impl Fields {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sse_records_yield_their_data_and_keep_partial_ones() {
+        let mut pending = b"retry: 2000\n\n: ping\n\nevent: lg\ndata: {\"seq\":1}\nid: a.1-1\n\n\
+            event: x\ndata: line1\r\ndata: line2\n\nevent: lg\ndata: {\"seq\""
+            .to_vec();
+        let mut got = Vec::new();
+        drain_sse_records(&mut pending, |m| {
+            if let Incoming::Text(t) = m {
+                got.push(String::from_utf8(t.to_vec()).unwrap());
+            }
+        });
+        assert_eq!(got, [r#"{"seq":1}"#, "line1\nline2"]);
+        assert_eq!(pending, b"event: lg\ndata: {\"seq\"");
+    }
 
     #[test]
     fn finds_numbers() {

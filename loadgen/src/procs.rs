@@ -39,6 +39,7 @@ pub fn connect_procs(
         }
         let mut cmd = Command::new(&exe);
         cmd.args(["--url", &t.url, "--sources", &t.sources, "--threads", "1"]);
+        cmd.args(["--transport", &t.transport]);
         if let Some(secret) = &target.secret {
             cmd.args(["--secret", secret]);
         }

@@ -14,6 +14,7 @@ use futures_lite::AsyncWriteExt;
 use glommio::net::TcpStream;
 use proto::{
     auth::Claims,
+    client::TopicPosition,
     event::{push_json_str, validate_topic},
     http1::{json_error, Head, Method, Response},
     placement::owner_shard,
@@ -161,9 +162,34 @@ pub async fn sse(shard: Rc<Shard>, stream: TcpStream, head: Head, buf: Vec<u8>) 
     shard.send_now(key, &Bytes::from(hello));
     shard.replay(key, &resume.frames);
     let mut names = Vec::with_capacity(topics.len());
+    let mut positions = Vec::with_capacity(topics.len());
     for topic in &topics {
-        let (name, _) = shard.subscribe_topic(key, topic, None).await;
+        let (name, position) = shard.subscribe_topic(key, topic, None).await;
         names.push(name);
+        // A slow owner (None) still completes the subscription when it answers.
+        let (offset, epoch, recovered) = position.unwrap_or((0, String::new(), false));
+        positions.push(TopicPosition {
+            topic: topic.clone(),
+            offset,
+            epoch,
+            recovered,
+        });
+    }
+    if !topics.is_empty() {
+        // The greeting goes out before the topics are joined; this record says they are live
+        // (what a client or a load generator waits for before counting on topic events).
+        let mut per_topic = serde_json::Map::new();
+        for p in positions {
+            per_topic.insert(
+                p.topic,
+                serde_json::json!({"offset": p.offset, "epoch": p.epoch, "recovered": p.recovered}),
+            );
+        }
+        let mut rec = b"event: subscription_confirmed\ndata: ".to_vec();
+        serde_json::to_writer(&mut rec, &serde_json::json!({ "topics": per_topic }))
+            .expect("serialising to a Vec cannot fail");
+        rec.extend_from_slice(b"\n\n");
+        shard.send_now(key, &Bytes::from(rec));
     }
     drive(&shard, key, &mut Link::new(stream)).await;
     shard.unregister(key, &grants.roles, &names);

@@ -369,6 +369,15 @@ fn sse_streams_filters_and_resumes_from_last_event_id() {
     assert_eq!(hello.id, None, "the greeting leaves Last-Event-ID alone");
     let hello: Value = serde_json::from_str(&hello.data).unwrap();
     assert_eq!(hello["customerId"], "c6");
+    // The topic subscription is live once this record arrives.
+    let confirmed = sse.next().unwrap();
+    assert_eq!(confirmed.event, "subscription_confirmed");
+    assert_eq!(confirmed.id, None);
+    let confirmed: Value = serde_json::from_str(&confirmed.data).unwrap();
+    assert_eq!(
+        confirmed["topics"]["ward:1"]["recovered"], true,
+        "{confirmed}"
+    );
     // Filtered out, then one that passes, then a topic event.
     server.publish(json!({"customers": ["c6"], "event": {"type": "message_received"}}));
     let r = server.publish(persistent("c6", "case_status_update", 1));
@@ -380,18 +389,11 @@ fn sse_streams_filters_and_resumes_from_last_event_id() {
         json!({"n": 1})
     );
     let last_id = e.id.clone().expect("customer events carry a cursor");
-    // The topic subscription is confirmed asynchronously: publish until it arrives.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let topic_event = loop {
-        let r = server.publish(
-            json!({"topics": ["ward:1"], "event": {"type": "ward_update", "data": {"beds": 3}}}),
-        );
-        if r["delivered"]["sse"] == 1 {
-            break sse.next().unwrap();
-        }
-        assert!(Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let r = server.publish(
+        json!({"topics": ["ward:1"], "event": {"type": "ward_update", "data": {"beds": 3}}}),
+    );
+    assert_eq!(r["delivered"]["sse"], 1, "{r}");
+    let topic_event = sse.next().unwrap();
     assert_eq!(topic_event.event, "ward_update");
     assert_eq!(topic_event.id, None);
     drop(sse);

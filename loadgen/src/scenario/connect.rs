@@ -93,7 +93,7 @@ pub fn run(args: Args) -> anyhow::Result<(serde_json::Value, ThreadStats)> {
                     (target.clone(), shared.clone(), stop.clone(), topic.clone());
                 async move {
                     let stats = Rc::new(RefCell::new(ThreadStats::default()));
-                    let keep = |_i: usize, mut client: crate::net::WsClient| {
+                    let keep = |_i: usize, mut client: crate::net::Client| {
                         let shared = shared.clone();
                         glommio::spawn_local(async move {
                             let mut scratch = vec![0u8; 4096];

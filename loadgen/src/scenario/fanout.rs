@@ -189,7 +189,7 @@ pub fn run(args: Args) -> anyhow::Result<(serde_json::Value, ThreadStats)> {
                         }),
                         _ => None,
                     };
-                    let receive = |i: usize, client: crate::net::WsClient| {
+                    let receive = |i: usize, client: crate::net::Client| {
                         let room = match mode {
                             Mode::Chat { room_size, .. } => {
                                 format!("{topic}:{}", i / room_size.max(1))
@@ -418,7 +418,7 @@ fn timeline(shared: &Shared) -> Vec<u64> {
 }
 
 async fn receiver(
-    mut client: crate::net::WsClient,
+    mut client: crate::net::Client,
     shared: Arc<Shared>,
     stats: Rc<RefCell<ThreadStats>>,
     stop: Arc<AtomicBool>,

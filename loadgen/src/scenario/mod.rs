@@ -17,7 +17,7 @@ use glommio::{LocalExecutorBuilder, Placement};
 use proto::ws::OpCode;
 
 use crate::{
-    net::{connect_from, Incoming, WsClient},
+    net::{connect_from, Client, Framing, Incoming},
     stats::{Shared, ThreadStats},
 };
 
@@ -38,14 +38,18 @@ pub struct Target {
     pub ready_match: Option<String>,
     /// Source addresses to spread connections over (ephemeral-port exhaustion).
     pub sources: Vec<IpAddr>,
+    /// WebSocket, or Server-Sent Events (receive only: subscribers of `fanout`, `unicast`,
+    /// `storm`, `connect`).
+    pub framing: Framing,
 }
 
 impl Target {
-    /// Parses `ws://host:port/path`.
+    /// Parses `ws://host:port/path` (or `http://` for SSE).
     pub fn parse_url(url: &str) -> anyhow::Result<(SocketAddr, String, String)> {
         let rest = url
             .strip_prefix("ws://")
-            .context("only ws:// URLs are supported")?;
+            .or_else(|| url.strip_prefix("http://"))
+            .context("only ws:// and http:// URLs are supported")?;
         let (authority, path) = match rest.find('/') {
             Some(i) => (&rest[..i], rest[i..].to_owned()),
             None => (rest, "/".to_owned()),
@@ -63,7 +67,7 @@ impl Target {
         i: usize,
         topic: &str,
         stats: &RefCell<ThreadStats>,
-    ) -> anyhow::Result<WsClient> {
+    ) -> anyhow::Result<Client> {
         let source = if self.sources.is_empty() {
             None
         } else {
@@ -86,8 +90,16 @@ impl Target {
             path.push_str(&token);
         }
         let t0 = Instant::now();
+        if self.framing == Framing::Sse {
+            let client = self.open_sse(stream, path, topic).await?;
+            let _ = stats
+                .borrow_mut()
+                .handshake
+                .record((t0.elapsed().as_micros() as u64).max(1));
+            return Ok(client);
+        }
         let mut client =
-            WsClient::handshake(stream, &self.host, &path, Duration::from_secs(30)).await?;
+            Client::handshake(stream, &self.host, &path, Duration::from_secs(30)).await?;
         if let Some(frame) = &self.subscribe_frame {
             client
                 .send(OpCode::Text, frame.replace("{topic}", topic).as_bytes())
@@ -115,6 +127,40 @@ impl Target {
             .borrow_mut()
             .handshake
             .record((t0.elapsed().as_micros() as u64).max(1));
+        Ok(client)
+    }
+}
+
+impl Target {
+    /// SSE: `topics=<topic>` joins the topic (ringcast); ready once the stream contains
+    /// `ready_match` (ringcast: the `subscription_confirmed` record), or at once without one.
+    async fn open_sse(
+        &self,
+        stream: glommio::net::TcpStream,
+        mut path: String,
+        topic: &str,
+    ) -> anyhow::Result<Client> {
+        if self.secret.is_some() {
+            path.push_str("&topics=");
+            path.push_str(topic);
+        } else {
+            path = path.replace("{topic}", topic);
+        }
+        let mut client =
+            Client::open_sse(stream, &self.host, &path, Duration::from_secs(30)).await?;
+        if let Some(want) = &self.ready_match {
+            let mut scratch = [0u8; 4096];
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !client.buffered_contains(want.as_bytes()) {
+                if Instant::now() > deadline {
+                    bail!("no {want:?} within 30 s");
+                }
+                if !client.fill(&mut scratch).await? {
+                    bail!("closed before ready");
+                }
+            }
+            client.drain(|_| {})?;
+        }
         Ok(client)
     }
 }
@@ -178,7 +224,7 @@ pub async fn ramp(
     shared: &Shared,
     stats: &Rc<RefCell<ThreadStats>>,
     plan: Ramp<'_>,
-    mut on_open: impl FnMut(usize, WsClient),
+    mut on_open: impl FnMut(usize, Client),
 ) {
     let Ramp {
         n,
@@ -194,7 +240,7 @@ pub async fn ramp(
     // Handshakes in flight per thread: enough to hide round trips, bounded so a slow server
     // is not buried under SYNs.
     let window = 64;
-    let mut pending: Vec<glommio::task::JoinHandle<(usize, anyhow::Result<WsClient>)>> = Vec::new();
+    let mut pending: Vec<glommio::task::JoinHandle<(usize, anyhow::Result<Client>)>> = Vec::new();
     for (k, &i) in mine.iter().enumerate() {
         let due = start + Duration::from_secs_f64(k as f64 / per_thread_rate);
         let now = Instant::now();
@@ -222,9 +268,9 @@ pub async fn ramp(
 }
 
 fn collect(
-    result: Option<(usize, anyhow::Result<WsClient>)>,
+    result: Option<(usize, anyhow::Result<Client>)>,
     shared: &Shared,
-    on_open: &mut impl FnMut(usize, WsClient),
+    on_open: &mut impl FnMut(usize, Client),
 ) {
     match result {
         Some((i, Ok(client))) => {
