@@ -105,6 +105,16 @@ struct Traffic {
     /// Server process ids, comma-separated: their CPU time over the run is reported.
     #[arg(long, value_delimiter = ',')]
     server_pid: Vec<u32>,
+    /// Spread the subscribers over this many child processes (`fanout`, `unicast`; one
+    /// process holds at most its open-files limit, 20,000 here); this process publishes.
+    #[arg(long, default_value_t = 1)]
+    procs: usize,
+    /// Internal (set by --procs): index of this process's first subscriber.
+    #[arg(long, default_value_t = 0, hide = true)]
+    first: usize,
+    /// Internal (set by --procs): run as a child of a multi-process run.
+    #[arg(long, hide = true)]
+    child: bool,
 }
 
 #[derive(Subcommand)]
@@ -303,7 +313,28 @@ fn run() -> anyhow::Result<()> {
                 publish_body,
                 mut publish_header,
                 server_pid,
+                procs,
+                first,
+                child,
             } = tr;
+            let children = if procs > 1 {
+                let name = match mode {
+                    scenario::fanout::Mode::Topic => "fanout",
+                    scenario::fanout::Mode::Unicast => "unicast",
+                    _ => anyhow::bail!("--procs applies to connect, fanout and unicast"),
+                };
+                Some(procs::Children::start(
+                    t,
+                    &target,
+                    name,
+                    subscribers,
+                    connect_rate,
+                    &topic,
+                    procs,
+                )?)
+            } else {
+                None
+            };
             let url = publish_url.unwrap_or_else(|| format!("http://{host}/v1/publish"));
             let rest = url
                 .strip_prefix("http://")
@@ -353,7 +384,14 @@ fn run() -> anyhow::Result<()> {
                 topic,
                 mode,
                 server_pid,
+                first,
+                children,
+                child,
             })?;
+            if child {
+                println!("{}", procs::child_report(&summary, &stats));
+                return Ok(());
+            }
             if let (Some(b), Some(a)) = (
                 before,
                 ringcast

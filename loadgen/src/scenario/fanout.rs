@@ -64,6 +64,13 @@ pub struct Args {
     pub mode: Mode,
     /// Server processes whose CPU time is measured over the publishing phase.
     pub server_pid: Vec<u32>,
+    /// Index of this process's first subscriber (customer `c-<first>`).
+    pub first: usize,
+    /// `--procs`: child processes hold the subscribers; this process publishes.
+    pub children: Option<crate::procs::Children>,
+    /// Child of a `--procs` run: report `READY` once ramped, receive until the parent's
+    /// `DONE <expected>` is met (see `procs::Children`).
+    pub child: bool,
 }
 
 /// What a traffic run publishes.
@@ -139,8 +146,21 @@ const PUBLISHING: u8 = 1;
 const DONE: u8 = 2;
 
 /// Runs the scenario.
-pub fn run(args: Args) -> anyhow::Result<(serde_json::Value, ThreadStats)> {
+pub fn run(mut args: Args) -> anyhow::Result<(serde_json::Value, ThreadStats)> {
     let shared = Arc::new(Shared::new());
+    let mut children = args.children.take();
+    if let Some(ch) = &children {
+        let (connected, errors) = ch.ramped();
+        shared.connected.fetch_add(connected, Relaxed);
+        shared.connect_errors.fetch_add(errors, Relaxed);
+    }
+    // With children, they hold the subscribers: this process only publishes.
+    let local_subs = if children.is_some() {
+        0
+    } else {
+        args.subscribers
+    };
+    let first = args.first;
     let phase = Arc::new(AtomicU8::new(WAITING));
     let stop = Arc::new(AtomicBool::new(false));
     let seq = Arc::new(AtomicU64::new(0));
@@ -156,8 +176,9 @@ pub fn run(args: Args) -> anyhow::Result<(serde_json::Value, ThreadStats)> {
             args.topic.clone(),
         );
         let mode = args.mode;
+        let customers = args.subscribers;
         let (subs, connect_rate, rate, size, duration) = (
-            args.subscribers,
+            local_subs,
             args.connect_rate,
             args.rate,
             args.size,
@@ -225,7 +246,7 @@ pub fn run(args: Args) -> anyhow::Result<(serde_json::Value, ThreadStats)> {
                                 Mode::Chat { room_size, .. } => Some(room_size),
                                 _ => None,
                             },
-                            first: 0,
+                            first,
                         },
                         receive,
                     )
@@ -247,7 +268,7 @@ pub fn run(args: Args) -> anyhow::Result<(serde_json::Value, ThreadStats)> {
                                 publisher.clone(),
                                 topic.clone(),
                                 per_publisher,
-                                subs,
+                                customers,
                                 size,
                                 duration,
                                 shared.clone(),
@@ -271,6 +292,10 @@ pub fn run(args: Args) -> anyhow::Result<(serde_json::Value, ThreadStats)> {
         })
     };
     // Main thread: wait for every subscriber, publish for the duration, then drain.
+    let mut child_stats = ThreadStats::default();
+    let mut child_error = None;
+    let done_expected = args.child.then(crate::procs::watch_done);
+    let mut ready_sent = false;
     let mut publishing_since: Option<Instant> = None;
     let mut drain_since: Option<Instant> = None;
     let mut ramp_secs = 0.0;
@@ -278,6 +303,26 @@ pub fn run(args: Args) -> anyhow::Result<(serde_json::Value, ThreadStats)> {
     crate::stats::progress(&shared, "fanout", || {
         let attempted =
             (shared.connected.load(Relaxed) + shared.connect_errors.load(Relaxed)) as usize;
+        if args.child {
+            // A child holds subscribers only: ready, then receive until the parent's count.
+            if !ready_sent && attempted >= args.subscribers {
+                ready_sent = true;
+                println!(
+                    "READY {} {}",
+                    shared.connected.load(Relaxed),
+                    shared.connect_errors.load(Relaxed)
+                );
+                let _ = std::io::Write::flush(&mut std::io::stdout());
+            }
+            let expected = done_expected.as_ref().map_or(0, |e| e.load(Relaxed));
+            if expected != u64::MAX && drain_since.is_none() {
+                drain_since = Some(Instant::now());
+            }
+            return drain_since.is_some_and(|d| {
+                shared.received.load(Relaxed) >= expected
+                    || d.elapsed() > Duration::from_secs(DRAIN_SECS)
+            });
+        }
         if publishing_since.is_none() && attempted >= args.subscribers {
             ramp_secs = shared.start.elapsed().as_secs_f64();
             publish_started_us.store(unix_us(), Relaxed);
@@ -296,6 +341,21 @@ pub fn run(args: Args) -> anyhow::Result<(serde_json::Value, ThreadStats)> {
                 phase.store(DONE, Relaxed);
                 drain_since = Some(Instant::now());
             }
+        }
+        if let (Some(_), Some(ch)) = (drain_since, children.as_mut()) {
+            if shared.publishers_active.load(Relaxed) > 0 {
+                return false;
+            }
+            // The children drain themselves (bounded by the same window) and report.
+            if let Err(e) = ch.finish(
+                shared.published.load(Relaxed),
+                args.mode == Mode::Unicast,
+                &shared,
+                &mut child_stats,
+            ) {
+                child_error = Some(e);
+            }
+            return true;
         }
         if let Some(d) = drain_since {
             let expected = shared.published.load(Relaxed)
@@ -317,9 +377,13 @@ pub fn run(args: Args) -> anyhow::Result<(serde_json::Value, ThreadStats)> {
         _ => None,
     };
     stop.store(true, Relaxed);
-    let stats = worker
+    let mut stats = worker
         .join()
         .map_err(|_| anyhow::anyhow!("worker thread panicked"))??;
+    if let Some(e) = child_error {
+        return Err(e.context("collecting the child processes' counts"));
+    }
+    stats.merge(&child_stats);
     let published = shared.published.load(Relaxed);
     let connected = shared.connected.load(Relaxed);
     let received = shared.received.load(Relaxed);
