@@ -191,8 +191,15 @@ pub async fn sse(shard: Rc<Shard>, stream: TcpStream, head: Head, buf: Vec<u8>) 
         rec.extend_from_slice(b"\n\n");
         shard.send_now(key, &Bytes::from(rec));
     }
-    drive(&shard, key, &mut Link::new(stream)).await;
-    shard.unregister(key, &grants.roles, &names);
+    // The stream lives on in a small task of its own: the request's state (head, buffers,
+    // this function's future) is freed here, which is what keeps an idle stream small.
+    let mut link = Link::new(stream);
+    let roles = grants.roles;
+    glommio::spawn_local(async move {
+        drive(&shard, key, &mut link).await;
+        shard.unregister(key, &roles, &names);
+    })
+    .detach();
 }
 
 /// Watches an SSE stream: ends when the client goes away, the socket fails, or the shard asks
