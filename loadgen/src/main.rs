@@ -105,8 +105,9 @@ struct Traffic {
     /// Server process ids, comma-separated: their CPU time over the run is reported.
     #[arg(long, value_delimiter = ',')]
     server_pid: Vec<u32>,
-    /// Spread the subscribers over this many child processes (`fanout`, `unicast`; one
-    /// process holds at most its open-files limit, 20,000 here); this process publishes.
+    /// Spread the subscribers over this many child processes (one process holds at most its
+    /// open-files limit, 20,000 here); this process publishes over HTTP and merges the
+    /// children's counts (chat: the children's members publish; rooms never span children).
     #[arg(long, default_value_t = 1)]
     procs: usize,
     /// Internal (set by --procs): index of this process's first subscriber.
@@ -318,19 +319,40 @@ fn run() -> anyhow::Result<()> {
                 child,
             } = tr;
             let children = if procs > 1 {
-                let name = match mode {
-                    scenario::fanout::Mode::Topic => "fanout",
-                    scenario::fanout::Mode::Unicast => "unicast",
-                    _ => anyhow::bail!("--procs applies to connect, fanout and unicast"),
+                let (room_size, extra) = match mode {
+                    scenario::fanout::Mode::Chat {
+                        room_size,
+                        per_member_rate,
+                    } => (
+                        Some(room_size),
+                        vec![
+                            "--room-size".to_owned(),
+                            room_size.to_string(),
+                            "--rate".to_owned(),
+                            per_member_rate.to_string(),
+                            "--size".to_owned(),
+                            size.to_string(),
+                            "--duration".to_owned(),
+                            duration.to_string(),
+                        ],
+                    ),
+                    scenario::fanout::Mode::Storm { at } => {
+                        (None, vec!["--at".to_owned(), at.to_string()])
+                    }
+                    _ => (None, Vec::new()),
                 };
                 Some(procs::Children::start(
                     t,
                     &target,
-                    name,
-                    subscribers,
-                    connect_rate,
-                    &topic,
-                    procs,
+                    procs::TrafficPlan {
+                        scenario: mode.name(),
+                        subscribers,
+                        connect_rate,
+                        topic: &topic,
+                        procs,
+                        room_size,
+                        extra,
+                    },
                 )?)
             } else {
                 None

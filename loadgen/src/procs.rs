@@ -154,22 +154,41 @@ struct TrafficChild {
     errors: u64,
 }
 
+/// A traffic run spread over processes.
+pub struct TrafficPlan<'a> {
+    /// `fanout`, `unicast`, `storm` or `chat`.
+    pub scenario: &'a str,
+    pub subscribers: usize,
+    pub connect_rate: f64,
+    pub topic: &'a str,
+    pub procs: usize,
+    /// Chat: members per room (a child holds whole rooms).
+    pub room_size: Option<usize>,
+    /// Scenario options the children need as well (`--rate` for chat members, `--at`, ...).
+    pub extra: Vec<String>,
+}
+
 impl Children {
-    /// Starts `procs` children for `subscribers` subscribers of scenario `scenario`
-    /// (`fanout` or `unicast`) and waits until each has ramped.
+    /// Starts the children of `plan` and waits until each has ramped.
     pub fn start(
         t: &TargetArgs,
         target: &Target,
-        scenario: &str,
-        subscribers: usize,
-        connect_rate: f64,
-        topic: &str,
-        procs: usize,
+        plan: TrafficPlan<'_>,
     ) -> anyhow::Result<Children> {
         use std::io::BufRead;
         use std::process::{Command, Stdio};
+        let TrafficPlan {
+            scenario,
+            subscribers,
+            connect_rate,
+            topic,
+            procs,
+            room_size,
+            extra,
+        } = plan;
         let exe = std::env::current_exe()?;
-        let per = subscribers.div_ceil(procs);
+        let room = room_size.unwrap_or(1).max(1);
+        let per = subscribers.div_ceil(procs).div_ceil(room) * room;
         let mut children = Vec::new();
         for p in 0..procs {
             let first = p * per;
@@ -206,6 +225,7 @@ impl Children {
                 "--publishers",
                 "0",
             ]);
+            cmd.args(&extra);
             cmd.stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::null());
@@ -244,26 +264,43 @@ impl Children {
             .fold((0, 0), |(c, e), p| (c + p.connected, e + p.errors))
     }
 
-    /// Publishing is over (`published` events): tells each child what it should have, waits
-    /// for its counts and adds them (and its histograms) to `shared` and `merged`.
+    /// Publishing starts (chat members send, the storm clock starts).
+    pub fn go(&mut self) -> anyhow::Result<()> {
+        use std::io::Write;
+        for c in &mut self.procs {
+            let stdin = c.proc.stdin.as_mut().expect("piped");
+            writeln!(stdin, "GO")?;
+            stdin.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Publishing is over (`published` events by this process): tells each child what it
+    /// should have, waits for its counts and adds them (and its histograms) to `shared` and
+    /// `merged`. Returns the children's storm reports (reconnected, last reconnect µs).
     pub fn finish(
         &mut self,
         published: u64,
-        unicast: bool,
+        mode: &str,
         shared: &stats::Shared,
         merged: &mut stats::ThreadStats,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<Vec<serde_json::Value>> {
         use std::io::{BufRead, Write};
+        let mut storms = Vec::new();
         for c in &mut self.procs {
-            let expected = if unicast {
+            let expected = if mode == "chat" {
+                // Rooms never span children: each knows its own publishes.
+                "self".to_owned()
+            } else if mode == "unicast" {
                 // Event `seq` (1..=published) goes to customer `seq % total`.
                 (1..=published)
                     .filter(|s| {
                         (c.first..c.first + c.n).contains(&((s % self.total as u64) as usize))
                     })
-                    .count() as u64
+                    .count()
+                    .to_string()
             } else {
-                published * c.connected
+                (published * c.connected).to_string()
             };
             let mut stdin = c.proc.stdin.take().expect("piped");
             writeln!(stdin, "DONE {expected}")?;
@@ -275,6 +312,13 @@ impl Children {
             let v: serde_json::Value = serde_json::from_str(&line)
                 .map_err(|e| anyhow::anyhow!("a child's report: {e}: {line:?}"))?;
             let n = |k: &str| v[k].as_u64().unwrap_or(0);
+            shared.published.fetch_add(n("published"), Relaxed);
+            shared
+                .publish_errors
+                .fetch_add(n("publish_errors"), Relaxed);
+            if !v["storm"].is_null() {
+                storms.push(v["storm"].clone());
+            }
             shared.received.fetch_add(n("received"), Relaxed);
             shared.duplicates.fetch_add(n("duplicates"), Relaxed);
             shared.reorders.fetch_add(n("reorders"), Relaxed);
@@ -288,37 +332,76 @@ impl Children {
             for (key, h) in [
                 ("latency_histogram", &mut merged.latency),
                 ("handshake_histogram", &mut merged.handshake),
+                ("reconnect_histogram", &mut merged.reconnect),
             ] {
                 if let Some(x) = v[key].as_str().and_then(report::histogram_from_base64) {
                     h.add(&x).map_err(|e| anyhow::anyhow!("{e:?}"))?;
                 }
             }
         }
-        Ok(())
+        Ok(storms)
     }
 }
 
-/// Reads the parent's `DONE <expected>` line on a thread; `u64::MAX` until it arrives.
-pub fn watch_done() -> std::sync::Arc<std::sync::atomic::AtomicU64> {
-    let expected = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX));
-    let e = expected.clone();
+/// What a child hears from its parent on stdin: `GO` (publishing starts: chat members send,
+/// the storm clock starts) and `DONE <expected>` or `DONE self` (publishing is over; receive
+/// that many, or as many as this child's own publishes imply).
+pub struct ParentSignals {
+    /// `GO` arrived.
+    pub go: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// `u64::MAX` until `DONE`; `SELF` for `DONE self`.
+    pub expected: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// `DONE self`: the child computes its expected deliveries from its own publishes (chat).
+pub const SELF: u64 = u64::MAX - 1;
+
+/// Reads the parent's lines on a thread.
+pub fn watch_parent() -> ParentSignals {
+    use std::sync::{
+        atomic::{AtomicBool, AtomicU64},
+        Arc,
+    };
+    let signals = ParentSignals {
+        go: Arc::new(AtomicBool::new(false)),
+        expected: Arc::new(AtomicU64::new(u64::MAX)),
+    };
+    let (go, expected) = (signals.go.clone(), signals.expected.clone());
     std::thread::spawn(move || {
+        let stdin = std::io::stdin();
         let mut line = String::new();
-        let _ = std::io::BufRead::read_line(&mut std::io::stdin().lock(), &mut line);
-        // No number (the parent went away): stop at once.
-        let n = line
-            .split_whitespace()
-            .nth(1)
-            .and_then(|w| w.parse().ok())
-            .unwrap_or(0);
-        e.store(n, Relaxed);
+        loop {
+            line.clear();
+            let n = std::io::BufRead::read_line(&mut stdin.lock(), &mut line).unwrap_or(0);
+            let mut words = line.split_whitespace();
+            match (n, words.next()) {
+                (_, Some("GO")) => go.store(true, Relaxed),
+                (_, Some("DONE")) => {
+                    let e = match words.next() {
+                        Some("self") => SELF,
+                        w => w.and_then(|w| w.parse().ok()).unwrap_or(0),
+                    };
+                    expected.store(e, Relaxed);
+                    return;
+                }
+                // The parent went away: stop at once.
+                (0, _) => {
+                    expected.store(0, Relaxed);
+                    return;
+                }
+                _ => {}
+            }
+        }
     });
-    expected
+    signals
 }
 
 /// The child's report line for [`Children::finish`].
 pub fn child_report(summary: &serde_json::Value, stats: &stats::ThreadStats) -> String {
     serde_json::json!({
+        "published": summary["published"],
+        "publish_errors": summary["publish_errors"],
+        "storm": summary["storm"],
         "received": summary["received"],
         "duplicates": summary["duplicates"],
         "reorders": summary["reorders"],
@@ -327,6 +410,7 @@ pub fn child_report(summary: &serde_json::Value, stats: &stats::ThreadStats) -> 
         "timeline": summary["timeline"],
         "latency_histogram": report::histogram_base64(&stats.latency),
         "handshake_histogram": report::histogram_base64(&stats.handshake),
+        "reconnect_histogram": report::histogram_base64(&stats.reconnect),
     })
     .to_string()
 }

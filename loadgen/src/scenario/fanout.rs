@@ -97,7 +97,7 @@ pub enum Mode {
 }
 
 impl Mode {
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Mode::Topic => "fanout",
             Mode::Storm { .. } => "storm",
@@ -294,7 +294,8 @@ pub fn run(mut args: Args) -> anyhow::Result<(serde_json::Value, ThreadStats)> {
     // Main thread: wait for every subscriber, publish for the duration, then drain.
     let mut child_stats = ThreadStats::default();
     let mut child_error = None;
-    let done_expected = args.child.then(crate::procs::watch_done);
+    let parent = args.child.then(crate::procs::watch_parent);
+    let mut child_storms = Vec::new();
     let mut ready_sent = false;
     let mut publishing_since: Option<Instant> = None;
     let mut drain_since: Option<Instant> = None;
@@ -314,14 +315,34 @@ pub fn run(mut args: Args) -> anyhow::Result<(serde_json::Value, ThreadStats)> {
                 );
                 let _ = std::io::Write::flush(&mut std::io::stdout());
             }
-            let expected = done_expected.as_ref().map_or(0, |e| e.load(Relaxed));
-            if expected != u64::MAX && drain_since.is_none() {
-                drain_since = Some(Instant::now());
+            let signals = parent.as_ref().expect("set for children");
+            if publishing_since.is_none() && signals.go.load(Relaxed) {
+                // Chat members start sending; the storm clock starts.
+                publishing_since = Some(Instant::now());
+                phase.store(PUBLISHING, Relaxed);
             }
-            return drain_since.is_some_and(|d| {
-                shared.received.load(Relaxed) >= expected
-                    || d.elapsed() > Duration::from_secs(DRAIN_SECS)
+            if let (Some(p), Mode::Storm { at }) = (publishing_since, args.mode) {
+                if !storm.go.load(Relaxed) && p.elapsed().as_secs_f64() >= at {
+                    storm.started_us.store(unix_us(), Relaxed);
+                    storm.go.store(true, Relaxed);
+                }
+            }
+            let expected = match signals.expected.load(Relaxed) {
+                u64::MAX => return false,
+                crate::procs::SELF => {
+                    shared.published.load(Relaxed)
+                        * fanout_of(args.mode, shared.connected.load(Relaxed))
+                }
+                n => n,
+            };
+            let d = *drain_since.get_or_insert_with(|| {
+                phase.store(DONE, Relaxed);
+                Instant::now()
             });
+            let storm_done = !matches!(args.mode, Mode::Storm { .. })
+                || storm.reconnected.load(Relaxed) >= shared.connected.load(Relaxed);
+            return (shared.received.load(Relaxed) >= expected && storm_done)
+                || d.elapsed() > Duration::from_secs(DRAIN_SECS);
         }
         if publishing_since.is_none() && attempted >= args.subscribers {
             ramp_secs = shared.start.elapsed().as_secs_f64();
@@ -329,6 +350,12 @@ pub fn run(mut args: Args) -> anyhow::Result<(serde_json::Value, ThreadStats)> {
             publishing_since = Some(Instant::now());
             cpu_start = cpu_ticks(&args.server_pid);
             phase.store(PUBLISHING, Relaxed);
+            if let Some(ch) = children.as_mut() {
+                if let Err(e) = ch.go() {
+                    child_error = Some(e);
+                    return true;
+                }
+            }
         }
         if let (Some(p), Mode::Storm { at }) = (publishing_since, args.mode) {
             if !storm.go.load(Relaxed) && p.elapsed().as_secs_f64() >= at {
@@ -347,13 +374,14 @@ pub fn run(mut args: Args) -> anyhow::Result<(serde_json::Value, ThreadStats)> {
                 return false;
             }
             // The children drain themselves (bounded by the same window) and report.
-            if let Err(e) = ch.finish(
+            match ch.finish(
                 shared.published.load(Relaxed),
-                args.mode == Mode::Unicast,
+                args.mode.name(),
                 &shared,
                 &mut child_stats,
             ) {
-                child_error = Some(e);
+                Ok(storms) => child_storms = storms,
+                Err(e) => child_error = Some(e),
             }
             return true;
         }
@@ -440,6 +468,21 @@ pub fn run(mut args: Args) -> anyhow::Result<(serde_json::Value, ThreadStats)> {
             "missed_events": expected.saturating_sub(received),
             "missed_per_connection": if connected > 0 { ((expected.saturating_sub(received)) as f64 / connected as f64 * 100.0).round() / 100.0 } else { 0.0 },
         });
+        if !child_storms.is_empty() {
+            // The children dropped and reconnected the subscribers, each on its own clock.
+            let sum = |k: &str| {
+                child_storms
+                    .iter()
+                    .filter_map(|s| s[k].as_u64())
+                    .sum::<u64>()
+            };
+            let slowest = child_storms
+                .iter()
+                .filter_map(|s| s["seconds_to_reconnect_all"].as_f64())
+                .fold(0.0, f64::max);
+            summary["storm"]["reconnected"] = json!(sum("reconnected"));
+            summary["storm"]["seconds_to_reconnect_all"] = json!(slowest);
+        }
     }
     Ok((summary, stats))
 }
