@@ -9,6 +9,7 @@
 use std::{net::SocketAddr, path::Path, time::Duration};
 
 use anyhow::{bail, Context as _};
+use proto::proxy::IpNet;
 use serde::Deserialize;
 
 pub use proto::auth::{DEV_API_KEY, DEV_JWT_SECRET};
@@ -69,6 +70,14 @@ pub struct Server {
     /// Capacity of each cross-shard channel, in messages. Default 4096; overflow is queued,
     /// never dropped.
     pub mesh_capacity: usize,
+    /// Load balancers whose word about the client's address is believed (CIDR ranges or
+    /// addresses): their `X-Forwarded-For`, and their PROXY header with `proxy_protocol`.
+    /// Default none: the TCP peer is the client, and the headers are ignored.
+    pub trusted_proxies: Vec<String>,
+    /// Connections from trusted proxies start with a PROXY protocol header (v1 or v2, as
+    /// HAProxy's `send-proxy` / `send-proxy-v2` sends). Default off. A PROXY header from any
+    /// other peer is refused (400).
+    pub proxy_protocol: bool,
 }
 
 /// `[auth]`: tokens and the API key.
@@ -102,6 +111,23 @@ pub struct Limits {
     pub max_backlog: usize,
     /// Largest backend API request body in bytes (413 above). Default 1 MiB.
     pub max_body: usize,
+    /// Client requests per minute per connection (a token bucket of this size, refilled
+    /// evenly; `ping` and `ack` are free). Over it: close 4029. Default 30, from the seeds.
+    /// 0 = unlimited.
+    pub client_messages_per_minute: u32,
+    /// Open WebSocket and SSE connections per customer; the next one gets 429. Default 5.
+    /// 0 = unlimited.
+    pub connections_per_customer: usize,
+    /// Connection attempts (WebSocket, SSE, long poll) per client address per minute (a fixed
+    /// one-minute window); over it: 429. Default 10. 0 = unlimited.
+    pub connect_attempts_per_ip: u32,
+    /// Client addresses the attempt limit ignores. Default loopback: local tools and tests,
+    /// and a local reverse proxy that is not (yet) listed in `server.trusted_proxies`, whose
+    /// clients would otherwise share one address.
+    pub exempt_ips: Vec<String>,
+    /// Open client connections per process; the next one gets 503. Default 0: only the
+    /// open-files limit bounds it.
+    pub max_connections: usize,
 }
 
 /// `[delivery]`: the customer stream's guarantees (offline queue, acks, deduplication) and
@@ -219,6 +245,8 @@ impl Default for Server {
             io_memory_kib: 512,
             ring_depth: 1024,
             mesh_capacity: 4096,
+            trusted_proxies: Vec::new(),
+            proxy_protocol: false,
         }
     }
 }
@@ -243,6 +271,11 @@ impl Default for Limits {
             max_message: 64 * 1024,
             max_backlog: 1024 * 1024,
             max_body: 1024 * 1024,
+            client_messages_per_minute: 30,
+            connections_per_customer: 5,
+            connect_attempts_per_ip: 10,
+            exempt_ips: vec!["127.0.0.0/8".into(), "::1".into()],
+            max_connections: 0,
         }
     }
 }
@@ -352,6 +385,8 @@ impl Config {
             "server.io_memory_kib" => self.server.io_memory_kib = num(value)?,
             "server.ring_depth" => self.server.ring_depth = num(value)?,
             "server.mesh_capacity" => self.server.mesh_capacity = num(value)?,
+            "server.trusted_proxies" => self.server.trusted_proxies = list(value),
+            "server.proxy_protocol" => self.server.proxy_protocol = flag(value)?,
             "auth.jwt_algorithm" => self.auth.jwt_algorithm = value.into(),
             "auth.jwt_secret" => self.auth.jwt_secret = value.into(),
             "auth.jwt_public_key_file" => self.auth.jwt_public_key_file = value.into(),
@@ -362,6 +397,13 @@ impl Config {
             "limits.max_message" => self.limits.max_message = num(value)?,
             "limits.max_backlog" => self.limits.max_backlog = num(value)?,
             "limits.max_body" => self.limits.max_body = num(value)?,
+            "limits.client_messages_per_minute" => {
+                self.limits.client_messages_per_minute = num(value)?
+            }
+            "limits.connections_per_customer" => self.limits.connections_per_customer = num(value)?,
+            "limits.connect_attempts_per_ip" => self.limits.connect_attempts_per_ip = num(value)?,
+            "limits.exempt_ips" => self.limits.exempt_ips = list(value),
+            "limits.max_connections" => self.limits.max_connections = num(value)?,
             "delivery.offline_queue" => self.delivery.offline_queue = num(value)?,
             "delivery.offline_ttl_secs" => self.delivery.offline_ttl_secs = num(value)?,
             "delivery.dedupe_window_secs" => self.delivery.dedupe_window_secs = num(value)?,
@@ -422,7 +464,22 @@ impl Config {
         if !matches!(self.log.format.as_str(), "human" | "json") {
             bail!("log.format must be human or json");
         }
+        self.trusted_proxies()?;
+        self.exempt_ips()?;
+        if self.server.proxy_protocol && self.server.trusted_proxies.is_empty() {
+            bail!("server.proxy_protocol needs server.trusted_proxies (whose headers to believe)");
+        }
         Ok(())
+    }
+
+    /// `server.trusted_proxies`, parsed.
+    pub fn trusted_proxies(&self) -> anyhow::Result<Vec<IpNet>> {
+        nets("server.trusted_proxies", &self.server.trusted_proxies)
+    }
+
+    /// `limits.exempt_ips`, parsed.
+    pub fn exempt_ips(&self) -> anyhow::Result<Vec<IpNet>> {
+        nets("limits.exempt_ips", &self.limits.exempt_ips)
     }
 
     /// The parsed listen address.
@@ -461,6 +518,12 @@ impl Config {
     pub fn heartbeat(&self) -> Duration {
         Duration::from_secs(self.server.heartbeat_secs)
     }
+}
+
+fn nets(key: &str, v: &[String]) -> anyhow::Result<Vec<IpNet>> {
+    v.iter()
+        .map(|s| s.parse().map_err(|e| anyhow::anyhow!("{key}: {e}")))
+        .collect()
 }
 
 #[cfg(test)]

@@ -6,6 +6,8 @@
 //!   shard, then the WebSocket driver or the backend API.
 //! - [`config`]: settings from defaults, TOML, environment and flags.
 //! - [`metrics`]: per-shard counters and the Prometheus/JSON renderings.
+//! - [`limits`]: protection limits (attempts per address, connections per customer, message
+//!   rate, connection cap) and the audit log.
 //! - [`io`]: the few system calls glommio lacks; all `unsafe` code lives there.
 //! - [`cli`]: `ringcast serve` and `ringcast token`.
 
@@ -13,5 +15,6 @@ pub mod cli;
 pub mod config;
 pub mod conn;
 pub mod io;
+pub mod limits;
 pub mod metrics;
 pub mod shard;

@@ -84,6 +84,8 @@ pub struct ShardMetrics {
     pub handshakes: AtomicU64,
     /// Refused handshakes by [`AUTH_REASONS`].
     pub auth_failures: [AtomicU64; 5],
+    /// Refusals by protection limit (`limits::LIMIT_LABELS`).
+    pub limit_refusals: [AtomicU64; 4],
     /// Requests refused before routing (malformed, too large, timeout, wrong upgrade).
     pub bad_requests: AtomicU64,
     /// Connections handed to their owner shard.
@@ -274,6 +276,14 @@ pub fn render_prometheus(shards: &[ShardMetrics], rss: Option<u64>) -> String {
             sum(shards, |s| s.auth_failures[i].load(Relaxed))
         );
     }
+    let _ = writeln!(out, "# HELP ringcast_limit_refusals_total Connections and messages refused by a protection limit.\n# TYPE ringcast_limit_refusals_total counter");
+    for (i, limit) in crate::limits::LIMIT_LABELS.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "ringcast_limit_refusals_total{{limit=\"{limit}\"}} {}",
+            sum(shards, |s| s.limit_refusals[i].load(Relaxed))
+        );
+    }
     let name = "ringcast_publish_to_write_seconds";
     let _ = writeln!(out, "# HELP {name} Time from accepting a publish to writing its frame to a client socket.\n# TYPE {name} histogram");
     let mut cumulative = 0;
@@ -319,6 +329,7 @@ pub fn stats_json(
         "connections": shards.iter().map(|s| s.connections.load(Relaxed)).sum::<i64>(),
         "handshakes": sum(shards, |s| s.handshakes.load(Relaxed)),
         "authFailures": sum(shards, |s| s.auth_failures.iter().map(|a| a.load(Relaxed)).sum()),
+        "limitRefusals": sum(shards, |s| s.limit_refusals.iter().map(|a| a.load(Relaxed)).sum()),
         "messagesIn": sum(shards, |s| s.messages_in.load(Relaxed)),
         "messagesOut": sum(shards, |s| s.messages_out.load(Relaxed)),
         "eventsOut": sum(shards, |s| s.events_out.load(Relaxed)),

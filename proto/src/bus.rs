@@ -19,6 +19,9 @@ pub enum ShardMsg {
         fd: i32,
         /// Bytes read before the handoff (the request head).
         initial: Vec<u8>,
+        /// The client's address as the accepting shard resolved it (PROXY header, trusted
+        /// `X-Forwarded-For`); its connection attempt was counted there.
+        client: String,
     },
     /// To a topic's owner: `from` gained (`on`) or lost its last (`!on`) local subscriber.
     /// A subscription (`on` with `req`) is answered with [`ShardMsg::InterestAck`].
@@ -213,6 +216,7 @@ mod tests {
             ShardMsg::Handoff {
                 fd: 42,
                 initial: b"GET / HTTP/1.1\r\n\r\n".to_vec(),
+                client: "203.0.113.7".into(),
             },
             ShardMsg::Interest {
                 topic: "conversation:1".into(),

@@ -26,4 +26,5 @@ pub mod client;
 pub mod event;
 pub mod http1;
 pub mod placement;
+pub mod proxy;
 pub mod ws;

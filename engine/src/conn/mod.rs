@@ -8,22 +8,56 @@ mod stream;
 mod ws;
 
 use std::{
-    future::poll_fn, io, pin::Pin, rc::Rc, sync::atomic::Ordering::Relaxed, task::Poll,
-    time::Duration,
+    future::poll_fn, io, net::IpAddr, pin::Pin, rc::Rc, sync::atomic::Ordering::Relaxed,
+    task::Poll, time::Duration,
 };
 
 use futures_lite::{AsyncRead, AsyncWriteExt};
 use glommio::net::TcpStream;
-use proto::http1::{json_error, parse_head, route, Response, Route};
+use proto::{
+    http1::{json_error, parse_head, route, Response, Route},
+    proxy,
+};
 
-use crate::shard::Shard;
+use crate::{limits::Limit, shard::Shard};
 
-/// Serves a new connection (accepted here, or handed over with the bytes read so far).
-pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, mut buf: Vec<u8>) {
+/// Serves a new connection: accepted here (`client` None: resolve the client's address and
+/// count its attempt), or handed over with the bytes read so far and the address the
+/// accepting shard resolved.
+pub async fn serve(
+    shard: Rc<Shard>,
+    mut stream: TcpStream,
+    mut buf: Vec<u8>,
+    client: Option<IpAddr>,
+) {
     let started = std::time::Instant::now();
     let _ = stream.set_nodelay(true);
     let timeout = Duration::from_secs(shard.shared.config.server.handshake_timeout_secs);
     let _ = stream.set_read_timeout(Some(timeout));
+    let peer = match client {
+        Some(ip) => Peer { ip, counted: true },
+        None => {
+            let tcp_peer = stream
+                .peer_addr()
+                .map_or(IpAddr::from([0, 0, 0, 0]), |a| proxy::canonical(a.ip()));
+            let ip =
+                if shard.shared.config.server.proxy_protocol && shard.shared.is_trusted(tcp_peer) {
+                    match read_proxy_header(&shard, &mut stream, &mut buf).await {
+                        Ok(Some(source)) => source.unwrap_or(tcp_peer),
+                        Ok(None) => return,
+                        Err(resp) => {
+                            shard.metrics().bad_requests.fetch_add(1, Relaxed);
+                            crate::limits::audit("bad_proxy_header", Some(tcp_peer), None, "");
+                            respond(&mut stream, &resp, false).await;
+                            return;
+                        }
+                    }
+                } else {
+                    tcp_peer
+                };
+            Peer { ip, counted: false }
+        }
+    };
     let (head, head_len) = match read_head(&shard, &mut stream, &mut buf).await {
         Ok(Some(h)) => h,
         Ok(None) => return,
@@ -33,7 +67,106 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, mut buf: Vec<u8>) {
             return;
         }
     };
-    dispatch(started, shard, stream, head, buf, head_len).await;
+    dispatch(started, shard, stream, head, buf, head_len, peer).await;
+}
+
+/// Where a connection comes from.
+#[derive(Clone, Copy)]
+struct Peer {
+    /// The TCP peer, or the client a trusted proxy's PROXY header named.
+    ip: IpAddr,
+    /// Its connection attempt was counted (by the shard that accepted it).
+    counted: bool,
+}
+
+/// The client of a request: a trusted proxy's `X-Forwarded-For` refines the peer.
+pub(crate) fn client_ip(shard: &Shard, peer_ip: IpAddr, head: &proto::http1::Head) -> IpAddr {
+    proxy::forwarded_client(peer_ip, head.forwarded_for.as_deref(), |ip| {
+        shard.shared.is_trusted(ip)
+    })
+}
+
+/// Admission of a client stream (WebSocket, SSE, long poll) before anything else is done
+/// for it: the process-wide connection cap and the attempts of its address this minute.
+fn admit(shard: &Shard, client: IpAddr) -> Option<Response> {
+    let limits = &shard.shared.config.limits;
+    if limits.max_connections > 0
+        && shard.shared.open_connections() >= limits.max_connections as i64
+    {
+        shard
+            .shared
+            .refuse(shard.id, Limit::MaxConnections, Some(client), None);
+        let mut resp = json_error(503, "server_full", "too many connections; try again later");
+        resp.headers.push("Retry-After: 5".into());
+        return Some(resp);
+    }
+    let per_ip = limits.connect_attempts_per_ip;
+    if per_ip > 0 && !shard.shared.exempt.iter().any(|n| n.contains(client)) {
+        let minute = (shard.shared.unix_now() / 60) as u32;
+        if !shard.shared.attempts.admit(client, minute, per_ip) {
+            shard
+                .shared
+                .refuse(shard.id, Limit::IpAttempts, Some(client), None);
+            let mut resp = json_error(
+                429,
+                "rate_limited",
+                &format!("more than {per_ip} connection attempts from this address in a minute"),
+            );
+            resp.headers.push("Retry-After: 60".into());
+            return Some(resp);
+        }
+    }
+    None
+}
+
+/// The per-customer connection limit, checked on the customer's owner shard before the
+/// connection is accepted (WebSocket 101, SSE 200).
+pub(crate) fn customer_full(shard: &Shard, customer: &str, client: IpAddr) -> Option<Response> {
+    let limit = shard.shared.config.limits.connections_per_customer;
+    let open = shard
+        .customers
+        .borrow()
+        .get(customer)
+        .map_or(0, |list| list.len());
+    if limit == 0 || open < limit {
+        return None;
+    }
+    shard.shared.refuse(
+        shard.id,
+        Limit::CustomerConnections,
+        Some(client),
+        Some(customer),
+    );
+    let mut resp = json_error(
+        429,
+        "too_many_connections",
+        &format!("{customer} already has {open} open connections (limit {limit})"),
+    );
+    resp.headers.push("Retry-After: 5".into());
+    Some(resp)
+}
+
+/// Reads a trusted proxy's PROXY header (v1 or v2) and removes it from `buf`. `Ok(None)`:
+/// the peer went away.
+async fn read_proxy_header(
+    shard: &Shard,
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+) -> Result<Option<Option<IpAddr>>, Response> {
+    loop {
+        match proxy::parse(buf) {
+            Ok(proxy::Parsed::Header { source, len }) => {
+                buf.drain(..len);
+                return Ok(Some(source));
+            }
+            Ok(proxy::Parsed::NeedMore) => {}
+            Err(e) => return Err(json_error(400, "bad_request", &e.to_string())),
+        }
+        match read_more(shard, stream, buf).await {
+            Ok(0) | Err(_) => return Ok(None),
+            Ok(_) => {}
+        }
+    }
 }
 
 /// Serves one request by its route; an API connection may come back with a client stream.
@@ -44,10 +177,19 @@ async fn dispatch(
     head: proto::http1::Head,
     buf: Vec<u8>,
     head_len: usize,
+    peer: Peer,
 ) {
     let mut next = Some((stream, head, buf, head_len));
     while let Some((mut stream, head, buf, head_len)) = next.take() {
-        match route(&head) {
+        let client = client_ip(&shard, peer.ip, &head);
+        let r = route(&head);
+        if matches!(r, Route::WebSocket | Route::Sse | Route::Missed) && !peer.counted {
+            if let Some(resp) = admit(&shard, client) {
+                respond(&mut stream, &resp, false).await;
+                return;
+            }
+        }
+        match r {
             Route::WebSocket => {
                 ws::upgrade(
                     started,
@@ -57,15 +199,26 @@ async fn dispatch(
                     buf,
                     head_len,
                     ws::Kind::Client,
+                    client,
                 )
                 .await
             }
             Route::Echo if shard.shared.config.diagnostics.echo => {
                 let kind = ws::Kind::Echo;
-                ws::upgrade(started, shard.clone(), stream, head, buf, head_len, kind).await
+                ws::upgrade(
+                    started,
+                    shard.clone(),
+                    stream,
+                    head,
+                    buf,
+                    head_len,
+                    kind,
+                    client,
+                )
+                .await
             }
-            Route::Sse => stream::sse(shard.clone(), stream, head, buf).await,
-            Route::Missed => stream::missed(shard.clone(), stream, head, buf).await,
+            Route::Sse => stream::sse(shard.clone(), stream, head, buf, client).await,
+            Route::Missed => stream::missed(shard.clone(), stream, head, buf, client).await,
             Route::NotFound | Route::Echo => {
                 let resp = json_error(404, "not_found", "no such endpoint");
                 respond(&mut stream, &resp, false).await;
@@ -81,13 +234,23 @@ async fn dispatch(
 
 /// Moves a customer's connection to its owner shard with the bytes read so far; the owner
 /// serves it from the start (it replays the request head).
-pub(crate) fn hand_off(shard: &Shard, stream: TcpStream, buf: Vec<u8>, owner: usize) {
+pub(crate) fn hand_off(
+    shard: &Shard,
+    stream: TcpStream,
+    buf: Vec<u8>,
+    owner: usize,
+    client: IpAddr,
+) {
     match crate::io::detach_for_handoff(stream) {
         Ok(fd) => {
             shard.metrics().handoffs_out.fetch_add(1, Relaxed);
             shard.send_msg(
                 owner,
-                &proto::bus::ShardMsg::Handoff { fd, initial: buf },
+                &proto::bus::ShardMsg::Handoff {
+                    fd,
+                    initial: buf,
+                    client: client.to_string(),
+                },
                 None,
                 None,
             );

@@ -7,7 +7,7 @@
 //! WebSocket: the same fan-out queues shared records on it and the same flush rounds write
 //! them; its task only watches for the client going away and for writability.
 
-use std::{future::poll_fn, rc::Rc, sync::atomic::Ordering::Relaxed, task::Poll};
+use std::{future::poll_fn, net::IpAddr, rc::Rc, sync::atomic::Ordering::Relaxed, task::Poll};
 
 use bytes::Bytes;
 use futures_lite::AsyncWriteExt;
@@ -35,18 +35,19 @@ async fn owner_claims(
     stream: TcpStream,
     head: &Head,
     buf: Vec<u8>,
+    client: IpAddr,
 ) -> Option<(Claims, TcpStream)> {
     let mut stream = stream;
     let claims = match authenticate(shard, head) {
         Ok(c) => c,
         Err(e) => {
-            respond(&mut stream, &auth_failure(shard, &e), false).await;
+            respond(&mut stream, &auth_failure(shard, &e, client), false).await;
             return None;
         }
     };
     let owner = owner_shard(&claims.sub, shard.shared.n_shards);
     if owner != shard.id {
-        super::hand_off(shard, stream, buf, owner);
+        super::hand_off(shard, stream, buf, owner, client);
         return None;
     }
     Some((claims, stream))
@@ -98,10 +99,14 @@ fn cors(shard: &Shard, head: &Head) -> String {
 }
 
 /// `GET /v1/events/stream`.
-pub async fn sse(shard: Rc<Shard>, stream: TcpStream, head: Head, buf: Vec<u8>) {
-    let Some((claims, mut stream)) = owner_claims(&shard, stream, &head, buf).await else {
+pub async fn sse(shard: Rc<Shard>, stream: TcpStream, head: Head, buf: Vec<u8>, client: IpAddr) {
+    let Some((claims, mut stream)) = owner_claims(&shard, stream, &head, buf, client).await else {
         return;
     };
+    if let Some(resp) = super::customer_full(&shard, &claims.sub, client) {
+        respond(&mut stream, &resp, false).await;
+        return;
+    }
     let topics = list_param(&head, "topics");
     if let Some(e) = topics.iter().find_map(|t| validate_topic(t).err()) {
         respond(&mut stream, &json_error(400, e.code, &e.message), false).await;
@@ -248,8 +253,8 @@ async fn drive(shard: &Shard, key: ConnKey, link: &mut Link) {
 }
 
 /// `GET /v1/events/missed?since=<cursor>[&wait=SECS][&events=prefix]`.
-pub async fn missed(shard: Rc<Shard>, stream: TcpStream, head: Head, buf: Vec<u8>) {
-    let Some((claims, mut stream)) = owner_claims(&shard, stream, &head, buf).await else {
+pub async fn missed(shard: Rc<Shard>, stream: TcpStream, head: Head, buf: Vec<u8>, client: IpAddr) {
+    let Some((claims, mut stream)) = owner_claims(&shard, stream, &head, buf, client).await else {
         return;
     };
     let wait = match head.query_param("wait").map(|w| w.parse::<u64>()) {

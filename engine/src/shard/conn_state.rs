@@ -61,6 +61,8 @@ pub struct Conn {
     pub last_rx: u32,
     /// Shard clock of this connection's pending timer-wheel check (`u32::MAX`: none).
     pub wheel_at: u32,
+    /// Client requests this connection may still send (`limits.client_messages_per_minute`).
+    pub bucket: crate::limits::MessageBucket,
     /// The socket is parked in the shard's epoll set instead of glommio (see `shard::park`).
     pub parked: bool,
     /// The parking thread reported the parked socket readable.
@@ -128,6 +130,8 @@ impl Conn {
             dirty: false,
             last_rx: now,
             wheel_at: u32::MAX,
+            // Full: the first take caps it at the configured size.
+            bucket: crate::limits::MessageBucket::full(u32::MAX, 0),
             parked: false,
             readable: false,
             close_deadline: u32::MAX,

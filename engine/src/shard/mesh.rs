@@ -180,11 +180,21 @@ impl Shard {
             }
         };
         match msg {
-            ArchivedShardMsg::Handoff { fd, initial } => {
+            ArchivedShardMsg::Handoff {
+                fd,
+                initial,
+                client,
+            } => {
                 self.metrics().handoffs_in.fetch_add(1, Relaxed);
                 let stream = crate::io::adopt_handoff(fd.to_native());
-                glommio::spawn_local(crate::conn::serve(self.clone(), stream, initial.to_vec()))
-                    .detach();
+                let client = client.parse().ok();
+                glommio::spawn_local(crate::conn::serve(
+                    self.clone(),
+                    stream,
+                    initial.to_vec(),
+                    Some(client.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into())),
+                ))
+                .detach();
             }
             ArchivedShardMsg::Interest {
                 topic,

@@ -64,9 +64,40 @@ pub struct Shared {
     pub started: Instant,
     /// The address the listeners are bound to.
     pub listen: SocketAddr,
+    /// Connection attempts per client address (all shards).
+    pub attempts: crate::limits::AttemptTable,
+    /// `server.trusted_proxies`, parsed.
+    pub trusted: Vec<proto::proxy::IpNet>,
+    /// `limits.exempt_ips`, parsed.
+    pub exempt: Vec<proto::proxy::IpNet>,
 }
 
 impl Shared {
+    /// Whether `ip` is a configured proxy (its forwarding headers are believed).
+    pub fn is_trusted(&self, ip: std::net::IpAddr) -> bool {
+        self.trusted.iter().any(|n| n.contains(ip))
+    }
+
+    /// Open client connections over all shards (relaxed: a cap, not an invariant).
+    pub fn open_connections(&self) -> i64 {
+        self.metrics
+            .iter()
+            .map(|m| m.connections.load(Relaxed))
+            .sum()
+    }
+
+    /// Counts a refusal by `limit` and writes its audit line.
+    pub fn refuse(
+        &self,
+        shard: usize,
+        limit: crate::limits::Limit,
+        ip: Option<std::net::IpAddr>,
+        customer: Option<&str>,
+    ) {
+        self.metrics[shard].limit_refusals[limit.index()].fetch_add(1, Relaxed);
+        crate::limits::audit(limit.label(), ip, customer, "refused by a protection limit");
+    }
+
     /// Seconds since the Unix epoch (token expiry checks).
     pub fn unix_now(&self) -> u64 {
         SystemTime::now()
@@ -493,6 +524,9 @@ pub fn start(config: Config) -> anyhow::Result<Server> {
         epoch,
         started: Instant::now(),
         listen,
+        attempts: crate::limits::AttemptTable::default(),
+        trusted: config.trusted_proxies()?,
+        exempt: config.exempt_ips()?,
         config,
     });
     let mesh_builder =
@@ -641,8 +675,13 @@ impl Shard {
             match result {
                 Ok(stream) => {
                     backoff = Duration::from_millis(5);
-                    glommio::spawn_local(crate::conn::serve(self.clone(), stream, Vec::new()))
-                        .detach();
+                    glommio::spawn_local(crate::conn::serve(
+                        self.clone(),
+                        stream,
+                        Vec::new(),
+                        None,
+                    ))
+                    .detach();
                 }
                 Err(e) => {
                     // EMFILE/ENFILE/ENOBUFS: back off instead of spinning on a full table.

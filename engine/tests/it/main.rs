@@ -7,6 +7,7 @@ mod api;
 mod auth;
 mod delivery;
 mod lifecycle;
+mod limits;
 mod parking;
 mod property;
 mod protocol;

@@ -48,6 +48,12 @@ impl Server {
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
+        // Knobs a whole test run may set (e.g. parking after 1 s to exercise it everywhere).
+        for k in ["RINGCAST_SERVER_PARK_AFTER_SECS"] {
+            if let Ok(v) = std::env::var(k) {
+                cmd.env(k, v);
+            }
+        }
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -74,6 +80,49 @@ impl Server {
                 };
             }
         }
+    }
+
+    /// Waits for a server log line containing `needle` (lines before it are skipped).
+    pub fn wait_log(&self, needle: &str) -> String {
+        let logs = self._logs.lock().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let line = logs
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .unwrap_or_else(|_| panic!("no log line with {needle:?}"));
+            if line.contains(needle) {
+                return line;
+            }
+        }
+    }
+
+    /// A raw WebSocket upgrade for `customer`, with `prefix` bytes before the request (a
+    /// PROXY header) and extra header lines; returns the response status and the socket.
+    pub fn raw_upgrade(&self, prefix: &[u8], customer: &str, headers: &str) -> (u16, TcpStream) {
+        let mut s = TcpStream::connect(self.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut req = prefix.to_vec();
+        req.extend_from_slice(
+            format!(
+                "GET /v1/ws?token={} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\
+                 Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+                 Sec-WebSocket-Version: 13\r\n{headers}\r\n",
+                sub_token(customer)
+            )
+            .as_bytes(),
+        );
+        s.write_all(&req).unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") && s.read(&mut byte).unwrap_or(0) == 1 {
+            head.push(byte[0]);
+        }
+        let status = String::from_utf8_lossy(&head)
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        (status, s)
     }
 
     pub fn url(&self, path: &str) -> String {

@@ -224,7 +224,12 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, HeadError> {
         } else if name.eq_ignore_ascii_case("last-event-id") {
             head.last_event_id = Some(value());
         } else if name.eq_ignore_ascii_case("x-forwarded-for") {
-            head.forwarded_for = Some(value());
+            // Several headers form one list, in order (each proxy may add its own line).
+            let v = value();
+            head.forwarded_for = Some(match head.forwarded_for.take() {
+                Some(prev) => format!("{prev}, {v}"),
+                None => v,
+            });
         }
     }
     head.websocket_upgrade = upgrade_websocket && connection_upgrade;

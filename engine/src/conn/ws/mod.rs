@@ -11,7 +11,7 @@
 mod requests;
 mod session;
 
-use std::{rc::Rc, sync::atomic::Ordering::Relaxed};
+use std::{net::IpAddr, rc::Rc, sync::atomic::Ordering::Relaxed};
 
 use futures_lite::AsyncWriteExt;
 use glommio::net::TcpStream;
@@ -45,6 +45,9 @@ pub(super) fn now_rfc3339() -> String {
 }
 
 /// Verifies the request and either hands the socket to its owner shard or upgrades it here.
+// The request's parts travel separately: the head and buffer are dropped before the
+// connection's task starts, which keeps idle connections small.
+#[allow(clippy::too_many_arguments)]
 pub async fn upgrade(
     started: std::time::Instant,
     shard: Rc<Shard>,
@@ -53,6 +56,7 @@ pub async fn upgrade(
     buf: Vec<u8>,
     head_len: usize,
     kind: Kind,
+    client: IpAddr,
 ) {
     let key = match handshake::validate(&head) {
         Ok(k) => k.to_owned(),
@@ -70,7 +74,7 @@ pub async fn upgrade(
         match authenticate(&shard, &head) {
             Ok(c) => c,
             Err(e) => {
-                respond(&mut stream, &auth_failure(&shard, &e), false).await;
+                respond(&mut stream, &auth_failure(&shard, &e, client), false).await;
                 return;
             }
         }
@@ -82,7 +86,11 @@ pub async fn upgrade(
         if owner != shard.id {
             // Every connection of a customer lives on its owner shard: move the socket there
             // with the bytes read so far; the owner replays the handshake from them.
-            super::hand_off(&shard, stream, buf, owner);
+            super::hand_off(&shard, stream, buf, owner, client);
+            return;
+        }
+        if let Some(resp) = super::customer_full(&shard, &claims.sub, client) {
+            respond(&mut stream, &resp, false).await;
             return;
         }
     }
@@ -163,12 +171,14 @@ pub async fn upgrade(
     .detach();
 }
 
-/// Counts a refused authentication and builds its response (401 with a JSON body).
-pub(super) fn auth_failure(shard: &Shard, e: &AuthError) -> proto::http1::Response {
+/// Counts a refused authentication, writes its audit line and builds its response (401 with
+/// a JSON body).
+pub(super) fn auth_failure(shard: &Shard, e: &AuthError, client: IpAddr) -> proto::http1::Response {
     let reason = e.reason();
     if let Some(i) = AUTH_REASONS.iter().position(|r| *r == reason) {
         shard.metrics().auth_failures[i].fetch_add(1, Relaxed);
     }
+    crate::limits::audit("auth_failed", Some(client), None, reason);
     json_error(e.status(), reason, &e.to_string())
 }
 

@@ -219,7 +219,13 @@ impl Session {
     pub(super) async fn act(&mut self, shard: &Rc<Shard>, actions: Vec<Action>) -> bool {
         for action in actions {
             match action {
-                Action::Request(Ok(msg)) => self.handle_request(shard, msg).await,
+                Action::Request(Ok(msg)) => {
+                    if !self.within_rate(shard, &msg) {
+                        // Close 4029; whatever else this read held is not acted on.
+                        return true;
+                    }
+                    self.handle_request(shard, msg).await
+                }
                 Action::Request(Err(e)) => self.reply(shard, &e.to_json()),
                 Action::Unsupported(why) => {
                     self.reply(shard, &ClientError::new("unsupported", why).to_json())
@@ -256,6 +262,39 @@ impl Session {
             }
         }
         true
+    }
+
+    /// Takes one request from the connection's allowance (`ping` and `ack` are free); over
+    /// it, starts a 4029 close, counts the refusal and writes the audit line. A connection
+    /// already closing takes no more requests.
+    fn within_rate(&mut self, shard: &Shard, msg: &ClientMessage) -> bool {
+        let per_minute = shard.shared.config.limits.client_messages_per_minute;
+        let now_ms = shard.shared.started.elapsed().as_millis() as u32;
+        let allowed = {
+            let mut conns = shard.conns.borrow_mut();
+            let Some(c) = conns.get_mut(self.key) else {
+                return false;
+            };
+            if c.closing || c.close_request.is_some() {
+                return false;
+            }
+            per_minute == 0
+                || matches!(
+                    msg.request,
+                    client::Request::Ping | client::Request::Ack { .. }
+                )
+                || c.bucket.take(per_minute, now_ms)
+        };
+        if !allowed {
+            shard.shared.refuse(
+                shard.id,
+                crate::limits::Limit::MessageRate,
+                None,
+                Some(&self.grants.customer),
+            );
+            self.start_close(shard, close::RATE_LIMITED, "rate limited");
+        }
+        allowed
     }
 
     /// Queues a close frame; the connection ends when the peer answers, fails, or after 2 s.
