@@ -149,6 +149,9 @@ pub struct Delivery {
     pub max_poll_wait_secs: u64,
     /// `retry:` sent to SSE clients, in milliseconds: how soon a browser reconnects. Default 2000.
     pub sse_retry_ms: u64,
+    /// Client-sent messages per shard whose sender is remembered for delivered/read
+    /// receipts (the oldest is forgotten first; a receipt for it is dropped). Default 50000.
+    pub receipts_kept: usize,
 }
 
 /// History of one topic prefix.
@@ -196,6 +199,7 @@ impl Default for Delivery {
             dedupe_window_secs: 300,
             max_poll_wait_secs: 55,
             sse_retry_ms: 2000,
+            receipts_kept: 50_000,
         }
     }
 }
@@ -409,6 +413,7 @@ impl Config {
             "delivery.dedupe_window_secs" => self.delivery.dedupe_window_secs = num(value)?,
             "delivery.max_poll_wait_secs" => self.delivery.max_poll_wait_secs = num(value)?,
             "delivery.sse_retry_ms" => self.delivery.sse_retry_ms = num(value)?,
+            "delivery.receipts_kept" => self.delivery.receipts_kept = num(value)?,
             "history.size" => self.history.size = num(value)?,
             "history.age_secs" => self.history.age_secs = num(value)?,
             "history.rules" => {

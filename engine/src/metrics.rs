@@ -84,6 +84,12 @@ pub struct ShardMetrics {
     pub handshakes: AtomicU64,
     /// Refused handshakes by [`AUTH_REASONS`].
     pub auth_failures: [AtomicU64; 5],
+    /// Typing indicators dropped by the per-connection throttle.
+    pub typing_throttled: AtomicU64,
+    /// Delivered/read receipts passed to senders.
+    pub receipts: AtomicU64,
+    /// Direct messages refused by policy.
+    pub direct_forbidden: AtomicU64,
     /// Refusals by protection limit (`limits::LIMIT_LABELS`).
     pub limit_refusals: [AtomicU64; 4],
     /// Requests refused before routing (malformed, too large, timeout, wrong upgrade).
@@ -142,7 +148,7 @@ pub fn render_prometheus(shards: &[ShardMetrics], rss: Option<u64>) -> String {
     }
     out.push_str(&lines);
     type Counter = (&'static str, &'static str, fn(&ShardMetrics) -> u64);
-    let counters: [Counter; 24] = [
+    let counters: [Counter; 27] = [
         ("ringcast_sse_connections", "Open SSE streams.", |s| {
             s.sse_connections.load(Relaxed).max(0) as u64
         }),
@@ -150,6 +156,21 @@ pub fn render_prometheus(shards: &[ShardMetrics], rss: Option<u64>) -> String {
             "ringcast_polls_waiting",
             "Long-poll requests parked.",
             |s| s.polls_waiting.load(Relaxed).max(0) as u64,
+        ),
+        (
+            "ringcast_typing_throttled_total",
+            "Typing indicators dropped by the per-connection throttle.",
+            |s| s.typing_throttled.load(Relaxed),
+        ),
+        (
+            "ringcast_receipts_total",
+            "Delivered/read receipts passed to the senders of client messages.",
+            |s| s.receipts.load(Relaxed),
+        ),
+        (
+            "ringcast_direct_forbidden_total",
+            "Direct messages refused: no token grant and no shared topic.",
+            |s| s.direct_forbidden.load(Relaxed),
         ),
         (
             "ringcast_parked_connections",

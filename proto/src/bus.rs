@@ -119,6 +119,42 @@ pub enum ShardMsg {
         /// Connection accepted to `101` written.
         handshake: Vec<u8>,
     },
+    /// To the recipient's owner shard: a message a client sent another customer without a
+    /// token grant for it; delivered only if the recipient is subscribed to one of `topics`
+    /// (the sender's), else reported back as `forbidden`.
+    Direct {
+        /// The recipient (owned by the receiving shard).
+        to: String,
+        /// The sender's topics.
+        topics: Vec<String>,
+        /// The event (with `from`).
+        event: Event,
+        /// Shard awaiting the report.
+        origin: u32,
+        /// Request id of the report.
+        req: u64,
+    },
+    /// Deliver the frame sent beside this message to local subscribers of `topic`, except
+    /// the connections of customer `except` (typing indicators: never stored, no offset).
+    Ephemeral {
+        /// The topic.
+        topic: String,
+        /// The sender, who does not get its own indicator.
+        except: String,
+    },
+    /// To the shard that minted the ids (the senders' owner): `by` received or read these
+    /// client-sent messages; it tells their senders.
+    Receipts {
+        /// Ids of client-sent events (`<epoch>-<shard>-<n>`).
+        ids: Vec<String>,
+        /// The customer who acknowledged them.
+        by: String,
+        /// `delivered` or `read`.
+        status: String,
+        /// The acknowledging connection's topics (a topic message's receipt must come from a
+        /// member).
+        topics: Vec<String>,
+    },
     /// Delivery report to the origin of a publish.
     Report {
         /// Request id.
@@ -154,6 +190,8 @@ pub struct Counts {
     pub dropped: u64,
     /// Targets that had already received this publisher-chosen id inside the dedupe window.
     pub duplicates: u64,
+    /// Direct messages refused by policy (the sender shares no topic with the recipient).
+    pub forbidden: u64,
 }
 
 impl Counts {
@@ -174,6 +212,7 @@ impl Counts {
         self.queued += o.queued;
         self.dropped += o.dropped;
         self.duplicates += o.duplicates;
+        self.forbidden += o.forbidden;
     }
 }
 

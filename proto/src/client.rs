@@ -54,12 +54,20 @@ pub enum Request {
         cursors: Vec<String>,
         /// Everything up to and including this cursor.
         up_to: Option<String>,
-        /// `delivered` (default) or `read` (receipts reach the sender in a later release).
+        /// `delivered` (default) or `read`: the sender of a client-sent message among `ids`
+        /// receives `message_delivered` / `message_read`.
         status: String,
+    },
+    /// Typing indicator in a topic the client is a member of; ephemeral.
+    Typing {
+        /// The topic.
+        topic: String,
+        /// `start` (true) or `stop`.
+        start: bool,
     },
     /// Liveness check; answered with `pong`.
     Ping,
-    /// A type of the protocol that a later release implements (typing, presence,
+    /// A type of the protocol that a later release implements (presence,
     /// update_preferences); answered with an `unsupported_type` error.
     NotYetSupported(String),
 }
@@ -283,7 +291,22 @@ pub fn parse(buf: &mut [u8]) -> Result<ClientMessage, ClientError> {
                 status,
             }
         }
-        "typing" | "presence" | "update_preferences" => Request::NotYetSupported(kind.clone()),
+        "typing" => {
+            let topic = string(payload, &["topic", "conversationId"])
+                .ok_or_else(|| fail("bad_request", "typing needs payload.topic".into()))?;
+            let start = match string(payload, &["state"]).as_deref() {
+                None | Some("start") => true,
+                Some("stop") => false,
+                Some(_) => {
+                    return Err(fail(
+                        "bad_request",
+                        "typing state must be start or stop".into(),
+                    ))
+                }
+            };
+            Request::Typing { topic, start }
+        }
+        "presence" | "update_preferences" => Request::NotYetSupported(kind.clone()),
         other => {
             return Err(fail(
                 "unknown_type",
@@ -456,6 +479,28 @@ mod tests {
                 .as_deref(),
             Some("7")
         );
+    }
+
+    #[test]
+    fn parses_typing() {
+        let m =
+            p(r#"{"type":"typing","payload":{"topic":"conversation:7","state":"stop"}}"#).unwrap();
+        assert_eq!(
+            m.request,
+            Request::Typing {
+                topic: "conversation:7".into(),
+                start: false
+            }
+        );
+        // The seed's `user:typing` shape names the conversation; start is the default.
+        let m = p(r#"{"type":"typing","payload":{"conversationId":"conversation:7"}}"#).unwrap();
+        assert!(matches!(m.request, Request::Typing { start: true, .. }));
+        assert_eq!(
+            p(r#"{"type":"typing","payload":{}}"#).unwrap_err().code,
+            "bad_request"
+        );
+        let bad = p(r#"{"type":"typing","payload":{"topic":"t","state":"maybe"}}"#);
+        assert_eq!(bad.unwrap_err().code, "bad_request");
     }
 
     #[test]

@@ -322,6 +322,36 @@ impl Shard {
                     handshake.as_slice(),
                 );
             }
+            ArchivedShardMsg::Direct { .. } => {
+                let ShardMsg::Direct {
+                    to,
+                    topics,
+                    event,
+                    origin,
+                    req,
+                } = bus::to_owned(msg)
+                else {
+                    unreachable!()
+                };
+                self.handle_direct(to, &topics, event, origin as usize, req, env.published);
+            }
+            ArchivedShardMsg::Ephemeral { topic, except } => {
+                let Some(payload) = env.frame else {
+                    tracing::error!(shard = self.id, "ephemeral delivery without a frame");
+                    return;
+                };
+                self.handle_ephemeral(topic.as_str(), except.as_str(), &payload);
+            }
+            ArchivedShardMsg::Receipts {
+                ids,
+                by,
+                status,
+                topics,
+            } => {
+                let ids: Vec<String> = ids.iter().map(|s| s.as_str().to_owned()).collect();
+                let topics: Vec<String> = topics.iter().map(|s| s.as_str().to_owned()).collect();
+                self.handle_receipts(&ids, by.as_str(), status.as_str(), &topics);
+            }
             ArchivedShardMsg::Report { req, counts, more } => {
                 let counts = rkyv::deserialize::<proto::bus::Counts, rkyv::rancor::Error>(counts)
                     .expect("a validated archive deserialises");

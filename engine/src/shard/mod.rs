@@ -5,6 +5,7 @@
 //! Entry point: [`start`] spawns the shards and returns a [`Server`] handle; each shard runs
 //! `Shard::run` (accept loop, mesh receivers, fan-out task, flusher, ticker).
 
+pub mod chat;
 pub mod conn_state;
 mod mesh;
 pub mod notify;
@@ -196,6 +197,10 @@ pub struct Shard {
     drain_notify: Notify,
     /// The epoll set of parked (quiet) sockets.
     pub parking: park::Parking,
+    /// Client-sent events of customers owned here, for receipts.
+    sent: RefCell<chat::SentLog>,
+    /// Last typing indicator per (connection, topic): state and shard milliseconds.
+    typing_seen: RefCell<AHashMap<(ConnKey, u64), (bool, u32)>>,
     /// Full-resolution histograms of this shard (gathered by `/v1/stats/histograms`).
     pub hists: RefCell<Hists>,
     /// Histogram gathers awaiting replies from the shards.
@@ -601,6 +606,8 @@ pub fn start(config: Config) -> anyhow::Result<Server> {
                     clock: Cell::new(0),
                     drain_notify: Notify::default(),
                     parking,
+                    sent: RefCell::new(chat::SentLog::new(shared.config.delivery.receipts_kept)),
+                    typing_seen: RefCell::default(),
                     hists: RefCell::default(),
                     hist_waiters: RefCell::default(),
                 });

@@ -231,7 +231,7 @@ impl Shard {
     }
 
     /// Registers a request expecting `expected` reports.
-    fn expect_reports(&self, expected: u32) -> (u64, oneshot::Receiver<Counts>) {
+    pub(super) fn expect_reports(&self, expected: u32) -> (u64, oneshot::Receiver<Counts>) {
         let req = self.next_req();
         let (tx, rx) = oneshot::channel();
         self.reports.borrow_mut().insert(
@@ -246,7 +246,7 @@ impl Shard {
     }
 
     /// Waits for the reports of `req` (5 s at most; then what was reported).
-    async fn await_reports(&self, req: u64, rx: oneshot::Receiver<Counts>) -> Counts {
+    pub(super) async fn await_reports(&self, req: u64, rx: oneshot::Receiver<Counts>) -> Counts {
         match answer(rx).await {
             Some(counts) => counts,
             None => {
@@ -559,7 +559,7 @@ impl Shard {
         );
     }
 
-    fn report(&self, origin: usize, req: u64, counts: Counts, more: u32) {
+    pub(super) fn report(&self, origin: usize, req: u64, counts: Counts, more: u32) {
         if origin == self.id {
             self.handle_report(req, &counts, more);
         } else {

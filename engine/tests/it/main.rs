@@ -5,6 +5,7 @@ mod util;
 
 mod api;
 mod auth;
+mod chat;
 mod delivery;
 mod lifecycle;
 mod limits;

@@ -12,7 +12,7 @@ use super::{
     now_rfc3339,
     session::{Grants, Session},
 };
-use crate::shard::Shard;
+use crate::shard::{chat::SentTo, Shard};
 
 /// Where a client-sent event goes.
 enum ClientTarget {
@@ -186,26 +186,100 @@ impl Session {
                 if let Err(e) = validate_type(&kind) {
                     return self.reply(shard, &error(e.code, e.message, "send_message").to_json());
                 }
-                if !Grants::may(&self.grants.message, &to) {
-                    return self.reply(
+                if to.is_empty() || *to == *self.grants.customer {
+                    let e = error(
+                        "bad_request",
+                        "send_message needs another customer in payload.to".into(),
+                        "send_message",
+                    );
+                    return self.reply(shard, &e.to_json());
+                }
+                if Grants::may(&self.grants.message, &to) {
+                    self.publish_from_client(shard, kind, data, ClientTarget::Customer(to), rid)
+                        .await;
+                    return;
+                }
+                // No grant: allowed only between members of a common topic, which the
+                // recipient's owner shard checks.
+                let forbidden = || {
+                    error(
+                        "forbidden",
+                        format!("token does not allow messaging {to}, and you share no topic"),
+                        "send_message",
+                    )
+                    .to_json()
+                };
+                if self.topics.is_empty() {
+                    shard
+                        .metrics()
+                        .direct_forbidden
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    return self.reply(shard, &forbidden());
+                }
+                let event = self.client_event(shard, kind, data);
+                let id = event.id.clone();
+                let topics = self.topics.iter().map(|t| t.to_string()).collect();
+                let counts = shard.publish_direct(&to, topics, event).await;
+                if counts.forbidden > 0 {
+                    shard
+                        .metrics()
+                        .direct_forbidden
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    return self.reply(shard, &forbidden());
+                }
+                shard.record_sent(
+                    &id,
+                    self.grants.customer.clone(),
+                    SentTo::Customer(to.clone()),
+                );
+                self.reply(
+                    shard,
+                    &client::ack_reply(
+                        "sent",
+                        rid,
+                        serde_json::json!({ "id": id, "to": to }),
+                        &now_rfc3339(),
+                    ),
+                );
+            }
+            Request::Typing { topic, start } => {
+                if let Err(e) = validate_topic(&topic) {
+                    return self.reply(shard, &error(e.code, e.message, "typing").to_json());
+                }
+                if !self.topics.iter().any(|t| **t == *topic) {
+                    let e = error(
+                        "not_member",
+                        format!("subscribe to {topic} before typing in it"),
+                        "typing",
+                    );
+                    return self.reply(shard, &e.to_json());
+                }
+                // Ephemeral: no reply unless asked for one (a requestId).
+                let sent = shard.send_typing(self.key, &self.grants.customer, &topic, start);
+                if rid.is_some() {
+                    self.reply(
                         shard,
-                        &error(
-                            "forbidden",
-                            format!("token does not allow messaging {to}"),
-                            "send_message",
-                        )
-                        .to_json(),
+                        &client::ack_reply(
+                            "typing_sent",
+                            rid,
+                            serde_json::json!({ "topic": topic, "throttled": !sent }),
+                            &now_rfc3339(),
+                        ),
                     );
                 }
-                self.publish_from_client(shard, kind, data, ClientTarget::Customer(to), rid)
-                    .await;
             }
             Request::Ack {
                 ids,
                 cursors,
                 up_to,
-                status: _,
+                status,
             } => {
+                if !ids.is_empty() {
+                    // Receipts for client-sent messages among the ids (other ids are the
+                    // customer's stored events, acknowledged below).
+                    let topics = self.topics.iter().map(|t| t.to_string()).collect();
+                    shard.send_receipts(&ids, &self.grants.customer, &status, topics);
+                }
                 let acked = shard.ack(&self.grants.customer, &ids, &cursors, up_to.as_deref());
                 if rid.is_some() {
                     self.reply(
@@ -262,6 +336,14 @@ impl Session {
             broadcast: false,
             event,
         };
+        shard.record_sent(
+            &id,
+            self.grants.customer.clone(),
+            match &target {
+                ClientTarget::Topic(t) => SentTo::Topic(t.clone()),
+                ClientTarget::Customer(c) => SentTo::Customer(c.clone()),
+            },
+        );
         shard.publish(&p, false).await;
         let kind = if matches!(target, ClientTarget::Topic(_)) {
             "published"

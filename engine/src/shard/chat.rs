@@ -1,0 +1,319 @@
+//! Chat semantics between clients: typing indicators (ephemeral, throttled, never echoed),
+//! direct messages under a policy (a token grant, or a topic both customers are in), and
+//! delivered/read receipts routed back to the sender of a client-sent message.
+//!
+//! Receipts work without asking the client who sent what: every client-sent event gets its id
+//! from the sender's owner shard (`<epoch>-<shard>-<n>`), which remembers the sender and the
+//! target in a bounded log. An `ack` with `status` names ids; each id says which shard to ask.
+
+use std::{collections::VecDeque, rc::Rc, sync::atomic::Ordering::Relaxed, time::Instant};
+
+use ahash::AHashMap;
+use bytes::Bytes;
+use proto::{
+    bus::{Counts, ShardMsg},
+    event::Event,
+    placement::owner_shard,
+    ws::{server_frame, OpCode},
+};
+
+use super::{route::Payload, slab::ConnKey, Job, Shard};
+
+/// Whom a client-sent event went to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SentTo {
+    /// A customer (`send_message`).
+    Customer(String),
+    /// A topic (`publish`).
+    Topic(String),
+}
+
+/// Client-sent events of senders owned by this shard, newest last, at most `cap`.
+pub struct SentLog {
+    order: VecDeque<String>,
+    by_id: AHashMap<String, (Rc<str>, SentTo)>,
+    cap: usize,
+}
+
+impl SentLog {
+    /// An empty log keeping at most `cap` events.
+    pub fn new(cap: usize) -> Self {
+        SentLog {
+            order: VecDeque::new(),
+            by_id: AHashMap::new(),
+            cap,
+        }
+    }
+
+    /// Remembers that `from` sent event `id` to `to`.
+    pub fn record(&mut self, id: &str, from: Rc<str>, to: SentTo) {
+        if self.cap == 0 {
+            return;
+        }
+        if self.order.len() >= self.cap {
+            if let Some(old) = self.order.pop_front() {
+                self.by_id.remove(&old);
+            }
+        }
+        self.order.push_back(id.to_owned());
+        self.by_id.insert(id.to_owned(), (from, to));
+    }
+
+    /// The sender and target of `id`, if still remembered.
+    pub fn get(&self, id: &str) -> Option<&(Rc<str>, SentTo)> {
+        self.by_id.get(id)
+    }
+}
+
+/// The shard that minted a client-sent event id `<epoch>-<shard>-<n>`.
+pub fn minting_shard(id: &str, n_shards: usize) -> Option<usize> {
+    let mut parts = id.split('-');
+    let (_epoch, shard, _n) = (parts.next()?, parts.next()?, parts.next()?);
+    let shard: usize = shard.parse().ok()?;
+    (parts.next().is_none() && shard < n_shards).then_some(shard)
+}
+
+/// Typing indicators a connection may send per topic: one `start` per this many
+/// milliseconds (a `stop` always goes through, and so does a change of state).
+const TYPING_INTERVAL_MS: u32 = 1_000;
+
+impl Shard {
+    /// Remembers a client-sent event for receipts.
+    pub fn record_sent(&self, id: &str, from: Rc<str>, to: SentTo) {
+        self.sent.borrow_mut().record(id, from, to);
+    }
+
+    /// A typing indicator from connection `key` of `customer` in `topic`: sent to every
+    /// shard's subscribers of the topic but the customer's own connections. Returns false
+    /// when throttled (nothing sent).
+    pub fn send_typing(&self, key: ConnKey, customer: &str, topic: &str, start: bool) -> bool {
+        let now_ms = self.shared.started.elapsed().as_millis() as u32;
+        {
+            let mut seen = self.typing_seen.borrow_mut();
+            let k = (key, ahash_str(topic));
+            if let Some(&(was_start, at)) = seen.get(&k) {
+                if start && was_start && now_ms.wrapping_sub(at) < TYPING_INTERVAL_MS {
+                    self.metrics().typing_throttled.fetch_add(1, Relaxed);
+                    return false;
+                }
+            }
+            if seen.len() >= 4096 {
+                // Bounded: forget indicators older than the interval.
+                seen.retain(|_, (_, at)| now_ms.wrapping_sub(*at) < TYPING_INTERVAL_MS);
+            }
+            seen.insert(k, (start, now_ms));
+        }
+        let data = serde_json::json!({"customerId": customer, "state": if start { "start" } else { "stop" }});
+        let json = serde_json::json!({"type": "typing", "topic": topic, "data": data}).to_string();
+        let payload = Payload {
+            ws: server_frame(OpCode::Text, json.as_bytes()),
+            sse: Bytes::from(format!("event: typing\ndata: {data}\n\n")),
+        };
+        for shard in 0..self.shared.n_shards {
+            self.send_msg(
+                shard,
+                &ShardMsg::Ephemeral {
+                    topic: topic.to_owned(),
+                    except: customer.to_owned(),
+                },
+                Some(payload.clone()),
+                None,
+            );
+        }
+        true
+    }
+
+    /// Delivers an ephemeral frame to local subscribers of `topic` but `except`'s connections.
+    pub(super) fn handle_ephemeral(&self, topic: &str, except: &str, payload: &Payload) {
+        let Some(subs) = self.topics.borrow().get(topic).map(|t| t.subs.clone()) else {
+            return;
+        };
+        {
+            let mut conns = self.conns.borrow_mut();
+            for &key in subs.iter() {
+                let Some(c) = conns.get(key) else { continue };
+                if &*c.customer == except {
+                    continue;
+                }
+                let frame = if c.sse { &payload.sse } else { &payload.ws };
+                self.enqueue(&mut conns, key, frame, None);
+            }
+        }
+        self.flush_dirty();
+    }
+
+    /// A message a client sends another customer without a token grant: the recipient's
+    /// owner delivers it if the recipient is subscribed to one of the sender's `topics`.
+    pub async fn publish_direct(
+        self: &Rc<Self>,
+        to: &str,
+        topics: Vec<String>,
+        event: Event,
+    ) -> Counts {
+        let (req, rx) = self.expect_reports(1);
+        let msg = ShardMsg::Direct {
+            to: to.to_owned(),
+            topics,
+            event,
+            origin: self.id as u32,
+            req,
+        };
+        self.send_msg(
+            owner_shard(to, self.shared.n_shards),
+            &msg,
+            None,
+            Some(Instant::now()),
+        );
+        self.await_reports(req, rx).await
+    }
+
+    /// The recipient's side of [`Shard::publish_direct`].
+    pub(super) fn handle_direct(
+        &self,
+        to: String,
+        topics: &[String],
+        event: Event,
+        origin: usize,
+        req: u64,
+        published: Option<Instant>,
+    ) {
+        let shares = {
+            let conns = self.conns.borrow();
+            let local = self.topics.borrow();
+            topics.iter().any(|t| {
+                local.get(t.as_str()).is_some_and(|lt| {
+                    lt.subs
+                        .iter()
+                        .any(|k| conns.get(*k).is_some_and(|c| *c.customer == *to))
+                })
+            })
+        };
+        if shares {
+            self.queue_job(Job::Customers {
+                customers: vec![to],
+                event,
+                origin,
+                req,
+                published,
+            });
+        } else {
+            let counts = Counts {
+                forbidden: 1,
+                ..Counts::default()
+            };
+            self.report(origin, req, counts, 0);
+        }
+    }
+
+    /// Receipts from `by` for client-sent events: grouped by the shard that minted each id.
+    pub fn send_receipts(&self, ids: &[String], by: &str, status: &str, topics: Vec<String>) {
+        let n = self.shared.n_shards;
+        let mut per_shard: AHashMap<usize, Vec<String>> = AHashMap::new();
+        for id in ids {
+            if let Some(s) = minting_shard(id, n) {
+                per_shard.entry(s).or_default().push(id.clone());
+            }
+        }
+        for (shard, ids) in per_shard {
+            self.send_msg(
+                shard,
+                &ShardMsg::Receipts {
+                    ids,
+                    by: by.to_owned(),
+                    status: status.to_owned(),
+                    topics: topics.clone(),
+                },
+                None,
+                None,
+            );
+        }
+    }
+
+    /// Tells the senders: `message_delivered` / `message_read` with `{id, by}` (and the topic
+    /// for a topic message). Only a recipient's receipt counts: the customer a direct message
+    /// went to, or a member of the topic; receipts for forgotten ids are dropped.
+    pub(super) fn handle_receipts(
+        &self,
+        ids: &[String],
+        by: &str,
+        status: &str,
+        topics: &[String],
+    ) {
+        let kind = if status == "read" {
+            "message_read"
+        } else {
+            "message_delivered"
+        };
+        let mut out: Vec<(Rc<str>, Bytes)> = Vec::new();
+        {
+            let sent = self.sent.borrow();
+            for id in ids {
+                let Some((from, to)) = sent.get(id) else {
+                    continue;
+                };
+                if **from == *by {
+                    continue;
+                }
+                let data = match to {
+                    SentTo::Customer(c) if c == by => serde_json::json!({"id": id, "by": by}),
+                    SentTo::Topic(t) if topics.iter().any(|m| m == t) => {
+                        serde_json::json!({"id": id, "by": by, "topic": t})
+                    }
+                    _ => continue,
+                };
+                let json = serde_json::json!({"type": kind, "timestamp": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(), "data": data});
+                out.push((
+                    from.clone(),
+                    server_frame(OpCode::Text, json.to_string().as_bytes()),
+                ));
+            }
+        }
+        if out.is_empty() {
+            return;
+        }
+        self.metrics().receipts.fetch_add(out.len() as u64, Relaxed);
+        {
+            let mut conns = self.conns.borrow_mut();
+            let customers = self.customers.borrow();
+            for (from, frame) in &out {
+                for &key in customers.get(from).map(Vec::as_slice).unwrap_or(&[]) {
+                    if conns.get(key).is_some_and(|c| !c.sse) {
+                        self.enqueue(&mut conns, key, frame, None);
+                    }
+                }
+            }
+        }
+        self.flush_dirty();
+    }
+}
+
+fn ahash_str(s: &str) -> u64 {
+    ahash::RandomState::with_seeds(1, 2, 3, 4).hash_one(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_name_their_minting_shard() {
+        assert_eq!(minting_shard("1a2b3c-1-42", 2), Some(1));
+        assert_eq!(minting_shard("1a2b3c-2-42", 2), None);
+        assert_eq!(minting_shard("publisher-chosen", 2), None);
+        assert_eq!(minting_shard("a-0-1-2", 2), None);
+    }
+
+    #[test]
+    fn the_log_is_bounded() {
+        let mut log = SentLog::new(2);
+        for i in 0..3 {
+            log.record(
+                &format!("e-0-{i}"),
+                Rc::from("a"),
+                SentTo::Topic("t".into()),
+            );
+        }
+        assert!(log.get("e-0-0").is_none());
+        assert!(log.get("e-0-2").is_some());
+    }
+}
