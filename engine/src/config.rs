@@ -28,6 +28,11 @@ pub struct Config {
     pub delivery: Delivery,
     /// `[history]`
     pub history: History,
+    /// `[[namespaces]]`: per topic prefix rules (longest prefix wins); topics under no prefix
+    /// follow [`Namespace::default`].
+    pub namespaces: Vec<Namespace>,
+    /// `[presence]`
+    pub presence: Presence,
     /// `[diagnostics]`
     pub diagnostics: Diagnostics,
     /// `[log]`
@@ -178,6 +183,65 @@ pub struct History {
     /// Per-prefix overrides, longest prefix first wins. TOML: `[[history.rules]]` tables;
     /// environment: `RINGCAST_HISTORY_RULES="conversation:=200/3600,ticker:=0/0"`.
     pub rules: Vec<HistoryRule>,
+}
+
+/// Rules for the topics under one prefix (`conversation:`, `product:`, `hospital:`).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Namespace {
+    /// Topic prefix, e.g. `conversation:`.
+    pub prefix: String,
+    /// Token roles of which one is needed to subscribe, besides the token's `channels`
+    /// patterns. Empty (default): the channels decide.
+    pub roles: Vec<String>,
+    /// Clients may publish here (when their token's `publish` patterns allow). Default true;
+    /// false keeps a namespace backend-only (alerts, order updates).
+    pub client_publish: bool,
+    /// Topic presence: who is in the topic (`GET /v1/presence/topics/{topic}`), coalesced
+    /// join/leave events to the members, and members' status changes. Default false.
+    pub presence: bool,
+    /// Events kept per topic (default: `[history]` and its rules). 50 for chat rooms gives
+    /// "last messages on join".
+    pub history_size: Option<usize>,
+    /// Seconds events are kept (default: `[history]` and its rules).
+    pub history_age_secs: Option<u64>,
+}
+
+impl Default for Namespace {
+    /// Topics under no configured prefix: channels decide who subscribes, clients may
+    /// publish with a grant, no presence, `[history]` applies.
+    fn default() -> Self {
+        Namespace {
+            prefix: String::new(),
+            roles: Vec::new(),
+            client_publish: true,
+            presence: false,
+            history_size: None,
+            history_age_secs: None,
+        }
+    }
+}
+
+/// `[presence]`: how presence changes travel.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Presence {
+    /// Joins and leaves in a topic are gathered this long and sent to its members as one
+    /// `presence_diff` (a leave and a join of the same customer inside it cancel out).
+    /// Default 1000.
+    pub coalesce_ms: u64,
+    /// Customers named in one `presence_diff` (beyond: counts only, `truncated: true`).
+    /// Default 100.
+    pub max_diff_names: usize,
+}
+
+impl Default for Presence {
+    fn default() -> Self {
+        Presence {
+            coalesce_ms: 1000,
+            max_diff_names: 100,
+        }
+    }
 }
 
 impl History {
@@ -434,6 +498,8 @@ impl Config {
                     })
                     .collect::<anyhow::Result<_>>()?
             }
+            "presence.coalesce_ms" => self.presence.coalesce_ms = num(value)?,
+            "presence.max_diff_names" => self.presence.max_diff_names = num(value)?,
             "diagnostics.echo" => self.diagnostics.echo = flag(value)?,
             "diagnostics.echo_max_message" => self.diagnostics.echo_max_message = num(value)?,
             "log.format" => self.log.format = value.into(),
@@ -471,6 +537,9 @@ impl Config {
         }
         self.trusted_proxies()?;
         self.exempt_ips()?;
+        if self.namespaces.iter().any(|n| n.prefix.is_empty()) {
+            bail!("every [[namespaces]] entry needs a prefix");
+        }
         if self.server.proxy_protocol && self.server.trusted_proxies.is_empty() {
             bail!("server.proxy_protocol needs server.trusted_proxies (whose headers to believe)");
         }
@@ -485,6 +554,26 @@ impl Config {
     /// `limits.exempt_ips`, parsed.
     pub fn exempt_ips(&self) -> anyhow::Result<Vec<IpNet>> {
         nets("limits.exempt_ips", &self.limits.exempt_ips)
+    }
+
+    /// The namespace of a topic: the longest matching prefix, else the default.
+    pub fn namespace(&self, topic: &str) -> &Namespace {
+        static DEFAULT: std::sync::OnceLock<Namespace> = std::sync::OnceLock::new();
+        self.namespaces
+            .iter()
+            .filter(|n| topic.starts_with(&n.prefix))
+            .max_by_key(|n| n.prefix.len())
+            .unwrap_or_else(|| DEFAULT.get_or_init(Namespace::default))
+    }
+
+    /// `(size, age_secs)` of a topic's history: its namespace's, else `[history]`'s rules.
+    pub fn history_for(&self, topic: &str) -> (usize, u64) {
+        let (size, age) = self.history.for_topic(topic);
+        let ns = self.namespace(topic);
+        (
+            ns.history_size.unwrap_or(size),
+            ns.history_age_secs.unwrap_or(age),
+        )
     }
 
     /// The parsed listen address.

@@ -84,6 +84,10 @@ pub struct ShardMetrics {
     pub handshakes: AtomicU64,
     /// Refused handshakes by [`AUTH_REASONS`].
     pub auth_failures: [AtomicU64; 5],
+    /// Ephemeral frames (typing, presence) queued to connections.
+    pub ephemeral_out: AtomicU64,
+    /// Presence diffs sent to topic members.
+    pub presence_diffs: AtomicU64,
     /// Typing indicators dropped by the per-connection throttle.
     pub typing_throttled: AtomicU64,
     /// Delivered/read receipts passed to senders.
@@ -148,7 +152,7 @@ pub fn render_prometheus(shards: &[ShardMetrics], rss: Option<u64>) -> String {
     }
     out.push_str(&lines);
     type Counter = (&'static str, &'static str, fn(&ShardMetrics) -> u64);
-    let counters: [Counter; 27] = [
+    let counters: [Counter; 29] = [
         ("ringcast_sse_connections", "Open SSE streams.", |s| {
             s.sse_connections.load(Relaxed).max(0) as u64
         }),
@@ -156,6 +160,16 @@ pub fn render_prometheus(shards: &[ShardMetrics], rss: Option<u64>) -> String {
             "ringcast_polls_waiting",
             "Long-poll requests parked.",
             |s| s.polls_waiting.load(Relaxed).max(0) as u64,
+        ),
+        (
+            "ringcast_ephemeral_out_total",
+            "Ephemeral frames (typing, presence) queued to connections.",
+            |s| s.ephemeral_out.load(Relaxed),
+        ),
+        (
+            "ringcast_presence_diffs_total",
+            "Coalesced presence diffs (joins and leaves) sent to topic members.",
+            |s| s.presence_diffs.load(Relaxed),
         ),
         (
             "ringcast_typing_throttled_total",

@@ -155,6 +155,33 @@ pub enum ShardMsg {
         /// member).
         topics: Vec<String>,
     },
+    /// To a presence topic's owner: `customer` opened (`joined`) or closed a subscription.
+    Membership {
+        /// The topic.
+        topic: String,
+        /// The member.
+        customer: String,
+        /// Subscribed (true) or gone (false).
+        joined: bool,
+    },
+    /// Asks the owner of a customer (`topic` false) or a topic (`topic` true) for its presence.
+    PresenceQuery {
+        /// Customer id or topic name.
+        key: String,
+        /// A topic rather than a customer.
+        topic: bool,
+        /// Shard awaiting the reply.
+        origin: u32,
+        /// Request id.
+        req: u64,
+    },
+    /// The answer to a [`ShardMsg::PresenceQuery`]: the JSON the API returns.
+    PresenceReply {
+        /// Request id.
+        req: u64,
+        /// Response body.
+        json: Vec<u8>,
+    },
     /// Delivery report to the origin of a publish.
     Report {
         /// Request id.

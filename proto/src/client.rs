@@ -58,6 +58,11 @@ pub enum Request {
         /// receives `message_delivered` / `message_read`.
         status: String,
     },
+    /// Sets the customer's presence status (all its connections).
+    Presence {
+        /// `online`, `away` or `busy`.
+        status: String,
+    },
     /// Typing indicator in a topic the client is a member of; ephemeral.
     Typing {
         /// The topic.
@@ -67,8 +72,8 @@ pub enum Request {
     },
     /// Liveness check; answered with `pong`.
     Ping,
-    /// A type of the protocol that a later release implements (presence,
-    /// update_preferences); answered with an `unsupported_type` error.
+    /// A type of the protocol that a later release implements (update_preferences);
+    /// answered with an `unsupported_type` error.
     NotYetSupported(String),
 }
 
@@ -306,7 +311,18 @@ pub fn parse(buf: &mut [u8]) -> Result<ClientMessage, ClientError> {
             };
             Request::Typing { topic, start }
         }
-        "presence" | "update_preferences" => Request::NotYetSupported(kind.clone()),
+        "presence" => {
+            let status = string(payload, &["status"])
+                .ok_or_else(|| fail("bad_request", "presence needs payload.status".into()))?;
+            if !matches!(status.as_str(), "online" | "away" | "busy") {
+                return Err(fail(
+                    "bad_request",
+                    "presence status must be online, away or busy".into(),
+                ));
+            }
+            Request::Presence { status }
+        }
+        "update_preferences" => Request::NotYetSupported(kind.clone()),
         other => {
             return Err(fail(
                 "unknown_type",

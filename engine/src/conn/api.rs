@@ -156,12 +156,42 @@ async fn handle(shard: &Rc<Shard>, head: &Head, body: Vec<u8>) -> Response {
             Some(h) => Response::json(200, histograms_json(&h).to_string()),
             None => json_error(503, "shard_timeout", "a shard did not answer in time"),
         },
-        Route::Publish | Route::PublishBatch | Route::Disconnect if !authorized(shard, head) => {
+        Route::Publish
+        | Route::PublishBatch
+        | Route::Disconnect
+        | Route::PresenceCustomer
+        | Route::PresenceTopic
+            if !authorized(shard, head) =>
+        {
             json_error(
                 401,
                 "unauthorized",
                 "Authorization: Bearer <api key> required",
             )
+        }
+        Route::PresenceCustomer | Route::PresenceTopic => {
+            let topic = route(head) == Route::PresenceTopic;
+            let prefix = if topic {
+                "/v1/presence/topics/"
+            } else {
+                "/v1/presence/customers/"
+            };
+            let raw = head.path.strip_prefix(prefix).unwrap_or("");
+            let key = proto::http1::percent_decode(raw);
+            if key.is_empty() {
+                return json_error(400, "bad_request", "name a customer or topic in the path");
+            }
+            if topic && !shared.config.namespace(&key).presence {
+                return json_error(
+                    404,
+                    "presence_off",
+                    &format!("presence is off for {key} (namespace presence = false)"),
+                );
+            }
+            match shard.presence_query(&key, topic).await {
+                Some(json) => Response::json(200, json),
+                None => json_error(503, "shard_timeout", "a shard did not answer in time"),
+            }
         }
         Route::Disconnect => match serde_json::from_slice::<DisconnectIn>(&body) {
             Ok(d) => {

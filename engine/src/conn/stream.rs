@@ -114,8 +114,11 @@ pub async fn sse(shard: Rc<Shard>, stream: TcpStream, head: Head, buf: Vec<u8>, 
     }
     let grants = Grants::from(claims);
     let customer = grants.customer.clone();
-    if let Some(t) = topics.iter().find(|t| !Grants::may(&grants.channels, t)) {
-        let msg = format!("token does not allow subscribing to {t}");
+    let config = &shard.shared.config;
+    if let Some(msg) = topics
+        .iter()
+        .find_map(|t| grants.subscribe_refusal(config, t))
+    {
         respond(&mut stream, &json_error(403, "forbidden", &msg), false).await;
         return;
     }
@@ -139,6 +142,10 @@ pub async fn sse(shard: Rc<Shard>, stream: TcpStream, head: Head, buf: Vec<u8>, 
         shard.shared.config.limits.max_backlog,
     );
     conn.sse = true;
+    conn.platform = shard
+        .presence
+        .borrow_mut()
+        .platform_index(head.query_param("platform").as_deref());
     conn.filters = filters.clone();
     let key = shard.register(conn, &grants.roles);
     let resume = shard.resume_customer(key, &customer, since.as_deref());
@@ -170,6 +177,7 @@ pub async fn sse(shard: Rc<Shard>, stream: TcpStream, head: Head, buf: Vec<u8>, 
     let mut positions = Vec::with_capacity(topics.len());
     for topic in &topics {
         let (name, position) = shard.subscribe_topic(key, topic, None).await;
+        shard.membership(topic, &customer, true);
         names.push(name);
         // A slow owner (None) still completes the subscription when it answers.
         let (offset, epoch, recovered) = position.unwrap_or((0, String::new(), false));

@@ -136,7 +136,9 @@ impl Shard {
                     continue;
                 }
                 let frame = if c.sse { &payload.sse } else { &payload.ws };
-                self.enqueue(&mut conns, key, frame, None);
+                if self.enqueue(&mut conns, key, frame, None) {
+                    self.metrics().ephemeral_out.fetch_add(1, Relaxed);
+                }
             }
         }
         self.flush_dirty();

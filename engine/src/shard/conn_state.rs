@@ -63,6 +63,8 @@ pub struct Conn {
     pub wheel_at: u32,
     /// Client requests this connection may still send (`limits.client_messages_per_minute`).
     pub bucket: crate::limits::MessageBucket,
+    /// Platform (`?platform=`), an index into the shard's presence platform names.
+    pub platform: u8,
     /// The socket is parked in the shard's epoll set instead of glommio (see `shard::park`).
     pub parked: bool,
     /// The parking thread reported the parked socket readable.
@@ -132,6 +134,7 @@ impl Conn {
             wheel_at: u32::MAX,
             // Full: the first take caps it at the configured size.
             bucket: crate::limits::MessageBucket::full(u32::MAX, 0),
+            platform: 0,
             parked: false,
             readable: false,
             close_deadline: u32::MAX,

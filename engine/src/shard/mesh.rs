@@ -352,6 +352,25 @@ impl Shard {
                 let topics: Vec<String> = topics.iter().map(|s| s.as_str().to_owned()).collect();
                 self.handle_receipts(&ids, by.as_str(), status.as_str(), &topics);
             }
+            ArchivedShardMsg::Membership {
+                topic,
+                customer,
+                joined,
+            } => self.handle_membership(topic.as_str(), customer.as_str(), *joined),
+            ArchivedShardMsg::PresenceQuery {
+                key,
+                topic,
+                origin,
+                req,
+            } => self.handle_presence_query(
+                key.as_str(),
+                *topic,
+                origin.to_native() as usize,
+                req.to_native(),
+            ),
+            ArchivedShardMsg::PresenceReply { req, json } => {
+                self.handle_presence_reply(req.to_native(), json.as_slice())
+            }
             ArchivedShardMsg::Report { req, counts, more } => {
                 let counts = rkyv::deserialize::<proto::bus::Counts, rkyv::rancor::Error>(counts)
                     .expect("a validated archive deserialises");

@@ -10,6 +10,7 @@ pub mod conn_state;
 mod mesh;
 pub mod notify;
 pub mod park;
+pub mod presence;
 mod route;
 pub mod slab;
 pub mod streams;
@@ -199,6 +200,14 @@ pub struct Shard {
     pub parking: park::Parking,
     /// Client-sent events of customers owned here, for receipts.
     sent: RefCell<chat::SentLog>,
+    /// Presence of customers owned here.
+    pub presence: RefCell<presence::CustomerPresence>,
+    /// Members of presence topics owned here.
+    members: RefCell<AHashMap<Rc<str>, presence::TopicMembers>>,
+    /// Presence topics with a diff to send, and when.
+    presence_due: RefCell<Vec<(Rc<str>, Instant)>>,
+    /// Presence queries awaiting their owner's answer.
+    queries: RefCell<AHashMap<u64, futures_channel::oneshot::Sender<Vec<u8>>>>,
     /// Last typing indicator per (connection, topic): state and shard milliseconds.
     typing_seen: RefCell<AHashMap<(ConnKey, u64), (bool, u32)>>,
     /// Full-resolution histograms of this shard (gathered by `/v1/stats/histograms`).
@@ -266,15 +275,18 @@ impl Shard {
         };
         if !customer.is_empty() {
             let mut customers = self.customers.borrow_mut();
-            let list = customers.entry(customer).or_default();
+            let list = customers.entry(customer.clone()).or_default();
             // Exact growth: most customers have one connection.
             list.reserve_exact(1);
             list.push(key);
+            let open = list.len();
             drop(customers);
             let mut map = self.roles.borrow_mut();
             for role in roles {
                 Rc::make_mut(map.entry(Rc::from(role.as_str())).or_default()).push(key);
             }
+            drop(map);
+            self.customer_connection(&customer, open, true);
         }
         self.metrics().connections.fetch_add(1, Relaxed);
         if sse {
@@ -297,14 +309,21 @@ impl Shard {
         }
         let dropped = conn.out.len() as u64;
         self.metrics().drops.fetch_add(dropped, Relaxed);
+        for topic in topics {
+            self.membership(topic, &conn.customer, false);
+        }
         if !conn.customer.is_empty() {
             let mut customers = self.customers.borrow_mut();
+            let mut open = 0;
             if let Some(list) = customers.get_mut(&conn.customer) {
                 list.retain(|k| *k != key);
+                open = list.len();
                 if list.is_empty() {
                     customers.remove(&conn.customer);
                 }
             }
+            drop(customers);
+            self.customer_connection(&conn.customer, open, false);
             let mut map = self.roles.borrow_mut();
             for role in roles {
                 if let Some(list) = map.get_mut(role.as_str()) {
@@ -608,6 +627,10 @@ pub fn start(config: Config) -> anyhow::Result<Server> {
                     parking,
                     sent: RefCell::new(chat::SentLog::new(shared.config.delivery.receipts_kept)),
                     typing_seen: RefCell::default(),
+                    presence: RefCell::default(),
+                    members: RefCell::default(),
+                    presence_due: RefCell::default(),
+                    queries: RefCell::default(),
                     hists: RefCell::default(),
                     hist_waiters: RefCell::default(),
                 });
@@ -719,6 +742,7 @@ impl Shard {
                     self.drain_notify.notify();
                 }
             }
+            self.flush_presence();
             let now = start.elapsed().as_secs() as u32;
             while self.clock.get() < now {
                 self.clock.set(self.clock.get() + 1);

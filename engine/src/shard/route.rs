@@ -128,7 +128,7 @@ const CHUNK: usize = 256;
 const ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Another shard's answer, or None after [`ANSWER_TIMEOUT`].
-async fn answer<T>(rx: oneshot::Receiver<T>) -> Option<T> {
+pub(super) async fn answer<T>(rx: oneshot::Receiver<T>) -> Option<T> {
     let timeout = async {
         glommio::timer::sleep(ANSWER_TIMEOUT).await;
         Err(oneshot::Canceled)
@@ -359,7 +359,7 @@ impl Shard {
         topic: &str,
     ) -> &'a mut OwnedTopic {
         if !owned.contains_key(topic) {
-            let (keep, age) = self.shared.config.history.for_topic(topic);
+            let (keep, age) = self.shared.config.history_for(topic);
             owned.insert(
                 Rc::from(topic),
                 OwnedTopic {

@@ -10,6 +10,7 @@ mod delivery;
 mod lifecycle;
 mod limits;
 mod parking;
+mod presence;
 mod property;
 mod protocol;
 mod reliable;

@@ -110,7 +110,8 @@ pub fn query_params(query: &str) -> impl Iterator<Item = (Cow<'_, str>, Cow<'_, 
     })
 }
 
-fn percent_decode(s: &str) -> Cow<'_, str> {
+/// Decodes `%XX` escapes and `+` (as a space) in a query value or path segment.
+pub fn percent_decode(s: &str) -> Cow<'_, str> {
     if !s.bytes().any(|b| b == b'%' || b == b'+') {
         return Cow::Borrowed(s);
     }
@@ -263,6 +264,10 @@ pub enum Route {
     Stats,
     /// `GET /v1/stats/histograms`.
     Histograms,
+    /// `GET /v1/presence/customers/{id}`.
+    PresenceCustomer,
+    /// `GET /v1/presence/topics/{topic}`.
+    PresenceTopic,
     /// A known path with the wrong method: 405.
     MethodNotAllowed,
     /// Unknown path: 404.
@@ -296,6 +301,8 @@ pub fn route(head: &Head) -> Route {
         "/metrics" => (true, Route::Metrics),
         "/v1/stats" => (true, Route::Stats),
         "/v1/stats/histograms" => (true, Route::Histograms),
+        p if p.starts_with("/v1/presence/customers/") => (true, Route::PresenceCustomer),
+        p if p.starts_with("/v1/presence/topics/") => (true, Route::PresenceTopic),
         _ => return Route::NotFound,
     };
     if (want_get && get) || (!want_get && post) {

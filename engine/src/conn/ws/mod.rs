@@ -120,10 +120,12 @@ pub async fn upgrade(
         .max_backlog
         .max(limits.max_message + 1024);
     let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
-    let conn_key = shard.register(
-        Conn::new(fd, customer.clone(), shard.clock.get(), max_backlog),
-        &grants.roles,
-    );
+    let mut conn = Conn::new(fd, customer.clone(), shard.clock.get(), max_backlog);
+    conn.platform = shard
+        .presence
+        .borrow_mut()
+        .platform_index(head.query_param("platform").as_deref());
+    let conn_key = shard.register(conn, &grants.roles);
     let mut session = Session {
         key: conn_key,
         grants,

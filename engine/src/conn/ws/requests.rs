@@ -42,18 +42,12 @@ impl Session {
                 if let Some(e) = topics.iter().find_map(|t| validate_topic(t).err()) {
                     return self.reply(shard, &error(e.code, e.message, "subscribe").to_json());
                 }
-                let refused: Vec<&str> = topics
+                let config = &shard.shared.config;
+                if let Some(why) = topics
                     .iter()
-                    .filter(|t| !Grants::may(&self.grants.channels, t))
-                    .map(String::as_str)
-                    .collect();
-                if !refused.is_empty() {
-                    let e = error(
-                        "forbidden",
-                        format!("token does not allow subscribing to {}", refused.join(", ")),
-                        "subscribe",
-                    );
-                    return self.reply(shard, &e.to_json());
+                    .find_map(|t| self.grants.subscribe_refusal(config, t))
+                {
+                    return self.reply(shard, &error("forbidden", why, "subscribe").to_json());
                 }
                 let mut positions = Vec::with_capacity(topics.len());
                 let mut timed_out = Vec::new();
@@ -77,6 +71,7 @@ impl Session {
                     // the owner was slow: the subscription completes when it answers.
                     self.topics.reserve_exact(1);
                     self.topics.push(name);
+                    shard.membership(&topic, &self.grants.customer, true);
                     match position {
                         Some((offset, epoch, recovered)) => positions.push(TopicPosition {
                             topic,
@@ -137,6 +132,7 @@ impl Session {
                 for topic in &topics {
                     if let Some(i) = self.topics.iter().position(|t| **t == **topic) {
                         let t = self.topics.swap_remove(i);
+                        shard.membership(&t, &self.grants.customer, false);
                         shard.remove_subscriber(&t, self.key);
                     }
                 }
@@ -167,6 +163,11 @@ impl Session {
             Request::Publish { topic, kind, data } => {
                 if let Err(e) = validate_topic(&topic).and_then(|_| validate_type(&kind)) {
                     return self.reply(shard, &error(e.code, e.message, "publish").to_json());
+                }
+                let ns = shard.shared.config.namespace(&topic);
+                if !ns.client_publish {
+                    let why = format!("clients may not publish to topics under {:?}", ns.prefix);
+                    return self.reply(shard, &error("forbidden", why, "publish").to_json());
                 }
                 if !Grants::may(&self.grants.publish, &topic) {
                     return self.reply(
@@ -241,6 +242,20 @@ impl Session {
                         &now_rfc3339(),
                     ),
                 );
+            }
+            Request::Presence { status } => {
+                shard.set_status(&self.grants.customer, &status);
+                if rid.is_some() {
+                    self.reply(
+                        shard,
+                        &client::ack_reply(
+                            "presence_set",
+                            rid,
+                            serde_json::json!({ "status": status }),
+                            &now_rfc3339(),
+                        ),
+                    );
+                }
             }
             Request::Typing { topic, start } => {
                 if let Err(e) = validate_topic(&topic) {

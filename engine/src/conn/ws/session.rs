@@ -66,6 +66,27 @@ impl Grants {
     pub(in crate::conn) fn may(patterns: &[Box<str>], name: &str) -> bool {
         patterns.iter().any(|p| proto::auth::glob_match(p, name))
     }
+
+    /// Why this token may not subscribe to `topic`, if it may not: its `channels` patterns,
+    /// then the roles the topic's namespace requires.
+    pub(in crate::conn) fn subscribe_refusal(
+        &self,
+        config: &crate::config::Config,
+        topic: &str,
+    ) -> Option<String> {
+        if !Grants::may(&self.channels, topic) {
+            return Some(format!("token does not allow subscribing to {topic}"));
+        }
+        let ns = config.namespace(topic);
+        if !ns.roles.is_empty() && !self.roles.iter().any(|r| ns.roles.contains(r)) {
+            return Some(format!(
+                "topics under {:?} need one of the roles {}",
+                ns.prefix,
+                ns.roles.join(", ")
+            ));
+        }
+        None
+    }
 }
 
 pub(super) struct Session {

@@ -1,0 +1,410 @@
+//! Presence: customers (status, connections, platforms, last seen; kept on the customer's
+//! owner shard, where all its connections are) and topics (members, kept on the topic's owner,
+//! for namespaces with `presence = true`).
+//!
+//! Bounded traffic is the point. A topic's joins and leaves are gathered for
+//! `presence.coalesce_ms` and go to its members as one `presence_diff` per window; a leave and
+//! a join of the same customer inside one window cancel out, so a room whose members all
+//! reconnect within a window produces nothing, and one that straddles two windows produces at
+//! most two diffs per member. A diff names at most `presence.max_diff_names` customers.
+
+use std::{rc::Rc, time::Instant};
+
+use ahash::AHashMap;
+use bytes::Bytes;
+use proto::{
+    bus::ShardMsg,
+    placement::{owner_shard, topic_shard},
+    ws::{server_frame, OpCode},
+};
+use serde_json::json;
+
+use super::{route::Payload, Shard};
+
+/// A presence topic's members, on its owner.
+#[derive(Default)]
+pub struct TopicMembers {
+    /// Customer -> open subscriptions (connections) to the topic.
+    count: AHashMap<Rc<str>, u32>,
+    /// Net changes since the last diff: joined (true) or left (false).
+    pending: AHashMap<Rc<str>, bool>,
+}
+
+/// Customers' presence, on their owner shard. Nothing here costs a connected customer that
+/// keeps the default status and joins no presence topic: the connection count and platforms
+/// come from its connections, `online` is the default.
+#[derive(Default)]
+pub struct CustomerPresence {
+    /// Statuses other than `online` chosen by connected customers.
+    status: AHashMap<Rc<str>, &'static str>,
+    /// Unix seconds of the last disconnect of customers now offline (the oldest forgotten
+    /// beyond `LAST_SEEN_KEPT`).
+    last_seen: AHashMap<Rc<str>, u64>,
+    last_seen_order: std::collections::VecDeque<Rc<str>>,
+    /// Presence topics of customers in any, with subscription counts.
+    topics: AHashMap<Rc<str>, Vec<(Rc<str>, u32)>>,
+    /// Platform names (`?platform=`); a connection keeps an index into this list.
+    pub platforms: Vec<Rc<str>>,
+}
+
+/// Offline customers whose last-seen time a shard remembers.
+const LAST_SEEN_KEPT: usize = 100_000;
+
+/// Distinct platform names a shard tells apart (beyond: `other`).
+const PLATFORMS: usize = 32;
+
+impl CustomerPresence {
+    /// The index of a platform name (0: `unknown`).
+    pub fn platform_index(&mut self, name: Option<&str>) -> u8 {
+        if self.platforms.is_empty() {
+            self.platforms.push(Rc::from("unknown"));
+            self.platforms.push(Rc::from("other"));
+        }
+        let Some(name) = name.filter(|n| !n.is_empty() && n.len() <= 32) else {
+            return 0;
+        };
+        if let Some(i) = self.platforms.iter().position(|p| &**p == name) {
+            return i as u8;
+        }
+        if self.platforms.len() >= PLATFORMS {
+            return 1;
+        }
+        self.platforms.push(Rc::from(name));
+        (self.platforms.len() - 1) as u8
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn bump(list: &mut Vec<(Rc<str>, u32)>, name: &str, up: bool) {
+    match list.iter().position(|(n, _)| &**n == name) {
+        Some(i) if up => list[i].1 += 1,
+        Some(i) => {
+            list[i].1 -= 1;
+            if list[i].1 == 0 {
+                list.swap_remove(i);
+            }
+        }
+        None if up => list.push((Rc::from(name), 1)),
+        None => {}
+    }
+}
+
+impl Shard {
+    fn presence_on(&self, topic: &str) -> bool {
+        self.shared.config.namespace(topic).presence
+    }
+
+    /// A connection of `customer` (owned here) was registered (`up`) or is gone; `open` is
+    /// how many it has now.
+    pub fn customer_connection(&self, customer: &Rc<str>, open: usize, up: bool) {
+        let announce = {
+            let mut p = self.presence.borrow_mut();
+            if up && open == 1 {
+                if p.last_seen.remove(customer).is_some() {
+                    p.last_seen_order.retain(|c| c != customer);
+                }
+                true
+            } else if !up && open == 0 {
+                p.status.remove(customer);
+                if p.last_seen_order.len() >= LAST_SEEN_KEPT {
+                    if let Some(old) = p.last_seen_order.pop_front() {
+                        p.last_seen.remove(&old);
+                    }
+                }
+                p.last_seen.insert(customer.clone(), unix_now());
+                p.last_seen_order.push_back(customer.clone());
+                true
+            } else {
+                false
+            }
+        };
+        if announce {
+            self.announce_status(customer, false);
+        }
+    }
+
+    /// The `presence` op: sets the customer's status and tells those who may see it.
+    pub fn set_status(&self, customer: &Rc<str>, status: &str) {
+        let status: &'static str = match status {
+            "away" => "away",
+            "busy" => "busy",
+            _ => "online",
+        };
+        let before = {
+            let mut p = self.presence.borrow_mut();
+            if status == "online" {
+                p.status.remove(customer)
+            } else {
+                p.status.insert(customer.clone(), status)
+            }
+        };
+        if before.unwrap_or("online") != status {
+            self.announce_status(customer, true);
+        }
+    }
+
+    fn customer_json(&self, customer: &str) -> serde_json::Value {
+        let conns = self.conns.borrow();
+        let keys = self
+            .customers
+            .borrow()
+            .get(customer)
+            .cloned()
+            .unwrap_or_default();
+        let p = self.presence.borrow();
+        let mut platforms: Vec<&str> = keys
+            .iter()
+            .filter_map(|k| conns.get(*k))
+            .map(|c| {
+                p.platforms
+                    .get(usize::from(c.platform))
+                    .map_or("unknown", |n| &**n)
+            })
+            .collect();
+        platforms.sort_unstable();
+        platforms.dedup();
+        let status = if keys.is_empty() {
+            "offline"
+        } else {
+            p.status.get(customer).copied().unwrap_or("online")
+        };
+        json!({
+            "customerId": customer,
+            "status": status,
+            "connections": keys.len(),
+            "platforms": platforms,
+            "lastSeen": p.last_seen.get(customer),
+        })
+    }
+
+    /// Sends a customer's presence to subscribers of `presence:<customer>` and, for a status
+    /// the customer chose (`to_rooms`), to the members of its presence topics (they learn
+    /// online and offline from the topics' joins and leaves).
+    fn announce_status(&self, customer: &Rc<str>, to_rooms: bool) {
+        let data = self.customer_json(customer);
+        let mut topics = vec![format!("presence:{customer}")];
+        if to_rooms {
+            if let Some(list) = self.presence.borrow().topics.get(customer) {
+                topics.extend(list.iter().map(|(t, _)| t.to_string()));
+            }
+        }
+        for topic in topics {
+            let json = json!({"type": "presence", "topic": topic, "data": data}).to_string();
+            self.ephemeral(&topic, customer, "presence", json, &data);
+        }
+    }
+
+    /// Sends an ephemeral event to the subscribers of `topic` on every shard, except the
+    /// connections of `except`.
+    fn ephemeral(
+        &self,
+        topic: &str,
+        except: &str,
+        kind: &str,
+        client_json: String,
+        data: &serde_json::Value,
+    ) {
+        let payload = Payload {
+            ws: server_frame(OpCode::Text, client_json.as_bytes()),
+            sse: Bytes::from(format!("event: {kind}\ndata: {data}\n\n")),
+        };
+        for shard in 0..self.shared.n_shards {
+            self.send_msg(
+                shard,
+                &ShardMsg::Ephemeral {
+                    topic: topic.to_owned(),
+                    except: except.to_owned(),
+                },
+                Some(payload.clone()),
+                None,
+            );
+        }
+    }
+
+    /// A connection of `customer` (owned here) subscribed to or left `topic`: the topic's
+    /// owner counts members when its namespace has presence.
+    pub fn membership(&self, topic: &str, customer: &Rc<str>, joined: bool) {
+        if !self.presence_on(topic) {
+            return;
+        }
+        {
+            let mut p = self.presence.borrow_mut();
+            let list = p.topics.entry(customer.clone()).or_default();
+            bump(list, topic, joined);
+            if list.is_empty() {
+                p.topics.remove(customer);
+            }
+        }
+        self.send_msg(
+            topic_shard(topic, self.shared.n_shards),
+            &ShardMsg::Membership {
+                topic: topic.to_owned(),
+                customer: customer.to_string(),
+                joined,
+            },
+            None,
+            None,
+        );
+    }
+
+    /// On the topic's owner: one subscription more or less.
+    pub(super) fn handle_membership(&self, topic: &str, customer: &str, joined: bool) {
+        let mut members = self.members.borrow_mut();
+        let m = members.entry(Rc::from(topic)).or_default();
+        let transition = match m.count.get_mut(customer) {
+            Some(n) if joined => {
+                *n += 1;
+                false
+            }
+            Some(n) => {
+                *n -= 1;
+                if *n == 0 {
+                    m.count.remove(customer);
+                    true
+                } else {
+                    false
+                }
+            }
+            None if joined => {
+                m.count.insert(Rc::from(customer), 1);
+                true
+            }
+            None => false,
+        };
+        if !transition {
+            return;
+        }
+        // Net change inside the window: the opposite pending change cancels out.
+        match m.pending.get(customer) {
+            Some(&was) if was != joined => {
+                m.pending.remove(customer);
+            }
+            _ => {
+                m.pending.insert(Rc::from(customer), joined);
+            }
+        }
+        let first_change = m.pending.len() == 1;
+        drop(members);
+        if first_change {
+            let due = Instant::now()
+                + std::time::Duration::from_millis(self.shared.config.presence.coalesce_ms);
+            self.presence_due.borrow_mut().push((Rc::from(topic), due));
+        }
+    }
+
+    /// Sends the diffs whose window is over (the shard's ticker calls this).
+    pub(super) fn flush_presence(&self) {
+        let now = Instant::now();
+        let due: Vec<Rc<str>> = {
+            let mut list = self.presence_due.borrow_mut();
+            let (ready, waiting): (Vec<_>, Vec<_>) = list.drain(..).partition(|(_, at)| *at <= now);
+            *list = waiting;
+            ready.into_iter().map(|(t, _)| t).collect()
+        };
+        let cap = self.shared.config.presence.max_diff_names;
+        for topic in due {
+            let (joined, left, total, members) = {
+                let mut all = self.members.borrow_mut();
+                let Some(m) = all.get_mut(&topic) else {
+                    continue;
+                };
+                let pending = std::mem::take(&mut m.pending);
+                let total = pending.len();
+                let (mut joined, mut left) = (Vec::new(), Vec::new());
+                for (c, j) in pending.into_iter().take(cap) {
+                    if j {
+                        joined.push(c.to_string());
+                    } else {
+                        left.push(c.to_string());
+                    }
+                }
+                let members = m.count.len();
+                if members == 0 {
+                    all.remove(&topic);
+                }
+                (joined, left, total, members)
+            };
+            if total == 0 {
+                continue; // everything cancelled out
+            }
+            self.metrics()
+                .presence_diffs
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let data = json!({
+                "joined": joined,
+                "left": left,
+                "members": members,
+                "truncated": total > cap,
+            });
+            let json = json!({"type": "presence_diff", "topic": &*topic, "data": data}).to_string();
+            self.ephemeral(&topic, "", "presence_diff", json, &data);
+        }
+    }
+
+    /// Asks the owner of a customer or topic for its presence (the API's GET endpoints).
+    pub async fn presence_query(&self, key: &str, topic: bool) -> Option<Vec<u8>> {
+        let owner = if topic {
+            topic_shard(key, self.shared.n_shards)
+        } else {
+            owner_shard(key, self.shared.n_shards)
+        };
+        let req = self.next_req();
+        let (tx, rx) = futures_channel::oneshot::channel();
+        self.queries.borrow_mut().insert(req, tx);
+        self.send_msg(
+            owner,
+            &ShardMsg::PresenceQuery {
+                key: key.to_owned(),
+                topic,
+                origin: self.id as u32,
+                req,
+            },
+            None,
+            None,
+        );
+        let got = super::route::answer(rx).await;
+        self.queries.borrow_mut().remove(&req);
+        got
+    }
+
+    /// On the owner: answers a presence query.
+    pub(super) fn handle_presence_query(&self, key: &str, topic: bool, origin: usize, req: u64) {
+        let body = if topic {
+            let members = self.members.borrow();
+            let list: Vec<serde_json::Value> = members
+                .get(key)
+                .map(|m| {
+                    let mut v: Vec<_> = m.count.iter().collect();
+                    v.sort_by(|a, b| a.0.cmp(b.0));
+                    v.into_iter()
+                        .map(|(c, n)| json!({"customerId": &**c, "connections": n}))
+                        .collect()
+                })
+                .unwrap_or_default();
+            json!({"topic": key, "count": list.len(), "members": list})
+        } else {
+            self.customer_json(key)
+        };
+        self.send_msg(
+            origin,
+            &ShardMsg::PresenceReply {
+                req,
+                json: body.to_string().into_bytes(),
+            },
+            None,
+            None,
+        );
+    }
+
+    /// The answer arrived.
+    pub(super) fn handle_presence_reply(&self, req: u64, json: &[u8]) {
+        if let Some(tx) = self.queries.borrow_mut().remove(&req) {
+            let _ = tx.send(json.to_vec());
+        }
+    }
+}

@@ -1,0 +1,242 @@
+//! Presence with real WebSocket clients: members see each other join, leave and change
+//! status; the API answers who is in a room and how a customer is; churn is coalesced.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::util::*;
+
+/// A server whose `conversation:` namespace has presence, with a short coalescing window.
+pub fn presence_server(shards: usize, window_ms: &str) -> (Server, tempfile_path::TempFile) {
+    let file = tempfile_path::TempFile::new(
+        "[[namespaces]]\nprefix = \"conversation:\"\npresence = true\nhistory_size = 50\n",
+    );
+    let server = Server::start_with(
+        shards,
+        &[
+            ("RINGCAST_CONFIG", file.path()),
+            ("RINGCAST_PRESENCE_COALESCE_MS", window_ms),
+        ],
+    );
+    (server, file)
+}
+
+/// A scratch file removed on drop.
+pub mod tempfile_path {
+    pub struct TempFile(std::path::PathBuf);
+
+    impl TempFile {
+        pub fn new(content: &str) -> TempFile {
+            static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+            let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let p =
+                std::env::temp_dir().join(format!("ringcast-it-{}-{n}.toml", std::process::id()));
+            std::fs::write(&p, content).unwrap();
+            TempFile(p)
+        }
+
+        pub fn path(&self) -> &str {
+            self.0.to_str().unwrap()
+        }
+    }
+
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+}
+
+fn until(c: &mut Client, pred: impl Fn(&Value) -> bool) -> Value {
+    loop {
+        let v = c.recv_json();
+        if pred(&v) {
+            return v;
+        }
+    }
+}
+
+fn get_json(server: &Server, path: &str) -> (u16, Value) {
+    let (status, body) = server.http(
+        "GET",
+        path,
+        &[("Authorization", &format!("Bearer {API_KEY}"))],
+        "",
+    );
+    (status, serde_json::from_str(&body).unwrap_or(Value::Null))
+}
+
+#[test]
+fn members_see_each_other_and_the_api_knows_who_is_there() {
+    let (server, _cfg) = presence_server(2, "100");
+    let tok = |sub: &str, room: &str| {
+        let room = room.to_owned();
+        token(sub, move |c| c.channels = vec![room, format!("presence:*")])
+    };
+    let mut a = Client::connect_raw(
+        &server,
+        &format!(
+            "/v1/ws?platform=web&token={}",
+            tok("doctor-a", "conversation:7")
+        ),
+    )
+    .unwrap();
+    a.recv_json();
+    let mut b = Client::connect_raw(
+        &server,
+        &format!(
+            "/v1/ws?platform=ios&token={}",
+            tok("patient-b", "conversation:7")
+        ),
+    )
+    .unwrap();
+    b.recv_json();
+    let mut c = Client::connect(&server, &tok("outsider-c", "conversation:8"));
+    a.subscribe(&["conversation:7"]);
+    b.subscribe(&["conversation:7"]);
+    // A learns that B joined (possibly with itself in the same diff).
+    let diff = until(&mut a, |v| {
+        v["type"] == "presence_diff"
+            && v["data"]["joined"]
+                .as_array()
+                .unwrap()
+                .contains(&json!("patient-b"))
+    });
+    assert_eq!(diff["topic"], "conversation:7");
+    // Who is in the room, and how B is.
+    let (status, room) = get_json(&server, "/v1/presence/topics/conversation:7");
+    assert_eq!(status, 200, "{room}");
+    assert_eq!(room["count"], 2, "{room}");
+    let (_, pb) = get_json(&server, "/v1/presence/customers/patient-b");
+    assert_eq!(
+        (pb["status"].as_str(), pb["connections"].as_u64()),
+        (Some("online"), Some(1)),
+        "{pb}"
+    );
+    assert_eq!(pb["platforms"], json!(["ios"]));
+    // B goes away: A (a member) sees it; C (not a member) does not.
+    b.send_json(json!({"type": "presence", "payload": {"status": "away"}, "requestId": "p"}));
+    let p = until(&mut a, |v| v["type"] == "presence");
+    assert_eq!(
+        (
+            p["topic"].as_str(),
+            p["data"]["customerId"].as_str(),
+            p["data"]["status"].as_str()
+        ),
+        (Some("conversation:7"), Some("patient-b"), Some("away")),
+        "{p}"
+    );
+    let (_, pb) = get_json(&server, "/v1/presence/customers/patient-b");
+    assert_eq!(pb["status"], "away");
+    // Anyone allowed to subscribe to presence:<customer> follows that customer.
+    c.subscribe(&["presence:patient-b"]);
+    b.ws.close(None).unwrap();
+    let _ = b.recv_close();
+    let off = until(&mut c, |v| v["type"] == "presence");
+    assert_eq!(
+        (
+            off["data"]["status"].as_str(),
+            off["data"]["connections"].as_u64()
+        ),
+        (Some("offline"), Some(0)),
+        "{off}"
+    );
+    assert!(off["data"]["lastSeen"].as_u64().is_some(), "{off}");
+    // And A sees B leave the room.
+    let left = until(&mut a, |v| {
+        v["type"] == "presence_diff" && v["data"]["left"] == json!(["patient-b"])
+    });
+    assert_eq!(left["data"]["members"], 1);
+    // The outsider never got the room's presence.
+    assert!(c
+        .drain_until_pong()
+        .iter()
+        .all(|v| v["topic"] != "conversation:7"));
+    // Topics without presence are not tracked; customers and topics need the API key.
+    let (status, _) = get_json(&server, "/v1/presence/topics/conversation8x");
+    assert_eq!(status, 404);
+    let (status, _) = server.http("GET", "/v1/presence/customers/patient-b", &[], "");
+    assert_eq!(status, 401);
+}
+
+#[test]
+fn a_room_reconnecting_at_once_produces_a_bounded_number_of_presence_messages() {
+    const MEMBERS: usize = 200;
+    let window = Duration::from_millis(500);
+    let (server, _cfg) = presence_server(2, "500");
+    let tok = |i: usize| {
+        token(&format!("m-{i}"), |c| {
+            c.channels = vec!["conversation:big".into()]
+        })
+    };
+    let connect_all = || -> Vec<Client> {
+        (0..MEMBERS)
+            .map(|i| {
+                let mut c = Client::connect(&server, &tok(i));
+                c.send_json(
+                    json!({"type": "subscribe", "payload": {"topics": ["conversation:big"]}}),
+                );
+                c
+            })
+            .collect()
+    };
+    let mut observer = Client::connect(
+        &server,
+        &token("observer", |c| c.channels = vec!["conversation:big".into()]),
+    );
+    observer.subscribe(&["conversation:big"]);
+    let members = connect_all();
+    // Wait until the room has settled (all joins reported).
+    let start = Instant::now();
+    loop {
+        let (_, room) = get_json(&server, "/v1/presence/topics/conversation:big");
+        if room["count"] == MEMBERS + 1 {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "{room}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(window * 2);
+    let diffs_before = server.metric("ringcast_presence_diffs_total");
+    let sent_before = server.metric("ringcast_ephemeral_out_total");
+    assert!(observer
+        .drain_until_pong()
+        .iter()
+        .any(|v| v["type"] == "presence_diff"));
+    // Everyone drops and reconnects.
+    let churn = Instant::now();
+    drop(members);
+    let members = connect_all();
+    let churn_time = churn.elapsed();
+    let start = Instant::now();
+    loop {
+        let (_, room) = get_json(&server, "/v1/presence/topics/conversation:big");
+        // The old connections are gone (their leaves were counted) and the new ones are in.
+        if room["count"] == MEMBERS + 1
+            && server.metric("ringcast_connections") == (MEMBERS + 1) as f64
+        {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(window * 2);
+    let diffs = server.metric("ringcast_presence_diffs_total") - diffs_before;
+    let sent = server.metric("ringcast_ephemeral_out_total") - sent_before;
+    let seen = observer
+        .drain_until_pong()
+        .into_iter()
+        .filter(|v| v["type"] == "presence_diff")
+        .count();
+    // The bound: one diff per window the churn touches, each to every member.
+    let windows = (churn_time.as_millis() / window.as_millis()) as f64 + 2.0;
+    eprintln!(
+        "churn of {MEMBERS} members over {churn_time:?}: {diffs} diffs, {sent} frames, observer saw {seen} (bound {windows} diffs; naive join/leave per member: {})",
+        2 * MEMBERS * (MEMBERS + 1)
+    );
+    assert!(diffs <= windows, "{diffs} diffs for {windows} windows");
+    assert!(seen as f64 <= windows);
+    assert!(sent <= windows * (MEMBERS + 1) as f64);
+    drop(members);
+}
