@@ -164,12 +164,12 @@ pub enum ShardMsg {
         /// Subscribed (true) or gone (false).
         joined: bool,
     },
-    /// Asks the owner of a customer (`topic` false) or a topic (`topic` true) for its presence.
+    /// Asks the owner of a customer or topic for what the API shows of it.
     PresenceQuery {
         /// Customer id or topic name.
         key: String,
-        /// A topic rather than a customer.
-        topic: bool,
+        /// 0: a customer's presence, 1: a topic's members, 2: a customer's preferences.
+        kind: u8,
         /// Shard awaiting the reply.
         origin: u32,
         /// Request id.

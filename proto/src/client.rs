@@ -63,6 +63,9 @@ pub enum Request {
         /// `online`, `away` or `busy`.
         status: String,
     },
+    /// Stores delivery preferences for the customer (validated; the fields given replace
+    /// the stored ones).
+    UpdatePreferences(crate::prefs::Preferences),
     /// Typing indicator in a topic the client is a member of; ephemeral.
     Typing {
         /// The topic.
@@ -72,9 +75,6 @@ pub enum Request {
     },
     /// Liveness check; answered with `pong`.
     Ping,
-    /// A type of the protocol that a later release implements (update_preferences);
-    /// answered with an `unsupported_type` error.
-    NotYetSupported(String),
 }
 
 /// A decoded client message.
@@ -322,7 +322,12 @@ pub fn parse(buf: &mut [u8]) -> Result<ClientMessage, ClientError> {
             }
             Request::Presence { status }
         }
-        "update_preferences" => Request::NotYetSupported(kind.clone()),
+        "update_preferences" => {
+            let json = payload.map_or_else(|| "{}".to_owned(), |p| p.encode());
+            Request::UpdatePreferences(
+                crate::prefs::Preferences::parse(&json).map_err(|e| fail("bad_request", e))?,
+            )
+        }
         other => {
             return Err(fail(
                 "unknown_type",

@@ -26,5 +26,6 @@ pub mod client;
 pub mod event;
 pub mod http1;
 pub mod placement;
+pub mod prefs;
 pub mod proxy;
 pub mod ws;

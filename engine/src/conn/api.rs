@@ -161,6 +161,7 @@ async fn handle(shard: &Rc<Shard>, head: &Head, body: Vec<u8>) -> Response {
         | Route::Disconnect
         | Route::PresenceCustomer
         | Route::PresenceTopic
+        | Route::Preferences
             if !authorized(shard, head) =>
         {
             json_error(
@@ -169,12 +170,12 @@ async fn handle(shard: &Rc<Shard>, head: &Head, body: Vec<u8>) -> Response {
                 "Authorization: Bearer <api key> required",
             )
         }
-        Route::PresenceCustomer | Route::PresenceTopic => {
-            let topic = route(head) == Route::PresenceTopic;
-            let prefix = if topic {
-                "/v1/presence/topics/"
-            } else {
-                "/v1/presence/customers/"
+        r @ (Route::PresenceCustomer | Route::PresenceTopic | Route::Preferences) => {
+            let topic = r == Route::PresenceTopic;
+            let (prefix, kind) = match r {
+                Route::PresenceTopic => ("/v1/presence/topics/", 1),
+                Route::Preferences => ("/v1/preferences/customers/", 2),
+                _ => ("/v1/presence/customers/", 0),
             };
             let raw = head.path.strip_prefix(prefix).unwrap_or("");
             let key = proto::http1::percent_decode(raw);
@@ -188,7 +189,7 @@ async fn handle(shard: &Rc<Shard>, head: &Head, body: Vec<u8>) -> Response {
                     &format!("presence is off for {key} (namespace presence = false)"),
                 );
             }
-            match shard.presence_query(&key, topic).await {
+            match shard.presence_query(&key, kind).await {
                 Some(json) => Response::json(200, json),
                 None => json_error(503, "shard_timeout", "a shard did not answer in time"),
             }

@@ -359,12 +359,12 @@ impl Shard {
             } => self.handle_membership(topic.as_str(), customer.as_str(), *joined),
             ArchivedShardMsg::PresenceQuery {
                 key,
-                topic,
+                kind,
                 origin,
                 req,
             } => self.handle_presence_query(
                 key.as_str(),
-                *topic,
+                *kind,
                 origin.to_native() as usize,
                 req.to_native(),
             ),

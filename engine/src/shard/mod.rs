@@ -206,6 +206,8 @@ pub struct Shard {
     members: RefCell<AHashMap<Rc<str>, presence::TopicMembers>>,
     /// Presence topics with a diff to send, and when.
     presence_due: RefCell<Vec<(Rc<str>, Instant)>>,
+    /// Delivery preferences of customers owned here (`update_preferences`).
+    pub preferences: RefCell<AHashMap<Rc<str>, proto::prefs::Preferences>>,
     /// Presence queries awaiting their owner's answer.
     queries: RefCell<AHashMap<u64, futures_channel::oneshot::Sender<Vec<u8>>>>,
     /// Last typing indicator per (connection, topic): state and shard milliseconds.
@@ -630,6 +632,7 @@ pub fn start(config: Config) -> anyhow::Result<Server> {
                     presence: RefCell::default(),
                     members: RefCell::default(),
                     presence_due: RefCell::default(),
+                    preferences: RefCell::default(),
                     queries: RefCell::default(),
                     hists: RefCell::default(),
                     hist_waiters: RefCell::default(),

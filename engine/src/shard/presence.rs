@@ -346,9 +346,10 @@ impl Shard {
         }
     }
 
-    /// Asks the owner of a customer or topic for its presence (the API's GET endpoints).
-    pub async fn presence_query(&self, key: &str, topic: bool) -> Option<Vec<u8>> {
-        let owner = if topic {
+    /// Asks the owner of a customer or topic (`kind` 1) for its presence, or a customer's
+    /// preferences (`kind` 2): the API's GET endpoints.
+    pub async fn presence_query(&self, key: &str, kind: u8) -> Option<Vec<u8>> {
+        let owner = if kind == 1 {
             topic_shard(key, self.shared.n_shards)
         } else {
             owner_shard(key, self.shared.n_shards)
@@ -360,7 +361,7 @@ impl Shard {
             owner,
             &ShardMsg::PresenceQuery {
                 key: key.to_owned(),
-                topic,
+                kind,
                 origin: self.id as u32,
                 req,
             },
@@ -373,8 +374,16 @@ impl Shard {
     }
 
     /// On the owner: answers a presence query.
-    pub(super) fn handle_presence_query(&self, key: &str, topic: bool, origin: usize, req: u64) {
-        let body = if topic {
+    pub(super) fn handle_presence_query(&self, key: &str, kind: u8, origin: usize, req: u64) {
+        let body = if kind == 2 {
+            let prefs = self
+                .preferences
+                .borrow()
+                .get(key)
+                .cloned()
+                .unwrap_or_default();
+            json!({"customerId": key, "preferences": prefs})
+        } else if kind == 1 {
             let members = self.members.borrow();
             let list: Vec<serde_json::Value> = members
                 .get(key)

@@ -240,3 +240,47 @@ fn a_room_reconnecting_at_once_produces_a_bounded_number_of_presence_messages() 
     assert!(sent <= windows * (MEMBERS + 1) as f64);
     drop(members);
 }
+
+#[test]
+fn preferences_are_validated_stored_and_survive_reconnects() {
+    let server = Server::start(2);
+    let mut c = Client::connect(&server, &sub_token("prefs-1"));
+    c.send_json(json!({"type": "update_preferences", "payload": {
+        "eventTypes": {"marketing_": false, "case_": true},
+        "quietHours": {"start": "22:00", "end": "07:00", "timeZone": "Asia/Kuala_Lumpur"},
+        "urgentOverride": true}, "requestId": "u1"}));
+    let r = c.recv_json();
+    assert_eq!(
+        (r["type"].as_str(), r["requestId"].as_str()),
+        (Some("preferences_updated"), Some("u1")),
+        "{r}"
+    );
+    assert_eq!(r["data"]["urgentOverride"], true);
+    // Invalid input is an error with the request id, and changes nothing.
+    c.send_json(json!({"type": "update_preferences", "payload": {"quietHours": {"start": "22:00", "end": "07:00", "timeZone": "Mars Time"}}, "requestId": "u2"}));
+    let e = c.recv_json();
+    assert_eq!(
+        (e["code"].as_str(), e["requestId"].as_str()),
+        (Some("bad_request"), Some("u2")),
+        "{e}"
+    );
+    // A partial update replaces only what it names.
+    c.send_json(json!({"type": "update_preferences", "payload": {"urgentOverride": false}}));
+    assert_eq!(
+        c.recv_json()["data"]["quietHours"]["timeZone"],
+        "Asia/Kuala_Lumpur"
+    );
+    drop(c);
+    let mut again = Client::connect(&server, &sub_token("prefs-1"));
+    again.send_json(json!({"type": "update_preferences", "payload": {}, "requestId": "u3"}));
+    let r = again.recv_json();
+    assert_eq!(
+        r["data"]["eventTypes"],
+        json!({"case_": true, "marketing_": false}),
+        "{r}"
+    );
+    assert_eq!(r["data"]["urgentOverride"], false);
+    let (status, body) = get_json(&server, "/v1/preferences/customers/prefs-1");
+    assert_eq!(status, 200);
+    assert_eq!(body["preferences"]["quietHours"]["end"], "07:00", "{body}");
+}

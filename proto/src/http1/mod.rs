@@ -268,6 +268,8 @@ pub enum Route {
     PresenceCustomer,
     /// `GET /v1/presence/topics/{topic}`.
     PresenceTopic,
+    /// `GET /v1/preferences/customers/{id}`.
+    Preferences,
     /// A known path with the wrong method: 405.
     MethodNotAllowed,
     /// Unknown path: 404.
@@ -303,6 +305,7 @@ pub fn route(head: &Head) -> Route {
         "/v1/stats/histograms" => (true, Route::Histograms),
         p if p.starts_with("/v1/presence/customers/") => (true, Route::PresenceCustomer),
         p if p.starts_with("/v1/presence/topics/") => (true, Route::PresenceTopic),
+        p if p.starts_with("/v1/preferences/customers/") => (true, Route::Preferences),
         _ => return Route::NotFound,
     };
     if (want_get && get) || (!want_get && post) {

@@ -243,6 +243,18 @@ impl Session {
                     ),
                 );
             }
+            Request::UpdatePreferences(update) => {
+                let stored = {
+                    let mut all = shard.preferences.borrow_mut();
+                    let p = all.entry(self.grants.customer.clone()).or_default();
+                    p.merge(update);
+                    serde_json::to_value(&*p).expect("serialisable")
+                };
+                self.reply(
+                    shard,
+                    &client::ack_reply("preferences_updated", rid, stored, &now_rfc3339()),
+                );
+            }
             Request::Presence { status } => {
                 shard.set_status(&self.grants.customer, &status);
                 if rid.is_some() {
@@ -307,14 +319,6 @@ impl Session {
                         ),
                     );
                 }
-            }
-            Request::NotYetSupported(kind) => {
-                let e = error(
-                    "unsupported_type",
-                    format!("{kind} is not supported by this server yet"),
-                    &kind,
-                );
-                self.reply(shard, &e.to_json());
             }
         }
     }
