@@ -205,11 +205,16 @@ pub struct Namespace {
     pub history_size: Option<usize>,
     /// Seconds events are kept (default: `[history]` and its rules).
     pub history_age_secs: Option<u64>,
+    /// Latest kept messages a `subscribe` without `since` receives before the live stream
+    /// ("last messages on join"; `payload.last` overrides). Default 50 in a configured
+    /// namespace (chat rooms), 0 for topics under no prefix.
+    pub join_history: usize,
 }
 
 impl Default for Namespace {
-    /// Topics under no configured prefix: channels decide who subscribes, clients may
-    /// publish with a grant, no presence, `[history]` applies.
+    /// A configured namespace's defaults: channels decide who subscribes, clients may publish
+    /// with a grant, no presence, `[history]` applies, 50 messages on join. (Topics under no
+    /// prefix get the same with no messages on join.)
     fn default() -> Self {
         Namespace {
             prefix: String::new(),
@@ -218,6 +223,7 @@ impl Default for Namespace {
             presence: false,
             history_size: None,
             history_age_secs: None,
+            join_history: 50,
         }
     }
 }
@@ -563,7 +569,12 @@ impl Config {
             .iter()
             .filter(|n| topic.starts_with(&n.prefix))
             .max_by_key(|n| n.prefix.len())
-            .unwrap_or_else(|| DEFAULT.get_or_init(Namespace::default))
+            .unwrap_or_else(|| {
+                DEFAULT.get_or_init(|| Namespace {
+                    join_history: 0,
+                    ..Namespace::default()
+                })
+            })
     }
 
     /// `(size, age_secs)` of a topic's history: its namespace's, else `[history]`'s rules.

@@ -36,6 +36,9 @@ pub enum ShardMsg {
         req: u64,
         /// The subscriber's last known position, to replay what it missed.
         since: Option<Position>,
+        /// Without `since`: replay this many of the latest kept events ("last messages on
+        /// join").
+        last: u32,
     },
     /// From a topic's owner: interest registered; events after `offset` will be delivered.
     /// Travels the same channel as the owner's deliveries, so the subscriber shard processes
@@ -289,6 +292,7 @@ mod tests {
                 from: 3,
                 on: true,
                 req: 9,
+                last: 0,
                 since: Some(Position {
                     offset: 4,
                     epoch: "e".into(),

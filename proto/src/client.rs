@@ -19,6 +19,8 @@ pub enum Request {
         events: Vec<String>,
         /// Last known positions, per topic, to recover what was missed (`payload.since`).
         since: Vec<(String, crate::bus::Position)>,
+        /// Latest messages to receive on joining (`payload.last`; default: the namespace's).
+        last: Option<u32>,
     },
     /// The reverse of `Subscribe`.
     Unsubscribe {
@@ -230,10 +232,18 @@ pub fn parse(buf: &mut [u8]) -> Result<ClientMessage, ClientError> {
             }
             if kind == "subscribe" {
                 let since = positions(payload.and_then(|p| p.get("since"))).map_err(with_ctx)?;
+                let last =
+                    match payload.and_then(|p| p.get("last")) {
+                        None => None,
+                        Some(v) => Some(v.as_u64().filter(|n| *n <= 100_000).ok_or_else(|| {
+                            fail("bad_request", "payload.last must be a count".into())
+                        })? as u32),
+                    };
                 Request::Subscribe {
                     topics,
                     events,
                     since,
+                    last,
                 }
             } else {
                 Request::Unsubscribe { topics, events }

@@ -176,7 +176,8 @@ pub async fn sse(shard: Rc<Shard>, stream: TcpStream, head: Head, buf: Vec<u8>, 
     let mut names = Vec::with_capacity(topics.len());
     let mut positions = Vec::with_capacity(topics.len());
     for topic in &topics {
-        let (name, position) = shard.subscribe_topic(key, topic, None).await;
+        // Live only on SSE (topic events carry no id): no join history.
+        let (name, position) = shard.subscribe_topic(key, topic, None, 0).await;
         shard.membership(topic, &customer, true);
         names.push(name);
         // A slow owner (None) still completes the subscription when it answers.

@@ -202,6 +202,7 @@ impl Shard {
                 on,
                 req,
                 since,
+                last,
             } => {
                 let since = since
                     .as_ref()
@@ -212,6 +213,7 @@ impl Shard {
                     *on,
                     req.to_native(),
                     since,
+                    last.to_native(),
                 );
             }
             ArchivedShardMsg::InterestAck { .. } => {

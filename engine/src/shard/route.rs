@@ -381,6 +381,7 @@ impl Shard {
         on: bool,
         req: u64,
         since: Option<(u64, &str)>,
+        last: u32,
     ) {
         let now = unix_now();
         let (offset, recovered, replay) = {
@@ -392,7 +393,18 @@ impl Shard {
             }
             let offset = t.offset;
             let (recovered, replay) = match since {
-                None => (true, Vec::new()),
+                None => {
+                    // "Last messages on join": the newest `last` kept events, in order.
+                    let skip = t.history.len().saturating_sub(last as usize);
+                    (
+                        true,
+                        t.history
+                            .iter()
+                            .skip(skip)
+                            .map(|k| k.json.to_vec())
+                            .collect(),
+                    )
+                }
                 Some((seen, epoch)) => {
                     // Complete when every offset after `seen` is still kept.
                     let first_kept = t.history.front().map_or(offset + 1, |k| k.offset);
@@ -437,6 +449,7 @@ impl Shard {
         key: ConnKey,
         topic: &str,
         since: Option<Position>,
+        last: u32,
     ) -> (Rc<str>, Option<(u64, String, bool)>) {
         let name = {
             let mut topics = self.topics.borrow_mut();
@@ -477,6 +490,7 @@ impl Shard {
                 on: true,
                 req,
                 since,
+                last,
             },
             None,
             None,
@@ -553,6 +567,7 @@ impl Shard {
                 on: false,
                 req: 0,
                 since: None,
+                last: 0,
             },
             None,
             None,

@@ -284,3 +284,30 @@ fn preferences_are_validated_stored_and_survive_reconnects() {
     assert_eq!(status, 200);
     assert_eq!(body["preferences"]["quietHours"]["end"], "07:00", "{body}");
 }
+
+#[test]
+fn joining_a_chat_room_returns_its_last_messages() {
+    let (server, _cfg) = presence_server(2, "100");
+    for n in 1..=60 {
+        server.publish(json!({"topics": ["conversation:9"], "event": {"type": "chat_message", "data": {"n": n}}}));
+    }
+    let mut c = Client::connect(&server, &sub_token("late-joiner"));
+    // The namespace's history keeps 50; a configured namespace replays 50 on join.
+    let confirmed = c.subscribe_collect(json!({"topics": ["conversation:9"]}));
+    let ns: Vec<u64> = confirmed
+        .iter()
+        .map(|v| v["data"]["n"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ns, (11..=60).collect::<Vec<_>>());
+    // `last` asks for fewer; a topic under no namespace replays nothing by default.
+    let mut d = Client::connect(&server, &sub_token("late-2"));
+    let few = d.subscribe_collect(json!({"topics": ["conversation:9"], "last": 3}));
+    assert_eq!(
+        few.iter()
+            .map(|v| v["data"]["n"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        [58, 59, 60]
+    );
+    server.publish(json!({"topics": ["plain"], "event": {"type": "t", "data": {}}}));
+    assert!(d.subscribe_collect(json!({"topics": ["plain"]})).is_empty());
+}

@@ -283,6 +283,22 @@ impl Client {
         reply
     }
 
+    /// Subscribes with `payload` and returns the events that arrive before the confirmation
+    /// (history replayed on join).
+    pub fn subscribe_collect(&mut self, payload: Value) -> Vec<Value> {
+        self.send_json(
+            serde_json::json!({"type": "subscribe", "payload": payload, "requestId": "sc"}),
+        );
+        let mut before = Vec::new();
+        loop {
+            let v = self.recv_json();
+            if v["type"] == "subscription_confirmed" {
+                return before;
+            }
+            before.push(v);
+        }
+    }
+
     /// Sends a ping and returns every message that arrives before the pong: a barrier that
     /// proves nothing else was queued for this client.
     pub fn drain_until_pong(&mut self) -> Vec<Value> {

@@ -38,6 +38,7 @@ impl Session {
                 topics,
                 events,
                 since,
+                last,
             } => {
                 if let Some(e) = topics.iter().find_map(|t| validate_topic(t).err()) {
                     return self.reply(shard, &error(e.code, e.message, "subscribe").to_json());
@@ -66,7 +67,11 @@ impl Session {
                         .iter()
                         .find(|(t, _)| *t == topic)
                         .map(|(_, p)| p.clone());
-                    let (name, position) = shard.subscribe_topic(self.key, &topic, from).await;
+                    let last = last.unwrap_or_else(|| {
+                        shard.shared.config.namespace(&topic).join_history as u32
+                    });
+                    let (name, position) =
+                        shard.subscribe_topic(self.key, &topic, from, last).await;
                     // Exact growth: most connections hold one or two topics. Kept even when
                     // the owner was slow: the subscription completes when it answers.
                     self.topics.reserve_exact(1);
