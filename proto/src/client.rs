@@ -449,8 +449,15 @@ mod tests {
                 topics: vec!["conversation:1".into()],
                 events: vec!["case_".into()],
                 since: vec![],
+                last: None,
             }
         );
+        let m = p(r#"{"type":"subscribe","payload":{"topics":["t"],"last":5}}"#).unwrap();
+        assert!(matches!(
+            m.request,
+            Request::Subscribe { last: Some(5), .. }
+        ));
+        assert!(p(r#"{"type":"subscribe","payload":{"topics":["t"],"last":-1}}"#).is_err());
         let m = p(r#"{"type":"subscribe","payload":{"topics":["t"],"since":{"t":{"offset":3,"epoch":"e1"}}}}"#).unwrap();
         let Request::Subscribe { since, .. } = m.request else {
             panic!("wrong request")
