@@ -209,6 +209,8 @@ pub struct Namespace {
     /// ("last messages on join"; `payload.last` overrides). Default 50 in a configured
     /// namespace (chat rooms), 0 for topics under no prefix.
     pub join_history: usize,
+    /// Subscriptions a topic takes at most (the next gets `topic_full`). Default 0: no cap.
+    pub max_subscribers: usize,
 }
 
 impl Default for Namespace {
@@ -224,6 +226,7 @@ impl Default for Namespace {
             history_size: None,
             history_age_secs: None,
             join_history: 50,
+            max_subscribers: 0,
         }
     }
 }

@@ -84,6 +84,8 @@ pub struct ShardMetrics {
     pub handshakes: AtomicU64,
     /// Refused handshakes by [`AUTH_REASONS`].
     pub auth_failures: [AtomicU64; 5],
+    /// Subscriptions refused: the topic had its namespace's `max_subscribers`.
+    pub topic_full: AtomicU64,
     /// Ephemeral frames (typing, presence) queued to connections.
     pub ephemeral_out: AtomicU64,
     /// Presence diffs sent to topic members.
@@ -152,7 +154,7 @@ pub fn render_prometheus(shards: &[ShardMetrics], rss: Option<u64>) -> String {
     }
     out.push_str(&lines);
     type Counter = (&'static str, &'static str, fn(&ShardMetrics) -> u64);
-    let counters: [Counter; 29] = [
+    let counters: [Counter; 30] = [
         ("ringcast_sse_connections", "Open SSE streams.", |s| {
             s.sse_connections.load(Relaxed).max(0) as u64
         }),
@@ -160,6 +162,11 @@ pub fn render_prometheus(shards: &[ShardMetrics], rss: Option<u64>) -> String {
             "ringcast_polls_waiting",
             "Long-poll requests parked.",
             |s| s.polls_waiting.load(Relaxed).max(0) as u64,
+        ),
+        (
+            "ringcast_topic_full_total",
+            "Subscriptions refused: the topic had its namespace's max_subscribers.",
+            |s| s.topic_full.load(Relaxed),
         ),
         (
             "ringcast_ephemeral_out_total",

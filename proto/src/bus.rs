@@ -39,6 +39,9 @@ pub enum ShardMsg {
         /// Without `since`: replay this many of the latest kept events ("last messages on
         /// join").
         last: u32,
+        /// The subscribing customer, for topics whose owner counts members (presence or a
+        /// subscriber cap); empty otherwise.
+        member: String,
     },
     /// From a topic's owner: interest registered; events after `offset` will be delivered.
     /// Travels the same channel as the owner's deliveries, so the subscriber shard processes
@@ -54,6 +57,8 @@ pub enum ShardMsg {
         recovered: bool,
         /// The missed events, in order, as client JSON (recovery only; rare).
         replay: Vec<Vec<u8>>,
+        /// Refused: the topic has its namespace's `max_subscribers`.
+        full: bool,
     },
     /// To a topic's owner: publish `event`; the owner assigns the offset, encodes the frame once
     /// and forwards it to the interested shards.
@@ -293,6 +298,7 @@ mod tests {
                 on: true,
                 req: 9,
                 last: 0,
+                member: String::new(),
                 since: Some(Position {
                     offset: 4,
                     epoch: "e".into(),
@@ -304,6 +310,7 @@ mod tests {
                 epoch: "e".into(),
                 recovered: true,
                 replay: vec![b"{}".to_vec()],
+                full: false,
             },
             ShardMsg::PublishTopic {
                 topic: "t".into(),

@@ -26,7 +26,7 @@ use super::{
     respond,
     ws::{auth_failure, authenticate, write_blocked, Grants},
 };
-use crate::shard::{conn_state::Conn, slab::ConnKey, streams::Poller, Shard};
+use crate::shard::{conn_state::Conn, slab::ConnKey, streams::Poller, Joined, Shard};
 
 /// Authenticates and moves the request to the customer's owner shard. `None`: answered or
 /// handed off.
@@ -177,11 +177,22 @@ pub async fn sse(shard: Rc<Shard>, stream: TcpStream, head: Head, buf: Vec<u8>, 
     let mut positions = Vec::with_capacity(topics.len());
     for topic in &topics {
         // Live only on SSE (topic events carry no id): no join history.
-        let (name, position) = shard.subscribe_topic(key, topic, None, 0).await;
+        let (name, joined) = shard.subscribe_topic(key, topic, None, 0, &customer).await;
+        let (offset, epoch, recovered) = match joined {
+            Joined::Yes(offset, epoch, recovered) => (offset, epoch, recovered),
+            // A slow owner still completes the subscription when it answers.
+            Joined::Timeout => (0, String::new(), false),
+            Joined::Full => {
+                let rec = format!(
+                    "event: error\ndata: {}\n\n",
+                    serde_json::json!({"code": "topic_full", "topic": topic})
+                );
+                shard.send_now(key, &Bytes::from(rec));
+                continue;
+            }
+        };
         shard.membership(topic, &customer, true);
         names.push(name);
-        // A slow owner (None) still completes the subscription when it answers.
-        let (offset, epoch, recovered) = position.unwrap_or((0, String::new(), false));
         positions.push(TopicPosition {
             topic: topic.clone(),
             offset,

@@ -203,6 +203,7 @@ impl Shard {
                 req,
                 since,
                 last,
+                member,
             } => {
                 let since = since
                     .as_ref()
@@ -214,6 +215,7 @@ impl Shard {
                     req.to_native(),
                     since,
                     last.to_native(),
+                    member.as_str(),
                 );
             }
             ArchivedShardMsg::InterestAck { .. } => {
@@ -224,6 +226,7 @@ impl Shard {
                     epoch,
                     recovered,
                     replay,
+                    full,
                 } = bus::to_owned(msg)
                 else {
                     unreachable!()
@@ -234,6 +237,7 @@ impl Shard {
                     epoch,
                     recovered,
                     replay,
+                    full,
                 });
             }
             ArchivedShardMsg::PublishTopic {

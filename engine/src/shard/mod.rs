@@ -12,6 +12,7 @@ pub mod notify;
 pub mod park;
 pub mod presence;
 mod route;
+pub use route::Joined;
 pub mod slab;
 pub mod streams;
 mod wheel;

@@ -26,6 +26,8 @@ use super::{route::Payload, Shard};
 pub struct TopicMembers {
     /// Customer -> open subscriptions (connections) to the topic.
     count: AHashMap<Rc<str>, u32>,
+    /// Sum of `count`.
+    total: u32,
     /// Net changes since the last diff: joined (true) or left (false).
     pending: AHashMap<Rc<str>, bool>,
 }
@@ -97,6 +99,29 @@ fn bump(list: &mut Vec<(Rc<str>, u32)>, name: &str, up: bool) {
 impl Shard {
     fn presence_on(&self, topic: &str) -> bool {
         self.shared.config.namespace(topic).presence
+    }
+
+    /// Whether the topic's owner counts its members (presence, or a subscriber cap).
+    pub fn tracks_members(&self, topic: &str) -> bool {
+        let ns = self.shared.config.namespace(topic);
+        ns.presence || ns.max_subscribers > 0
+    }
+
+    /// On the topic's owner: admits one more subscription of `member` unless the topic has
+    /// its namespace's `max_subscribers` (then refused and counted).
+    pub(super) fn admit_member(&self, topic: &str, member: &str) -> bool {
+        let max = self.shared.config.namespace(topic).max_subscribers;
+        if max > 0 {
+            let total = self.members.borrow().get(topic).map_or(0, |m| m.total);
+            if total as usize >= max {
+                self.metrics()
+                    .topic_full
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return false;
+            }
+        }
+        self.handle_membership(topic, member, true);
+        true
     }
 
     /// A connection of `customer` (owned here) was registered (`up`) or is gone; `open` is
@@ -226,10 +251,10 @@ impl Shard {
         }
     }
 
-    /// A connection of `customer` (owned here) subscribed to or left `topic`: the topic's
-    /// owner counts members when its namespace has presence.
+    /// A connection of `customer` (owned here) subscribed to or left `topic`. The owner
+    /// counted the join when it admitted the subscription; a leave is sent to it.
     pub fn membership(&self, topic: &str, customer: &Rc<str>, joined: bool) {
-        if !self.presence_on(topic) {
+        if !self.tracks_members(topic) {
             return;
         }
         {
@@ -239,6 +264,9 @@ impl Shard {
             if list.is_empty() {
                 p.topics.remove(customer);
             }
+        }
+        if joined {
+            return;
         }
         self.send_msg(
             topic_shard(topic, self.shared.n_shards),
@@ -256,6 +284,11 @@ impl Shard {
     pub(super) fn handle_membership(&self, topic: &str, customer: &str, joined: bool) {
         let mut members = self.members.borrow_mut();
         let m = members.entry(Rc::from(topic)).or_default();
+        if joined {
+            m.total += 1;
+        } else if m.count.contains_key(customer) {
+            m.total -= 1;
+        }
         let transition = match m.count.get_mut(customer) {
             Some(n) if joined => {
                 *n += 1;
@@ -276,7 +309,10 @@ impl Shard {
             }
             None => false,
         };
-        if !transition {
+        if !transition || !self.presence_on(topic) {
+            if m.count.is_empty() && m.pending.is_empty() {
+                members.remove(topic);
+            }
             return;
         }
         // Net change inside the window: the opposite pending change cancels out.

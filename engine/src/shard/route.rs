@@ -86,6 +86,8 @@ pub enum Job {
         recovered: bool,
         /// Missed events (client JSON).
         replay: Vec<Vec<u8>>,
+        /// Refused: the topic is full.
+        full: bool,
     },
     /// Close customers' connections.
     Disconnect {
@@ -104,7 +106,18 @@ pub enum Job {
 pub(super) struct SubWaiter {
     key: ConnKey,
     topic: Rc<str>,
-    tx: oneshot::Sender<(u64, String, bool)>,
+    tx: oneshot::Sender<Joined>,
+}
+
+/// How a subscription ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Joined {
+    /// Subscribed: the topic's offset and epoch, and whether the replay was complete.
+    Yes(u64, String, bool),
+    /// Refused: the topic has its namespace's `max_subscribers`.
+    Full,
+    /// The owner did not answer in time (the subscription completes when it does).
+    Timeout,
 }
 
 /// A publish waiting for its delivery reports.
@@ -382,8 +395,25 @@ impl Shard {
         req: u64,
         since: Option<(u64, &str)>,
         last: u32,
+        member: &str,
     ) {
         let now = unix_now();
+        if on && req != 0 && !member.is_empty() && !self.admit_member(topic, member) {
+            self.send_msg(
+                from,
+                &ShardMsg::InterestAck {
+                    req,
+                    offset: 0,
+                    epoch: self.shared.epoch.clone(),
+                    recovered: false,
+                    replay: Vec::new(),
+                    full: true,
+                },
+                None,
+                None,
+            );
+            return;
+        }
         let (offset, recovered, replay) = {
             let mut owned = self.owned.borrow_mut();
             let t = self.owned_topic(&mut owned, topic);
@@ -432,6 +462,7 @@ impl Shard {
                     epoch: self.shared.epoch.clone(),
                     recovered,
                     replay,
+                    full: false,
                 },
                 None,
                 None,
@@ -450,7 +481,8 @@ impl Shard {
         topic: &str,
         since: Option<Position>,
         last: u32,
-    ) -> (Rc<str>, Option<(u64, String, bool)>) {
+        member: &str,
+    ) -> (Rc<str>, Joined) {
         let name = {
             let mut topics = self.topics.borrow_mut();
             match topics.get_key_value(topic).map(|(name, _)| name.clone()) {
@@ -491,12 +523,17 @@ impl Shard {
                 req,
                 since,
                 last,
+                member: if self.tracks_members(topic) {
+                    member.to_owned()
+                } else {
+                    String::new()
+                },
             },
             None,
             None,
         );
         let got = answer(rx).await;
-        (name, got)
+        (name, got.unwrap_or(Joined::Timeout))
     }
 
     /// The fan-out task's half of a subscription: replay, then join the live list.
@@ -507,13 +544,14 @@ impl Shard {
         epoch: String,
         recovered: bool,
         replay: &[Vec<u8>],
+        full: bool,
     ) {
         let Some(w) = self.sub_waiters.borrow_mut().remove(&req) else {
             return;
         };
         let alive = {
             let mut conns = self.conns.borrow_mut();
-            let alive = conns.get(w.key).is_some_and(|c| !c.dead);
+            let alive = !full && conns.get(w.key).is_some_and(|c| !c.dead);
             if alive {
                 for json in replay {
                     self.enqueue(&mut conns, w.key, &server_frame(OpCode::Text, json), None);
@@ -538,7 +576,11 @@ impl Shard {
         if empty {
             self.withdraw_interest(&w.topic);
         }
-        let _ = w.tx.send((offset, epoch, recovered));
+        let _ = w.tx.send(if full {
+            Joined::Full
+        } else {
+            Joined::Yes(offset, epoch, recovered)
+        });
     }
 
     /// Removes a local subscriber; the last one withdraws the shard's interest.
@@ -568,6 +610,7 @@ impl Shard {
                 req: 0,
                 since: None,
                 last: 0,
+                member: String::new(),
             },
             None,
             None,
@@ -720,7 +763,8 @@ impl Shard {
                         epoch,
                         recovered,
                         replay,
-                    } => self.complete_subscription(req, offset, epoch, recovered, &replay),
+                        full,
+                    } => self.complete_subscription(req, offset, epoch, recovered, &replay, full),
                     Job::Disconnect {
                         customers,
                         code,

@@ -311,3 +311,77 @@ fn joining_a_chat_room_returns_its_last_messages() {
     server.publish(json!({"topics": ["plain"], "event": {"type": "t", "data": {}}}));
     assert!(d.subscribe_collect(json!({"topics": ["plain"]})).is_empty());
 }
+
+#[test]
+fn namespaces_cap_subscribers_require_roles_and_keep_clients_from_publishing() {
+    let cfg = tempfile_path::TempFile::new(
+        "[[namespaces]]\nprefix = \"room:\"\nmax_subscribers = 2\n\n\
+         [[namespaces]]\nprefix = \"hospital:\"\nroles = [\"physician\"]\nclient_publish = false\n",
+    );
+    let server = Server::start_with(2, &[("RINGCAST_CONFIG", cfg.path())]);
+    let all = |sub: &str, roles: &[&str]| {
+        let roles: Vec<String> = roles.iter().map(|r| r.to_string()).collect();
+        token(sub, move |c| {
+            c.channels = vec!["*".into()];
+            c.publish = vec!["*".into()];
+            c.roles = roles;
+        })
+    };
+    let mut a = Client::connect(&server, &all("cap-a", &[]));
+    let b = {
+        let mut b = Client::connect(&server, &all("cap-b", &[]));
+        b.subscribe(&["room:1"]);
+        b
+    };
+    a.subscribe(&["room:1"]);
+    let mut c = Client::connect(&server, &all("cap-c", &[]));
+    c.send_json(json!({"type": "subscribe", "payload": {"topics": ["room:1"]}, "requestId": "s"}));
+    let e = c.recv_json();
+    assert_eq!(
+        (e["code"].as_str(), e["requestId"].as_str()),
+        (Some("topic_full"), Some("s")),
+        "{e}"
+    );
+    assert_eq!(server.metric("ringcast_topic_full_total"), 1.0);
+    // A place frees up when a subscriber goes.
+    drop(b);
+    let start = Instant::now();
+    loop {
+        c.send_json(json!({"type": "subscribe", "payload": {"topics": ["room:1"]}}));
+        if c.recv_json()["type"] == "subscription_confirmed" {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the place was not freed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Roles: a token without the namespace's role cannot subscribe, one with it can.
+    a.send_json(
+        json!({"type": "subscribe", "payload": {"topics": ["hospital:ward-3"]}, "requestId": "h"}),
+    );
+    let e = a.recv_json();
+    assert_eq!(e["code"], "forbidden", "{e}");
+    assert!(e["message"].as_str().unwrap().contains("physician"), "{e}");
+    let mut doc = Client::connect(&server, &all("doc", &["physician"]));
+    doc.subscribe(&["hospital:ward-3"]);
+    // Backend-only namespace: even a token with a publish grant is refused.
+    doc.send_json(json!({"type": "publish", "payload": {"topic": "hospital:ward-3", "type": "alert", "data": {}}, "requestId": "p"}));
+    let e = doc.recv_json();
+    assert_eq!(
+        (e["code"].as_str(), e["requestId"].as_str()),
+        (Some("forbidden"), Some("p")),
+        "{e}"
+    );
+    // SSE is held to the same roles.
+    let sse = SseClient::open(
+        &server,
+        &format!(
+            "/v1/events/stream?topics=hospital:ward-3&token={}",
+            all("nurse", &[])
+        ),
+        &[],
+    );
+    assert_eq!(sse.status, 403);
+}

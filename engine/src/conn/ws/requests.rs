@@ -12,7 +12,7 @@ use super::{
     now_rfc3339,
     session::{Grants, Session},
 };
-use crate::shard::{chat::SentTo, Shard};
+use crate::shard::{chat::SentTo, Joined, Shard};
 
 /// Where a client-sent event goes.
 enum ClientTarget {
@@ -52,6 +52,7 @@ impl Session {
                 }
                 let mut positions = Vec::with_capacity(topics.len());
                 let mut timed_out = Vec::new();
+                let mut full = Vec::new();
                 for topic in topics {
                     if self.topics.iter().any(|t| **t == *topic) {
                         // Already subscribed: nothing to replay, the live stream continues.
@@ -70,22 +71,35 @@ impl Session {
                     let last = last.unwrap_or_else(|| {
                         shard.shared.config.namespace(&topic).join_history as u32
                     });
-                    let (name, position) =
-                        shard.subscribe_topic(self.key, &topic, from, last).await;
+                    let (name, joined) = shard
+                        .subscribe_topic(self.key, &topic, from, last, &self.grants.customer)
+                        .await;
+                    if joined == Joined::Full {
+                        full.push(topic);
+                        continue;
+                    }
                     // Exact growth: most connections hold one or two topics. Kept even when
                     // the owner was slow: the subscription completes when it answers.
                     self.topics.reserve_exact(1);
                     self.topics.push(name);
                     shard.membership(&topic, &self.grants.customer, true);
-                    match position {
-                        Some((offset, epoch, recovered)) => positions.push(TopicPosition {
+                    match joined {
+                        Joined::Yes(offset, epoch, recovered) => positions.push(TopicPosition {
                             topic,
                             offset,
                             epoch,
                             recovered,
                         }),
-                        None => timed_out.push(topic),
+                        _ => timed_out.push(topic),
                     }
+                }
+                if !full.is_empty() {
+                    let e = error(
+                        "topic_full",
+                        format!("{} has its maximum of subscribers", full.join(", ")),
+                        "subscribe",
+                    );
+                    self.reply(shard, &e.to_json());
                 }
                 if !timed_out.is_empty() {
                     let e = error(
