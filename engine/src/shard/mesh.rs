@@ -208,15 +208,15 @@ impl Shard {
                 let since = since
                     .as_ref()
                     .map(|p| (p.offset.to_native(), p.epoch.as_str()));
-                self.handle_interest(
-                    topic.as_str(),
-                    from.to_native() as usize,
-                    *on,
-                    req.to_native(),
+                self.handle_interest(super::route::Interest {
+                    topic: topic.as_str(),
+                    from: from.to_native() as usize,
+                    on: *on,
+                    req: req.to_native(),
                     since,
-                    last.to_native(),
-                    member.as_str(),
-                );
+                    last: last.to_native(),
+                    member: member.as_str(),
+                });
             }
             ArchivedShardMsg::InterestAck { .. } => {
                 // Queued behind the deliveries that arrived before it: see `Job::Subscribed`.

@@ -109,6 +109,17 @@ pub(super) struct SubWaiter {
     tx: oneshot::Sender<Joined>,
 }
 
+/// A decoded `ShardMsg::Interest`.
+pub(super) struct Interest<'a> {
+    pub topic: &'a str,
+    pub from: usize,
+    pub on: bool,
+    pub req: u64,
+    pub since: Option<(u64, &'a str)>,
+    pub last: u32,
+    pub member: &'a str,
+}
+
 /// How a subscription ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Joined {
@@ -387,16 +398,16 @@ impl Shard {
 
     /// On a topic's owner: a shard gained or lost its subscribers. A subscription is answered
     /// with the topic's position and, when the subscriber gave one, what it missed.
-    pub(super) fn handle_interest(
-        &self,
-        topic: &str,
-        from: usize,
-        on: bool,
-        req: u64,
-        since: Option<(u64, &str)>,
-        last: u32,
-        member: &str,
-    ) {
+    pub(super) fn handle_interest(&self, i: Interest<'_>) {
+        let Interest {
+            topic,
+            from,
+            on,
+            req,
+            since,
+            last,
+            member,
+        } = i;
         let now = unix_now();
         if on && req != 0 && !member.is_empty() && !self.admit_member(topic, member) {
             self.send_msg(
