@@ -20,7 +20,8 @@ fn until_type(c: &mut Client, kind: &str) -> (Value, Vec<Value>) {
 
 #[test]
 fn consultation_flow_between_two_members_and_nothing_for_an_outsider() {
-    let server = Server::start(2);
+    // `conversation:` rooms have presence (namespace config), diffs every 100 ms.
+    let (server, _cfg) = crate::presence::presence_server(2, "100");
     let tok = |sub: &str, room: &str| {
         let room = room.to_owned();
         token(sub, move |c| {
@@ -33,6 +34,52 @@ fn consultation_flow_between_two_members_and_nothing_for_an_outsider() {
     let mut c = Client::connect(&server, &tok("outsider-c", "conversation:8"));
     a.subscribe(&["conversation:7"]);
     b.subscribe(&["conversation:7"]);
+    // Both see each other in the room's presence.
+    let joined = |v: &Value, who: &str| {
+        v["type"] == "presence_diff"
+            && v["data"]["joined"]
+                .as_array()
+                .is_some_and(|j| j.contains(&json!(who)))
+    };
+    loop {
+        let v = a.recv_json();
+        if joined(&v, "patient-b") {
+            break;
+        }
+    }
+    // B joined second: its first diff may already name A, or A was announced before B
+    // subscribed; the room's member list (what B asks the backend or sees) has both.
+    let (status, room) = server.http(
+        "GET",
+        "/v1/presence/topics/conversation:7",
+        &[("Authorization", &format!("Bearer {API_KEY}"))],
+        "",
+    );
+    assert_eq!(status, 200);
+    assert!(
+        room.contains("doctor-a") && room.contains("patient-b"),
+        "{room}"
+    );
+    b.send_json(json!({"type": "presence", "payload": {"status": "busy"}}));
+    let (p, _) = until_type(&mut a, "presence");
+    assert_eq!(
+        (
+            p["data"]["customerId"].as_str(),
+            p["data"]["status"].as_str()
+        ),
+        (Some("patient-b"), Some("busy")),
+        "{p}"
+    );
+    a.send_json(json!({"type": "presence", "payload": {"status": "away"}}));
+    let (p, _) = until_type(&mut b, "presence");
+    assert_eq!(
+        (
+            p["data"]["customerId"].as_str(),
+            p["data"]["status"].as_str()
+        ),
+        (Some("doctor-a"), Some("away")),
+        "{p}"
+    );
     // The outsider cannot join.
     c.send_json(
         json!({"type": "subscribe", "payload": {"topics": ["conversation:7"]}, "requestId": "x"}),
