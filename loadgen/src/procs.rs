@@ -10,6 +10,36 @@ use crate::{
     stats, TargetArgs,
 };
 
+/// This binary as a child process with the parent's target options (one thread).
+fn child_command(exe: &std::path::Path, t: &TargetArgs, target: &Target) -> std::process::Command {
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(["--url", &t.url, "--sources", &t.sources, "--threads", "1"]);
+    cmd.args(["--transport", &t.transport]);
+    if let Some(secret) = &target.secret {
+        cmd.args(["--secret", secret]);
+    }
+    if t.generic {
+        cmd.arg("--generic");
+    }
+    if let Some(f) = &t.subscribe_frame {
+        cmd.args(["--subscribe-frame", f]);
+    }
+    if let Some(m) = &t.ready_match {
+        cmd.args(["--ready-match", m]);
+    }
+    cmd
+}
+
+/// Tells the parent this child has ramped: `READY <connected> <errors>`.
+pub fn report_ready(shared: &stats::Shared) {
+    println!(
+        "READY {} {}",
+        shared.connected.load(Relaxed),
+        shared.connect_errors.load(Relaxed)
+    );
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+}
+
 /// A `connect` run spread over processes.
 pub struct ConnectPlan {
     pub conns: usize,
@@ -28,7 +58,7 @@ pub fn connect_procs(
     plan: ConnectPlan,
 ) -> anyhow::Result<(serde_json::Value, stats::ThreadStats)> {
     use std::io::{BufRead, BufReader, Read};
-    use std::process::{Command, Stdio};
+    use std::process::Stdio;
     let exe = std::env::current_exe()?;
     let rss_before = scenario::connect::rss_sum_kib(&plan.server_pid);
     let start = std::time::Instant::now();
@@ -40,21 +70,7 @@ pub fn connect_procs(
         if n == 0 {
             break;
         }
-        let mut cmd = Command::new(&exe);
-        cmd.args(["--url", &t.url, "--sources", &t.sources, "--threads", "1"]);
-        cmd.args(["--transport", &t.transport]);
-        if let Some(secret) = &target.secret {
-            cmd.args(["--secret", secret]);
-        }
-        if t.generic {
-            cmd.arg("--generic");
-        }
-        if let Some(f) = &t.subscribe_frame {
-            cmd.args(["--subscribe-frame", f]);
-        }
-        if let Some(m) = &t.ready_match {
-            cmd.args(["--ready-match", m]);
-        }
+        let mut cmd = child_command(&exe, t, target);
         cmd.args([
             "connect",
             "--child",
@@ -176,7 +192,7 @@ impl Children {
         plan: TrafficPlan<'_>,
     ) -> anyhow::Result<Children> {
         use std::io::BufRead;
-        use std::process::{Command, Stdio};
+        use std::process::Stdio;
         let TrafficPlan {
             scenario,
             subscribers,
@@ -196,21 +212,7 @@ impl Children {
             if n == 0 {
                 break;
             }
-            let mut cmd = Command::new(&exe);
-            cmd.args(["--url", &t.url, "--sources", &t.sources, "--threads", "1"]);
-            cmd.args(["--transport", &t.transport]);
-            if let Some(secret) = &target.secret {
-                cmd.args(["--secret", secret]);
-            }
-            if t.generic {
-                cmd.arg("--generic");
-            }
-            if let Some(f) = &t.subscribe_frame {
-                cmd.args(["--subscribe-frame", f]);
-            }
-            if let Some(m) = &t.ready_match {
-                cmd.args(["--ready-match", m]);
-            }
+            let mut cmd = child_command(&exe, t, target);
             cmd.args([
                 scenario,
                 "--child",

@@ -104,23 +104,35 @@ impl Shard {
             seen.insert(k, (start, now_ms));
         }
         let data = serde_json::json!({"customerId": customer, "state": if start { "start" } else { "stop" }});
-        let json = serde_json::json!({"type": "typing", "topic": topic, "data": data}).to_string();
+        self.ephemeral(topic, customer, "typing", &data);
+        true
+    }
+
+    /// Sends an ephemeral event (`{"type": kind, "topic", "data"}`, SSE `event: kind`) to
+    /// the subscribers of `topic` on every shard, except the connections of `except`.
+    pub(super) fn ephemeral(
+        &self,
+        topic: &str,
+        except: &str,
+        kind: &str,
+        data: &serde_json::Value,
+    ) {
+        let json = serde_json::json!({"type": kind, "topic": topic, "data": data}).to_string();
         let payload = Payload {
             ws: server_frame(OpCode::Text, json.as_bytes()),
-            sse: Bytes::from(format!("event: typing\ndata: {data}\n\n")),
+            sse: Bytes::from(format!("event: {kind}\ndata: {data}\n\n")),
         };
         for shard in 0..self.shared.n_shards {
             self.send_msg(
                 shard,
                 &ShardMsg::Ephemeral {
                     topic: topic.to_owned(),
-                    except: customer.to_owned(),
+                    except: except.to_owned(),
                 },
                 Some(payload.clone()),
                 None,
             );
         }
-        true
     }
 
     /// Delivers an ephemeral frame to local subscribers of `topic` but `except`'s connections.

@@ -11,15 +11,13 @@
 use std::{rc::Rc, time::Instant};
 
 use ahash::AHashMap;
-use bytes::Bytes;
 use proto::{
     bus::ShardMsg,
     placement::{owner_shard, topic_shard},
-    ws::{server_frame, OpCode},
 };
 use serde_json::json;
 
-use super::{route::Payload, Shard};
+use super::Shard;
 
 /// A presence topic's members, on its owner.
 #[derive(Default)]
@@ -219,35 +217,7 @@ impl Shard {
             }
         }
         for topic in topics {
-            let json = json!({"type": "presence", "topic": topic, "data": data}).to_string();
-            self.ephemeral(&topic, customer, "presence", json, &data);
-        }
-    }
-
-    /// Sends an ephemeral event to the subscribers of `topic` on every shard, except the
-    /// connections of `except`.
-    fn ephemeral(
-        &self,
-        topic: &str,
-        except: &str,
-        kind: &str,
-        client_json: String,
-        data: &serde_json::Value,
-    ) {
-        let payload = Payload {
-            ws: server_frame(OpCode::Text, client_json.as_bytes()),
-            sse: Bytes::from(format!("event: {kind}\ndata: {data}\n\n")),
-        };
-        for shard in 0..self.shared.n_shards {
-            self.send_msg(
-                shard,
-                &ShardMsg::Ephemeral {
-                    topic: topic.to_owned(),
-                    except: except.to_owned(),
-                },
-                Some(payload.clone()),
-                None,
-            );
+            self.ephemeral(&topic, customer, "presence", &data);
         }
     }
 
@@ -377,8 +347,7 @@ impl Shard {
                 "members": members,
                 "truncated": total > cap,
             });
-            let json = json!({"type": "presence_diff", "topic": &*topic, "data": data}).to_string();
-            self.ephemeral(&topic, "", "presence_diff", json, &data);
+            self.ephemeral(&topic, "", "presence_diff", &data);
         }
     }
 

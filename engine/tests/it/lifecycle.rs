@@ -10,26 +10,7 @@ use crate::util::*;
 fn slow_consumer_is_closed_with_4008_and_others_are_untouched() {
     let server = Server::start_with(1, &[("RINGCAST_LIMITS_MAX_BACKLOG", "262144")]);
     // A client that subscribes and then stops reading.
-    let slow_sock = {
-        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-        s.set_recv_buffer_size(4096).unwrap();
-        s.connect(&server.addr.into()).unwrap();
-        std::net::TcpStream::from(s)
-    };
-    slow_sock
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let (ws, _) = tungstenite::client(
-        server.url(&format!("/v1/ws?token={}", sub_token("slow"))),
-        slow_sock,
-    )
-    .unwrap();
-    let mut slow = Client {
-        ws,
-        welcome: serde_json::Value::Null,
-    };
-    slow.recv_json();
-    slow.subscribe(&["firehose"]);
+    let mut slow = Client::slow_reader(&server, "slow", &["firehose"]);
     let mut healthy = Client::connect(&server, &sub_token("healthy"));
     healthy.subscribe(&["firehose"]);
     let payload = "x".repeat(8000);

@@ -85,26 +85,7 @@ fn a_parked_slow_consumer_is_still_closed_with_4008() {
             ("RINGCAST_LIMITS_MAX_BACKLOG", "262144"),
         ],
     );
-    let slow_sock = {
-        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-        s.set_recv_buffer_size(4096).unwrap();
-        s.connect(&server.addr.into()).unwrap();
-        std::net::TcpStream::from(s)
-    };
-    slow_sock
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let (ws, _) = tungstenite::client(
-        server.url(&format!("/v1/ws?token={}", sub_token("slow"))),
-        slow_sock,
-    )
-    .unwrap();
-    let mut slow = Client {
-        ws,
-        welcome: serde_json::Value::Null,
-    };
-    slow.recv_json();
-    slow.subscribe(&["firehose"]);
+    let mut slow = Client::slow_reader(&server, "slow", &["firehose"]);
     wait_parked(&server, 1.0);
     // The blocked socket returns to glommio to wait for writability, then is cut off.
     let payload = "x".repeat(8000);

@@ -250,6 +250,32 @@ impl Client {
         })
     }
 
+    /// A client with a 4 KiB receive buffer that subscribes to `topics` and then stops
+    /// reading: a slow consumer.
+    pub fn slow_reader(server: &Server, customer: &str, topics: &[&str]) -> Client {
+        let sock = {
+            let s =
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            s.set_recv_buffer_size(4096).unwrap();
+            s.connect(&server.addr.into()).unwrap();
+            TcpStream::from(s)
+        };
+        sock.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let (ws, _) = tungstenite::client(
+            server.url(&format!("/v1/ws?token={}", sub_token(customer))),
+            sock,
+        )
+        .unwrap();
+        let mut c = Client {
+            ws,
+            welcome: Value::Null,
+        };
+        c.recv_json();
+        c.subscribe(topics);
+        c
+    }
+
     pub fn send_json(&mut self, v: Value) {
         self.ws.send(Message::text(v.to_string())).unwrap();
     }

@@ -157,12 +157,7 @@ pub fn run(args: Args) -> anyhow::Result<(serde_json::Value, ThreadStats)> {
             Some(_) if child => {
                 if !ready_sent {
                     ready_sent = true;
-                    println!(
-                        "READY {} {}",
-                        shared.connected.load(Relaxed),
-                        shared.connect_errors.load(Relaxed)
-                    );
-                    let _ = std::io::Write::flush(&mut std::io::stdout());
+                    crate::procs::report_ready(&shared);
                 }
                 released.load(Relaxed)
             }

@@ -308,12 +308,7 @@ pub fn run(mut args: Args) -> anyhow::Result<(serde_json::Value, ThreadStats)> {
             // A child holds subscribers only: ready, then receive until the parent's count.
             if !ready_sent && attempted >= args.subscribers {
                 ready_sent = true;
-                println!(
-                    "READY {} {}",
-                    shared.connected.load(Relaxed),
-                    shared.connect_errors.load(Relaxed)
-                );
-                let _ = std::io::Write::flush(&mut std::io::stdout());
+                crate::procs::report_ready(&shared);
             }
             let signals = parent.as_ref().expect("set for children");
             if publishing_since.is_none() && signals.go.load(Relaxed) {
