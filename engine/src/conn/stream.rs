@@ -146,7 +146,7 @@ pub async fn sse(shard: Rc<Shard>, stream: TcpStream, head: Head, buf: Vec<u8>, 
         .presence
         .borrow_mut()
         .platform_index(head.query_param("platform").as_deref());
-    conn.filters = filters.clone();
+    conn.filters = filters.clone().into_boxed_slice();
     let key = shard.register(conn, &grants.roles);
     let resume = shard.resume_customer(key, &customer, since.as_deref());
     // The greeting has no `id:`, so the browser's Last-Event-ID stays the stream's.

@@ -36,15 +36,16 @@ pub struct Conn {
     /// An SSE stream (records, comment pings, no close frames) rather than a WebSocket.
     pub sse: bool,
     /// Event-type prefixes accepted on the customer's own stream; empty = all.
-    pub filters: Vec<Box<str>>,
+    pub filters: Box<[Box<str>]>,
     /// Frames waiting to be written.
     pub out: VecDeque<OutFrame>,
-    /// Bytes in `out`, minus `sent`.
-    pub out_bytes: usize,
+    /// Bytes in `out`, minus `sent`. (u32 like the two below: a backlog is bounded by
+    /// `max_backlog`, and every byte of the slot counts with 100k connections.)
+    pub out_bytes: u32,
     /// Backlog above which the connection is closed as a slow consumer (4008).
-    pub max_backlog: usize,
+    pub max_backlog: u32,
     /// Bytes of `out.front()` already written.
-    pub sent: usize,
+    pub sent: u32,
     /// The connection task's waker.
     pub waker: Option<Waker>,
     /// Set when the shard wants the task to close the connection with this code.
@@ -119,10 +120,10 @@ impl Conn {
             fd,
             customer,
             sse: false,
-            filters: Vec::new(),
+            filters: Box::default(),
             out: VecDeque::new(),
             out_bytes: 0,
-            max_backlog,
+            max_backlog: u32::try_from(max_backlog).unwrap_or(u32::MAX),
             sent: 0,
             waker: None,
             close_request: None,
@@ -147,7 +148,7 @@ impl Conn {
         if self.closing || self.close_request.is_some() || self.dead {
             return Queued::Closing;
         }
-        if self.out_bytes + frame.len() > self.max_backlog {
+        if self.out_bytes as usize + frame.len() > self.max_backlog as usize {
             self.close_request = Some(proto::ws::close::SLOW_CONSUMER);
             return Queued::OverBacklog;
         }
@@ -155,7 +156,7 @@ impl Conn {
             bytes: frame.clone(),
             published,
         });
-        self.out_bytes += frame.len();
+        self.out_bytes += frame.len() as u32;
         Queued::Yes
     }
 
@@ -179,7 +180,7 @@ impl Conn {
             let mut iov: [IoSlice<'_>; MAX_IOV] = [IoSlice::new(&[]); MAX_IOV];
             let mut n_iov = 0;
             for (i, f) in self.out.iter().take(MAX_IOV).enumerate() {
-                let skip = if i == 0 { self.sent } else { 0 };
+                let skip = if i == 0 { self.sent as usize } else { 0 };
                 iov[n_iov] = IoSlice::new(&f.bytes[skip..]);
                 n_iov += 1;
             }
@@ -198,15 +199,15 @@ impl Conn {
 
     /// Accounts for `n` bytes written from the front of the queue.
     pub fn advance(&mut self, mut n: usize, now: Instant, written: &mut Written<'_>) {
-        self.out_bytes -= n;
+        self.out_bytes -= n as u32;
         while n > 0 {
             let front = self
                 .out
                 .front()
                 .expect("the kernel wrote no more than was queued");
-            let left = front.bytes.len() - self.sent;
+            let left = front.bytes.len() - self.sent as usize;
             if n < left {
-                self.sent += n;
+                self.sent += n as u32;
                 return;
             }
             n -= left;
@@ -233,7 +234,10 @@ impl Conn {
         let keep = usize::from(self.sent > 0);
         let dropped = self.out.len().saturating_sub(keep);
         self.out.truncate(keep);
-        self.out_bytes = self.out.front().map_or(0, |f| f.bytes.len() - self.sent);
+        self.out_bytes = self
+            .out
+            .front()
+            .map_or(0, |f| (f.bytes.len() - self.sent as usize) as u32);
         dropped
     }
 }

@@ -398,7 +398,7 @@ impl Shard {
                 bytes: frame.clone(),
                 published: None,
             });
-            c.out_bytes += frame.len();
+            c.out_bytes += frame.len() as u32;
             self.flush_conn(c);
         }
     }

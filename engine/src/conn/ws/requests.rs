@@ -122,7 +122,9 @@ impl Session {
                             e.as_str().into()
                         };
                         if !c.filters.contains(&prefix) {
-                            c.filters.push(prefix);
+                            let mut v = std::mem::take(&mut c.filters).into_vec();
+                            v.push(prefix);
+                            c.filters = v.into_boxed_slice();
                         }
                     }
                     filters = c
@@ -157,11 +159,13 @@ impl Session {
                 }
                 let mut filters = Vec::new();
                 if let Some(c) = shard.conns.borrow_mut().get_mut(self.key) {
-                    c.filters.retain(|f| {
+                    let mut v = std::mem::take(&mut c.filters).into_vec();
+                    v.retain(|f| {
                         !events
                             .iter()
                             .any(|e| **f == **e || (f.is_empty() && e == "all"))
                     });
+                    c.filters = v.into_boxed_slice();
                     filters = c.filters.iter().map(|f| f.to_string()).collect();
                 }
                 let remaining: Vec<TopicPosition> = self

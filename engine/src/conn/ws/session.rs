@@ -392,7 +392,7 @@ pub(in crate::conn) fn write_blocked(
             c.write_blocked = false;
             break true;
         };
-        let chunk: Bytes = front.bytes.slice(c.sent..);
+        let chunk: Bytes = front.bytes.slice(c.sent as usize..);
         match Pin::new(&mut *stream).poll_write(cx, &chunk) {
             Poll::Ready(Ok(n)) => {
                 written.bytes += n as u64;
