@@ -77,25 +77,66 @@ pub enum Incoming<'a> {
 impl Client {
     /// Performs the opening handshake for `path` (which carries `?token=` if needed).
     pub async fn handshake(
-        mut stream: TcpStream,
+        stream: TcpStream,
         host: &str,
         path: &str,
         timeout: Duration,
     ) -> anyhow::Result<Client> {
-        stream
-            .set_read_timeout(Some(timeout))
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
         let req = format!(
             "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
         );
+        Client::open(
+            stream,
+            &req,
+            b"HTTP/1.1 101",
+            "upgrade",
+            timeout,
+            Framing::WebSocket,
+        )
+        .await
+    }
+
+    /// Opens an SSE stream: `GET path` with `Accept: text/event-stream`, expects 200.
+    pub async fn open_sse(
+        stream: TcpStream,
+        host: &str,
+        path: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<Client> {
+        let req =
+            format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\n\r\n");
+        Client::open(
+            stream,
+            &req,
+            b"HTTP/1.1 200",
+            "SSE stream",
+            timeout,
+            Framing::Sse,
+        )
+        .await
+    }
+
+    /// Sends `req`, reads the response head within `timeout` and expects `status`; what
+    /// follows the head is the stream's first bytes.
+    async fn open(
+        mut stream: TcpStream,
+        req: &str,
+        status: &[u8],
+        what: &str,
+        timeout: Duration,
+        framing: Framing,
+    ) -> anyhow::Result<Client> {
+        stream
+            .set_read_timeout(Some(timeout))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         stream
             .write_all(req.as_bytes())
             .await
-            .context("sending the upgrade request")?;
+            .with_context(|| format!("sending the {what} request"))?;
         let (mut pending, head_end) = read_head(&mut stream).await?;
-        if !pending.starts_with(b"HTTP/1.1 101") {
-            bail!("upgrade refused: {}", status_line(&pending));
+        if !pending.starts_with(status) {
+            bail!("{what} refused: {}", status_line(&pending));
         }
         pending.drain(..head_end);
         stream
@@ -105,39 +146,7 @@ impl Client {
             stream,
             pending,
             mask_seed: 0x9E37_79B9,
-            framing: Framing::WebSocket,
-        })
-    }
-
-    /// Opens an SSE stream: `GET path` with `Accept: text/event-stream`, expects 200.
-    pub async fn open_sse(
-        mut stream: TcpStream,
-        host: &str,
-        path: &str,
-        timeout: Duration,
-    ) -> anyhow::Result<Client> {
-        stream
-            .set_read_timeout(Some(timeout))
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let req =
-            format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\n\r\n");
-        stream
-            .write_all(req.as_bytes())
-            .await
-            .context("sending the SSE request")?;
-        let (mut pending, head_end) = read_head(&mut stream).await?;
-        if !pending.starts_with(b"HTTP/1.1 200") {
-            bail!("SSE stream refused: {}", status_line(&pending));
-        }
-        pending.drain(..head_end);
-        stream
-            .set_read_timeout(None)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        Ok(Client {
-            stream,
-            pending,
-            mask_seed: 0,
-            framing: Framing::Sse,
+            framing,
         })
     }
 

@@ -142,13 +142,17 @@ pub enum ShardMsg {
         /// Request id of the report.
         req: u64,
     },
-    /// Deliver the frame sent beside this message to local subscribers of `topic`, except
-    /// the connections of customer `except` (typing indicators: never stored, no offset).
+    /// An ephemeral event for `topic` (typing, presence: never stored, no offset), its frame
+    /// sent beside this message. To the topic's owner (`forward`): pass it on to the shards
+    /// with subscribers, none if there are none. To those shards: deliver it to the local
+    /// subscribers, except the connections of customer `except`.
     Ephemeral {
         /// The topic.
         topic: String,
-        /// The sender, who does not get its own indicator.
+        /// The sender, who does not get its own event.
         except: String,
+        /// Sent to the topic's owner, which forwards it.
+        forward: bool,
     },
     /// To the shard that minted the ids (the senders' owner): `by` received or read these
     /// client-sent messages; it tells their senders.

@@ -190,21 +190,14 @@ async fn dispatch(
             }
         }
         match r {
-            Route::WebSocket => {
-                ws::upgrade(
-                    started,
-                    shard.clone(),
-                    stream,
-                    head,
-                    buf,
-                    head_len,
-                    ws::Kind::Client,
-                    client,
-                )
-                .await
-            }
-            Route::Echo if shard.shared.config.diagnostics.echo => {
-                let kind = ws::Kind::Echo;
+            Route::WebSocket | Route::Echo
+                if r == Route::WebSocket || shard.shared.config.diagnostics.echo =>
+            {
+                let kind = if r == Route::WebSocket {
+                    ws::Kind::Client
+                } else {
+                    ws::Kind::Echo
+                };
                 ws::upgrade(
                     started,
                     shard.clone(),

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use proto::{
     bus::{Counts, ShardMsg},
     event::Event,
-    placement::owner_shard,
+    placement::{owner_shard, topic_shard},
     ws::{server_frame, OpCode},
 };
 
@@ -109,7 +109,10 @@ impl Shard {
     }
 
     /// Sends an ephemeral event (`{"type": kind, "topic", "data"}`, SSE `event: kind`) to
-    /// the subscribers of `topic` on every shard, except the connections of `except`.
+    /// the subscribers of `topic`, except the connections of `except`: through the topic's
+    /// owner, which knows the shards with subscribers (so an event nobody follows, such as
+    /// most `presence:<customer>` announcements, costs one message), in order with the
+    /// topic's other events.
     pub(super) fn ephemeral(
         &self,
         topic: &str,
@@ -122,17 +125,16 @@ impl Shard {
             ws: server_frame(OpCode::Text, json.as_bytes()),
             sse: Bytes::from(format!("event: {kind}\ndata: {data}\n\n")),
         };
-        for shard in 0..self.shared.n_shards {
-            self.send_msg(
-                shard,
-                &ShardMsg::Ephemeral {
-                    topic: topic.to_owned(),
-                    except: except.to_owned(),
-                },
-                Some(payload.clone()),
-                None,
-            );
-        }
+        self.send_msg(
+            topic_shard(topic, self.shared.n_shards),
+            &ShardMsg::Ephemeral {
+                topic: topic.to_owned(),
+                except: except.to_owned(),
+                forward: true,
+            },
+            Some(payload),
+            None,
+        );
     }
 
     /// Delivers an ephemeral frame to local subscribers of `topic` but `except`'s connections.

@@ -341,12 +341,20 @@ impl Shard {
                 };
                 self.handle_direct(to, &topics, event, origin as usize, req, env.published);
             }
-            ArchivedShardMsg::Ephemeral { topic, except } => {
+            ArchivedShardMsg::Ephemeral {
+                topic,
+                except,
+                forward,
+            } => {
                 let Some(payload) = env.frame else {
                     tracing::error!(shard = self.id, "ephemeral delivery without a frame");
                     return;
                 };
-                self.handle_ephemeral(topic.as_str(), except.as_str(), &payload);
+                if *forward {
+                    self.forward_ephemeral(topic.as_str(), except.as_str(), payload);
+                } else {
+                    self.handle_ephemeral(topic.as_str(), except.as_str(), &payload);
+                }
             }
             ArchivedShardMsg::Receipts {
                 ids,

@@ -376,6 +376,22 @@ impl Shard {
         }
     }
 
+    /// On a topic's owner: passes an ephemeral event on to the shards with subscribers.
+    pub(super) fn forward_ephemeral(&self, topic: &str, except: &str, payload: Payload) {
+        let shards: Vec<usize> = match self.owned.borrow().get(topic) {
+            Some(t) => ones(&t.interest).collect(),
+            None => return,
+        };
+        for shard in shards {
+            let msg = ShardMsg::Ephemeral {
+                topic: topic.to_owned(),
+                except: except.to_owned(),
+                forward: false,
+            };
+            self.send_msg(shard, &msg, Some(payload.clone()), None);
+        }
+    }
+
     /// The owned topic, created with its history settings on first use.
     fn owned_topic<'a>(
         &self,
