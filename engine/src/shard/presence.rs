@@ -40,7 +40,9 @@ pub struct CustomerPresence {
     /// Unix seconds of the last disconnect of customers now offline (the oldest forgotten
     /// beyond `LAST_SEEN_KEPT`).
     last_seen: AHashMap<Rc<str>, u64>,
-    last_seen_order: std::collections::VecDeque<Rc<str>>,
+    /// Disconnects in order, to forget the oldest; an entry whose customer came back (or
+    /// left again later) no longer matches `last_seen` and is skipped.
+    last_seen_order: std::collections::VecDeque<(Rc<str>, u64)>,
     /// Presence topics of customers in any, with subscription counts.
     topics: AHashMap<Rc<str>, Vec<(Rc<str>, u32)>>,
     /// Platform names (`?platform=`); a connection keeps an index into this list.
@@ -128,19 +130,20 @@ impl Shard {
         let announce = {
             let mut p = self.presence.borrow_mut();
             if up && open == 1 {
-                if p.last_seen.remove(customer).is_some() {
-                    p.last_seen_order.retain(|c| c != customer);
-                }
+                p.last_seen.remove(customer);
                 true
             } else if !up && open == 0 {
                 p.status.remove(customer);
                 if p.last_seen_order.len() >= LAST_SEEN_KEPT {
-                    if let Some(old) = p.last_seen_order.pop_front() {
-                        p.last_seen.remove(&old);
+                    if let Some((old, at)) = p.last_seen_order.pop_front() {
+                        if p.last_seen.get(&old) == Some(&at) {
+                            p.last_seen.remove(&old);
+                        }
                     }
                 }
-                p.last_seen.insert(customer.clone(), unix_now());
-                p.last_seen_order.push_back(customer.clone());
+                let now = unix_now();
+                p.last_seen.insert(customer.clone(), now);
+                p.last_seen_order.push_back((customer.clone(), now));
                 true
             } else {
                 false
@@ -308,6 +311,9 @@ impl Shard {
         let now = Instant::now();
         let due: Vec<Rc<str>> = {
             let mut list = self.presence_due.borrow_mut();
+            if list.is_empty() {
+                return; // the common case, every tick
+            }
             let (ready, waiting): (Vec<_>, Vec<_>) = list.drain(..).partition(|(_, at)| *at <= now);
             *list = waiting;
             ready.into_iter().map(|(t, _)| t).collect()
