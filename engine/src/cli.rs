@@ -103,11 +103,12 @@ fn run() -> anyhow::Result<ExitCode> {
                 exp: now + args.ttl,
                 iat: Some(now),
                 iss: opt(&config.auth.issuer),
-                aud: opt(&config.auth.audience),
+                aud: opt(&config.auth.audience).map(proto::auth::Audience::One),
                 roles: args.roles,
                 channels: args.channels,
                 publish: args.publish,
                 message: args.message,
+                nbf: None,
             };
             println!(
                 "{}",

@@ -57,8 +57,13 @@ pub struct Server {
     /// glommio (whose pending read costs ~0.5 KB per socket) for the shard's shared epoll set.
     /// Default 10. A parked socket's next message pays one thread hop; 0 never parks.
     pub park_after_secs: u64,
-    /// Seconds a client has to send a complete request head. Default 10: slow-loris bound.
+    /// Seconds a client has, from accept, to send a complete request head (and a PROXY
+    /// header before it). Default 10. An absolute deadline, not one per read: a byte every
+    /// few seconds cannot hold a socket open (slow-loris).
     pub handshake_timeout_secs: u64,
+    /// Seconds a backend has, from the end of a request's head, to send its whole body.
+    /// Default 30: a 1 MiB body on a slow link, not a socket held open a byte at a time.
+    pub body_timeout_secs: u64,
     /// Seconds a keep-alive API connection may stay idle. Default 60.
     pub api_idle_secs: u64,
     /// Upper bound on the graceful drain at SIGTERM/SIGINT, in seconds. Default 10.
@@ -130,9 +135,21 @@ pub struct Limits {
     /// and a local reverse proxy that is not (yet) listed in `server.trusted_proxies`, whose
     /// clients would otherwise share one address.
     pub exempt_ips: Vec<String>,
-    /// Open client connections per process; the next one gets 503. Default 0: only the
-    /// open-files limit bounds it.
+    /// Open client connections per process; the next one gets 503. Sockets still sending
+    /// their request head count too, so unauthenticated sockets cannot use up the open files
+    /// that clients need. Default 0: only the open-files limit bounds it.
     pub max_connections: usize,
+    /// Sockets from one client address still sending their request head, at once; beyond it
+    /// new ones are closed at accept. Default 32 (a browser opens at most 6 per host; a NAT
+    /// of many users rarely has 32 heads in flight). Addresses in `exempt_ips` are not
+    /// counted. 0 = unlimited.
+    pub pending_heads_per_ip: u32,
+    /// Topics one connection may subscribe to. Default 128. Each topic costs its owner shard
+    /// memory, so a token with a wildcard grant must not subscribe to millions.
+    pub topics_per_connection: usize,
+    /// Event-type prefixes (`payload.events`, `?events=`) one connection may filter on.
+    /// Default 32.
+    pub filters_per_connection: usize,
 }
 
 /// `[delivery]`: the customer stream's guarantees (offline queue, acks, deduplication) and
@@ -316,6 +333,7 @@ impl Default for Server {
             idle_timeout_secs: 60,
             park_after_secs: 10,
             handshake_timeout_secs: 10,
+            body_timeout_secs: 30,
             api_idle_secs: 60,
             drain_timeout_secs: 10,
             drain_grace_secs: 0,
@@ -353,6 +371,9 @@ impl Default for Limits {
             connect_attempts_per_ip: 10,
             exempt_ips: vec!["127.0.0.0/8".into(), "::1".into()],
             max_connections: 0,
+            pending_heads_per_ip: 32,
+            topics_per_connection: 128,
+            filters_per_connection: 32,
         }
     }
 }
@@ -456,6 +477,7 @@ impl Config {
             "server.idle_timeout_secs" => self.server.idle_timeout_secs = num(value)?,
             "server.park_after_secs" => self.server.park_after_secs = num(value)?,
             "server.handshake_timeout_secs" => self.server.handshake_timeout_secs = num(value)?,
+            "server.body_timeout_secs" => self.server.body_timeout_secs = num(value)?,
             "server.api_idle_secs" => self.server.api_idle_secs = num(value)?,
             "server.drain_timeout_secs" => self.server.drain_timeout_secs = num(value)?,
             "server.drain_grace_secs" => self.server.drain_grace_secs = num(value)?,
@@ -481,6 +503,9 @@ impl Config {
             "limits.connect_attempts_per_ip" => self.limits.connect_attempts_per_ip = num(value)?,
             "limits.exempt_ips" => self.limits.exempt_ips = list(value),
             "limits.max_connections" => self.limits.max_connections = num(value)?,
+            "limits.pending_heads_per_ip" => self.limits.pending_heads_per_ip = num(value)?,
+            "limits.topics_per_connection" => self.limits.topics_per_connection = num(value)?,
+            "limits.filters_per_connection" => self.limits.filters_per_connection = num(value)?,
             "delivery.offline_queue" => self.delivery.offline_queue = num(value)?,
             "delivery.offline_ttl_secs" => self.delivery.offline_ttl_secs = num(value)?,
             "delivery.dedupe_window_secs" => self.delivery.dedupe_window_secs = num(value)?,

@@ -9,7 +9,7 @@
 use std::{
     hash::{BuildHasher, Hash},
     net::IpAddr,
-    sync::atomic::{AtomicU64, Ordering::Relaxed},
+    sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering::Relaxed},
 };
 
 /// What a refusal was for; the label of `ringcast_limit_refusals_total`.
@@ -23,14 +23,20 @@ pub enum Limit {
     MessageRate,
     /// `limits.max_connections` (503).
     MaxConnections,
+    /// `limits.pending_heads_per_ip` (429 at accept).
+    PendingHeads,
+    /// `server.handshake_timeout_secs` / `server.body_timeout_secs` (408).
+    SlowRequest,
 }
 
 /// Metric labels, in the order of [`Limit`]'s variants.
-pub const LIMIT_LABELS: [&str; 4] = [
+pub const LIMIT_LABELS: [&str; 6] = [
     "ip_attempts",
     "customer_connections",
     "message_rate",
     "max_connections",
+    "pending_heads",
+    "slow_request",
 ];
 
 impl Limit {
@@ -94,6 +100,71 @@ impl AttemptTable {
     }
 }
 
+/// Sockets still sending their request head: in all (they count against
+/// `limits.max_connections`) and per client address, approximately (a count-min sketch like
+/// [`AttemptTable`], incremented at accept and decremented when the head is complete or the
+/// socket is gone). Counts only ever over-estimate, so an address is never let past its limit.
+pub struct HeadTable {
+    rows: [Box<[AtomicU32]>; 2],
+    keys: [ahash::RandomState; 2],
+    /// Sockets reading a head, all shards.
+    pub pending: AtomicI64,
+}
+
+impl Default for HeadTable {
+    fn default() -> Self {
+        let row = || (0..SLOTS).map(|_| AtomicU32::new(0)).collect();
+        HeadTable {
+            rows: [row(), row()],
+            keys: [ahash::RandomState::new(), ahash::RandomState::new()],
+            pending: AtomicI64::new(0),
+        }
+    }
+}
+
+impl HeadTable {
+    fn slots(&self, ip: IpAddr) -> [&AtomicU32; 2] {
+        let slot = |i: usize| {
+            let mut h = self.keys[i].build_hasher();
+            ip.hash(&mut h);
+            &self.rows[i][std::hash::Hasher::finish(&h) as usize % SLOTS]
+        };
+        [slot(0), slot(1)]
+    }
+
+    /// Counts a socket from `ip` (`None`: not counted per address) that starts reading its
+    /// head. `Err(true)`: the address is over `per_ip`. The returned guard uncounts it.
+    pub fn enter(&self, ip: Option<IpAddr>, per_ip: u32) -> Result<HeadGuard<'_>, bool> {
+        let slots = ip.map(|ip| self.slots(ip));
+        if let Some(slots) = slots {
+            let n = slots.map(|s| s.fetch_add(1, Relaxed).saturating_add(1));
+            if per_ip > 0 && n[0].min(n[1]) > per_ip {
+                for s in slots {
+                    s.fetch_sub(1, Relaxed);
+                }
+                return Err(true);
+            }
+        }
+        self.pending.fetch_add(1, Relaxed);
+        Ok(HeadGuard { table: self, slots })
+    }
+}
+
+/// A socket counted in a [`HeadTable`] until this is dropped.
+pub struct HeadGuard<'a> {
+    table: &'a HeadTable,
+    slots: Option<[&'a AtomicU32; 2]>,
+}
+
+impl Drop for HeadGuard<'_> {
+    fn drop(&mut self) {
+        self.table.pending.fetch_sub(1, Relaxed);
+        for s in self.slots.iter().flatten() {
+            s.fetch_sub(1, Relaxed);
+        }
+    }
+}
+
 /// A connection's client-message allowance: a token bucket of `per_minute` tokens refilled
 /// evenly, kept in the connection's slot (8 bytes).
 #[derive(Debug, Clone, Copy)]
@@ -154,6 +225,31 @@ mod tests {
         assert!(!t.admit(a, 100, 3));
         assert!(t.admit(b, 100, 3), "another address is not affected");
         assert!(t.admit(a, 101, 3), "a new minute starts from zero");
+    }
+
+    #[test]
+    fn pending_heads_are_counted_per_address_until_done() {
+        let t = HeadTable::default();
+        let a: IpAddr = "203.0.113.7".parse().unwrap();
+        let b: IpAddr = "198.51.100.9".parse().unwrap();
+        let held: Vec<_> = (0..3).map(|_| t.enter(Some(a), 3).unwrap()).collect();
+        assert!(matches!(t.enter(Some(a), 3), Err(true)));
+        assert!(
+            t.enter(Some(b), 3).is_ok(),
+            "another address is not affected"
+        );
+        assert!(t.enter(None, 3).is_ok(), "uncounted addresses pass");
+        assert_eq!(
+            t.pending.load(Relaxed),
+            3,
+            "refused and finished sockets are not pending"
+        );
+        drop(held);
+        assert_eq!(t.pending.load(Relaxed), 0);
+        assert!(
+            t.enter(Some(a), 3).is_ok(),
+            "finished heads free their address's places"
+        );
     }
 
     #[test]

@@ -80,6 +80,10 @@ pub struct ShardMetrics {
     pub replayed: AtomicU64,
     /// Open backend API connections.
     pub api_connections: AtomicI64,
+    /// Topics this shard owns (offset, interest, history), as of its last sweep or change.
+    pub topics_owned: AtomicI64,
+    /// Owned topics forgotten by the sweep (no interest, no history left).
+    pub topics_forgotten: AtomicU64,
     /// Completed WebSocket handshakes.
     pub handshakes: AtomicU64,
     /// Refused handshakes by [`AUTH_REASONS`].
@@ -97,7 +101,7 @@ pub struct ShardMetrics {
     /// Direct messages refused by policy.
     pub direct_forbidden: AtomicU64,
     /// Refusals by protection limit (`limits::LIMIT_LABELS`).
-    pub limit_refusals: [AtomicU64; 4],
+    pub limit_refusals: [AtomicU64; crate::limits::LIMIT_LABELS.len()],
     /// Requests refused before routing (malformed, too large, timeout, wrong upgrade).
     pub bad_requests: AtomicU64,
     /// Connections handed to their owner shard.
@@ -154,7 +158,7 @@ pub fn render_prometheus(shards: &[ShardMetrics], rss: Option<u64>) -> String {
     }
     out.push_str(&lines);
     type Counter = (&'static str, &'static str, fn(&ShardMetrics) -> u64);
-    let counters: [Counter; 30] = [
+    let counters: [Counter; 32] = [
         ("ringcast_sse_connections", "Open SSE streams.", |s| {
             s.sse_connections.load(Relaxed).max(0) as u64
         }),
@@ -192,6 +196,16 @@ pub fn render_prometheus(shards: &[ShardMetrics], rss: Option<u64>) -> String {
             "ringcast_direct_forbidden_total",
             "Direct messages refused: no token grant and no shared topic.",
             |s| s.direct_forbidden.load(Relaxed),
+        ),
+        (
+            "ringcast_topics_owned",
+            "Topics the shards own (offset, interest, history); idle ones are forgotten.",
+            |s| s.topics_owned.load(Relaxed).max(0) as u64,
+        ),
+        (
+            "ringcast_topics_forgotten_total",
+            "Idle topics forgotten by the sweep (no subscriber shard, no history left).",
+            |s| s.topics_forgotten.load(Relaxed),
         ),
         (
             "ringcast_parked_connections",

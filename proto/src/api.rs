@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::event::{validate_topic, Event, EventIn, InvalidEvent};
+use crate::event::{validate_customer, validate_topic, Event, EventIn, InvalidEvent};
 
 /// Body of `POST /v1/publish`.
 #[derive(Debug, Deserialize)]
@@ -39,6 +39,13 @@ pub struct Publish {
     pub event: Event,
 }
 
+/// Parses a backend API body: the nesting bound first ([`crate::json::MAX_API_DEPTH`]),
+/// then serde. The error is the message of a 400 `bad_json`.
+pub fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, String> {
+    crate::json::check_depth(body, crate::json::MAX_API_DEPTH).map_err(|e| e.to_string())?;
+    serde_json::from_slice(body).map_err(|e| e.to_string())
+}
+
 /// Most targets in one publish: bounds the work one request can cause.
 pub const MAX_TARGETS: usize = 10_000;
 
@@ -65,11 +72,8 @@ impl PublishIn {
         for t in &self.topics {
             validate_topic(t)?;
         }
-        if self.customers.iter().any(|c| c.is_empty() || c.len() > 256) {
-            return Err(InvalidEvent {
-                code: "invalid_customer",
-                message: "customer ids are 1-256 bytes".into(),
-            });
+        for c in &self.customers {
+            validate_customer(c)?;
         }
         let roles = self
             .roles

@@ -2,8 +2,8 @@
 //!
 //! Verification pins the algorithm from configuration (a token's own `alg` header never picks
 //! the key type), requires `sub` and `exp`, and checks `iss`/`aud` when configured. The clock is
-//! a parameter: `jsonwebtoken`'s own `exp` check is disabled and [`Verifier::verify`] compares
-//! against the `now` it is given.
+//! a parameter: `jsonwebtoken`'s own `exp` and `nbf` checks are disabled and
+//! [`Verifier::verify`] compares against the `now` it is given.
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
@@ -27,9 +27,13 @@ pub struct Claims {
     /// Issuer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iss: Option<String>,
-    /// Audience.
+    /// Audience: one name or a list (RFC 7519 §4.1.3 allows both; identity providers issue
+    /// either).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub aud: Option<String>,
+    pub aud: Option<Audience>,
+    /// Not before, seconds since the Unix epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<u64>,
     /// Roles: the customer receives events published to `role:<name>`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub roles: Vec<String>,
@@ -43,6 +47,20 @@ pub struct Claims {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub message: Vec<String>,
 }
+
+/// A token's `aud` claim.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Audience {
+    /// `"aud": "name"`.
+    One(String),
+    /// `"aud": ["name", ...]`.
+    Many(Vec<String>),
+}
+
+/// Seconds a token's `nbf` may lie in the future: the issuer's clock may run ahead of ours,
+/// and a token minted "now" must work at once.
+pub const NBF_LEEWAY_SECS: u64 = 30;
 
 impl Claims {
     /// Whether the token allows subscribing to `topic`.
@@ -173,9 +191,11 @@ impl Verifier {
         if claims.exp <= now {
             return Err(AuthError::Expired);
         }
-        if claims.sub.is_empty() {
-            return Err(AuthError::Invalid("empty sub".into()));
+        if claims.nbf.is_some_and(|nbf| nbf > now + NBF_LEEWAY_SECS) {
+            return Err(AuthError::Invalid("token not valid yet (nbf)".into()));
         }
+        crate::event::validate_customer(&claims.sub)
+            .map_err(|e| AuthError::Invalid(format!("sub: {}", e.message)))?;
         Ok(claims)
     }
 }
@@ -263,16 +283,49 @@ mod tests {
         let mut c = claims(10);
         assert!(v.verify(&mint_hs256(&c, &secret), 1).is_err());
         c.iss = Some("me".into());
-        c.aud = Some("ringcast".into());
+        c.aud = Some(Audience::One("ringcast".into()));
         assert_eq!(
             v.verify(&mint_hs256(&c, &secret), 1).map(|c| c.sub),
             Ok("alice".to_owned())
         );
-        c.aud = Some("other".into());
+        c.aud = Some(Audience::One("other".into()));
         assert_eq!(
             v.verify(&mint_hs256(&c, &secret), 1),
             Err(AuthError::WrongIssuerOrAudience)
         );
+        c.aud = Some(Audience::Many(vec!["other".into(), "ringcast".into()]));
+        assert!(
+            v.verify(&mint_hs256(&c, &secret), 1).is_ok(),
+            "one of a list"
+        );
+        c.aud = Some(Audience::Many(vec!["other".into()]));
+        assert!(v.verify(&mint_hs256(&c, &secret), 1).is_err());
+    }
+
+    #[test]
+    fn nbf_sub_and_audience_lists_without_a_configured_audience() {
+        let secret = b"k".to_vec();
+        let v = Verifier::new(
+            &KeyConfig::Hs256 {
+                secret: secret.clone(),
+            },
+            None,
+            None,
+        )
+        .unwrap();
+        let mut c = claims(10_000);
+        c.aud = Some(Audience::Many(vec!["a".into(), "b".into()]));
+        assert!(v.verify(&mint_hs256(&c, &secret), 1).is_ok());
+        c.nbf = Some(1000 + 3600);
+        let early = mint_hs256(&c, &secret);
+        assert!(matches!(v.verify(&early, 1000), Err(AuthError::Invalid(_))));
+        assert!(v.verify(&early, 1000 + 3600 - NBF_LEEWAY_SECS).is_ok());
+        c.nbf = None;
+        c.sub = "x".repeat(257);
+        assert!(matches!(
+            v.verify(&mint_hs256(&c, &secret), 1),
+            Err(AuthError::Invalid(_))
+        ));
     }
 
     #[test]

@@ -191,6 +191,9 @@ fn positions(
 
 /// Parses a client text message. `buf` is used as simd-json's scratch space and is clobbered.
 pub fn parse(buf: &mut [u8]) -> Result<ClientMessage, ClientError> {
+    // Before the parser: it, dropping its value and re-encoding `data` all recurse per level.
+    crate::json::check_depth(buf, crate::json::MAX_CLIENT_DEPTH)
+        .map_err(|e| ClientError::new("bad_json", e.to_string()))?;
     let value = simd_json::to_borrowed_value(buf)
         .map_err(|e| ClientError::new("bad_json", format!("invalid JSON: {e}")))?;
     let request_id = value.get("requestId").and_then(|v| {
@@ -224,6 +227,12 @@ pub fn parse(buf: &mut [u8]) -> Result<ClientMessage, ClientError> {
             topics.extend(string(payload, &["topic"]));
             let events =
                 strings(payload.and_then(|p| p.get("events")), "events").map_err(with_ctx)?;
+            if let Some(e) = events
+                .iter()
+                .find_map(|e| crate::event::validate_type(e).err())
+            {
+                return Err(fail(e.code, format!("payload.events: {}", e.message)));
+            }
             if topics.is_empty() && events.is_empty() {
                 return Err(fail(
                     "bad_request",
@@ -266,6 +275,7 @@ pub fn parse(buf: &mut [u8]) -> Result<ClientMessage, ClientError> {
         "send_message" => {
             let to = string(payload, &["to", "recipientId"])
                 .ok_or_else(|| fail("bad_request", "send_message needs payload.to".into()))?;
+            crate::event::validate_customer(&to).map_err(|e| fail(e.code, e.message))?;
             let event_kind =
                 string(payload, &["type"]).unwrap_or_else(|| "message_received".to_owned());
             // The seed portal sends `{recipientId, message, ...}` without `data`: the whole
@@ -517,6 +527,39 @@ mod tests {
                 .as_deref(),
             Some("7")
         );
+    }
+
+    #[test]
+    fn refuses_deep_json_and_oversized_ids() {
+        // Before the depth bound this message overflowed a shard thread's stack.
+        let deep = format!("{}{}", "[".repeat(8750), "]".repeat(8750));
+        assert_eq!(p(&deep).unwrap_err().code, "bad_json");
+        let nested_data = format!(
+            r#"{{"type":"publish","payload":{{"topic":"t","type":"x","data":{}1{}}}}}"#,
+            "[".repeat(40),
+            "]".repeat(40)
+        );
+        assert_eq!(p(&nested_data).unwrap_err().code, "bad_json");
+        let ok_data = format!(
+            r#"{{"type":"publish","payload":{{"topic":"t","type":"x","data":{}1{}}}}}"#,
+            "[".repeat(20),
+            "]".repeat(20)
+        );
+        assert!(p(&ok_data).is_ok());
+        let long_to = format!(
+            r#"{{"type":"send_message","requestId":"r","payload":{{"to":"{}"}}}}"#,
+            "a".repeat(257)
+        );
+        let e = p(&long_to).unwrap_err();
+        assert_eq!(
+            (e.code, e.request_id.as_deref()),
+            ("invalid_customer", Some("r"))
+        );
+        let long_filter = format!(
+            r#"{{"type":"subscribe","payload":{{"events":["{}"]}}}}"#,
+            "a".repeat(200)
+        );
+        assert_eq!(p(&long_filter).unwrap_err().code, "invalid_type");
     }
 
     #[test]

@@ -120,7 +120,9 @@ impl Event {
     }
 
     /// The Server-Sent Events record: `event: <type>`, one `data:` line per line of the JSON
-    /// data (a publisher's pretty-printed JSON stays one event), and `id: <cursor>` when the
+    /// data (a publisher's pretty-printed JSON stays one event; CR, LF and CRLF all end a line,
+    /// as they do for EventSource, and can only be whitespace between JSON tokens, so blank
+    /// pieces are dropped), and `id: <cursor>` when the
     /// event is on the customer's stream. Records without `id` leave the browser's
     /// Last-Event-ID as it was, so a resume always refers to the customer stream.
     pub fn to_sse(&self, id: Option<&str>) -> Vec<u8> {
@@ -128,9 +130,17 @@ impl Event {
         out.extend_from_slice(b"event: ");
         out.extend_from_slice(self.kind.as_bytes());
         out.push(b'\n');
-        for line in self.data.split('\n') {
+        let mut lines = self
+            .data
+            .split(['\r', '\n'])
+            .filter(|l| !l.is_empty())
+            .peekable();
+        if lines.peek().is_none() {
+            out.extend_from_slice(b"data: \n");
+        }
+        for line in lines {
             out.extend_from_slice(b"data: ");
-            out.extend_from_slice(line.trim_end_matches('\r').as_bytes());
+            out.extend_from_slice(line.as_bytes());
             out.push(b'\n');
         }
         if let Some(id) = id {
@@ -263,6 +273,19 @@ pub fn validate_type(kind: &str) -> Result<(), InvalidEvent> {
     Ok(())
 }
 
+/// Checks a customer id (a token's `sub`, a publish target, a `send_message` recipient):
+/// 1-256 bytes, no control characters. The same bound on every path: an id is stored
+/// (receipts, presence, offline queues) and must not carry a message's worth of bytes.
+pub fn validate_customer(id: &str) -> Result<(), InvalidEvent> {
+    if id.is_empty() || id.len() > 256 || id.chars().any(char::is_control) {
+        return Err(invalid(
+            "invalid_customer",
+            "customer ids are 1-256 bytes without control characters",
+        ));
+    }
+    Ok(())
+}
+
 /// Checks a topic name: 1-256 bytes, no whitespace or control characters.
 pub fn validate_topic(topic: &str) -> Result<(), InvalidEvent> {
     if topic.is_empty()
@@ -322,6 +345,12 @@ mod tests {
         assert_eq!(
             ev.to_sse(None),
             b"event: case_status_update\ndata: {\ndata:   \"a\": 1\ndata: }\n\n"
+        );
+        // A bare CR ends a line for EventSource too: it must never reach a data line.
+        ev.data = "{\"a\":\r1}".into();
+        assert_eq!(
+            ev.to_sse(None),
+            b"event: case_status_update\ndata: {\"a\":\ndata: 1}\n\n"
         );
         let c = cursor("19a.0.3", 42);
         assert_eq!(parse_cursor(&c), Some(("19a.0.3", 42)));

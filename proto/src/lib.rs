@@ -10,6 +10,7 @@
 //!   ([`ws::Receiver`]).
 //! - [`client`]: the client JSON protocol (`{type, payload, requestId}`), parsed with simd-json.
 //! - [`event`]: events and their one-time JSON encoding; [`api`]: the backend API bodies.
+//! - [`json`]: the nesting bound every untrusted JSON document passes first.
 //! - [`auth`]: JWT verification with a pinned algorithm, and topic permission globs.
 //! - [`bus`]: rkyv-encoded messages between shards.
 //! - [`placement`]: which shard owns a customer or a topic (jump consistent hash).
@@ -25,6 +26,7 @@ pub mod client;
 #[allow(missing_docs)]
 pub mod event;
 pub mod http1;
+pub mod json;
 pub mod placement;
 pub mod prefs;
 pub mod proxy;

@@ -1,6 +1,10 @@
 //! The backend API and operational endpoints on keep-alive HTTP/1.1 connections.
 
-use std::{rc::Rc, sync::atomic::Ordering::Relaxed, time::Duration};
+use std::{
+    rc::Rc,
+    sync::atomic::Ordering::Relaxed,
+    time::{Duration, Instant},
+};
 
 use glommio::net::TcpStream;
 use proto::{
@@ -8,7 +12,7 @@ use proto::{
     http1::{json_error, parse_head, route, Head, Response, Route},
 };
 
-use super::{read_more, respond};
+use super::{read_more, read_more_by, respond};
 use crate::{metrics, shard::Shard};
 
 /// A keep-alive connection whose next request opens a client stream (a browser reusing the
@@ -24,15 +28,14 @@ pub async fn serve(
     mut head: Head,
     mut buf: Vec<u8>,
     mut head_len: usize,
+    client: std::net::IpAddr,
 ) -> Option<Upgrade> {
     let m = shard.metrics();
     m.api_connections.fetch_add(1, Relaxed);
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(
-        shard.shared.config.server.api_idle_secs,
-    )));
+    let idle = Duration::from_secs(shard.shared.config.server.api_idle_secs);
     loop {
         let (resp, keep_alive) =
-            match read_body(&shard, &mut stream, &head, &mut buf, head_len).await {
+            match read_body(&shard, &mut stream, &head, &mut buf, head_len, client).await {
                 Ok(body_len) => {
                     let body = buf[head_len..head_len + body_len].to_vec();
                     buf.drain(..head_len + body_len);
@@ -45,7 +48,13 @@ pub async fn serve(
         if !respond(&mut stream, &resp, keep_alive).await || !keep_alive {
             break;
         }
-        // The next request on this connection.
+        // The next request on this connection: its first byte within `api_idle_secs` (or
+        // before the server drains), then the whole head within `handshake_timeout_secs`.
+        if buf.is_empty() && !next_request_starts(&shard, &mut stream, &mut buf, idle).await {
+            break;
+        }
+        let deadline =
+            Instant::now() + Duration::from_secs(shard.shared.config.server.handshake_timeout_secs);
         loop {
             match parse_head(&buf) {
                 Ok(Some((h, n))) => {
@@ -57,8 +66,14 @@ pub async fn serve(
                     head_len = n;
                     break;
                 }
-                Ok(None) => match read_more(&shard, &mut stream, &mut buf).await {
+                Ok(None) => match read_more_by(&shard, &mut stream, &mut buf, deadline).await {
                     Ok(n) if n > 0 => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                        super::slow_request(&shard, client);
+                        respond(&mut stream, &super::head_timeout(), false).await;
+                        m.api_connections.fetch_sub(1, Relaxed);
+                        return None;
+                    }
                     _ => {
                         m.api_connections.fetch_sub(1, Relaxed);
                         return None;
@@ -81,13 +96,37 @@ pub async fn serve(
     None
 }
 
-/// Reads the request body into `buf` after the head. `Err(Some)`: answer and close.
+/// Waits for the first byte of the next request on an idle keep-alive connection. False:
+/// the client closed, it idled out, or the server started to drain (an idle connection must
+/// not hold the drain to its timeout; a client retries on a new connection elsewhere).
+async fn next_request_starts(
+    shard: &Shard,
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    idle: Duration,
+) -> bool {
+    if stream.set_read_timeout(Some(idle)).is_err() {
+        return false;
+    }
+    let read = async { matches!(read_more(shard, stream, buf).await, Ok(n) if n > 0) };
+    let drain = async {
+        while !shard.draining() {
+            glommio::timer::sleep(Duration::from_millis(100)).await;
+        }
+        false
+    };
+    futures_lite::future::or(read, drain).await
+}
+
+/// Reads the request body into `buf` after the head, within `server.body_timeout_secs`.
+/// `Err(Some)`: answer and close.
 async fn read_body(
     shard: &Shard,
     stream: &mut TcpStream,
     head: &Head,
     buf: &mut Vec<u8>,
     head_len: usize,
+    client: std::net::IpAddr,
 ) -> Result<usize, Option<Response>> {
     if head.chunked {
         return Err(Some(json_error(
@@ -97,6 +136,8 @@ async fn read_body(
         )));
     }
     let len = head.content_length.unwrap_or(0) as usize;
+    let deadline =
+        Instant::now() + Duration::from_secs(shard.shared.config.server.body_timeout_secs);
     if len > shard.shared.config.limits.max_body {
         return Err(Some(json_error(
             413,
@@ -108,8 +149,16 @@ async fn read_body(
         )));
     }
     while buf.len() < head_len + len {
-        match read_more(shard, stream, buf).await {
+        match read_more_by(shard, stream, buf, deadline).await {
             Ok(n) if n > 0 => {}
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                super::slow_request(shard, client);
+                return Err(Some(json_error(
+                    408,
+                    "timeout",
+                    "request body not received in time",
+                )));
+            }
             _ => return Err(None),
         }
     }
@@ -194,7 +243,7 @@ async fn handle(shard: &Rc<Shard>, head: &Head, body: Vec<u8>) -> Response {
                 None => json_error(503, "shard_timeout", "a shard did not answer in time"),
             }
         }
-        Route::Disconnect => match serde_json::from_slice::<DisconnectIn>(&body) {
+        Route::Disconnect => match proto::api::parse_body::<DisconnectIn>(&body) {
             Ok(d) => {
                 let code = d.code.unwrap_or(proto::ws::close::NORMAL);
                 if !DISCONNECT_CODES.contains(&code) {
@@ -216,16 +265,16 @@ async fn handle(shard: &Rc<Shard>, head: &Head, body: Vec<u8>) -> Response {
                     .to_string(),
                 )
             }
-            Err(e) => json_error(400, "bad_json", &e.to_string()),
+            Err(e) => json_error(400, "bad_json", &e),
         },
-        Route::Publish => match serde_json::from_slice::<PublishIn>(&body) {
+        Route::Publish => match proto::api::parse_body::<PublishIn>(&body) {
             Ok(p) => match publish_one(shard, p).await {
                 Ok(out) => Response::json(200, serde_json::to_vec(&out).expect("serialisable")),
                 Err(resp) => resp,
             },
-            Err(e) => json_error(400, "bad_json", &e.to_string()),
+            Err(e) => json_error(400, "bad_json", &e),
         },
-        Route::PublishBatch => match serde_json::from_slice::<Vec<PublishIn>>(&body) {
+        Route::PublishBatch => match proto::api::parse_body::<Vec<PublishIn>>(&body) {
             Ok(list) => {
                 let mut results = Vec::with_capacity(list.len());
                 for p in list {
@@ -236,7 +285,7 @@ async fn handle(shard: &Rc<Shard>, head: &Head, body: Vec<u8>) -> Response {
                 }
                 Response::json(200, serde_json::json!({ "results": results }).to_string())
             }
-            Err(e) => json_error(400, "bad_json", &e.to_string()),
+            Err(e) => json_error(400, "bad_json", &e),
         },
         _ => json_error(404, "not_found", "no such endpoint"),
     }

@@ -8,8 +8,14 @@ mod stream;
 mod ws;
 
 use std::{
-    future::poll_fn, io, net::IpAddr, pin::Pin, rc::Rc, sync::atomic::Ordering::Relaxed,
-    task::Poll, time::Duration,
+    future::poll_fn,
+    io,
+    net::IpAddr,
+    pin::Pin,
+    rc::Rc,
+    sync::atomic::Ordering::Relaxed,
+    task::Poll,
+    time::{Duration, Instant},
 };
 
 use futures_lite::{AsyncRead, AsyncWriteExt};
@@ -32,42 +38,134 @@ pub async fn serve(
 ) {
     let started = std::time::Instant::now();
     let _ = stream.set_nodelay(true);
-    let timeout = Duration::from_secs(shard.shared.config.server.handshake_timeout_secs);
-    let _ = stream.set_read_timeout(Some(timeout));
+    let config = &shard.shared.config;
+    // One deadline for the PROXY header and the whole head, not one per read: a byte every
+    // few seconds must not hold the socket (slow-loris).
+    let deadline = started + Duration::from_secs(config.server.handshake_timeout_secs);
     let peer = match client {
         Some(ip) => Peer { ip, counted: true },
         None => {
             let tcp_peer = stream
                 .peer_addr()
                 .map_or(IpAddr::from([0, 0, 0, 0]), |a| proxy::canonical(a.ip()));
-            let ip =
-                if shard.shared.config.server.proxy_protocol && shard.shared.is_trusted(tcp_peer) {
-                    match read_proxy_header(&shard, &mut stream, &mut buf).await {
-                        Ok(Some(source)) => source.unwrap_or(tcp_peer),
-                        Ok(None) => return,
-                        Err(resp) => {
-                            shard.metrics().bad_requests.fetch_add(1, Relaxed);
-                            crate::limits::audit("bad_proxy_header", Some(tcp_peer), None, "");
-                            respond(&mut stream, &resp, false).await;
-                            return;
-                        }
+            let Some(_head_slot) = enter_head(&shard, &mut stream, tcp_peer).await else {
+                return;
+            };
+            let ip = if config.server.proxy_protocol && shard.shared.is_trusted(tcp_peer) {
+                match read_proxy_header(&shard, &mut stream, &mut buf, deadline).await {
+                    Ok(Some(source)) => source.unwrap_or(tcp_peer),
+                    Ok(None) => return,
+                    Err(resp) => {
+                        shard.metrics().bad_requests.fetch_add(1, Relaxed);
+                        crate::limits::audit("bad_proxy_header", Some(tcp_peer), None, "");
+                        respond(&mut stream, &resp, false).await;
+                        return;
                     }
-                } else {
-                    tcp_peer
-                };
-            Peer { ip, counted: false }
+                }
+            } else {
+                tcp_peer
+            };
+            let peer = Peer { ip, counted: false };
+            match read_head(&shard, &mut stream, &mut buf, deadline).await {
+                Ok(Some((head, head_len))) => {
+                    drop(_head_slot);
+                    return dispatch(started, shard, stream, head, buf, head_len, peer).await;
+                }
+                Ok(None) => return,
+                Err(resp) => return refuse_head(&shard, &mut stream, &resp, ip).await,
+            }
         }
     };
-    let (head, head_len) = match read_head(&shard, &mut stream, &mut buf).await {
-        Ok(Some(h)) => h,
-        Ok(None) => return,
-        Err(resp) => {
-            shard.metrics().bad_requests.fetch_add(1, Relaxed);
-            respond(&mut stream, &resp, false).await;
-            return;
+    // Handed over by the shard that accepted it: the head was read there.
+    match read_head(&shard, &mut stream, &mut buf, deadline).await {
+        Ok(Some((head, head_len))) => {
+            dispatch(started, shard, stream, head, buf, head_len, peer).await
         }
-    };
-    dispatch(started, shard, stream, head, buf, head_len, peer).await;
+        Ok(None) => {}
+        Err(resp) => refuse_head(&shard, &mut stream, &resp, peer.ip).await,
+    }
+}
+
+/// Counts a new socket as reading its head, against the process cap and its address's
+/// `limits.pending_heads_per_ip`; answers 503 or 429 and returns None when over either.
+async fn enter_head<'a>(
+    shard: &'a Shard,
+    stream: &mut TcpStream,
+    tcp_peer: IpAddr,
+) -> Option<crate::limits::HeadGuard<'a>> {
+    let shared = &shard.shared;
+    let limits = &shared.config.limits;
+    if limits.max_connections > 0
+        && shared.open_connections() + shared.heads.pending.load(Relaxed)
+            >= limits.max_connections as i64
+    {
+        shared.refuse(shard.id, Limit::MaxConnections, Some(tcp_peer), None);
+        refuse_unread(shard, stream, &server_full()).await;
+        return None;
+    }
+    // A trusted proxy carries many clients; an exempt address is trusted not to abuse.
+    let counted =
+        !shared.is_trusted(tcp_peer) && !shared.exempt.iter().any(|n| n.contains(tcp_peer));
+    match shared
+        .heads
+        .enter(counted.then_some(tcp_peer), limits.pending_heads_per_ip)
+    {
+        Ok(guard) => Some(guard),
+        Err(_) => {
+            shared.refuse(shard.id, Limit::PendingHeads, Some(tcp_peer), None);
+            let mut resp = json_error(
+                429,
+                "rate_limited",
+                "too many requests from this address still sending their head",
+            );
+            resp.headers.push("Retry-After: 5".into());
+            refuse_unread(shard, stream, &resp).await;
+            None
+        }
+    }
+}
+
+/// Answers a socket whose request was never read, then reads (and drops) what the client
+/// sent for a moment before closing: closing with unread input would reset the connection
+/// and could destroy the answer before the client reads it.
+async fn refuse_unread(shard: &Shard, stream: &mut TcpStream, resp: &Response) {
+    if respond(stream, resp, false).await {
+        let _ = stream.shutdown(std::net::Shutdown::Write).await;
+        let deadline = Instant::now() + Duration::from_millis(500);
+        let mut sink = Vec::new();
+        while matches!(
+            read_more_by(shard, stream, &mut sink, deadline).await,
+            Ok(1..)
+        ) {
+            sink.clear();
+        }
+    }
+}
+
+/// Answers a head that was malformed or too slow. A slow one (408) also counts as a
+/// connection attempt of its address, so slow sockets cannot be cycled without end.
+async fn refuse_head(shard: &Shard, stream: &mut TcpStream, resp: &Response, ip: IpAddr) {
+    shard.metrics().bad_requests.fetch_add(1, Relaxed);
+    if resp.status == 408 {
+        slow_request(shard, ip);
+    }
+    respond(stream, resp, false).await;
+}
+
+/// Counts a request whose head or body missed its deadline (audit line, metric, attempt).
+fn slow_request(shard: &Shard, ip: IpAddr) {
+    let shared = &shard.shared;
+    shared.refuse(shard.id, Limit::SlowRequest, Some(ip), None);
+    if !shared.exempt.iter().any(|n| n.contains(ip)) {
+        let minute = (shared.unix_now() / 60) as u32;
+        let _ = shared.attempts.admit(ip, minute, u32::MAX);
+    }
+}
+
+fn server_full() -> Response {
+    let mut resp = json_error(503, "server_full", "too many connections; try again later");
+    resp.headers.push("Retry-After: 5".into());
+    resp
 }
 
 /// Where a connection comes from.
@@ -96,9 +194,7 @@ fn admit(shard: &Shard, client: IpAddr) -> Option<Response> {
         shard
             .shared
             .refuse(shard.id, Limit::MaxConnections, Some(client), None);
-        let mut resp = json_error(503, "server_full", "too many connections; try again later");
-        resp.headers.push("Retry-After: 5".into());
-        return Some(resp);
+        return Some(server_full());
     }
     let per_ip = limits.connect_attempts_per_ip;
     if per_ip > 0 && !shard.shared.exempt.iter().any(|n| n.contains(client)) {
@@ -152,6 +248,7 @@ async fn read_proxy_header(
     shard: &Shard,
     stream: &mut TcpStream,
     buf: &mut Vec<u8>,
+    deadline: Instant,
 ) -> Result<Option<Option<IpAddr>>, Response> {
     loop {
         match proxy::parse(buf) {
@@ -162,9 +259,11 @@ async fn read_proxy_header(
             Ok(proxy::Parsed::NeedMore) => {}
             Err(e) => return Err(json_error(400, "bad_request", &e.to_string())),
         }
-        match read_more(shard, stream, buf).await {
-            Ok(0) | Err(_) => return Ok(None),
+        match read_more_by(shard, stream, buf, deadline).await {
+            Ok(0) => return Ok(None),
             Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => return Err(head_timeout()),
+            Err(_) => return Ok(None),
         }
     }
 }
@@ -220,7 +319,7 @@ async fn dispatch(
                 let resp = json_error(405, "method_not_allowed", "wrong method for this endpoint");
                 respond(&mut stream, &resp, false).await;
             }
-            _ => next = api::serve(shard.clone(), stream, head, buf, head_len).await,
+            _ => next = api::serve(shard.clone(), stream, head, buf, head_len, client).await,
         }
     }
 }
@@ -253,10 +352,11 @@ pub(crate) fn hand_off(
 }
 
 /// Reads until `buf` holds a complete request head. `Ok(None)`: the peer went away quietly.
-async fn read_head(
+pub(crate) async fn read_head(
     shard: &Shard,
     stream: &mut TcpStream,
     buf: &mut Vec<u8>,
+    deadline: Instant,
 ) -> Result<Option<(proto::http1::Head, usize)>, Response> {
     loop {
         match parse_head(buf) {
@@ -264,23 +364,32 @@ async fn read_head(
             Ok(None) => {}
             Err(e) => return Err(json_error(e.status(), "bad_request", &e.to_string())),
         }
-        match read_more(shard, stream, buf).await {
+        match read_more_by(shard, stream, buf, deadline).await {
             Ok(0) => return Ok(None),
             Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::TimedOut => {
-                return if buf.is_empty() {
-                    Ok(None)
-                } else {
-                    Err(json_error(
-                        408,
-                        "timeout",
-                        "request head not received in time",
-                    ))
-                };
-            }
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => return Err(head_timeout()),
             Err(_) => return Ok(None),
         }
     }
+}
+
+fn head_timeout() -> Response {
+    json_error(408, "timeout", "request head not received in time")
+}
+
+/// [`read_more`] that fails with `TimedOut` at `deadline`, however the bytes trickle in.
+pub(crate) async fn read_more_by(
+    shard: &Shard,
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    deadline: Instant,
+) -> io::Result<usize> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left < Duration::from_millis(1) {
+        return Err(io::ErrorKind::TimedOut.into());
+    }
+    stream.set_read_timeout(Some(left))?;
+    read_more(shard, stream, buf).await
 }
 
 /// Reads once into the shard's scratch buffer and appends what came to `buf`.

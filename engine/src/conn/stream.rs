@@ -73,7 +73,10 @@ fn filters(head: &Head) -> Vec<Box<str>> {
     if events.iter().any(|e| e == "all" || e == "*") {
         return Vec::new();
     }
-    events.into_iter().map(String::into_boxed_str).collect()
+    let mut events: Vec<Box<str>> = events.into_iter().map(String::into_boxed_str).collect();
+    events.sort_unstable();
+    events.dedup();
+    events
 }
 
 /// The client's cursor: `Last-Event-ID` (what a browser sends when it reconnects) or
@@ -107,9 +110,29 @@ pub async fn sse(shard: Rc<Shard>, stream: TcpStream, head: Head, buf: Vec<u8>, 
         respond(&mut stream, &resp, false).await;
         return;
     }
-    let topics = list_param(&head, "topics");
+    let mut topics = list_param(&head, "topics");
+    topics.sort_unstable();
+    topics.dedup();
     if let Some(e) = topics.iter().find_map(|t| validate_topic(t).err()) {
         respond(&mut stream, &json_error(400, e.code, &e.message), false).await;
+        return;
+    }
+    let limits = &shard.shared.config.limits;
+    let filters = filters(&head);
+    let over = if limits.topics_per_connection > 0 && topics.len() > limits.topics_per_connection {
+        Some(("too_many_topics", "topics", limits.topics_per_connection))
+    } else if limits.filters_per_connection > 0 && filters.len() > limits.filters_per_connection {
+        Some((
+            "too_many_filters",
+            "event types",
+            limits.filters_per_connection,
+        ))
+    } else {
+        None
+    };
+    if let Some((code, what, cap)) = over {
+        let msg = format!("a stream may name at most {cap} {what}");
+        respond(&mut stream, &json_error(400, code, &msg), false).await;
         return;
     }
     let grants = Grants::from(claims);
@@ -123,7 +146,6 @@ pub async fn sse(shard: Rc<Shard>, stream: TcpStream, head: Head, buf: Vec<u8>, 
         return;
     }
     let since = cursor_param(&head);
-    let filters = filters(&head);
     let head_bytes = format!(
         "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n\
          Connection: keep-alive\r\nX-Accel-Buffering: no\r\n{}\r\n\r\nretry: {}\n\n",

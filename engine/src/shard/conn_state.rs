@@ -27,6 +27,9 @@ pub struct OutFrame {
     pub published: Option<Instant>,
 }
 
+/// First byte of an unfragmented pong frame (FIN + opcode 0xA).
+const PONG_FIRST_BYTE: u8 = 0x8A;
+
 /// A connection as the shard sees it.
 pub struct Conn {
     /// The socket (owned by the connection's task; used here for direct vectored sends).
@@ -160,6 +163,35 @@ impl Conn {
         Queued::Yes
     }
 
+    /// Queues a pong. At most one waits unsent: a newer one replaces it (RFC 6455 §5.5.3
+    /// allows answering only the latest ping), so a client that sends pings and never reads
+    /// cannot grow the queue. Nothing is queued after our close frame. Pongs count against
+    /// the backlog like any frame.
+    pub fn queue_pong(&mut self, frame: &Bytes) -> Queued {
+        if self.closing || self.dead {
+            return Queued::Closing;
+        }
+        let unsent_back = self.out.len() > 1 || self.sent == 0;
+        if let Some(back) = self.out.back_mut().filter(|_| unsent_back) {
+            if back.bytes.first() == Some(&PONG_FIRST_BYTE) && back.published.is_none() {
+                self.out_bytes = self.out_bytes - back.bytes.len() as u32 + frame.len() as u32;
+                back.bytes = frame.clone();
+                return Queued::Yes;
+            }
+        }
+        if self.out_bytes as usize + frame.len() > self.max_backlog as usize {
+            self.close_request
+                .get_or_insert(proto::ws::close::SLOW_CONSUMER);
+            return Queued::OverBacklog;
+        }
+        self.out.push_back(OutFrame {
+            bytes: frame.clone(),
+            published: None,
+        });
+        self.out_bytes += frame.len() as u32;
+        Queued::Yes
+    }
+
     /// Whether the customer's stream filters let an event of type `kind` through.
     pub fn accepts(&self, kind: &str) -> bool {
         accepts(&self.filters, kind)
@@ -271,6 +303,33 @@ mod tests {
         assert_eq!(c.close_request, Some(4008));
         assert_eq!(c.queue(&frame, None), Queued::Closing);
         assert_eq!((c.out.len(), c.out_bytes), (2, 2000));
+    }
+
+    #[test]
+    fn one_pong_waits_at_most_and_none_after_close() {
+        let pong = |n: u8| proto::ws::server_frame(proto::ws::OpCode::Pong, &[n]);
+        let mut c = Conn::new(0, "c".into(), 0, 10_000);
+        for i in 0..100_000u32 {
+            assert_eq!(c.queue_pong(&pong(i as u8)), Queued::Yes);
+        }
+        assert_eq!(
+            (c.out.len(), c.out_bytes),
+            (1, 3),
+            "only the latest pong waits"
+        );
+        assert_eq!(c.out[0].bytes[2], (99_999u32 % 256) as u8);
+        // A partly written pong stays; the next one queues behind it.
+        c.sent = 1;
+        c.queue_pong(&pong(1));
+        assert_eq!(c.out.len(), 2);
+        // Behind an event, a new pong is queued once, then replaced.
+        c.queue(&Bytes::from(vec![0u8; 10]), Some(Instant::now()));
+        c.queue_pong(&pong(2));
+        c.queue_pong(&pong(3));
+        assert_eq!(c.out.len(), 4);
+        c.closing = true;
+        assert_eq!(c.queue_pong(&pong(4)), Queued::Closing);
+        assert_eq!(c.out.len(), 4, "nothing follows our close frame");
     }
 
     #[test]

@@ -69,6 +69,8 @@ pub struct Shared {
     pub listen: SocketAddr,
     /// Connection attempts per client address (all shards).
     pub attempts: crate::limits::AttemptTable,
+    /// Sockets still sending their request head (all shards, and per client address).
+    pub heads: crate::limits::HeadTable,
     /// `server.trusted_proxies`, parsed.
     pub trusted: Vec<proto::proxy::IpNet>,
     /// `limits.exempt_ips`, parsed.
@@ -166,6 +168,8 @@ pub struct Shard {
     pub roles: RefCell<AHashMap<Rc<str>, Subscribers>>,
     /// Topics this shard owns.
     pub owned: RefCell<AHashMap<Rc<str>, OwnedTopic>>,
+    /// Highest offset of a forgotten owned topic; new topics start above it.
+    topic_floor: Cell<u64>,
     /// Connections with queued frames awaiting the next flush round.
     dirty: RefCell<Vec<ConnKey>>,
     /// The shared read buffer (see DESIGN.md §2.5).
@@ -390,6 +394,21 @@ impl Shard {
         queued
     }
 
+    /// Answers a ping: at most one pong waits per connection (see [`Conn::queue_pong`]).
+    pub fn send_pong(&self, key: ConnKey, frame: &Frame) {
+        let mut conns = self.conns.borrow_mut();
+        if let Some(c) = conns.get_mut(key) {
+            match c.queue_pong(frame) {
+                Queued::Yes => self.flush_conn(c),
+                Queued::Closing => {}
+                Queued::OverBacklog => {
+                    self.metrics().slow_consumer_closes.fetch_add(1, Relaxed);
+                    c.wake();
+                }
+            }
+        }
+    }
+
     /// Queues a frame that must go out even past the backlog limit (close frames).
     pub fn send_control(&self, key: ConnKey, frame: &Frame) {
         let mut conns = self.conns.borrow_mut();
@@ -552,6 +571,7 @@ pub fn start(config: Config) -> anyhow::Result<Server> {
         started: Instant::now(),
         listen,
         attempts: crate::limits::AttemptTable::default(),
+        heads: crate::limits::HeadTable::default(),
         trusted: config.trusted_proxies()?,
         exempt: config.exempt_ips()?,
         config,
@@ -610,6 +630,7 @@ pub fn start(config: Config) -> anyhow::Result<Server> {
                     topics: RefCell::default(),
                     roles: RefCell::default(),
                     owned: RefCell::default(),
+                    topic_floor: Cell::new(0),
                     dirty: RefCell::default(),
                     scratch: RefCell::new(vec![0u8; 64 * 1024].into_boxed_slice()),
                     mesh,
@@ -669,7 +690,11 @@ impl Shard {
         spawn_local(self.clone().parking_task(parked_keys)).detach();
         spawn_local(self.clone().fanout_task()).detach();
         let ticker = spawn_local(self.clone().ticker_task());
+        // Returns when the drain's grace period is over; until then every connection is
+        // served (a load balancer's `/readyz` probe gets its 503).
         self.clone().accept_loop(listener).await;
+        // Let the tasks of the last accepted sockets start, so the wait below sees them.
+        futures_lite::future::yield_now().await;
         // Draining: ask every connection to close with 1001 and wait for them (bounded).
         let deadline =
             Instant::now() + Duration::from_secs(self.shared.config.server.drain_timeout_secs);
@@ -688,7 +713,9 @@ impl Shard {
                 p.notify.notify();
             }
         }
-        while (!self.conns.borrow().is_empty() || self.metrics().api_connections.load(Relaxed) > 0)
+        while (!self.conns.borrow().is_empty()
+            || self.metrics().api_connections.load(Relaxed) > 0
+            || self.shared.heads.pending.load(Relaxed) > 0)
             && Instant::now() < deadline
         {
             glommio::timer::sleep(Duration::from_millis(20)).await;
@@ -725,9 +752,6 @@ impl Shard {
                     backoff = (backoff * 2).min(Duration::from_secs(1));
                 }
             }
-            if self.draining() {
-                return;
-            }
         }
     }
 
@@ -756,6 +780,7 @@ impl Shard {
                 }
                 if self.clock.get().is_multiple_of(10) {
                     self.sweep_streams();
+                    self.sweep_topics();
                 }
             }
         }

@@ -403,11 +403,17 @@ impl Shard {
             owned.insert(
                 Rc::from(topic),
                 OwnedTopic {
+                    // Above every offset a forgotten topic reached: a client holding an
+                    // offset of an earlier life of this name cannot be told it recovered.
+                    offset: self.topic_floor.get(),
                     keep,
                     age,
                     ..OwnedTopic::default()
                 },
             );
+            self.metrics()
+                .topics_owned
+                .store(owned.len() as i64, Relaxed);
         }
         owned.get_mut(topic).expect("just ensured")
     }
@@ -623,6 +629,33 @@ impl Shard {
         if empty {
             self.withdraw_interest(topic);
         }
+    }
+
+    /// Forgets owned topics no shard follows and whose history is empty or expired: topic
+    /// names are made up by clients and backends, and each costs memory until forgotten.
+    /// Tables that emptied out give their memory back too.
+    pub(super) fn sweep_topics(&self) {
+        let now = unix_now();
+        let mut floor = self.topic_floor.get();
+        let mut owned = self.owned.borrow_mut();
+        let before = owned.len();
+        owned.retain(|_, t| {
+            while t.history.front().is_some_and(|k| k.expires <= now) {
+                t.history.pop_front();
+            }
+            let keep = t.interest.iter().any(|w| *w != 0) || !t.history.is_empty();
+            if !keep {
+                floor = floor.max(t.offset);
+            }
+            keep
+        });
+        self.topic_floor.set(floor);
+        let m = self.metrics();
+        m.topics_forgotten
+            .fetch_add((before - owned.len()) as u64, Relaxed);
+        m.topics_owned.store(owned.len() as i64, Relaxed);
+        shrink_idle(&mut owned);
+        shrink_idle(&mut self.topics.borrow_mut());
     }
 
     fn withdraw_interest(&self, topic: &str) {
@@ -910,5 +943,13 @@ impl Shard {
             }
         }
         counts
+    }
+}
+
+/// Gives back a map's table when it holds far fewer entries than it has room for (after a
+/// burst of made-up names, say); a map in steady use keeps its room.
+fn shrink_idle<K: std::hash::Hash + Eq, V>(map: &mut AHashMap<K, V>) {
+    if map.capacity() > 64 && map.capacity() > 4 * map.len() {
+        map.shrink_to_fit();
     }
 }

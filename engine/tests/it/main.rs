@@ -14,3 +14,4 @@ mod presence;
 mod property;
 mod protocol;
 mod reliable;
+mod security;

@@ -199,6 +199,7 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, HeadError> {
                 .split(',')
                 .any(|t| t.trim().eq_ignore_ascii_case("websocket"));
         } else if name.eq_ignore_ascii_case("sec-websocket-key") {
+            once(&head.ws_key, "repeated Sec-WebSocket-Key header")?;
             head.ws_key = Some(value());
         } else if name.eq_ignore_ascii_case("sec-websocket-version") {
             head.ws_version = Some(value());
@@ -209,13 +210,20 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, HeadError> {
                 None => v,
             });
         } else if name.eq_ignore_ascii_case("authorization") {
+            // Two credentials: which one a proxy checked is anybody's guess.
+            once(&head.authorization, "repeated Authorization header")?;
             head.authorization = Some(value());
         } else if name.eq_ignore_ascii_case("origin") {
+            once(&head.origin, "repeated Origin header")?;
             head.origin = Some(value());
         } else if name.eq_ignore_ascii_case("content-length") {
-            let len = value()
-                .parse()
-                .map_err(|_| HeadError::Malformed("bad Content-Length"))?;
+            // RFC 9110 §8.6: 1*DIGIT. `+40` or ` 4 0` read differently by a proxy in front
+            // would desynchronise the connection (request smuggling).
+            let v = value();
+            if v.is_empty() || v.len() > 18 || !v.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(HeadError::Malformed("bad Content-Length"));
+            }
+            let len: u64 = v.parse().expect("1-18 ASCII digits fit a u64");
             if head.content_length.is_some_and(|prev| prev != len) {
                 return Err(HeadError::Malformed("conflicting Content-Length headers"));
             }
@@ -235,6 +243,14 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, HeadError> {
     }
     head.websocket_upgrade = upgrade_websocket && connection_upgrade;
     Ok(Some((head, n)))
+}
+
+/// Refuses a second occurrence of a header that must appear at most once.
+fn once(seen: &Option<String>, why: &'static str) -> Result<(), HeadError> {
+    match seen {
+        Some(_) => Err(HeadError::Malformed(why)),
+        None => Ok(()),
+    }
 }
 
 /// Where a request goes.
@@ -351,6 +367,15 @@ mod tests {
             400
         );
         assert!(parse_head(b"POST / HTTP/1.1\r\nContent-Length: x\r\n\r\n").is_err());
+        // Only digits: a proxy may read `+40` or `4 0` differently (request smuggling).
+        for cl in ["+40", "-1", "4 0", "0x10", "", "1234567890123456789"] {
+            let req = format!("POST / HTTP/1.1\r\nContent-Length: {cl}\r\n\r\n");
+            assert!(parse_head(req.as_bytes()).is_err(), "{cl:?} accepted");
+        }
+        let ok = parse_head(b"POST / HTTP/1.1\r\nContent-Length: 40\r\n\r\n");
+        assert_eq!(ok.unwrap().unwrap().0.content_length, Some(40));
+        let two = b"POST / HTTP/1.1\r\nAuthorization: Bearer a\r\nAuthorization: Bearer b\r\n\r\n";
+        assert_eq!(parse_head(two).unwrap_err().status(), 400);
     }
 
     #[test]

@@ -50,6 +50,36 @@ impl Session {
                 {
                     return self.reply(shard, &error("forbidden", why, "subscribe").to_json());
                 }
+                // Per-connection bounds, checked before anything changes (all or nothing).
+                let topic_cap = config.limits.topics_per_connection;
+                let held: ahash::AHashSet<&str> = self.topics.iter().map(|t| &**t).collect();
+                let new_topics: ahash::AHashSet<&str> = topics
+                    .iter()
+                    .map(String::as_str)
+                    .filter(|t| !held.contains(t))
+                    .collect();
+                if topic_cap > 0 && held.len() + new_topics.len() > topic_cap {
+                    let why = format!("a connection may subscribe to at most {topic_cap} topics");
+                    return self
+                        .reply(shard, &error("too_many_topics", why, "subscribe").to_json());
+                }
+                let filters_now = shard
+                    .conns
+                    .borrow()
+                    .get(self.key)
+                    .map(|c| merge_filters(&c.filters, &events));
+                let filter_cap = config.limits.filters_per_connection;
+                if filters_now
+                    .as_ref()
+                    .is_some_and(|f| filter_cap > 0 && f.len() > filter_cap)
+                {
+                    let why =
+                        format!("a connection may filter on at most {filter_cap} event types");
+                    return self.reply(
+                        shard,
+                        &error("too_many_filters", why, "subscribe").to_json(),
+                    );
+                }
                 let mut positions = Vec::with_capacity(topics.len());
                 let mut timed_out = Vec::new();
                 let mut full = Vec::new();
@@ -114,19 +144,10 @@ impl Session {
                     self.reply(shard, &e.to_json());
                 }
                 let mut filters = Vec::new();
-                if let Some(c) = shard.conns.borrow_mut().get_mut(self.key) {
-                    for e in &events {
-                        let prefix: Box<str> = if e == "all" || e == "*" {
-                            "".into()
-                        } else {
-                            e.as_str().into()
-                        };
-                        if !c.filters.contains(&prefix) {
-                            let mut v = std::mem::take(&mut c.filters).into_vec();
-                            v.push(prefix);
-                            c.filters = v.into_boxed_slice();
-                        }
-                    }
+                if let (Some(c), Some(merged)) =
+                    (shard.conns.borrow_mut().get_mut(self.key), filters_now)
+                {
+                    c.filters = merged;
                     filters = c
                         .filters
                         .iter()
@@ -408,4 +429,22 @@ impl Session {
             idempotent: false,
         }
     }
+}
+
+/// A connection's event-type filters with `events` added (`all` and `*` as the empty
+/// prefix), each once, in order: linear in their number (a set, not a scan per prefix).
+fn merge_filters(current: &[Box<str>], events: &[String]) -> Box<[Box<str>]> {
+    let mut seen: ahash::AHashSet<&str> = current.iter().map(|f| &**f).collect();
+    let mut out: Vec<Box<str>> = current.to_vec();
+    for e in events {
+        let prefix = if e == "all" || e == "*" {
+            ""
+        } else {
+            e.as_str()
+        };
+        if seen.insert(prefix) {
+            out.push(prefix.into());
+        }
+    }
+    out.into_boxed_slice()
 }

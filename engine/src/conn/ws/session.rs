@@ -238,6 +238,9 @@ impl Session {
 
     /// Carries out decoded actions. Returns false when the connection is finished.
     pub(super) async fn act(&mut self, shard: &Rc<Shard>, actions: Vec<Action>) -> bool {
+        // Only the latest ping of a read is answered (RFC 6455 §5.5.3): one write, however
+        // many pings the read held.
+        let mut pong = None;
         for action in actions {
             match action {
                 Action::Request(Ok(msg)) => {
@@ -254,7 +257,7 @@ impl Session {
                 Action::Echo(op, payload) => {
                     shard.send_now(self.key, &server_frame(op, &payload));
                 }
-                Action::Pong(p) => shard.send_control(self.key, &server_frame(OpCode::Pong, &p)),
+                Action::Pong(p) => pong = Some(p),
                 Action::PeerClose(code) => {
                     let closing = shard
                         .conns
@@ -281,6 +284,9 @@ impl Session {
                     self.start_close(shard, e.close_code(), &e.to_string());
                 }
             }
+        }
+        if let Some(p) = pong {
+            shard.send_pong(self.key, &server_frame(OpCode::Pong, &p));
         }
         true
     }

@@ -1,0 +1,312 @@
+//! Hostile inputs: each test reproduces an attack that once crashed or exhausted the server
+//! and checks that it now gets a clear error, costs nothing else, and leaves the process up.
+
+use std::{
+    io::{Read, Write},
+    net::TcpStream,
+    time::{Duration, Instant},
+};
+
+use serde_json::json;
+use tungstenite::Message;
+
+use crate::util::{sub_token, token, Client, Server, API_KEY};
+
+/// Resident memory of the server process, from /proc (an instrument independent of the
+/// server's own metrics).
+fn rss_kib(server: &Server) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", server.child.id())).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+fn assert_alive(server: &Server) {
+    assert_eq!(
+        server.http("GET", "/healthz", &[], "").0,
+        200,
+        "server died"
+    );
+}
+
+#[test]
+fn deeply_nested_json_gets_an_error_not_a_crash() {
+    let server = Server::start(1);
+    let mut bystander = Client::connect(&server, &sub_token("bystander"));
+    let mut c = Client::connect(
+        &server,
+        &token("nester", |c| {
+            c.channels = vec!["*".into()];
+            c.publish = vec!["*".into()];
+        }),
+    );
+    let deep = format!("{}{}", "[".repeat(8750), "]".repeat(8750));
+    let in_ping = format!(
+        r#"{{"type":"ping","x":{}{}}}"#,
+        "[".repeat(8000),
+        "]".repeat(8000)
+    );
+    let in_data = format!(
+        r#"{{"type":"publish","requestId":"d","payload":{{"topic":"t","type":"x","data":{}1{}}}}}"#,
+        "{\"a\":".repeat(5000),
+        "}".repeat(5000)
+    );
+    for msg in [deep, in_ping, in_data] {
+        c.ws.send(Message::text(msg)).unwrap();
+        let reply = c.recv_json();
+        assert_eq!(reply["type"], "error", "{reply}");
+        assert_eq!(reply["code"], "bad_json", "{reply}");
+    }
+    // The connection, its neighbour and the process are all still there.
+    assert!(c.drain_until_pong().is_empty());
+    assert!(bystander.drain_until_pong().is_empty());
+    assert_alive(&server);
+}
+
+/// A masked frame with no payload (what a flooding client sends).
+fn masked(opcode: u8) -> [u8; 6] {
+    [0x80 | opcode, 0x80, 1, 2, 3, 4]
+}
+
+#[test]
+fn ping_flood_from_a_client_that_never_reads_is_bounded() {
+    let server = Server::start(1);
+    let (status, mut s) = server.raw_upgrade(b"", "flooder", "");
+    assert_eq!(status, 101);
+    // 1,000,000 pings (6 MB) while never reading: each unanswered pong used to be queued.
+    let before = rss_kib(&server);
+    let burst: Vec<u8> = (0..10_000).flat_map(|_| masked(0x9)).collect();
+    for _ in 0..100 {
+        s.write_all(&burst).unwrap();
+    }
+    let mut bystander = Client::connect(&server, &sub_token("bystander"));
+    assert!(bystander.drain_until_pong().is_empty());
+    let grown = rss_kib(&server).saturating_sub(before);
+    assert!(
+        grown < 32 * 1024,
+        "RSS grew by {grown} KiB for a ping flood (pongs must not pile up)"
+    );
+    assert_alive(&server);
+}
+
+#[test]
+fn a_slow_head_is_cut_at_an_absolute_deadline() {
+    let server = Server::start_with(1, &[("RINGCAST_SERVER_HANDSHAKE_TIMEOUT_SECS", "2")]);
+    let mut s = TcpStream::connect(server.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let start = Instant::now();
+    let mut answer = Vec::new();
+    // One byte every 300 ms: each read used to restart the timeout, forever.
+    for b in b"GET /healthz HTTP/1.1\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa".iter() {
+        if s.write_all(&[*b]).is_err() {
+            break;
+        }
+        let mut buf = [0u8; 512];
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => answer.extend_from_slice(&buf[..n]),
+            Err(_) => {}
+        }
+        if !answer.is_empty() {
+            break;
+        }
+    }
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 408"), "got {text:?}");
+    assert!(
+        start.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(server.metric("ringcast_limit_refusals_total{limit=\"slow_request\"}") >= 1.0);
+}
+
+#[test]
+fn unfinished_heads_count_per_address_and_against_the_cap() {
+    let server = Server::start_with(
+        1,
+        &[
+            ("RINGCAST_LIMITS_EXEMPT_IPS", ""),
+            ("RINGCAST_LIMITS_CONNECT_ATTEMPTS_PER_IP", "0"),
+            ("RINGCAST_LIMITS_PENDING_HEADS_PER_IP", "4"),
+        ],
+    );
+    let partial = |n: usize| -> Vec<TcpStream> {
+        (0..n)
+            .map(|_| {
+                let mut s = TcpStream::connect(server.addr).unwrap();
+                s.write_all(b"GET /healthz HTTP/1.1\r\n").unwrap();
+                s
+            })
+            .collect()
+    };
+    let held = partial(4);
+    std::thread::sleep(Duration::from_millis(200));
+    // The fifth unfinished head from this address is refused at once.
+    let mut fifth = partial(1).pop().unwrap();
+    fifth
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut resp = String::new();
+    let _ = fifth.read_to_string(&mut resp);
+    assert!(resp.starts_with("HTTP/1.1 429"), "got {resp:?}");
+    drop(held);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_alive(&server);
+
+    // With a process cap, sockets reading a head count against it.
+    let capped = Server::start_with(1, &[("RINGCAST_LIMITS_MAX_CONNECTIONS", "3")]);
+    let held: Vec<TcpStream> = (0..3)
+        .map(|_| {
+            let mut s = TcpStream::connect(capped.addr).unwrap();
+            s.write_all(b"GET /healthz HTTP/1.1\r\n").unwrap();
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let (status, _) = capped.http("GET", "/healthz", &[], "");
+    assert_eq!(status, 503);
+    drop(held);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_alive(&capped);
+}
+
+#[test]
+fn idle_topics_are_forgotten_and_topics_per_connection_are_capped() {
+    let server = Server::start(2);
+    let base = server.metric("ringcast_topics_owned");
+    let mut c = Client::connect(
+        &server,
+        &token("t", |c| c.channels = vec!["made-up:*".into()]),
+    );
+    let names: Vec<String> = (0..100).map(|i| format!("made-up:{i}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    c.subscribe(&refs);
+    assert!(server.metric("ringcast_topics_owned") >= base + 100.0);
+    // Over the cap (128): refused as a whole, nothing changes.
+    let more: Vec<String> = (100..129).map(|i| format!("made-up:{i}")).collect();
+    c.send_json(json!({"type": "subscribe", "requestId": "m", "payload": {"topics": more}}));
+    let reply = c.recv_json();
+    assert_eq!(
+        (reply["code"].as_str(), reply["requestId"].as_str()),
+        (Some("too_many_topics"), Some("m")),
+        "{reply}"
+    );
+    drop(c);
+    // The sweep (every 10 s) forgets topics nobody follows and that keep no history.
+    let deadline = Instant::now() + Duration::from_secs(25);
+    loop {
+        let owned = server.metric("ringcast_topics_owned");
+        if owned <= base {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{owned} topics still owned");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(server.metric("ringcast_topics_forgotten_total") >= 100.0);
+    // A forgotten name starts again where its old life ended: a stale position is not
+    // mistaken for a complete recovery.
+    let mut c = Client::connect(
+        &server,
+        &token("t2", |c| c.channels = vec!["made-up:*".into()]),
+    );
+    let reply = c.subscribe(&["made-up:1"]);
+    assert_eq!(reply["data"]["topics"]["made-up:1"]["recovered"], true);
+}
+
+#[test]
+fn recipients_and_filters_are_bounded() {
+    let server = Server::start(1);
+    let mut c = Client::connect(
+        &server,
+        &token("agent", |c| {
+            c.channels = vec!["*".into()];
+            c.message = vec!["*".into()];
+        }),
+    );
+    c.send_json(
+        json!({"type": "send_message", "requestId": "r", "payload": {"to": "x".repeat(60_000)}}),
+    );
+    let reply = c.recv_json();
+    assert_eq!(
+        (reply["code"].as_str(), reply["requestId"].as_str()),
+        (Some("invalid_customer"), Some("r")),
+        "{reply}"
+    );
+    // 6,500 prefixes used to cost O(n^2) on the shard; now a bounded refusal.
+    let events: Vec<String> = (0..6500).map(|i| format!("e{i}")).collect();
+    let start = Instant::now();
+    c.send_json(json!({"type": "subscribe", "requestId": "f", "payload": {"events": events}}));
+    let reply = c.recv_json();
+    assert_eq!(reply["code"], "too_many_filters", "{reply}");
+    assert!(start.elapsed() < Duration::from_secs(2));
+    let ok: Vec<String> = (0..32).map(|i| format!("e{i}")).collect();
+    c.send_json(json!({"type": "subscribe", "payload": {"events": ok}}));
+    assert_eq!(c.recv_json()["type"], "subscription_confirmed");
+    assert_alive(&server);
+}
+
+#[test]
+fn strict_request_heads() {
+    let server = Server::start(1);
+    let auth = format!("Bearer {API_KEY}");
+    let (status, body) = server.http(
+        "POST",
+        "/v1/publish",
+        &[("Authorization", &auth), ("Authorization", "Bearer other")],
+        "{}",
+    );
+    assert_eq!(status, 400, "{body}");
+    let mut s = TcpStream::connect(server.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"POST /v1/publish HTTP/1.1\r\nHost: x\r\nContent-Length: +2\r\n\r\n{}")
+        .unwrap();
+    let mut resp = String::new();
+    let _ = s.read_to_string(&mut resp);
+    assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
+}
+
+#[test]
+fn drain_grace_serves_probes_and_idle_api_connections_do_not_hold_it() {
+    let mut server = Server::start_with(1, &[("RINGCAST_SERVER_DRAIN_GRACE_SECS", "2")]);
+    let mut client = Client::connect(&server, &sub_token("stays"));
+    // A backend's pooled keep-alive connection, idle.
+    let mut pooled = TcpStream::connect(server.addr).unwrap();
+    pooled
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut buf = [0u8; 256];
+    assert!(pooled.read(&mut buf).unwrap() > 0);
+    let start = Instant::now();
+    server.terminate();
+    std::thread::sleep(Duration::from_millis(100));
+    // Every probe during the grace period is answered 503; none ends the grace early.
+    for _ in 0..5 {
+        assert_eq!(server.http("GET", "/readyz", &[], "").0, 503);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let close = client.recv_close().expect("close frame");
+    assert_eq!(u16::from(close.code), 1001);
+    assert!(
+        start.elapsed() >= Duration::from_millis(1900),
+        "closed {:?} after SIGTERM, before the grace period ended",
+        start.elapsed()
+    );
+    // The idle pooled connection does not hold the exit to the 10 s drain timeout.
+    let status = loop {
+        if let Some(s) = server.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(6),
+            "still running {:?} after SIGTERM",
+            start.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success());
+}
