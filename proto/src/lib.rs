@@ -13,6 +13,7 @@
 //! - [`json`]: the nesting bound every untrusted JSON document passes first.
 //! - [`auth`]: JWT verification with a pinned algorithm, and topic permission globs.
 //! - [`bus`]: rkyv-encoded messages between shards.
+//! - [`fuzz`]: one entry point per parser of untrusted bytes, for fuzzers and corpus replay.
 //! - [`placement`]: which shard owns a customer or a topic (jump consistent hash).
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
@@ -25,6 +26,7 @@ pub mod bus;
 pub mod client;
 #[allow(missing_docs)]
 pub mod event;
+pub mod fuzz;
 pub mod http1;
 pub mod json;
 pub mod placement;
