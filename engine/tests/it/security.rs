@@ -66,6 +66,31 @@ fn deeply_nested_json_gets_an_error_not_a_crash() {
     assert_alive(&server);
 }
 
+#[test]
+fn malformed_messages_count_against_the_message_rate() {
+    let server = Server::start(1);
+    let mut c = Client::connect(&server, &sub_token("garbler"));
+    let mut errors = 0;
+    for _ in 0..40 {
+        if c.ws.send(Message::text("{not json")).is_err() {
+            break;
+        }
+    }
+    let close = loop {
+        match c.ws.read() {
+            Ok(Message::Text(t)) => {
+                assert!(t.contains("bad_json"), "{t}");
+                errors += 1;
+            }
+            Ok(Message::Close(f)) => break f.expect("a close code"),
+            Ok(_) => {}
+            Err(e) => panic!("no close frame: {e}"),
+        }
+    };
+    assert_eq!(u16::from(close.code), 4029);
+    assert_eq!(errors, 30, "the default allowance is 30 messages");
+}
+
 /// A masked frame with no payload (what a flooding client sends).
 fn masked(opcode: u8) -> [u8; 6] {
     [0x80 | opcode, 0x80, 1, 2, 3, 4]
@@ -74,11 +99,29 @@ fn masked(opcode: u8) -> [u8; 6] {
 #[test]
 fn ping_flood_from_a_client_that_never_reads_is_bounded() {
     let server = Server::start(1);
-    let (status, mut s) = server.raw_upgrade(b"", "flooder", "");
-    assert_eq!(status, 101);
-    // 1,000,000 pings (6 MB) while never reading: each unanswered pong used to be queued.
+    // A small receive buffer, never read: the server's pongs back up at once.
+    let mut s = {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.set_recv_buffer_size(4096).unwrap();
+        s.connect(&server.addr.into()).unwrap();
+        TcpStream::from(s)
+    };
+    s.write_all(
+        format!(
+            "GET /v1/ws?token={} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\
+             Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+             Sec-WebSocket-Version: 13\r\n\r\n",
+            sub_token("flooder")
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).unwrap();
+    assert!(head.starts_with(b"HTTP/1.1 101"));
+    // 5,000,000 empty pings (30 MB): every unanswered pong used to be queued (~40 B each).
     let before = rss_kib(&server);
-    let burst: Vec<u8> = (0..10_000).flat_map(|_| masked(0x9)).collect();
+    let burst: Vec<u8> = (0..50_000).flat_map(|_| masked(0x9)).collect();
     for _ in 0..100 {
         s.write_all(&burst).unwrap();
     }

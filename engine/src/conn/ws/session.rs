@@ -115,6 +115,10 @@ impl Session {
                     if !Box::pin(self.act(shard, actions)).await {
                         return;
                     }
+                    // glommio never preempts a task: a client that keeps its socket readable
+                    // (a flood of pings, say) would otherwise hold the shard between reads.
+                    // One read, then the other tasks' turn.
+                    futures_lite::future::yield_now().await;
                 }
                 Wake::Close(code) => self.start_close(shard, code, ""),
                 Wake::Gone => return,
@@ -244,14 +248,28 @@ impl Session {
         for action in actions {
             match action {
                 Action::Request(Ok(msg)) => {
-                    if !self.within_rate(shard, &msg) {
+                    let free = matches!(
+                        msg.request,
+                        client::Request::Ping | client::Request::Ack { .. }
+                    );
+                    if !self.within_rate(shard, free) {
                         // Close 4029; whatever else this read held is not acted on.
                         return true;
                     }
                     self.handle_request(shard, msg).await
                 }
-                Action::Request(Err(e)) => self.reply(shard, &e.to_json()),
+                // A message that cannot be served costs the allowance like any other: parsing
+                // it was work, and errors must not be a way around the limit.
+                Action::Request(Err(e)) => {
+                    if !self.within_rate(shard, false) {
+                        return true;
+                    }
+                    self.reply(shard, &e.to_json())
+                }
                 Action::Unsupported(why) => {
+                    if !self.within_rate(shard, false) {
+                        return true;
+                    }
                     self.reply(shard, &ClientError::new("unsupported", why).to_json())
                 }
                 Action::Echo(op, payload) => {
@@ -294,7 +312,7 @@ impl Session {
     /// Takes one request from the connection's allowance (`ping` and `ack` are free); over
     /// it, starts a 4029 close, counts the refusal and writes the audit line. A connection
     /// already closing takes no more requests.
-    fn within_rate(&mut self, shard: &Shard, msg: &ClientMessage) -> bool {
+    fn within_rate(&mut self, shard: &Shard, free: bool) -> bool {
         let per_minute = shard.shared.config.limits.client_messages_per_minute;
         let now_ms = shard.shared.started.elapsed().as_millis() as u32;
         let allowed = {
@@ -305,12 +323,7 @@ impl Session {
             if c.closing || c.close_request.is_some() {
                 return false;
             }
-            per_minute == 0
-                || matches!(
-                    msg.request,
-                    client::Request::Ping | client::Request::Ack { .. }
-                )
-                || c.bucket.take(per_minute, now_ms)
+            per_minute == 0 || free || c.bucket.take(per_minute, now_ms)
         };
         if !allowed {
             shard.shared.refuse(
