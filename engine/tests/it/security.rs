@@ -125,14 +125,29 @@ fn ping_flood_from_a_client_that_never_reads_is_bounded() {
     for _ in 0..100 {
         s.write_all(&burst).unwrap();
     }
-    let mut bystander = Client::connect(&server, &sub_token("bystander"));
-    assert!(bystander.drain_until_pong().is_empty());
     let grown = rss_kib(&server).saturating_sub(before);
     assert!(
         grown < 32 * 1024,
         "RSS grew by {grown} KiB for a ping flood (pongs must not pile up)"
     );
+    // While the flood goes on, a newcomer on the same shard is still served (a socket that
+    // stays readable used to hold the shard: its task never gave way).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if s.write_all(&burst).is_err() {
+                    break;
+                }
+            }
+        })
+    };
+    let mut bystander = Client::connect(&server, &sub_token("bystander"));
+    assert!(bystander.drain_until_pong().is_empty());
     assert_alive(&server);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    flood.join().unwrap();
 }
 
 #[test]
