@@ -56,6 +56,37 @@ const LAST_SEEN_KEPT: usize = 100_000;
 const PLATFORMS: usize = 32;
 
 impl CustomerPresence {
+    /// Remembers when `customer` went offline; the oldest beyond `LAST_SEEN_KEPT` is
+    /// forgotten.
+    fn went_offline(&mut self, customer: &Rc<str>, now: u64) {
+        if self.last_seen_order.len() >= LAST_SEEN_KEPT {
+            if let Some((old, at)) = self.last_seen_order.pop_front() {
+                if self.last_seen.get(&old) == Some(&at) {
+                    self.last_seen.remove(&old);
+                }
+            }
+        }
+        self.last_seen.insert(customer.clone(), now);
+        self.last_seen_order.push_back((customer.clone(), now));
+        self.compact_last_seen();
+    }
+
+    /// Drops the order entries of customers who came back or left again since: without it,
+    /// every connect-disconnect cycle would keep its customer name alive until 100,000
+    /// disconnects later (and scatter those small allocations over the heap). Runs when stale
+    /// entries outnumber live ones, so its cost is amortised O(1) per disconnect.
+    fn compact_last_seen(&mut self) {
+        if self.last_seen_order.len() <= 2 * self.last_seen.len() + 1024 {
+            return;
+        }
+        let seen = &self.last_seen;
+        self.last_seen_order
+            .retain(|(c, at)| seen.get(c) == Some(at));
+        if self.last_seen_order.capacity() > 4 * self.last_seen_order.len() + 1024 {
+            self.last_seen_order.shrink_to_fit();
+        }
+    }
+
     /// The index of a platform name (0: `unknown`).
     pub fn platform_index(&mut self, name: Option<&str>) -> u8 {
         if self.platforms.is_empty() {
@@ -134,16 +165,7 @@ impl Shard {
                 true
             } else if !up && open == 0 {
                 p.status.remove(customer);
-                if p.last_seen_order.len() >= LAST_SEEN_KEPT {
-                    if let Some((old, at)) = p.last_seen_order.pop_front() {
-                        if p.last_seen.get(&old) == Some(&at) {
-                            p.last_seen.remove(&old);
-                        }
-                    }
-                }
-                let now = unix_now();
-                p.last_seen.insert(customer.clone(), now);
-                p.last_seen_order.push_back((customer.clone(), now));
+                p.went_offline(customer, unix_now());
                 true
             } else {
                 false
@@ -426,5 +448,29 @@ impl Shard {
         if let Some(tx) = self.queries.borrow_mut().remove(&req) {
             let _ = tx.send(json.to_vec());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconnect_churn_keeps_no_stale_last_seen_entries() {
+        let mut p = CustomerPresence::default();
+        for i in 0..50_000u64 {
+            // A fresh name allocation per connection, as the engine makes one.
+            let c: Rc<str> = Rc::from(format!("churner-{}", i % 8).as_str());
+            p.went_offline(&c, i);
+            p.last_seen.remove(&c); // it comes back
+        }
+        assert!(
+            p.last_seen_order.len() <= 1024 + 2,
+            "{} order entries kept for 8 customers",
+            p.last_seen_order.len()
+        );
+        let gone: Rc<str> = Rc::from("gone");
+        p.went_offline(&gone, 7);
+        assert_eq!(p.last_seen.get(&gone), Some(&7));
     }
 }
