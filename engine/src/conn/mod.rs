@@ -86,8 +86,9 @@ pub async fn serve(
     }
 }
 
-/// Counts a new socket as reading its head, against the process cap and its address's
-/// `limits.pending_heads_per_ip`; answers 503 or 429 and returns None when over either.
+/// Counts a new socket as reading its head, against the process cap (heads alone) and its
+/// address's `limits.pending_heads_per_ip`; answers 503 or 429 and returns None when over
+/// either.
 async fn enter_head<'a>(
     shard: &'a Shard,
     stream: &mut TcpStream,
@@ -95,9 +96,10 @@ async fn enter_head<'a>(
 ) -> Option<crate::limits::HeadGuard<'a>> {
     let shared = &shard.shared;
     let limits = &shared.config.limits;
+    // Unfinished heads alone may not hold the cap's worth of sockets; open client connections
+    // do not count here, so the API, probes and scrapes are still served on a full node.
     if limits.max_connections > 0
-        && shared.open_connections() + shared.heads.pending.load(Relaxed)
-            >= limits.max_connections as i64
+        && shared.heads.pending.load(Relaxed) >= limits.max_connections as i64
     {
         shared.refuse(shard.id, Limit::MaxConnections, Some(tcp_peer), None);
         refuse_unread(shard, stream, &server_full()).await;
@@ -188,8 +190,11 @@ pub(crate) fn client_ip(shard: &Shard, peer_ip: IpAddr, head: &proto::http1::Hea
 /// for it: the process-wide connection cap and the attempts of its address this minute.
 fn admit(shard: &Shard, client: IpAddr) -> Option<Response> {
     let limits = &shard.shared.config.limits;
+    // Sockets still sending a head count too: a crowd of slow sockets leaves room for fewer
+    // clients rather than taking the open files the admitted ones need.
     if limits.max_connections > 0
-        && shard.shared.open_connections() >= limits.max_connections as i64
+        && shard.shared.open_connections() + shard.shared.heads.pending.load(Relaxed)
+            >= limits.max_connections as i64
     {
         shard
             .shared

@@ -216,8 +216,24 @@ fn unfinished_heads_count_per_address_and_against_the_cap() {
     std::thread::sleep(Duration::from_millis(200));
     assert_alive(&server);
 
-    // With a process cap, sockets reading a head count against it.
+    // With a process cap, sockets reading a head count against it: with one client and two
+    // slow heads, a new client stream is refused while the API is still served...
     let capped = Server::start_with(1, &[("RINGCAST_LIMITS_MAX_CONNECTIONS", "3")]);
+    let _client = Client::connect(&capped, &sub_token("capped"));
+    let slow: Vec<TcpStream> = (0..2)
+        .map(|_| {
+            let mut s = TcpStream::connect(capped.addr).unwrap();
+            s.write_all(b"GET /healthz HTTP/1.1\r\n").unwrap();
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(capped.raw_upgrade(b"", "capped-2", "").0, 503);
+    assert_alive(&capped);
+    drop(slow);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(capped.raw_upgrade(b"", "capped-3", "").0, 101);
+    // ...and heads alone may not reach the cap.
     let held: Vec<TcpStream> = (0..3)
         .map(|_| {
             let mut s = TcpStream::connect(capped.addr).unwrap();
