@@ -165,6 +165,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     if config.uses_dev_credentials() {
         tracing::warn!("!!! DEVELOPMENT CREDENTIALS IN USE: the JWT secret and/or API key are the public development defaults. Set RINGCAST_JWT_SECRET and RINGCAST_API_KEY before exposing this server. !!!");
     }
+    if config.auth.metrics_key.is_empty()
+        && config.listen_addr().is_ok_and(|a| !a.ip().is_loopback())
+    {
+        tracing::warn!("/metrics and /v1/stats are readable by anyone who reaches the listener; set auth.metrics_key (RINGCAST_AUTH_METRICS_KEY) or keep them from the public");
+    }
     if config.diagnostics.echo {
         tracing::warn!("diagnostic /v1/echo endpoint is enabled (unauthenticated)");
     }

@@ -108,6 +108,10 @@ pub struct Auth {
     pub api_key: String,
     /// Allowed `Origin` values for browser clients; empty = any origin.
     pub allowed_origins: Vec<String>,
+    /// Bearer key for `/metrics`, `/v1/stats` and `/v1/stats/histograms` (a Prometheus
+    /// scrape credential). Empty = those endpoints are open to whoever reaches the port
+    /// (logged as a warning when the listener is not on loopback).
+    pub metrics_key: String,
 }
 
 /// `[limits]`: per-connection bounds.
@@ -356,6 +360,7 @@ impl Default for Auth {
             audience: String::new(),
             api_key: String::new(),
             allowed_origins: Vec::new(),
+            metrics_key: String::new(),
         }
     }
 }
@@ -493,6 +498,7 @@ impl Config {
             "auth.audience" => self.auth.audience = value.into(),
             "auth.api_key" => self.auth.api_key = value.into(),
             "auth.allowed_origins" => self.auth.allowed_origins = list(value),
+            "auth.metrics_key" => self.auth.metrics_key = value.into(),
             "limits.max_message" => self.limits.max_message = num(value)?,
             "limits.max_backlog" => self.limits.max_backlog = num(value)?,
             "limits.max_body" => self.limits.max_body = num(value)?,

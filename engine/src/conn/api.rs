@@ -166,7 +166,17 @@ async fn read_body(
 }
 
 fn authorized(shard: &Shard, head: &Head) -> bool {
-    let expected = shard.shared.config.api_key().as_bytes();
+    bearer_is(head, shard.shared.config.api_key())
+}
+
+/// Operational endpoints: open unless `auth.metrics_key` is set.
+fn metrics_authorized(shard: &Shard, head: &Head) -> bool {
+    let key = &shard.shared.config.auth.metrics_key;
+    key.is_empty() || bearer_is(head, key)
+}
+
+fn bearer_is(head: &Head, key: &str) -> bool {
+    let expected = key.as_bytes();
     let given = head.bearer().unwrap_or("").as_bytes();
     // Constant-time comparison: the key must not leak through response timing.
     given.len() == expected.len()
@@ -187,6 +197,13 @@ async fn handle(shard: &Rc<Shard>, head: &Head, body: Vec<u8>) -> Response {
             } else {
                 Response::json(200, r#"{"status":"ready"}"#)
             }
+        }
+        Route::Metrics | Route::Stats | Route::Histograms if !metrics_authorized(shard, head) => {
+            json_error(
+                401,
+                "unauthorized",
+                "Authorization: Bearer <auth.metrics_key> required",
+            )
         }
         Route::Metrics => Response::text(
             200,

@@ -325,6 +325,21 @@ fn recipients_and_filters_are_bounded() {
 }
 
 #[test]
+fn metrics_can_require_a_key() {
+    let server = Server::start_with(1, &[("RINGCAST_AUTH_METRICS_KEY", "scrape-key")]);
+    for path in ["/metrics", "/v1/stats", "/v1/stats/histograms"] {
+        assert_eq!(server.http("GET", path, &[], "").0, 401, "{path}");
+        let (status, _) = server.http("GET", path, &[("Authorization", "Bearer wrong")], "");
+        assert_eq!(status, 401, "{path}");
+        let (status, _) = server.http("GET", path, &[("Authorization", "Bearer scrape-key")], "");
+        assert_eq!(status, 200, "{path}");
+    }
+    // Load-balancer probes stay open.
+    assert_alive(&server);
+    assert_eq!(server.http("GET", "/readyz", &[], "").0, 200);
+}
+
+#[test]
 fn strict_request_heads() {
     let server = Server::start(1);
     let auth = format!("Bearer {API_KEY}");
