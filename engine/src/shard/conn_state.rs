@@ -30,6 +30,9 @@ pub struct OutFrame {
 /// First byte of an unfragmented pong frame (FIN + opcode 0xA).
 const PONG_FIRST_BYTE: u8 = 0x8A;
 
+/// Pongs that may wait unsent in a row before a newer one replaces the last.
+pub const MAX_PENDING_PONGS: usize = 16;
+
 /// A connection as the shard sees it.
 pub struct Conn {
     /// The socket (owned by the connection's task; used here for direct vectored sends).
@@ -163,21 +166,28 @@ impl Conn {
         Queued::Yes
     }
 
-    /// Queues a pong. At most one waits unsent: a newer one replaces it (RFC 6455 §5.5.3
-    /// allows answering only the latest ping), so a client that sends pings and never reads
-    /// cannot grow the queue. Nothing is queued after our close frame. Pongs count against
-    /// the backlog like any frame.
+    /// Queues a pong, in order with everything else. Every ping is answered (Autobahn 2.10
+    /// expects it), but at most [`MAX_PENDING_PONGS`] wait unsent in a row: beyond, the newest
+    /// replaces the last (RFC 6455 §5.5.3 allows answering only the latest ping), so a client
+    /// that sends pings and never reads cannot grow the queue. Nothing is queued after our
+    /// close frame. Pongs count against the backlog like any frame.
     pub fn queue_pong(&mut self, frame: &Bytes) -> Queued {
         if self.closing || self.dead {
             return Queued::Closing;
         }
-        let unsent_back = self.out.len() > 1 || self.sent == 0;
-        if let Some(back) = self.out.back_mut().filter(|_| unsent_back) {
-            if back.bytes.first() == Some(&PONG_FIRST_BYTE) && back.published.is_none() {
-                self.out_bytes = self.out_bytes - back.bytes.len() as u32 + frame.len() as u32;
-                back.bytes = frame.clone();
-                return Queued::Yes;
-            }
+        let unsent = self.out.len() - usize::from(self.sent > 0);
+        let trailing = self
+            .out
+            .iter()
+            .rev()
+            .take(unsent.min(MAX_PENDING_PONGS))
+            .take_while(|f| f.published.is_none() && f.bytes.first() == Some(&PONG_FIRST_BYTE))
+            .count();
+        if trailing == MAX_PENDING_PONGS {
+            let back = self.out.back_mut().expect("trailing pongs exist");
+            self.out_bytes = self.out_bytes - back.bytes.len() as u32 + frame.len() as u32;
+            back.bytes = frame.clone();
+            return Queued::Yes;
         }
         if self.out_bytes as usize + frame.len() > self.max_backlog as usize {
             self.close_request
@@ -306,30 +316,37 @@ mod tests {
     }
 
     #[test]
-    fn one_pong_waits_at_most_and_none_after_close() {
+    fn pending_pongs_are_bounded_and_none_follow_close() {
         let pong = |n: u8| proto::ws::server_frame(proto::ws::OpCode::Pong, &[n]);
         let mut c = Conn::new(0, "c".into(), 0, 10_000);
+        for i in 0..10u8 {
+            assert_eq!(c.queue_pong(&pong(i)), Queued::Yes);
+        }
+        assert_eq!(c.out.len(), 10, "a few pings are each answered");
         for i in 0..100_000u32 {
             assert_eq!(c.queue_pong(&pong(i as u8)), Queued::Yes);
         }
         assert_eq!(
-            (c.out.len(), c.out_bytes),
-            (1, 3),
-            "only the latest pong waits"
+            (c.out.len(), c.out_bytes as usize),
+            (MAX_PENDING_PONGS, 3 * MAX_PENDING_PONGS),
+            "a flood leaves a bounded queue"
         );
-        assert_eq!(c.out[0].bytes[2], (99_999u32 % 256) as u8);
-        // A partly written pong stays; the next one queues behind it.
-        c.sent = 1;
-        c.queue_pong(&pong(1));
-        assert_eq!(c.out.len(), 2);
-        // Behind an event, a new pong is queued once, then replaced.
+        assert_eq!(
+            c.out.back().unwrap().bytes[2],
+            (99_999u32 % 256) as u8,
+            "the latest wins"
+        );
+        // Behind an event, pongs queue again (bounded by the backlog).
         c.queue(&Bytes::from(vec![0u8; 10]), Some(Instant::now()));
         c.queue_pong(&pong(2));
-        c.queue_pong(&pong(3));
-        assert_eq!(c.out.len(), 4);
+        assert_eq!(c.out.len(), MAX_PENDING_PONGS + 2);
         c.closing = true;
         assert_eq!(c.queue_pong(&pong(4)), Queued::Closing);
-        assert_eq!(c.out.len(), 4, "nothing follows our close frame");
+        assert_eq!(
+            c.out.len(),
+            MAX_PENDING_PONGS + 2,
+            "nothing follows our close frame"
+        );
     }
 
     #[test]

@@ -394,18 +394,22 @@ impl Shard {
         queued
     }
 
-    /// Answers a ping: at most one pong waits per connection (see [`Conn::queue_pong`]).
-    pub fn send_pong(&self, key: ConnKey, frame: &Frame) {
+    /// Queues a pong without writing it (see [`Conn::queue_pong`]); the caller flushes once
+    /// for all the pongs of a read ([`Shard::flush_key`]).
+    pub fn queue_pong(&self, key: ConnKey, frame: &Frame) {
         let mut conns = self.conns.borrow_mut();
         if let Some(c) = conns.get_mut(key) {
-            match c.queue_pong(frame) {
-                Queued::Yes => self.flush_conn(c),
-                Queued::Closing => {}
-                Queued::OverBacklog => {
-                    self.metrics().slow_consumer_closes.fetch_add(1, Relaxed);
-                    c.wake();
-                }
+            if c.queue_pong(frame) == Queued::OverBacklog {
+                self.metrics().slow_consumer_closes.fetch_add(1, Relaxed);
+                c.wake();
             }
+        }
+    }
+
+    /// Writes what one connection has queued.
+    pub fn flush_key(&self, key: ConnKey) {
+        if let Some(c) = self.conns.borrow_mut().get_mut(key) {
+            self.flush_conn(c);
         }
     }
 

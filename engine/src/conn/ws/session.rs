@@ -242,9 +242,8 @@ impl Session {
 
     /// Carries out decoded actions. Returns false when the connection is finished.
     pub(super) async fn act(&mut self, shard: &Rc<Shard>, actions: Vec<Action>) -> bool {
-        // Only the latest ping of a read is answered (RFC 6455 §5.5.3): one write, however
-        // many pings the read held.
-        let mut pong = None;
+        // Pongs are queued in order and written once per read, however many pings it held.
+        let mut pongs = false;
         for action in actions {
             match action {
                 Action::Request(Ok(msg)) => {
@@ -275,7 +274,10 @@ impl Session {
                 Action::Echo(op, payload) => {
                     shard.send_now(self.key, &server_frame(op, &payload));
                 }
-                Action::Pong(p) => pong = Some(p),
+                Action::Pong(p) => {
+                    shard.queue_pong(self.key, &server_frame(OpCode::Pong, &p));
+                    pongs = true;
+                }
                 Action::PeerClose(code) => {
                     let closing = shard
                         .conns
@@ -303,8 +305,8 @@ impl Session {
                 }
             }
         }
-        if let Some(p) = pong {
-            shard.send_pong(self.key, &server_frame(OpCode::Pong, &p));
+        if pongs {
+            shard.flush_key(self.key);
         }
         true
     }
