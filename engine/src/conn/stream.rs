@@ -313,6 +313,25 @@ pub async fn missed(shard: Rc<Shard>, stream: TcpStream, head: Head, buf: Vec<u8
     let customer: Rc<str> = Rc::from(claims.sub.as_str());
     let mut found = shard.missed(&customer, since.as_deref(), &filters);
     if found.events.is_empty() && wait > 0 && !shard.draining() {
+        // Parked polls hold a socket each: the per-customer connection limit bounds them too.
+        let limit = shard.shared.config.limits.connections_per_customer;
+        let parked = shard.pollers.borrow().get(&customer).map_or(0, Vec::len);
+        if limit > 0 && parked >= limit {
+            shard.shared.refuse(
+                shard.id,
+                crate::limits::Limit::CustomerConnections,
+                Some(client),
+                Some(&customer),
+            );
+            let mut resp = json_error(
+                429,
+                "too_many_connections",
+                &format!("{customer} already has {parked} waiting long polls (limit {limit})"),
+            );
+            resp.headers.push("Retry-After: 5".into());
+            respond(&mut stream, &resp, false).await;
+            return;
+        }
         let poller = Rc::new(Poller {
             filters,
             ..Poller::default()

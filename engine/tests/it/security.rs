@@ -325,6 +325,31 @@ fn recipients_and_filters_are_bounded() {
 }
 
 #[test]
+fn parked_long_polls_are_capped_per_customer() {
+    let server = Server::start_with(1, &[("RINGCAST_LIMITS_CONNECTIONS_PER_CUSTOMER", "2")]);
+    let tok = sub_token("poller");
+    let poll = || {
+        let mut s = TcpStream::connect(server.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(
+            format!("GET /v1/events/missed?wait=20&token={tok} HTTP/1.1\r\nHost: x\r\n\r\n")
+                .as_bytes(),
+        )
+        .unwrap();
+        s
+    };
+    let parked = [poll(), poll()];
+    std::thread::sleep(Duration::from_millis(300));
+    let mut third = poll();
+    let mut resp = String::new();
+    let _ = third.read_to_string(&mut resp);
+    assert!(resp.starts_with("HTTP/1.1 429"), "{resp}");
+    assert!(resp.contains("too_many_connections"), "{resp}");
+    drop(parked);
+    assert_alive(&server);
+}
+
+#[test]
 fn metrics_can_require_a_key() {
     let server = Server::start_with(1, &[("RINGCAST_AUTH_METRICS_KEY", "scrape-key")]);
     for path in ["/metrics", "/v1/stats", "/v1/stats/histograms"] {
