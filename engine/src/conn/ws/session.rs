@@ -117,8 +117,11 @@ impl Session {
                     }
                     // glommio never preempts a task: a client that keeps its socket readable
                     // (a flood of pings, say) would otherwise hold the shard between reads.
-                    // One read, then the other tasks' turn.
-                    futures_lite::future::yield_now().await;
+                    // One read, then the other tasks' turn (not when the peer closed: the
+                    // connection should leave its shard's lists at once).
+                    if !self.peer_closed {
+                        futures_lite::future::yield_now().await;
+                    }
                 }
                 Wake::Close(code) => self.start_close(shard, code, ""),
                 Wake::Gone => return,
