@@ -126,7 +126,8 @@ pub struct Limits {
     /// Largest backend API request body in bytes (413 above). Default 1 MiB.
     pub max_body: usize,
     /// Client requests per minute per connection (a token bucket of this size, refilled
-    /// evenly; `ping` and `ack` are free). Over it: close 4029. Default 30, from the seeds.
+    /// evenly; a request that cannot be served counts, a ping costs an eighth, an `ack` nothing).
+    /// Over it: close 4029. Default 30, from the seeds.
     /// 0 = unlimited.
     pub client_messages_per_minute: u32,
     /// Open WebSocket and SSE connections per customer; the next one gets 429. Default 5.

@@ -165,6 +165,11 @@ impl Drop for HeadGuard<'_> {
     }
 }
 
+/// What a ping (a WebSocket ping frame or a JSON `ping`) takes from a connection's allowance:
+/// an eighth of a request, so keep-alive pings every few seconds never matter while a flood
+/// (thousands in one read, each answered) meets the limit.
+pub const PING_COST: f32 = 0.125;
+
 /// A connection's client-message allowance: a token bucket of `per_minute` tokens refilled
 /// evenly, kept in the connection's slot (8 bytes).
 #[derive(Debug, Clone, Copy)]
@@ -185,12 +190,17 @@ impl MessageBucket {
 
     /// Takes one token; false when the bucket is empty (the connection is over its rate).
     pub fn take(&mut self, per_minute: u32, now_ms: u32) -> bool {
+        self.take_cost(per_minute, now_ms, 1.0)
+    }
+
+    /// Takes `cost` tokens (a ping costs a fraction of a request); false when fewer are left.
+    pub fn take_cost(&mut self, per_minute: u32, now_ms: u32, cost: f32) -> bool {
         let elapsed = now_ms.wrapping_sub(self.at_ms) as f32;
         self.at_ms = now_ms;
         let cap = per_minute as f32;
         self.tokens = (self.tokens + elapsed * cap / 60_000.0).min(cap);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
+        if self.tokens >= cost {
+            self.tokens -= cost;
             true
         } else {
             false
@@ -250,6 +260,15 @@ mod tests {
             t.enter(Some(a), 3).is_ok(),
             "finished heads free their address's places"
         );
+    }
+
+    #[test]
+    fn pings_cost_an_eighth_of_a_request() {
+        let mut b = MessageBucket::full(30, 0);
+        let n = (0..1000)
+            .take_while(|_| b.take_cost(30, 0, PING_COST))
+            .count();
+        assert_eq!(n, 240);
     }
 
     #[test]

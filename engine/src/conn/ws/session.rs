@@ -250,11 +250,12 @@ impl Session {
         for action in actions {
             match action {
                 Action::Request(Ok(msg)) => {
-                    let free = matches!(
-                        msg.request,
-                        client::Request::Ping | client::Request::Ack { .. }
-                    );
-                    if !self.within_rate(shard, free) {
+                    let cost = match msg.request {
+                        client::Request::Ack { .. } => 0.0,
+                        client::Request::Ping => crate::limits::PING_COST,
+                        _ => 1.0,
+                    };
+                    if !self.within_rate(shard, cost) {
                         // Close 4029; whatever else this read held is not acted on.
                         return true;
                     }
@@ -263,13 +264,13 @@ impl Session {
                 // A message that cannot be served costs the allowance like any other: parsing
                 // it was work, and errors must not be a way around the limit.
                 Action::Request(Err(e)) => {
-                    if !self.within_rate(shard, false) {
+                    if !self.within_rate(shard, 1.0) {
                         return true;
                     }
                     self.reply(shard, &e.to_json())
                 }
                 Action::Unsupported(why) => {
-                    if !self.within_rate(shard, false) {
+                    if !self.within_rate(shard, 1.0) {
                         return true;
                     }
                     self.reply(shard, &ClientError::new("unsupported", why).to_json())
@@ -278,6 +279,11 @@ impl Session {
                     shard.send_now(self.key, &server_frame(op, &payload));
                 }
                 Action::Pong(p) => {
+                    if self.kind == Kind::Client
+                        && !self.within_rate(shard, crate::limits::PING_COST)
+                    {
+                        return true;
+                    }
                     shard.queue_pong(self.key, &server_frame(OpCode::Pong, &p));
                     pongs = true;
                 }
@@ -314,10 +320,11 @@ impl Session {
         true
     }
 
-    /// Takes one request from the connection's allowance (`ping` and `ack` are free); over
+    /// Takes `cost` from the connection's allowance (a request 1, a ping
+    /// [`crate::limits::PING_COST`], an `ack` nothing); over
     /// it, starts a 4029 close, counts the refusal and writes the audit line. A connection
     /// already closing takes no more requests.
-    fn within_rate(&mut self, shard: &Shard, free: bool) -> bool {
+    fn within_rate(&mut self, shard: &Shard, cost: f32) -> bool {
         let per_minute = shard.shared.config.limits.client_messages_per_minute;
         let now_ms = shard.shared.started.elapsed().as_millis() as u32;
         let allowed = {
@@ -328,7 +335,7 @@ impl Session {
             if c.closing || c.close_request.is_some() {
                 return false;
             }
-            per_minute == 0 || free || c.bucket.take(per_minute, now_ms)
+            per_minute == 0 || cost == 0.0 || c.bucket.take_cost(per_minute, now_ms, cost)
         };
         if !allowed {
             shard.shared.refuse(
