@@ -105,6 +105,22 @@ fn a_ping_flood_meets_the_message_rate() {
     let close = c.recv_close().expect("a close frame");
     assert_eq!(u16::from(close.code), 4029);
     assert_alive(&server);
+
+    // A flooder closed for its rate is not read any further: the shard stops decoding it.
+    let mut s = c.ws.into_inner();
+    let before = server.metric("ringcast_bytes_in_total");
+    s.set_write_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut sent = 0usize;
+    let burst: Vec<u8> = (0..10_000).flat_map(|_| masked(0x9)).collect();
+    while sent < 8 << 20 && s.write_all(&burst).is_ok() {
+        sent += burst.len();
+    }
+    let read = server.metric("ringcast_bytes_in_total") - before;
+    assert!(
+        read < 256.0 * 1024.0,
+        "{read} bytes read after the close ({sent} sent)"
+    );
 }
 
 #[test]

@@ -323,7 +323,7 @@ impl Session {
     /// Takes `cost` from the connection's allowance (a request 1, a ping
     /// [`crate::limits::PING_COST`], an `ack` nothing); over
     /// it, starts a 4029 close, counts the refusal and writes the audit line. A connection
-    /// already closing takes no more requests.
+    /// already closing takes no more requests, and one closed for its rate is not read further.
     fn within_rate(&mut self, shard: &Shard, cost: f32) -> bool {
         let per_minute = shard.shared.config.limits.client_messages_per_minute;
         let now_ms = shard.shared.started.elapsed().as_millis() as u32;
@@ -345,6 +345,9 @@ impl Session {
                 Some(&self.grants.customer),
             );
             self.start_close(shard, close::RATE_LIMITED, "rate limited");
+            // Nothing more is read from it: a flooder would otherwise keep the shard decoding
+            // its frames until the close deadline. It ends once the close frame is out.
+            self.peer_closed = true;
         }
         allowed
     }
