@@ -118,6 +118,9 @@ pub type Frame = Bytes;
 /// yields while connections come and go.
 pub type Subscribers = Rc<Vec<ConnKey>>;
 
+/// Owned topics nobody follows, soonest expiry first: `(unix seconds, name)`.
+pub type IdleTopics = std::collections::BinaryHeap<std::cmp::Reverse<(u64, Rc<str>)>>;
+
 /// A topic owned by this shard.
 #[derive(Default)]
 pub struct OwnedTopic {
@@ -131,6 +134,9 @@ pub struct OwnedTopic {
     pub keep: usize,
     /// Seconds an event is kept.
     pub age: u64,
+    /// Waiting in the shard's idle-topic queue (no shard follows it; its history has yet to
+    /// expire).
+    pub idle_queued: bool,
 }
 
 /// An event kept in a topic's history.
@@ -170,6 +176,8 @@ pub struct Shard {
     pub owned: RefCell<AHashMap<Rc<str>, OwnedTopic>>,
     /// Highest offset of a forgotten owned topic; new topics start above it.
     topic_floor: Cell<u64>,
+    /// Owned topics nobody follows, by when their history expires (then they are forgotten).
+    idle_topics: RefCell<IdleTopics>,
     /// Connections with queued frames awaiting the next flush round.
     dirty: RefCell<Vec<ConnKey>>,
     /// The shared read buffer (see DESIGN.md §2.5).
@@ -635,6 +643,7 @@ pub fn start(config: Config) -> anyhow::Result<Server> {
                     roles: RefCell::default(),
                     owned: RefCell::default(),
                     topic_floor: Cell::new(0),
+                    idle_topics: RefCell::default(),
                     dirty: RefCell::default(),
                     scratch: RefCell::new(vec![0u8; 64 * 1024].into_boxed_slice()),
                     mesh,
@@ -782,9 +791,10 @@ impl Shard {
                 if self.clock.get().is_multiple_of(2) {
                     crate::io::collect_allocator(false);
                 }
+                self.expire_idle_topics(10_000);
                 if self.clock.get().is_multiple_of(10) {
                     self.sweep_streams();
-                    self.sweep_topics();
+                    self.shrink_topic_tables();
                 }
             }
         }

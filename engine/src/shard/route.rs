@@ -359,6 +359,9 @@ impl Shard {
             }
             (ones(&t.interest).collect::<Vec<_>>(), payload)
         };
+        if shards.is_empty() {
+            self.settle_topic(topic);
+        }
         if req != 0 {
             self.report(origin, req, Counts::default(), shards.len() as u32);
         }
@@ -501,6 +504,9 @@ impl Shard {
                 None,
             );
         }
+        if !on {
+            self.settle_topic(topic);
+        }
     }
 
     /// Subscribes a connection to a topic: asks the owner for the topic's position (and the
@@ -631,30 +637,68 @@ impl Shard {
         }
     }
 
-    /// Forgets owned topics no shard follows and whose history is empty or expired: topic
-    /// names are made up by clients and backends, and each costs memory until forgotten.
-    /// Tables that emptied out give their memory back too.
-    pub(super) fn sweep_topics(&self) {
+    /// After an owned topic lost its last interested shard or got an event nobody follows:
+    /// forgets it at once when it keeps nothing, or checks again when its history expires.
+    /// Topic names are made up by clients and backends and each costs memory until forgotten;
+    /// doing it as topics go idle (not by scanning them all) never stalls the shard.
+    fn settle_topic(&self, topic: &str) {
         let now = unix_now();
-        let mut floor = self.topic_floor.get();
         let mut owned = self.owned.borrow_mut();
-        let before = owned.len();
-        owned.retain(|_, t| {
-            while t.history.front().is_some_and(|k| k.expires <= now) {
-                t.history.pop_front();
+        let Some((name, t)) = owned.get_key_value(topic) else {
+            return;
+        };
+        if t.interest.iter().any(|w| *w != 0) || t.idle_queued {
+            return;
+        }
+        let name = name.clone();
+        let t = owned.get_mut(topic).expect("just found");
+        while t.history.front().is_some_and(|k| k.expires <= now) {
+            t.history.pop_front();
+        }
+        match t.history.iter().map(|k| k.expires).max() {
+            None => {
+                let t = owned.remove(topic).expect("just found");
+                self.topic_floor.set(self.topic_floor.get().max(t.offset));
+                let m = self.metrics();
+                m.topics_forgotten.fetch_add(1, Relaxed);
+                m.topics_owned.store(owned.len() as i64, Relaxed);
             }
-            let keep = t.interest.iter().any(|w| *w != 0) || !t.history.is_empty();
-            if !keep {
-                floor = floor.max(t.offset);
+            Some(due) => {
+                t.idle_queued = true;
+                self.idle_topics
+                    .borrow_mut()
+                    .push(std::cmp::Reverse((due, name)));
             }
-            keep
-        });
-        self.topic_floor.set(floor);
-        let m = self.metrics();
-        m.topics_forgotten
-            .fetch_add((before - owned.len()) as u64, Relaxed);
-        m.topics_owned.store(owned.len() as i64, Relaxed);
-        shrink_idle(&mut owned);
+        }
+    }
+
+    /// Checks the idle topics whose history has expired by now (at most `budget` of them, so
+    /// a burst is spread over several ticks), and gives back the memory of emptied tables.
+    pub(super) fn expire_idle_topics(&self, budget: usize) {
+        let now = unix_now();
+        for _ in 0..budget {
+            let name = {
+                let mut idle = self.idle_topics.borrow_mut();
+                match idle.peek() {
+                    Some(std::cmp::Reverse((due, _))) if *due <= now => {}
+                    _ => break,
+                }
+                idle.pop().expect("just peeked").0 .1
+            };
+            if let Some(t) = self.owned.borrow_mut().get_mut(&name) {
+                t.idle_queued = false;
+            }
+            self.settle_topic(&name);
+        }
+        let mut idle = self.idle_topics.borrow_mut();
+        if idle.capacity() > 64 && idle.capacity() > 4 * idle.len() {
+            idle.shrink_to_fit();
+        }
+    }
+
+    /// Gives back the tables' memory after a burst of made-up names (every 10 s).
+    pub(super) fn shrink_topic_tables(&self) {
+        shrink_idle(&mut self.owned.borrow_mut());
         shrink_idle(&mut self.topics.borrow_mut());
     }
 

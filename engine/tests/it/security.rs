@@ -300,8 +300,8 @@ fn idle_topics_are_forgotten_and_topics_per_connection_are_capped() {
         "{reply}"
     );
     drop(c);
-    // The sweep (every 10 s) forgets topics nobody follows and that keep no history.
-    let deadline = Instant::now() + Duration::from_secs(25);
+    // Topics nobody follows that keep no history are forgotten as they go idle.
+    let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let owned = server.metric("ringcast_topics_owned");
         if owned <= base {
@@ -311,6 +311,21 @@ fn idle_topics_are_forgotten_and_topics_per_connection_are_capped() {
         std::thread::sleep(Duration::from_millis(500));
     }
     assert!(server.metric("ringcast_topics_forgotten_total") >= 100.0);
+    // A backend's events to names nobody follows are kept for their time to live, then the
+    // names are forgotten too.
+    for i in 0..50 {
+        server.publish(json!({"topics": [format!("backend-made-up:{i}")],
+            "event": {"type": "x", "data": {}, "ttl": 1}}));
+    }
+    assert!(server.metric("ringcast_topics_owned") >= base + 50.0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while server.metric("ringcast_topics_owned") > base {
+        assert!(
+            Instant::now() < deadline,
+            "kept topics not forgotten after their ttl"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     // A forgotten name starts again where its old life ended: a stale position is not
     // mistaken for a complete recovery.
     let mut c = Client::connect(
