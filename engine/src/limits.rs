@@ -60,17 +60,41 @@ const SLOTS: usize = 1 << 16;
 /// so an innocent address is refused only if it collides in both rows with addresses that
 /// are over the limit together; attackers cannot grow the table.
 pub struct AttemptTable {
-    rows: [Box<[AtomicU64]>; 2],
+    rows: Rows<AtomicU64>,
+}
+
+/// Two rows of [`SLOTS`] counters; an address is hashed into one slot per row with
+/// independent keys (the count-min sketch of [`AttemptTable`] and [`HeadTable`]).
+struct Rows<T> {
+    rows: [Box<[T]>; 2],
     keys: [ahash::RandomState; 2],
+}
+
+impl<T: Default> Rows<T> {
+    fn new() -> Self {
+        let row = || (0..SLOTS).map(|_| T::default()).collect();
+        Rows {
+            rows: [row(), row()],
+            keys: [ahash::RandomState::new(), ahash::RandomState::new()],
+        }
+    }
+}
+
+impl<T> Rows<T> {
+    /// The address's slot in each row.
+    fn slots(&self, ip: IpAddr) -> [&T; 2] {
+        let slot = |i: usize| {
+            let mut h = self.keys[i].build_hasher();
+            ip.hash(&mut h);
+            &self.rows[i][std::hash::Hasher::finish(&h) as usize % SLOTS]
+        };
+        [slot(0), slot(1)]
+    }
 }
 
 impl Default for AttemptTable {
     fn default() -> Self {
-        let row = || (0..SLOTS).map(|_| AtomicU64::new(0)).collect();
-        AttemptTable {
-            rows: [row(), row()],
-            keys: [ahash::RandomState::new(), ahash::RandomState::new()],
-        }
+        AttemptTable { rows: Rows::new() }
     }
 }
 
@@ -78,10 +102,7 @@ impl AttemptTable {
     /// Counts an attempt by `ip` in minute `minute`; false if that makes more than `limit`.
     pub fn admit(&self, ip: IpAddr, minute: u32, limit: u32) -> bool {
         let mut lowest = u32::MAX;
-        for (row, key) in self.rows.iter().zip(&self.keys) {
-            let mut h = key.build_hasher();
-            ip.hash(&mut h);
-            let slot = &row[std::hash::Hasher::finish(&h) as usize % SLOTS];
+        for slot in self.rows.slots(ip) {
             let prev = slot
                 .fetch_update(Relaxed, Relaxed, |v| {
                     let (m, n) = ((v >> 32) as u32, v as u32);
@@ -105,37 +126,25 @@ impl AttemptTable {
 /// [`AttemptTable`], incremented at accept and decremented when the head is complete or the
 /// socket is gone). Counts only ever over-estimate, so an address is never let past its limit.
 pub struct HeadTable {
-    rows: [Box<[AtomicU32]>; 2],
-    keys: [ahash::RandomState; 2],
+    rows: Rows<AtomicU32>,
     /// Sockets reading a head, all shards.
     pub pending: AtomicI64,
 }
 
 impl Default for HeadTable {
     fn default() -> Self {
-        let row = || (0..SLOTS).map(|_| AtomicU32::new(0)).collect();
         HeadTable {
-            rows: [row(), row()],
-            keys: [ahash::RandomState::new(), ahash::RandomState::new()],
+            rows: Rows::new(),
             pending: AtomicI64::new(0),
         }
     }
 }
 
 impl HeadTable {
-    fn slots(&self, ip: IpAddr) -> [&AtomicU32; 2] {
-        let slot = |i: usize| {
-            let mut h = self.keys[i].build_hasher();
-            ip.hash(&mut h);
-            &self.rows[i][std::hash::Hasher::finish(&h) as usize % SLOTS]
-        };
-        [slot(0), slot(1)]
-    }
-
     /// Counts a socket from `ip` (`None`: not counted per address) that starts reading its
     /// head. `Err(true)`: the address is over `per_ip`. The returned guard uncounts it.
     pub fn enter(&self, ip: Option<IpAddr>, per_ip: u32) -> Result<HeadGuard<'_>, bool> {
-        let slots = ip.map(|ip| self.slots(ip));
+        let slots = ip.map(|ip| self.rows.slots(ip));
         if let Some(slots) = slots {
             let n = slots.map(|s| s.fetch_add(1, Relaxed).saturating_add(1));
             if per_ip > 0 && n[0].min(n[1]) > per_ip {

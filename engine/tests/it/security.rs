@@ -212,6 +212,17 @@ fn a_slow_head_is_cut_at_an_absolute_deadline() {
     assert!(server.metric("ringcast_limit_refusals_total{limit=\"slow_request\"}") >= 1.0);
 }
 
+/// `n` sockets that send the start of a request head and nothing more.
+fn slow_heads(server: &Server, n: usize) -> Vec<TcpStream> {
+    (0..n)
+        .map(|_| {
+            let mut s = TcpStream::connect(server.addr).unwrap();
+            s.write_all(b"GET /healthz HTTP/1.1\r\n").unwrap();
+            s
+        })
+        .collect()
+}
+
 #[test]
 fn unfinished_heads_count_per_address_and_against_the_cap() {
     let server = Server::start_with(
@@ -222,19 +233,10 @@ fn unfinished_heads_count_per_address_and_against_the_cap() {
             ("RINGCAST_LIMITS_PENDING_HEADS_PER_IP", "4"),
         ],
     );
-    let partial = |n: usize| -> Vec<TcpStream> {
-        (0..n)
-            .map(|_| {
-                let mut s = TcpStream::connect(server.addr).unwrap();
-                s.write_all(b"GET /healthz HTTP/1.1\r\n").unwrap();
-                s
-            })
-            .collect()
-    };
-    let held = partial(4);
+    let held = slow_heads(&server, 4);
     std::thread::sleep(Duration::from_millis(200));
     // The fifth unfinished head from this address is refused at once.
-    let mut fifth = partial(1).pop().unwrap();
+    let mut fifth = slow_heads(&server, 1).pop().unwrap();
     fifth
         .set_read_timeout(Some(Duration::from_secs(5)))
         .unwrap();
@@ -249,13 +251,7 @@ fn unfinished_heads_count_per_address_and_against_the_cap() {
     // slow heads, a new client stream is refused while the API is still served...
     let capped = Server::start_with(1, &[("RINGCAST_LIMITS_MAX_CONNECTIONS", "3")]);
     let _client = Client::connect(&capped, &sub_token("capped"));
-    let slow: Vec<TcpStream> = (0..2)
-        .map(|_| {
-            let mut s = TcpStream::connect(capped.addr).unwrap();
-            s.write_all(b"GET /healthz HTTP/1.1\r\n").unwrap();
-            s
-        })
-        .collect();
+    let slow = slow_heads(&capped, 2);
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(capped.raw_upgrade(b"", "capped-2", "").0, 503);
     assert_alive(&capped);
@@ -263,13 +259,7 @@ fn unfinished_heads_count_per_address_and_against_the_cap() {
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(capped.raw_upgrade(b"", "capped-3", "").0, 101);
     // ...and heads alone may not reach the cap.
-    let held: Vec<TcpStream> = (0..3)
-        .map(|_| {
-            let mut s = TcpStream::connect(capped.addr).unwrap();
-            s.write_all(b"GET /healthz HTTP/1.1\r\n").unwrap();
-            s
-        })
-        .collect();
+    let held = slow_heads(&capped, 3);
     std::thread::sleep(Duration::from_millis(200));
     let (status, _) = capped.http("GET", "/healthz", &[], "");
     assert_eq!(status, 503);
