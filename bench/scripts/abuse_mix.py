@@ -24,6 +24,20 @@ from idle_memory import SECRET, heap_bytes, rss_kib, token  # noqa: E402
 API_KEY = "abuse-mix-api-key"
 
 
+def smaps_kib(pid: int) -> dict:
+    """Resident KiB by kind of mapping (/proc/PID/smaps): where RSS that stays after a run lives."""
+    kinds, kind = {}, None
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            head = line.split()
+            if not head[0].endswith(":"):
+                name = head[5] if len(head) > 5 else "[anon]"
+                kind = name if name.startswith("[") else "file:" + os.path.basename(name)
+            elif head[0] == "Rss:":
+                kinds[kind] = kinds.get(kind, 0) + int(head[1])
+    return {k: v for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]) if v >= 64}
+
+
 def frame(payload: bytes, opcode=0x1) -> bytes:
     mask = os.urandom(4)
     n = len(payload)
@@ -159,6 +173,7 @@ async def main():
         await asyncio.sleep(args.settle)
     calm = await bystander(port, 6)
     rss_before = rss_kib(server.pid)
+    smaps_before = smaps_kib(server.pid)
     heap_before = heap_bytes("127.0.0.1", port)
     topics_before = metric("ringcast_topics_owned")
     rounds = []
@@ -285,6 +300,7 @@ async def main():
         # Clients have left; let the sweep (every 10 s) forget the made-up topics.
         await asyncio.sleep(args.settle)
         rss_after = rss_kib(server.pid)
+        smaps_after = smaps_kib(server.pid)
         heap_after = heap_bytes("127.0.0.1", port)
         topics_after = metric("ringcast_topics_owned")
         rounds.append({"rss_peak": peak[0], "rss_after": rss_after, "heap_peak": heap_peak[0], "heap_after": heap_after,
@@ -300,6 +316,7 @@ async def main():
         "rounds": rounds,
         "rss_kib": {"cold": rss_cold, "before": rss_before, "peak": peak[0], "after": rss_after,
                     "after_vs_before": round(rss_after / rss_before, 3)},
+        "smaps_rss_kib": {"before": smaps_before, "after": smaps_after},
         "heap_bytes (alloc-stats builds)": {"before": heap_before, "peak": heap_peak[0], "after": heap_after},
         "topics_owned": {"before": topics_before, "peak": topics_peak, "after": topics_after},
         "bystander_rtt_ms": {"calm": {"n": len(calm), "p50": pct(calm, .5), "p99": pct(calm, .99)},
