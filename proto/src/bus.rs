@@ -200,8 +200,9 @@ pub enum ShardMsg {
         req: u64,
         /// What this shard did.
         counts: Counts,
-        /// Further reports the origin must now wait for (a topic owner fanning out).
-        more: u32,
+        /// `Some(n)`: a topic owner's report; it forwarded the event to `n` shards, whose own
+        /// reports the origin must now wait for. `None`: a shard that delivered.
+        forwarded: Option<u32>,
     },
 }
 
@@ -353,7 +354,7 @@ mod tests {
                     queued: 1,
                     ..Counts::default()
                 },
-                more: 2,
+                forwarded: Some(2),
             },
         ];
         for m in msgs {

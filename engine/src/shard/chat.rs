@@ -166,7 +166,7 @@ impl Shard {
         topics: Vec<String>,
         event: Event,
     ) -> Counts {
-        let (req, rx) = self.expect_reports(1);
+        let (req, rx) = self.expect_reports(0, 1);
         let msg = ShardMsg::Direct {
             to: to.to_owned(),
             topics,
@@ -217,7 +217,7 @@ impl Shard {
                 forbidden: 1,
                 ..Counts::default()
             };
-            self.report(origin, req, counts, 0);
+            self.report(origin, req, counts, None);
         }
     }
 

@@ -385,10 +385,15 @@ impl Shard {
             ArchivedShardMsg::PresenceReply { req, json } => {
                 self.handle_presence_reply(req.to_native(), json.as_slice())
             }
-            ArchivedShardMsg::Report { req, counts, more } => {
+            ArchivedShardMsg::Report {
+                req,
+                counts,
+                forwarded,
+            } => {
                 let counts = rkyv::deserialize::<proto::bus::Counts, rkyv::rancor::Error>(counts)
                     .expect("a validated archive deserialises");
-                self.handle_report(req.to_native(), &counts, more.to_native());
+                let forwarded = forwarded.as_ref().map(|n| n.to_native());
+                self.handle_report(req.to_native(), &counts, forwarded);
             }
         }
     }

@@ -7,6 +7,7 @@
 
 pub mod chat;
 pub mod conn_state;
+mod countdown;
 mod mesh;
 pub mod notify;
 pub mod park;

@@ -15,7 +15,10 @@ use proto::{
     ws::{server_frame, OpCode},
 };
 
-use super::{slab::ConnKey, streams::unix_now, Frame, Kept, LocalTopic, OwnedTopic, Shard};
+use super::{
+    countdown::Countdown, slab::ConnKey, streams::unix_now, Frame, Kept, LocalTopic, OwnedTopic,
+    Shard,
+};
 
 /// Frames of one event, encoded once per transport.
 #[derive(Clone)]
@@ -133,7 +136,7 @@ pub enum Joined {
 
 /// A publish waiting for its delivery reports.
 pub(super) struct PendingReport {
-    remaining: u32,
+    remaining: Countdown,
     counts: Counts,
     tx: Option<oneshot::Sender<Counts>>,
 }
@@ -196,13 +199,13 @@ impl Shard {
         let published = Some(Instant::now());
         let n = self.shared.n_shards;
         let by_owner = by_owner(&p.customers, n);
-        let expected =
-            p.topics.len() + by_owner.len() + (p.roles.len() + usize::from(p.broadcast)) * n;
-        if expected == 0 {
+        let owners = p.topics.len();
+        let leaves = by_owner.len() + (p.roles.len() + usize::from(p.broadcast)) * n;
+        if owners + leaves == 0 {
             return Counts::default();
         }
         let (req, rx) = if wait {
-            let (req, rx) = self.expect_reports(expected as u32);
+            let (req, rx) = self.expect_reports(owners as u32, leaves as u32);
             (req, Some(rx))
         } else {
             (0, None)
@@ -254,14 +257,19 @@ impl Shard {
         }
     }
 
-    /// Registers a request expecting `expected` reports.
-    pub(super) fn expect_reports(&self, expected: u32) -> (u64, oneshot::Receiver<Counts>) {
+    /// Registers a request sent to `owners` topic owners (each reports how many shards it
+    /// forwarded to) and to `leaves` shards that report directly.
+    pub(super) fn expect_reports(
+        &self,
+        owners: u32,
+        leaves: u32,
+    ) -> (u64, oneshot::Receiver<Counts>) {
         let req = self.next_req();
         let (tx, rx) = oneshot::channel();
         self.reports.borrow_mut().insert(
             req,
             PendingReport {
-                remaining: expected,
+                remaining: Countdown::new(owners, leaves),
                 counts: Counts::default(),
                 tx: Some(tx),
             },
@@ -289,7 +297,7 @@ impl Shard {
         if by_owner.is_empty() {
             return Counts::default();
         }
-        let (req, rx) = self.expect_reports(by_owner.len() as u32);
+        let (req, rx) = self.expect_reports(0, by_owner.len() as u32);
         for (shard, customers) in by_owner {
             let msg = ShardMsg::Disconnect {
                 customers,
@@ -327,7 +335,7 @@ impl Shard {
                     duplicates: 1,
                     ..Counts::default()
                 };
-                self.report(origin, req, counts, 0);
+                self.report(origin, req, counts, None);
             }
             return;
         }
@@ -363,7 +371,7 @@ impl Shard {
             self.settle_topic(topic);
         }
         if req != 0 {
-            self.report(origin, req, Counts::default(), shards.len() as u32);
+            self.report(origin, req, Counts::default(), Some(shards.len() as u32));
         }
         for shard in shards {
             let msg = ShardMsg::Deliver {
@@ -721,22 +729,29 @@ impl Shard {
         );
     }
 
-    pub(super) fn report(&self, origin: usize, req: u64, counts: Counts, more: u32) {
+    /// Reports to the origin of `req`: `forwarded` is `Some(n)` from a topic owner that
+    /// forwarded to `n` shards (see [`Countdown`]).
+    pub(super) fn report(&self, origin: usize, req: u64, counts: Counts, forwarded: Option<u32>) {
         if origin == self.id {
-            self.handle_report(req, &counts, more);
+            self.handle_report(req, &counts, forwarded);
         } else {
-            self.send_msg(origin, &ShardMsg::Report { req, counts, more }, None, None);
+            let msg = ShardMsg::Report {
+                req,
+                counts,
+                forwarded,
+            };
+            self.send_msg(origin, &msg, None, None);
         }
     }
 
-    pub(super) fn handle_report(&self, req: u64, counts: &Counts, more: u32) {
+    pub(super) fn handle_report(&self, req: u64, counts: &Counts, forwarded: Option<u32>) {
         let mut reports = self.reports.borrow_mut();
         let Some(p) = reports.get_mut(&req) else {
             return;
         };
         p.counts.add(counts);
-        p.remaining = p.remaining - 1 + more;
-        if p.remaining == 0 {
+        p.remaining.report(forwarded);
+        if p.remaining.done() {
             let p = reports.remove(&req).expect("present");
             if let Some(tx) = p.tx {
                 let _ = tx.send(p.counts);
@@ -846,7 +861,7 @@ impl Shard {
                     Job::Deliver(job) => {
                         let counts = self.deliver(&job).await;
                         if job.req != 0 {
-                            self.report(job.origin, job.req, counts, 0);
+                            self.report(job.origin, job.req, counts, None);
                         }
                     }
                     Job::Customers {
@@ -858,7 +873,7 @@ impl Shard {
                     } => {
                         let counts = self.deliver_customers(&customers, &event, published);
                         if req != 0 {
-                            self.report(origin, req, counts, 0);
+                            self.report(origin, req, counts, None);
                         }
                     }
                     Job::Subscribed {
@@ -877,7 +892,7 @@ impl Shard {
                     } => {
                         let counts = self.close_customers(&customers, code);
                         if req != 0 {
-                            self.report(origin, req, counts, 0);
+                            self.report(origin, req, counts, None);
                         }
                     }
                 }
