@@ -137,7 +137,8 @@ impl Shard {
         );
     }
 
-    /// Delivers an ephemeral frame to local subscribers of `topic` but `except`'s connections.
+    /// Delivers an ephemeral frame to local subscribers of `topic` but `except`'s connections
+    /// (run by the fan-out task, which flushes after it).
     pub(super) fn handle_ephemeral(&self, topic: &str, except: &str, payload: &Payload) {
         let Some(subs) = self.topics.borrow().get(topic).map(|t| t.subs.clone()) else {
             return;
@@ -155,7 +156,6 @@ impl Shard {
                 }
             }
         }
-        self.flush_dirty();
     }
 
     /// A message a client sends another customer without a token grant: the recipient's
@@ -299,7 +299,6 @@ impl Shard {
                 }
             }
         }
-        self.flush_dirty();
     }
 }
 

@@ -353,7 +353,12 @@ impl Shard {
                 if *forward {
                     self.forward_ephemeral(topic.as_str(), except.as_str(), payload);
                 } else {
-                    self.handle_ephemeral(topic.as_str(), except.as_str(), &payload);
+                    // Behind the deliveries that arrived before it.
+                    self.queue_job(Job::Ephemeral {
+                        topic: topic.as_str().to_owned(),
+                        except: except.as_str().to_owned(),
+                        payload,
+                    });
                 }
             }
             ArchivedShardMsg::Receipts {
@@ -361,11 +366,12 @@ impl Shard {
                 by,
                 status,
                 topics,
-            } => {
-                let ids: Vec<String> = ids.iter().map(|s| s.as_str().to_owned()).collect();
-                let topics: Vec<String> = topics.iter().map(|s| s.as_str().to_owned()).collect();
-                self.handle_receipts(&ids, by.as_str(), status.as_str(), &topics);
-            }
+            } => self.queue_job(Job::Receipts {
+                ids: ids.iter().map(|s| s.as_str().to_owned()).collect(),
+                by: by.as_str().to_owned(),
+                status: status.as_str().to_owned(),
+                topics: topics.iter().map(|s| s.as_str().to_owned()).collect(),
+            }),
             ArchivedShardMsg::Membership {
                 topic,
                 customer,

@@ -92,6 +92,28 @@ pub enum Job {
         /// Refused: the topic is full.
         full: bool,
     },
+    /// An ephemeral event (typing, presence diff) for the local subscribers of a topic. It
+    /// waits in the same queue as topic events, so it never overtakes one that arrived
+    /// before it.
+    Ephemeral {
+        /// The topic.
+        topic: String,
+        /// The customer whose own connections do not get it (the sender).
+        except: String,
+        /// The encoded frames.
+        payload: Payload,
+    },
+    /// Receipts for events sent by customers owned here (see `Shard::handle_receipts`).
+    Receipts {
+        /// Event ids.
+        ids: Vec<String>,
+        /// The customer confirming.
+        by: String,
+        /// `delivered` or `read`.
+        status: String,
+        /// Topics the confirming customer is a member of.
+        topics: Vec<String>,
+    },
     /// Close customers' connections.
     Disconnect {
         /// Customers.
@@ -884,6 +906,17 @@ impl Shard {
                         replay,
                         full,
                     } => self.complete_subscription(req, offset, epoch, recovered, &replay, full),
+                    Job::Ephemeral {
+                        topic,
+                        except,
+                        payload,
+                    } => self.handle_ephemeral(&topic, &except, &payload),
+                    Job::Receipts {
+                        ids,
+                        by,
+                        status,
+                        topics,
+                    } => self.handle_receipts(&ids, &by, &status, &topics),
                     Job::Disconnect {
                         customers,
                         code,

@@ -9,6 +9,7 @@ mod chat;
 mod delivery;
 mod lifecycle;
 mod limits;
+mod ordering;
 mod parking;
 mod presence;
 mod property;
