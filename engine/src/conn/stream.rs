@@ -197,9 +197,19 @@ pub async fn sse(shard: Rc<Shard>, stream: TcpStream, head: Head, buf: Vec<u8>, 
     shard.replay(key, &resume.frames);
     let mut names = Vec::with_capacity(topics.len());
     let mut positions = Vec::with_capacity(topics.len());
-    for topic in &topics {
-        // Live only on SSE (topic events carry no id): no join history.
-        let (name, joined) = shard.subscribe_topic(key, topic, None, 0, &customer).await;
+    let mut unique: Vec<&String> = Vec::with_capacity(topics.len());
+    for t in &topics {
+        if !unique.contains(&t) {
+            unique.push(t);
+        }
+    }
+    // Live only on SSE (topic events carry no id): no join history.
+    let joining: Vec<_> = unique.iter().map(|t| (t.as_str(), None, 0)).collect();
+    if !joining.is_empty() {
+        shard.hold(key);
+    }
+    let answers = shard.subscribe_topics(key, &joining, &customer).await;
+    for (topic, (name, joined)) in unique.into_iter().zip(answers) {
         let (offset, epoch, recovered) = match joined {
             Joined::Yes(offset, epoch, recovered) => (offset, epoch, recovered),
             // A slow owner still completes the subscription when it answers.
@@ -222,7 +232,7 @@ pub async fn sse(shard: Rc<Shard>, stream: TcpStream, head: Head, buf: Vec<u8>, 
             recovered,
         });
     }
-    if !topics.is_empty() {
+    if !joining.is_empty() {
         // The greeting goes out before the topics are joined; this record says they are live
         // (what a client or a load generator waits for before counting on topic events).
         let mut per_topic = serde_json::Map::new();
@@ -236,7 +246,7 @@ pub async fn sse(shard: Rc<Shard>, stream: TcpStream, head: Head, buf: Vec<u8>, 
         serde_json::to_writer(&mut rec, &serde_json::json!({ "topics": per_topic }))
             .expect("serialising to a Vec cannot fail");
         rec.extend_from_slice(b"\n\n");
-        shard.send_now(key, &Bytes::from(rec));
+        shard.confirm(key, &Bytes::from(rec));
     }
     // The stream lives on in a small task of its own: the request's state (head, buffers,
     // this function's future) is freed here, which is what keeps an idle stream small.

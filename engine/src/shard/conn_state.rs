@@ -64,6 +64,8 @@ pub struct Conn {
     pub write_blocked: bool,
     /// Queued in the shard's dirty list for the next flush round.
     pub dirty: bool,
+    /// Joining topics: fanned-out frames wait in the shard's held list (`Shard::hold`).
+    pub holding: bool,
     /// Shard clock (seconds) of the last frame from the client.
     pub last_rx: u32,
     /// Shard clock of this connection's pending timer-wheel check (`u32::MAX`: none).
@@ -137,6 +139,7 @@ impl Conn {
             dead: false,
             write_blocked: false,
             dirty: false,
+            holding: false,
             last_rx: now,
             wheel_at: u32::MAX,
             // Full: the first take caps it at the configured size.

@@ -181,6 +181,9 @@ pub struct Shard {
     idle_topics: RefCell<IdleTopics>,
     /// Connections with queued frames awaiting the next flush round.
     dirty: RefCell<Vec<ConnKey>>,
+    /// Frames for connections that are joining topics, held until their
+    /// `subscription_confirmed` is queued (see [`Shard::hold`]).
+    held: RefCell<AHashMap<ConnKey, Held>>,
     /// The shared read buffer (see DESIGN.md §2.5).
     pub scratch: RefCell<Box<[u8]>>,
     /// Transport to the other shards.
@@ -230,6 +233,13 @@ pub struct Shard {
     pub hists: RefCell<Hists>,
     /// Histogram gathers awaiting replies from the shards.
     hist_waiters: RefCell<AHashMap<u64, route::HistGather>>,
+}
+
+/// Frames held for a connection while it joins topics.
+#[derive(Default)]
+struct Held {
+    frames: Vec<conn_state::OutFrame>,
+    bytes: usize,
 }
 
 /// A shard's HdrHistograms, in microseconds.
@@ -323,7 +333,12 @@ impl Shard {
         if conn.sse {
             self.metrics().sse_connections.fetch_sub(1, Relaxed);
         }
-        let dropped = conn.out.len() as u64;
+        let held = self
+            .held
+            .borrow_mut()
+            .remove(&key)
+            .map_or(0, |h| h.frames.len());
+        let dropped = (conn.out.len() + held) as u64;
         self.metrics().drops.fetch_add(dropped, Relaxed);
         for topic in topics {
             self.membership(topic, &conn.customer, false);
@@ -357,7 +372,8 @@ impl Shard {
 
     /// Queues a frame on a connection. Returns false when it was not queued: the connection is
     /// gone or closing, or the frame would push its backlog over the limit (which also asks
-    /// the connection to close with 4008).
+    /// the connection to close with 4008). While the connection joins topics, the frame is
+    /// held until its confirmation is queued (see [`Shard::hold`]).
     pub fn enqueue(
         &self,
         conns: &mut Slab,
@@ -365,11 +381,41 @@ impl Shard {
         frame: &Frame,
         published: Option<Instant>,
     ) -> bool {
+        self.enqueue_to(conns, key, frame, published, true)
+    }
+
+    fn enqueue_to(
+        &self,
+        conns: &mut Slab,
+        key: ConnKey,
+        frame: &Frame,
+        published: Option<Instant>,
+        may_hold: bool,
+    ) -> bool {
         let Some(c) = conns.get_mut(key) else {
             return false;
         };
         let m = self.metrics();
-        match c.queue(frame, published) {
+        let queued = if may_hold && c.holding {
+            let mut held = self.held.borrow_mut();
+            let h = held.entry(key).or_default();
+            if c.closing || c.close_request.is_some() || c.dead {
+                Queued::Closing
+            } else if c.out_bytes as usize + h.bytes + frame.len() > c.max_backlog as usize {
+                c.close_request = Some(proto::ws::close::SLOW_CONSUMER);
+                Queued::OverBacklog
+            } else {
+                h.bytes += frame.len();
+                h.frames.push(conn_state::OutFrame {
+                    bytes: frame.clone(),
+                    published,
+                });
+                Queued::Yes
+            }
+        } else {
+            c.queue(frame, published)
+        };
+        match queued {
             Queued::Yes => {}
             Queued::Closing => {
                 m.drops.fetch_add(1, Relaxed);
@@ -386,21 +432,51 @@ impl Shard {
         if published.is_some() {
             m.events_out.fetch_add(1, Relaxed);
         }
-        if !c.dirty && !c.write_blocked {
+        if !c.holding && !c.dirty && !c.write_blocked {
             c.dirty = true;
             self.dirty.borrow_mut().push(key);
         }
         true
     }
 
-    /// Queues a frame for one connection and flushes it at once (replies to its own requests).
+    /// Queues a frame for one connection, ahead of any held frames, and flushes it at once
+    /// (replies to its own requests, replayed history).
     pub fn send_now(&self, key: ConnKey, frame: &Frame) -> bool {
         let mut conns = self.conns.borrow_mut();
-        let queued = self.enqueue(&mut conns, key, frame, None);
+        let queued = self.enqueue_to(&mut conns, key, frame, None, false);
         if let Some(c) = conns.get_mut(key) {
             self.flush_conn(c);
         }
         queued
+    }
+
+    /// Holds the frames fanned out to a connection from now until [`Shard::confirm`]: a
+    /// connection that joins topics gets their replayed history, then its
+    /// `subscription_confirmed`, then the live events, although the topics' owners answer
+    /// one by one and each topic goes live as soon as its owner has answered.
+    pub fn hold(&self, key: ConnKey) {
+        if let Some(c) = self.conns.borrow_mut().get_mut(key) {
+            c.holding = true;
+        }
+    }
+
+    /// Queues a connection's confirmation (or its last reply to a subscribe), then the frames
+    /// held since [`Shard::hold`], and flushes.
+    pub fn confirm(&self, key: ConnKey, frame: &Frame) {
+        let held = self.held.borrow_mut().remove(&key).unwrap_or_default();
+        let mut conns = self.conns.borrow_mut();
+        self.enqueue_to(&mut conns, key, frame, None, false);
+        let Some(c) = conns.get_mut(key) else {
+            return;
+        };
+        c.holding = false;
+        for f in held.frames {
+            // Counted when they were held; the backlog was checked with them included.
+            if c.queue(&f.bytes, f.published) != Queued::Yes {
+                self.metrics().drops.fetch_add(1, Relaxed);
+            }
+        }
+        self.flush_conn(c);
     }
 
     /// Queues a pong without writing it (see [`Conn::queue_pong`]); the caller flushes once
@@ -646,6 +722,7 @@ pub fn start(config: Config) -> anyhow::Result<Server> {
                     topic_floor: Cell::new(0),
                     idle_topics: RefCell::default(),
                     dirty: RefCell::default(),
+                    held: RefCell::default(),
                     scratch: RefCell::new(vec![0u8; 64 * 1024].into_boxed_slice()),
                     mesh,
                     reports: RefCell::default(),

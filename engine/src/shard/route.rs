@@ -178,8 +178,13 @@ const ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Another shard's answer, or None after [`ANSWER_TIMEOUT`].
 pub(super) async fn answer<T>(rx: oneshot::Receiver<T>) -> Option<T> {
+    answer_by(rx, Instant::now() + ANSWER_TIMEOUT).await
+}
+
+/// Another shard's answer, or None at `deadline` (one deadline for answers awaited together).
+pub(super) async fn answer_by<T>(rx: oneshot::Receiver<T>, deadline: Instant) -> Option<T> {
     let timeout = async {
-        glommio::timer::sleep(ANSWER_TIMEOUT).await;
+        glommio::timer::sleep(deadline.saturating_duration_since(Instant::now())).await;
         Err(oneshot::Canceled)
     };
     futures_lite::future::or(rx, timeout).await.ok()
@@ -539,19 +544,43 @@ impl Shard {
         }
     }
 
-    /// Subscribes a connection to a topic: asks the owner for the topic's position (and the
-    /// events after `since`); the fan-out task, at the owner's answer, queues the replay and
-    /// adds the subscriber, so the live stream starts exactly after the replay. Resolves to
-    /// the shard's interned topic name and `(offset, epoch, recovered)` (None if the owner did
-    /// not answer in 5 s; the subscription then completes whenever it does).
-    pub async fn subscribe_topic(
+    /// Subscribes a connection to topics: asks every owner at once for its topic's position
+    /// (and the events after `since`); the fan-out task, at each owner's answer, queues the
+    /// replay and adds the subscriber, so each live stream starts exactly after its replay.
+    /// Resolves, in request order, to each topic's interned name and `(offset, epoch,
+    /// recovered)`, or [`Joined::Timeout`] for owners that did not answer within 5 s (those
+    /// subscriptions complete whenever they do). Pair with [`Shard::hold`] and
+    /// [`Shard::confirm`] so the confirmation goes out before any live event.
+    pub async fn subscribe_topics(
+        &self,
+        key: ConnKey,
+        requests: &[(&str, Option<Position>, u32)],
+        member: &str,
+    ) -> Vec<(Rc<str>, Joined)> {
+        let waiting: Vec<_> = requests
+            .iter()
+            .map(|(topic, since, last)| {
+                self.request_subscription(key, topic, since.clone(), *last, member)
+            })
+            .collect();
+        let deadline = Instant::now() + ANSWER_TIMEOUT;
+        let mut out = Vec::with_capacity(waiting.len());
+        for (name, rx) in waiting {
+            let joined = answer_by(rx, deadline).await.unwrap_or(Joined::Timeout);
+            out.push((name, joined));
+        }
+        out
+    }
+
+    /// Sends one subscription request to the topic's owner.
+    fn request_subscription(
         &self,
         key: ConnKey,
         topic: &str,
         since: Option<Position>,
         last: u32,
         member: &str,
-    ) -> (Rc<str>, Joined) {
+    ) -> (Rc<str>, oneshot::Receiver<Joined>) {
         let name = {
             let mut topics = self.topics.borrow_mut();
             match topics.get_key_value(topic).map(|(name, _)| name.clone()) {
@@ -601,8 +630,7 @@ impl Shard {
             None,
             None,
         );
-        let got = answer(rx).await;
-        (name, got.unwrap_or(Joined::Timeout))
+        (name, rx)
     }
 
     /// The fan-out task's half of a subscription: replay, then join the live list.
@@ -623,7 +651,9 @@ impl Shard {
             let alive = !full && conns.get(w.key).is_some_and(|c| !c.dead);
             if alive {
                 for json in replay {
-                    self.enqueue(&mut conns, w.key, &server_frame(OpCode::Text, json), None);
+                    // Ahead of live frames held while the connection joins.
+                    let frame = server_frame(OpCode::Text, json);
+                    self.enqueue_to(&mut conns, w.key, &frame, None, false);
                 }
                 self.metrics()
                     .replayed

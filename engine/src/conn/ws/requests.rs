@@ -83,8 +83,39 @@ impl Session {
                 let mut positions = Vec::with_capacity(topics.len());
                 let mut timed_out = Vec::new();
                 let mut full = Vec::new();
-                for topic in topics {
-                    if self.topics.iter().any(|t| **t == *topic) {
+                // Topics already held answer at once; the others are asked of their owners
+                // together (one wait, not one per owner), with the connection's frames held
+                // so the confirmation precedes every live event.
+                let mut joining: Vec<(&str, Option<_>, u32)> = Vec::new();
+                let mut already = Vec::with_capacity(topics.len());
+                for (i, topic) in topics.iter().enumerate() {
+                    // A topic held, or named twice in this request: nothing more to ask.
+                    let known =
+                        self.topics.iter().any(|t| **t == **topic) || topics[..i].contains(topic);
+                    already.push(known);
+                    if known {
+                        continue;
+                    }
+                    let from = since
+                        .iter()
+                        .find(|(t, _)| t == topic)
+                        .map(|(_, p)| p.clone());
+                    let last = last.unwrap_or_else(|| {
+                        shard.shared.config.namespace(topic).join_history as u32
+                    });
+                    joining.push((topic.as_str(), from, last));
+                }
+                let holding = !joining.is_empty();
+                if holding {
+                    shard.hold(self.key);
+                }
+                let mut answers = shard
+                    .subscribe_topics(self.key, &joining, &self.grants.customer)
+                    .await
+                    .into_iter();
+                drop(joining);
+                for (topic, known) in topics.into_iter().zip(already) {
+                    if known {
                         // Already subscribed: nothing to replay, the live stream continues.
                         positions.push(TopicPosition {
                             topic,
@@ -94,16 +125,7 @@ impl Session {
                         });
                         continue;
                     }
-                    let from = since
-                        .iter()
-                        .find(|(t, _)| *t == topic)
-                        .map(|(_, p)| p.clone());
-                    let last = last.unwrap_or_else(|| {
-                        shard.shared.config.namespace(&topic).join_history as u32
-                    });
-                    let (name, joined) = shard
-                        .subscribe_topic(self.key, &topic, from, last, &self.grants.customer)
-                        .await;
+                    let (name, joined) = answers.next().expect("one answer per topic asked");
                     if joined == Joined::Full {
                         full.push(topic);
                         continue;
@@ -160,15 +182,14 @@ impl Session {
                         })
                         .collect();
                 }
-                self.reply(
-                    shard,
-                    &client::subscription_reply(
-                        "subscription_confirmed",
-                        &positions,
-                        &filters,
-                        rid,
-                    ),
-                );
+                let confirmed =
+                    client::subscription_reply("subscription_confirmed", &positions, &filters, rid);
+                if holding {
+                    let frame = proto::ws::server_frame(proto::ws::OpCode::Text, &confirmed);
+                    shard.confirm(self.key, &frame);
+                } else {
+                    self.reply(shard, &confirmed);
+                }
             }
             Request::Unsubscribe { topics, events } => {
                 for topic in &topics {
