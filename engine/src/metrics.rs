@@ -106,6 +106,8 @@ pub struct ShardMetrics {
     pub bad_requests: AtomicU64,
     /// Connections handed to their owner shard.
     pub handoffs_out: AtomicU64,
+    /// Token signatures checked for client connections.
+    pub tokens_verified: AtomicU64,
     /// Connections received from other shards.
     pub handoffs_in: AtomicU64,
     /// Client messages received.
@@ -158,7 +160,7 @@ pub fn render_prometheus(shards: &[ShardMetrics], rss: Option<u64>) -> String {
     }
     out.push_str(&lines);
     type Counter = (&'static str, &'static str, fn(&ShardMetrics) -> u64);
-    let counters: [Counter; 32] = [
+    let counters: [Counter; 33] = [
         ("ringcast_sse_connections", "Open SSE streams.", |s| {
             s.sse_connections.load(Relaxed).max(0) as u64
         }),
@@ -266,6 +268,11 @@ pub fn render_prometheus(shards: &[ShardMetrics], rss: Option<u64>) -> String {
             "ringcast_handoffs_total",
             "Connections handed to their owner shard.",
             |s| s.handoffs_out.load(Relaxed),
+        ),
+        (
+            "ringcast_tokens_verified_total",
+            "Token signatures checked for client connections.",
+            |s| s.tokens_verified.load(Relaxed),
         ),
         (
             "ringcast_messages_in_total",

@@ -207,6 +207,7 @@ pub(super) fn authenticate(shard: &Shard, head: &Head) -> Result<Claims, AuthErr
                 .map(str::to_owned)
         })
         .ok_or(AuthError::Missing)?;
+    shard.metrics().tokens_verified.fetch_add(1, Relaxed);
     shard
         .shared
         .verifier
