@@ -48,7 +48,11 @@ pub fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
 /// Duplicates a socket fd as an owned fd (close-on-exec): a parked connection keeps its socket
 /// this way after its glommio stream is dropped.
 pub fn dup_owned(fd: RawFd) -> io::Result<OwnedFd> {
-    let new = dup_fd(fd)?;
+    // SAFETY: F_DUPFD_CLOEXEC takes an int argument and returns a new fd or -1.
+    let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+    if new < 0 {
+        return Err(io::Error::last_os_error());
+    }
     // SAFETY: `new` was just returned by fcntl(F_DUPFD_CLOEXEC): an open fd nobody else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(new) })
 }
@@ -131,34 +135,13 @@ impl Epoll {
     }
 }
 
-/// Duplicates a socket fd (close-on-exec) so it can outlive the glommio stream that owns the
-/// original: the handoff moves a live connection to another shard this way.
-pub fn dup_fd(fd: RawFd) -> io::Result<RawFd> {
-    // SAFETY: F_DUPFD_CLOEXEC takes an int argument and returns a new fd or -1.
-    let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
-    if new < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(new)
-    }
-}
-
-/// Detaches a connection from this shard for a handoff: returns a duplicate of its fd that
-/// the receiving shard will own, and drops (closes) this shard's copy.
-pub fn detach_for_handoff(stream: TcpStream) -> io::Result<RawFd> {
-    let fd = dup_fd(stream.as_raw_fd())?;
+/// Detaches a connection from this shard for a handoff: returns a duplicate of its socket
+/// that the receiving shard will own (see [`adopt_owned`]), and drops (closes) this shard's
+/// copy. As an `OwnedFd`, the socket is closed wherever a handoff is dropped undelivered.
+pub fn detach_for_handoff(stream: TcpStream) -> io::Result<OwnedFd> {
+    let fd = dup_owned(stream.as_raw_fd())?;
     drop(stream);
     Ok(fd)
-}
-
-/// Adopts a socket fd carried by a `ShardMsg::Handoff` into this shard's reactor.
-///
-/// Only call it with the fd of a handoff message, once: such an fd comes from
-/// [`detach_for_handoff`] and has no other owner.
-pub fn adopt_handoff(fd: RawFd) -> TcpStream {
-    // SAFETY: handoff fds come from `detach_for_handoff`, which duplicated the socket and closed
-    // the original; each handoff message is handled once, so this is the fd's sole owner.
-    unsafe { TcpStream::from_raw_fd(fd) }
 }
 
 /// Adopts the shard's end of the parking thread's socket pair into glommio.
@@ -167,14 +150,6 @@ pub fn adopt_handoff(fd: RawFd) -> TcpStream {
 pub fn adopt_unix(fd: RawFd) -> glommio::net::UnixStream {
     // SAFETY: the caller gave up ownership of `fd` with `into_raw_fd`; nothing else closes it.
     unsafe { glommio::net::UnixStream::from_raw_fd(fd) }
-}
-
-/// Closes an fd that will not be adopted (a handoff that could not be delivered).
-pub fn close_fd(fd: RawFd) {
-    // SAFETY: closing an fd we own; an invalid fd only returns EBADF.
-    unsafe {
-        libc::close(fd);
-    }
 }
 
 /// Raises `RLIMIT_NOFILE`'s soft limit to the hard limit; returns the resulting soft limit.

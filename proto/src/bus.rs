@@ -9,20 +9,10 @@ use rkyv::{rancor, util::AlignedVec, Archive, Deserialize, Serialize};
 
 use crate::event::Event;
 
-/// A cross-shard message.
+/// A cross-shard message. (A connection moving to its owner shard is process-local and
+/// never encoded: see the engine's `Envelope::Handoff`.)
 #[derive(Debug, Clone, PartialEq, Eq, Archive, Serialize, Deserialize)]
 pub enum ShardMsg {
-    /// A connection accepted on another shard belongs here: its socket (the receiver owns the
-    /// fd from now on) and the bytes already read from it.
-    Handoff {
-        /// The socket; ownership moves with the message.
-        fd: i32,
-        /// Bytes read before the handoff (the request head).
-        initial: Vec<u8>,
-        /// The client's address as the accepting shard resolved it (PROXY header, trusted
-        /// `X-Forwarded-For`); its connection attempt was counted there.
-        client: String,
-    },
     /// To a topic's owner: `from` gained (`on`) or lost its last (`!on`) local subscriber.
     /// A subscription (`on` with `req`) is answered with [`ShardMsg::InterestAck`].
     Interest {
@@ -292,11 +282,6 @@ mod tests {
     #[test]
     fn round_trips() {
         let msgs = [
-            ShardMsg::Handoff {
-                fd: 42,
-                initial: b"GET / HTTP/1.1\r\n\r\n".to_vec(),
-                client: "203.0.113.7".into(),
-            },
             ShardMsg::Interest {
                 topic: "conversation:1".into(),
                 from: 3,

@@ -171,11 +171,6 @@ fn seeds(target: &str) -> Vec<Vec<u8>> {
                 idempotent: true,
             };
             [
-                ShardMsg::Handoff {
-                    fd: 42,
-                    initial: b"GET / HTTP/1.1\r\n\r\n".to_vec(),
-                    client: "203.0.113.7".into(),
-                },
                 ShardMsg::Interest {
                     topic: "conversation:1".into(),
                     from: 3,

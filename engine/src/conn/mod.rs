@@ -27,62 +27,43 @@ use proto::{
 
 use crate::{limits::Limit, shard::Shard};
 
-/// Serves a new connection: accepted here (`client` None: resolve the client's address and
-/// count its attempt), or handed over with the bytes read so far and the address the
-/// accepting shard resolved.
-pub async fn serve(
-    shard: Rc<Shard>,
-    mut stream: TcpStream,
-    mut buf: Vec<u8>,
-    client: Option<IpAddr>,
-) {
+/// Serves a connection accepted on this shard: resolves the client's address, reads the
+/// head within one deadline and routes the request.
+pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
+    let mut buf = Vec::new();
     let started = std::time::Instant::now();
     let _ = stream.set_nodelay(true);
     let config = &shard.shared.config;
     // One deadline for the PROXY header and the whole head, not one per read: a byte every
     // few seconds must not hold the socket (slow-loris).
     let deadline = started + Duration::from_secs(config.server.handshake_timeout_secs);
-    let peer = match client {
-        Some(ip) => Peer { ip, counted: true },
-        None => {
-            let tcp_peer = stream
-                .peer_addr()
-                .map_or(IpAddr::from([0, 0, 0, 0]), |a| proxy::canonical(a.ip()));
-            let Some(_head_slot) = enter_head(&shard, &mut stream, tcp_peer).await else {
+    let tcp_peer = stream
+        .peer_addr()
+        .map_or(IpAddr::from([0, 0, 0, 0]), |a| proxy::canonical(a.ip()));
+    let Some(_head_slot) = enter_head(&shard, &mut stream, tcp_peer).await else {
+        return;
+    };
+    let ip = if config.server.proxy_protocol && shard.shared.is_trusted(tcp_peer) {
+        match read_proxy_header(&shard, &mut stream, &mut buf, deadline).await {
+            Ok(Some(source)) => source.unwrap_or(tcp_peer),
+            Ok(None) => return,
+            Err(resp) => {
+                shard.metrics().bad_requests.fetch_add(1, Relaxed);
+                crate::limits::audit("bad_proxy_header", Some(tcp_peer), None, "");
+                respond(&mut stream, &resp, false).await;
                 return;
-            };
-            let ip = if config.server.proxy_protocol && shard.shared.is_trusted(tcp_peer) {
-                match read_proxy_header(&shard, &mut stream, &mut buf, deadline).await {
-                    Ok(Some(source)) => source.unwrap_or(tcp_peer),
-                    Ok(None) => return,
-                    Err(resp) => {
-                        shard.metrics().bad_requests.fetch_add(1, Relaxed);
-                        crate::limits::audit("bad_proxy_header", Some(tcp_peer), None, "");
-                        respond(&mut stream, &resp, false).await;
-                        return;
-                    }
-                }
-            } else {
-                tcp_peer
-            };
-            let peer = Peer { ip, counted: false };
-            match read_head(&shard, &mut stream, &mut buf, deadline).await {
-                Ok(Some((head, head_len))) => {
-                    drop(_head_slot);
-                    return dispatch(started, shard, stream, head, buf, head_len, peer).await;
-                }
-                Ok(None) => return,
-                Err(resp) => return refuse_head(&shard, &mut stream, &resp, ip).await,
             }
         }
+    } else {
+        tcp_peer
     };
-    // Handed over by the shard that accepted it: the head was read there.
     match read_head(&shard, &mut stream, &mut buf, deadline).await {
         Ok(Some((head, head_len))) => {
-            dispatch(started, shard, stream, head, buf, head_len, peer).await
+            drop(_head_slot);
+            dispatch(started, shard, stream, head, buf, head_len, ip).await
         }
         Ok(None) => {}
-        Err(resp) => refuse_head(&shard, &mut stream, &resp, peer.ip).await,
+        Err(resp) => refuse_head(&shard, &mut stream, &resp, ip).await,
     }
 }
 
@@ -168,15 +149,6 @@ fn server_full() -> Response {
     let mut resp = json_error(503, "server_full", "too many connections; try again later");
     resp.headers.push("Retry-After: 5".into());
     resp
-}
-
-/// Where a connection comes from.
-#[derive(Clone, Copy)]
-struct Peer {
-    /// The TCP peer, or the client a trusted proxy's PROXY header named.
-    ip: IpAddr,
-    /// Its connection attempt was counted (by the shard that accepted it).
-    counted: bool,
 }
 
 /// The client of a request: a trusted proxy's `X-Forwarded-For` refines the peer.
@@ -281,13 +253,13 @@ async fn dispatch(
     head: proto::http1::Head,
     buf: Vec<u8>,
     head_len: usize,
-    peer: Peer,
+    peer_ip: IpAddr,
 ) {
     let mut next = Some((stream, head, buf, head_len));
     while let Some((mut stream, head, buf, head_len)) = next.take() {
-        let client = client_ip(&shard, peer.ip, &head);
+        let client = client_ip(&shard, peer_ip, &head);
         let r = route(&head);
-        if matches!(r, Route::WebSocket | Route::Sse | Route::Missed) && !peer.counted {
+        if matches!(r, Route::WebSocket | Route::Sse | Route::Missed) {
             if let Some(resp) = admit(&shard, client) {
                 respond(&mut stream, &resp, false).await;
                 return;
@@ -302,20 +274,35 @@ async fn dispatch(
                 } else {
                     ws::Kind::Echo
                 };
-                ws::upgrade(
+                let request = Request {
                     started,
-                    shard.clone(),
-                    stream,
                     head,
                     buf,
                     head_len,
-                    kind,
                     client,
-                )
-                .await
+                };
+                ws::upgrade(shard.clone(), stream, request, kind, None).await
             }
-            Route::Sse => stream::sse(shard.clone(), stream, head, buf, client).await,
-            Route::Missed => stream::missed(shard.clone(), stream, head, buf, client).await,
+            Route::Sse => {
+                let request = Request {
+                    started,
+                    head,
+                    buf,
+                    head_len,
+                    client,
+                };
+                stream::sse(shard.clone(), stream, request, None).await
+            }
+            Route::Missed => {
+                let request = Request {
+                    started,
+                    head,
+                    buf,
+                    head_len,
+                    client,
+                };
+                stream::missed(shard.clone(), stream, request, None).await
+            }
             Route::NotFound | Route::Echo => {
                 let resp = json_error(404, "not_found", "no such endpoint");
                 respond(&mut stream, &resp, false).await;
@@ -329,30 +316,78 @@ async fn dispatch(
     }
 }
 
-/// Moves a customer's connection to its owner shard with the bytes read so far; the owner
-/// serves it from the start (it replays the request head).
+/// A client stream's request, read and routed: what its handler needs.
+pub struct Request {
+    /// When the socket was accepted (handshake latency).
+    pub started: Instant,
+    /// The parsed head.
+    pub head: proto::http1::Head,
+    /// Bytes read so far: the head, then perhaps the first frames.
+    pub buf: Vec<u8>,
+    /// Length of the head in `buf`.
+    pub head_len: usize,
+    /// The client's address (after PROXY and trusted `X-Forwarded-For`), its attempt counted.
+    pub client: IpAddr,
+}
+
+/// Which handler a handed-off connection resumes in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    /// `GET /v1/ws`.
+    WebSocket,
+    /// `GET /v1/events/stream`.
+    Sse,
+    /// `GET /v1/events/missed` (long poll).
+    Missed,
+}
+
+/// A client connection moving to its customer's owner shard, with everything the accepting
+/// shard learned: the parsed request and the verified claims. The owner resumes it where it
+/// left off: no second parse, no second signature check. Process-local (never encoded); the
+/// socket closes if the handoff is dropped undelivered.
+pub struct Handoff {
+    /// The socket.
+    pub fd: std::os::fd::OwnedFd,
+    /// The request.
+    pub request: Request,
+    /// The token's verified claims.
+    pub claims: proto::auth::Claims,
+    /// The handler to resume in.
+    pub stream: Stream,
+}
+
+/// Moves a customer's connection to its owner shard.
 pub(crate) fn hand_off(
     shard: &Shard,
     stream: TcpStream,
-    buf: Vec<u8>,
+    request: Request,
+    claims: proto::auth::Claims,
+    kind: Stream,
     owner: usize,
-    client: IpAddr,
 ) {
     match crate::io::detach_for_handoff(stream) {
-        Ok(fd) => {
-            shard.metrics().handoffs_out.fetch_add(1, Relaxed);
-            shard.send_msg(
-                owner,
-                &proto::bus::ShardMsg::Handoff {
-                    fd,
-                    initial: buf,
-                    client: client.to_string(),
-                },
-                None,
-                None,
-            );
-        }
+        Ok(fd) => shard.send_handoff(
+            owner,
+            Handoff {
+                fd,
+                request,
+                claims,
+                stream: kind,
+            },
+        ),
         Err(e) => tracing::warn!(error = %e, "handoff failed"),
+    }
+}
+
+/// Resumes a connection handed over by another shard.
+pub async fn resume(shard: Rc<Shard>, h: Handoff) {
+    let stream = crate::io::adopt_owned(h.fd);
+    match h.stream {
+        Stream::WebSocket => {
+            ws::upgrade(shard, stream, h.request, ws::Kind::Client, Some(h.claims)).await
+        }
+        Stream::Sse => stream::sse(shard, stream, h.request, Some(h.claims)).await,
+        Stream::Missed => stream::missed(shard, stream, h.request, Some(h.claims)).await,
     }
 }
 

@@ -7,7 +7,7 @@
 //! WebSocket: the same fan-out queues shared records on it and the same flush rounds write
 //! them; its task only watches for the client going away and for writability.
 
-use std::{future::poll_fn, net::IpAddr, rc::Rc, sync::atomic::Ordering::Relaxed, task::Poll};
+use std::{future::poll_fn, rc::Rc, sync::atomic::Ordering::Relaxed, task::Poll};
 
 use bytes::Bytes;
 use futures_lite::AsyncWriteExt;
@@ -28,29 +28,31 @@ use super::{
 };
 use crate::shard::{conn_state::Conn, slab::ConnKey, streams::Poller, Joined, Shard};
 
-/// Authenticates and moves the request to the customer's owner shard. `None`: answered or
-/// handed off.
+/// Authenticates (unless another shard did: `verified`) and moves the request to the
+/// customer's owner shard. `None`: answered or handed off.
 async fn owner_claims(
     shard: &Rc<Shard>,
-    stream: TcpStream,
-    head: &Head,
-    buf: Vec<u8>,
-    client: IpAddr,
-) -> Option<(Claims, TcpStream)> {
-    let mut stream = stream;
-    let claims = match authenticate(shard, head) {
-        Ok(c) => c,
-        Err(e) => {
-            respond(&mut stream, &auth_failure(shard, &e, client), false).await;
-            return None;
-        }
+    mut stream: TcpStream,
+    request: super::Request,
+    verified: Option<Claims>,
+    kind: super::Stream,
+) -> Option<(Claims, TcpStream, super::Request)> {
+    let claims = match verified {
+        Some(claims) => claims,
+        None => match authenticate(shard, &request.head) {
+            Ok(c) => c,
+            Err(e) => {
+                respond(&mut stream, &auth_failure(shard, &e, request.client), false).await;
+                return None;
+            }
+        },
     };
     let owner = owner_shard(&claims.sub, shard.shared.n_shards);
     if owner != shard.id {
-        super::hand_off(shard, stream, buf, owner, client);
+        super::hand_off(shard, stream, request, claims, kind, owner);
         return None;
     }
-    Some((claims, stream))
+    Some((claims, stream, request))
 }
 
 /// Values of a repeatable, comma-separated query parameter.
@@ -102,10 +104,18 @@ fn cors(shard: &Shard, head: &Head) -> String {
 }
 
 /// `GET /v1/events/stream`.
-pub async fn sse(shard: Rc<Shard>, stream: TcpStream, head: Head, buf: Vec<u8>, client: IpAddr) {
-    let Some((claims, mut stream)) = owner_claims(&shard, stream, &head, buf, client).await else {
+pub async fn sse(
+    shard: Rc<Shard>,
+    stream: TcpStream,
+    request: super::Request,
+    verified: Option<Claims>,
+) {
+    let Some((claims, mut stream, request)) =
+        owner_claims(&shard, stream, request, verified, super::Stream::Sse).await
+    else {
         return;
     };
+    let (head, client) = (request.head, request.client);
     if let Some(resp) = super::customer_full(&shard, &claims.sub, client) {
         respond(&mut stream, &resp, false).await;
         return;
@@ -305,10 +315,18 @@ async fn drive(shard: &Shard, key: ConnKey, link: &mut Link) {
 }
 
 /// `GET /v1/events/missed?since=<cursor>[&wait=SECS][&events=prefix]`.
-pub async fn missed(shard: Rc<Shard>, stream: TcpStream, head: Head, buf: Vec<u8>, client: IpAddr) {
-    let Some((claims, mut stream)) = owner_claims(&shard, stream, &head, buf, client).await else {
+pub async fn missed(
+    shard: Rc<Shard>,
+    stream: TcpStream,
+    request: super::Request,
+    verified: Option<Claims>,
+) {
+    let Some((claims, mut stream, request)) =
+        owner_claims(&shard, stream, request, verified, super::Stream::Missed).await
+    else {
         return;
     };
+    let (head, client) = (request.head, request.client);
     let wait = match head.query_param("wait").map(|w| w.parse::<u64>()) {
         None => 0,
         Some(Ok(w)) => w.min(shard.shared.config.delivery.max_poll_wait_secs),

@@ -20,13 +20,20 @@ use rkyv::util::AlignedVec;
 use super::{notify::Notify, Job, Payload, Shard};
 
 /// What crosses between shards.
-pub struct Envelope {
-    /// The rkyv-encoded [`ShardMsg`].
-    pub msg: AlignedVec,
-    /// The encoded frames of a delivery, shared.
-    pub frame: Option<Payload>,
-    /// When the publish was accepted (publish-to-write latency).
-    pub published: Option<Instant>,
+pub enum Envelope {
+    /// An rkyv-encoded [`ShardMsg`] (the same bytes could cross nodes), with the shared
+    /// frames of a delivery beside it.
+    Bus {
+        /// The encoded message.
+        msg: AlignedVec,
+        /// The encoded frames of a delivery, shared.
+        frame: Option<Payload>,
+        /// When the publish was accepted (publish-to-write latency).
+        published: Option<Instant>,
+    },
+    /// A connection moving to its owner shard: process-local, never encoded. Its socket is
+    /// an `OwnedFd`, closed if the envelope is dropped undelivered.
+    Handoff(Box<crate::conn::Handoff>),
 }
 
 /// This shard's end of the mesh.
@@ -163,7 +170,7 @@ impl Shard {
         }
         self.mesh.send(
             to,
-            Envelope {
+            Envelope::Bus {
                 msg: bus::encode(msg),
                 frame,
                 published,
@@ -171,8 +178,26 @@ impl Shard {
         );
     }
 
+    /// Moves a connection to shard `to` (see [`crate::conn::Handoff`]).
+    pub fn send_handoff(&self, to: usize, handoff: crate::conn::Handoff) {
+        self.metrics().handoffs_out.fetch_add(1, Relaxed);
+        self.mesh.send(to, Envelope::Handoff(Box::new(handoff)));
+    }
+
     fn handle_envelope(self: &Rc<Self>, env: Envelope) {
-        let msg = match bus::access(&env.msg) {
+        let (msg, frame, published) = match env {
+            Envelope::Handoff(handoff) => {
+                self.metrics().handoffs_in.fetch_add(1, Relaxed);
+                glommio::spawn_local(crate::conn::resume(self.clone(), *handoff)).detach();
+                return;
+            }
+            Envelope::Bus {
+                msg,
+                frame,
+                published,
+            } => (msg, frame, published),
+        };
+        let msg = match bus::access(&msg) {
             Ok(m) => m,
             Err(e) => {
                 tracing::error!(shard = self.id, error = %e, "undecodable mesh message");
@@ -180,22 +205,6 @@ impl Shard {
             }
         };
         match msg {
-            ArchivedShardMsg::Handoff {
-                fd,
-                initial,
-                client,
-            } => {
-                self.metrics().handoffs_in.fetch_add(1, Relaxed);
-                let stream = crate::io::adopt_handoff(fd.to_native());
-                let client = client.parse().ok();
-                glommio::spawn_local(crate::conn::serve(
-                    self.clone(),
-                    stream,
-                    initial.to_vec(),
-                    Some(client.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into())),
-                ))
-                .detach();
-            }
             ArchivedShardMsg::Interest {
                 topic,
                 from,
@@ -253,7 +262,7 @@ impl Shard {
                     &event,
                     origin.to_native() as usize,
                     req.to_native(),
-                    env.published,
+                    published,
                 );
             }
             ArchivedShardMsg::DeliverCustomers { .. } => {
@@ -271,7 +280,7 @@ impl Shard {
                     event,
                     origin: origin as usize,
                     req,
-                    published: env.published,
+                    published,
                 });
             }
             ArchivedShardMsg::Deliver { .. } => {
@@ -286,7 +295,7 @@ impl Shard {
                 else {
                     unreachable!()
                 };
-                let Some(payload) = env.frame else {
+                let Some(payload) = frame else {
                     tracing::error!(shard = self.id, "delivery without a frame");
                     return;
                 };
@@ -298,7 +307,7 @@ impl Shard {
                     payload,
                     origin: origin as usize,
                     req,
-                    published: env.published,
+                    published,
                 }));
             }
             ArchivedShardMsg::Disconnect {
@@ -339,14 +348,14 @@ impl Shard {
                 else {
                     unreachable!()
                 };
-                self.handle_direct(to, &topics, event, origin as usize, req, env.published);
+                self.handle_direct(to, &topics, event, origin as usize, req, published);
             }
             ArchivedShardMsg::Ephemeral {
                 topic,
                 except,
                 forward,
             } => {
-                let Some(payload) = env.frame else {
+                let Some(payload) = frame else {
                     tracing::error!(shard = self.id, "ephemeral delivery without a frame");
                     return;
                 };
@@ -402,5 +411,35 @@ impl Shard {
                 self.handle_report(req.to_native(), &counts, forwarded);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{io::Read, os::unix::net::UnixStream, time::Instant};
+
+    use super::Envelope;
+    use crate::conn::{Handoff, Request, Stream};
+
+    /// A handoff that never reaches its shard (the peer's channel is gone at shutdown, say)
+    /// is dropped, and dropping it closes the socket: no descriptor leaks.
+    #[test]
+    fn dropping_an_undelivered_handoff_closes_its_socket() {
+        let (ours, mut peer) = UnixStream::pair().unwrap();
+        let env = Envelope::Handoff(Box::new(Handoff {
+            fd: ours.into(),
+            request: Request {
+                started: Instant::now(),
+                head: proto::http1::Head::default(),
+                buf: Vec::new(),
+                head_len: 0,
+                client: std::net::Ipv4Addr::LOCALHOST.into(),
+            },
+            claims: proto::auth::Claims::default(),
+            stream: Stream::WebSocket,
+        }));
+        drop(env);
+        let mut byte = [0u8; 1];
+        assert_eq!(peer.read(&mut byte).unwrap(), 0, "the other end sees EOF");
     }
 }

@@ -827,13 +827,7 @@ impl Shard {
             match result {
                 Ok(stream) => {
                     backoff = Duration::from_millis(5);
-                    glommio::spawn_local(crate::conn::serve(
-                        self.clone(),
-                        stream,
-                        Vec::new(),
-                        None,
-                    ))
-                    .detach();
+                    glommio::spawn_local(crate::conn::serve(self.clone(), stream)).detach();
                 }
                 Err(e) => {
                     // EMFILE/ENFILE/ENOBUFS: back off instead of spinning on a full table.

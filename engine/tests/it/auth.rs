@@ -156,3 +156,33 @@ fn rs256_tokens_with_the_configured_public_key() {
         (401, Some("invalid_token"))
     );
 }
+
+/// A connection accepted on a shard that does not own its customer moves to the owner with
+/// its verified claims: each token's signature is checked once, not again after the move.
+#[test]
+fn a_handed_off_connection_is_verified_once() {
+    let server = Server::start(2);
+    let mut clients: Vec<Client> = (0..12)
+        .map(|i| Client::connect(&server, &sub_token(&format!("once-{i}"))))
+        .collect();
+    let mut streams: Vec<SseClient> = (0..4)
+        .map(|i| {
+            let path = format!(
+                "/v1/events/stream?token={}",
+                sub_token(&format!("once-sse-{i}"))
+            );
+            let mut s = SseClient::open(&server, &path, &[]);
+            assert_eq!(s.next().unwrap().event, "connection_established");
+            s
+        })
+        .collect();
+    for c in &mut clients {
+        c.drain_until_pong();
+    }
+    assert!(
+        server.metric("ringcast_handoffs_total") > 0.0,
+        "no connection was handed off"
+    );
+    assert_eq!(server.metric("ringcast_tokens_verified_total"), 16.0);
+    streams.clear();
+}

@@ -45,20 +45,17 @@ pub(super) fn now_rfc3339() -> String {
 }
 
 /// Verifies the request and either hands the socket to its owner shard or upgrades it here.
-// The request's parts travel separately: the head and buffer are dropped before the
-// connection's task starts, which keeps idle connections small.
-#[allow(clippy::too_many_arguments)]
+/// `verified`: the claims, when another shard verified the token and handed the socket over.
 pub async fn upgrade(
-    started: std::time::Instant,
     shard: Rc<Shard>,
     mut stream: TcpStream,
-    head: Head,
-    buf: Vec<u8>,
-    head_len: usize,
+    request: super::Request,
     kind: Kind,
-    client: IpAddr,
+    verified: Option<Claims>,
 ) {
-    let key = match handshake::validate(&head) {
+    let head = &request.head;
+    let client = request.client;
+    let key = match handshake::validate(head) {
         Ok(k) => k.to_owned(),
         Err(e) => {
             shard.metrics().bad_requests.fetch_add(1, Relaxed);
@@ -70,23 +67,30 @@ pub async fn upgrade(
             return;
         }
     };
-    let claims = if kind == Kind::Client {
-        match authenticate(&shard, &head) {
+    let claims = match (kind, verified) {
+        (_, Some(claims)) => claims,
+        (Kind::Client, None) => match authenticate(&shard, head) {
             Ok(c) => c,
             Err(e) => {
                 respond(&mut stream, &auth_failure(&shard, &e, client), false).await;
                 return;
             }
-        }
-    } else {
-        Claims::default()
+        },
+        (_, None) => Claims::default(),
     };
     if kind == Kind::Client {
         let owner = owner_shard(&claims.sub, shard.shared.n_shards);
         if owner != shard.id {
             // Every connection of a customer lives on its owner shard: move the socket there
-            // with the bytes read so far; the owner replays the handshake from them.
-            super::hand_off(&shard, stream, buf, owner, client);
+            // with the request and the verified claims; the owner answers the handshake.
+            super::hand_off(
+                &shard,
+                stream,
+                request,
+                claims,
+                super::Stream::WebSocket,
+                owner,
+            );
             return;
         }
         if let Some(resp) = super::customer_full(&shard, &claims.sub, client) {
@@ -106,7 +110,7 @@ pub async fn upgrade(
         .hists
         .borrow_mut()
         .handshake
-        .saturating_record((started.elapsed().as_micros() as u64).max(1));
+        .saturating_record((request.started.elapsed().as_micros() as u64).max(1));
     let _ = stream.set_read_timeout(None);
     shard.metrics().handshakes.fetch_add(1, Relaxed);
     let limits = session::session_limits(&shard, kind);
@@ -131,7 +135,7 @@ pub async fn upgrade(
         grants,
         kind,
         rx: Receiver::default(),
-        pending: buf[head_len..].to_vec(),
+        pending: request.buf[request.head_len..].to_vec(),
         topics: Vec::new(),
         peer_closed: false,
     };
@@ -154,8 +158,7 @@ pub async fn upgrade(
     // The handshake's state (request head, read buffer, this future) is dropped here: the
     // connection lives on in a task that holds only the socket and its session, which is what
     // keeps an idle connection small.
-    drop(head);
-    drop(buf);
+    drop(request);
     // The block uses the captured `link` as is: rebinding a captured variable inside an
     // `async move` block (`let mut link = link;`) gives the future a second slot.
     let mut link = Link::new(stream);
