@@ -16,8 +16,10 @@ use proto::{
 };
 
 use super::{
-    countdown::Countdown, slab::ConnKey, streams::unix_now, Frame, Kept, LocalTopic, OwnedTopic,
-    Shard,
+    countdown::Countdown,
+    slab::ConnKey,
+    streams::{unix_now, Scope},
+    Frame, Kept, LocalTopic, OwnedTopic, Shard,
 };
 
 /// Frames of one event, encoded once per transport.
@@ -350,7 +352,7 @@ impl Shard {
         let now = unix_now();
         if event.idempotent
             && !self.dedupe.borrow_mut().first(
-                topic,
+                Scope::Topic(topic),
                 &event.id,
                 now,
                 self.shared.config.delivery.dedupe_window_secs,
@@ -994,9 +996,9 @@ impl Shard {
         let mut counts = Counts::default();
         if job.idempotent {
             let scope = match &job.target {
-                Target::Topic(t) => t.as_str(),
-                Target::Role(r) => r.as_str(),
-                Target::Broadcast => "*",
+                Target::Topic(t) => Scope::Topic(t),
+                Target::Role(r) => Scope::Role(r),
+                Target::Broadcast => Scope::Broadcast,
             };
             let window = self.shared.config.delivery.dedupe_window_secs;
             if !self

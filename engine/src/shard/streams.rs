@@ -104,6 +104,20 @@ impl Poller {
     }
 }
 
+/// What a publisher-chosen id is unique within: the same id sent to topic `a`, customer `a`
+/// and role `a` names three events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope<'a> {
+    /// A topic (deduplicated once, on its owner).
+    Topic(&'a str),
+    /// A customer's own stream (on its owner).
+    Customer(&'a str),
+    /// A role (on every shard).
+    Role(&'a str),
+    /// Everyone (on every shard).
+    Broadcast,
+}
+
 /// Publisher-chosen event ids seen recently, per target scope.
 #[derive(Default)]
 pub struct Dedupe {
@@ -116,7 +130,7 @@ const DEDUPE_CAP: usize = 200_000;
 
 impl Dedupe {
     /// Records `(scope, id)`; false if it was seen inside the window.
-    pub fn first(&mut self, scope: &str, id: &str, now: u64, window: u64) -> bool {
+    pub fn first(&mut self, scope: Scope<'_>, id: &str, now: u64, window: u64) -> bool {
         while let Some((k, at)) = self.order.front() {
             if *at + window > now && self.order.len() < DEDUPE_CAP {
                 break;
@@ -126,7 +140,14 @@ impl Dedupe {
             }
             self.order.pop_front();
         }
-        let key: Box<str> = format!("{scope}\u{0}{id}").into();
+        // The kind's letter, then the name (no NUL: ids and names are validated text).
+        let key: Box<str> = match scope {
+            Scope::Topic(t) => format!("t{t}\u{0}{id}"),
+            Scope::Customer(c) => format!("c{c}\u{0}{id}"),
+            Scope::Role(r) => format!("r{r}\u{0}{id}"),
+            Scope::Broadcast => format!("*\u{0}{id}"),
+        }
+        .into();
         if self.seen.get(&key).is_some_and(|at| at + window > now) {
             return false;
         }
@@ -194,7 +215,12 @@ impl Shard {
         let now = unix_now();
         let window = self.shared.config.delivery.dedupe_window_secs;
         for id in customers {
-            if event.idempotent && !self.dedupe.borrow_mut().first(id, &event.id, now, window) {
+            if event.idempotent
+                && !self
+                    .dedupe
+                    .borrow_mut()
+                    .first(Scope::Customer(id), &event.id, now, window)
+            {
                 counts.duplicates += 1;
                 m.duplicates.fetch_add(1, Relaxed);
                 continue;
@@ -438,5 +464,29 @@ impl Shard {
                 || customers.contains_key(id)
                 || (s.lost_upto > 0 && s.lost_at.saturating_add(keep_loss) > now)
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Dedupe, Scope};
+
+    #[test]
+    fn an_id_is_unique_within_its_kind_of_target_and_name() {
+        let mut d = Dedupe::default();
+        let scopes = [
+            Scope::Topic("a"),
+            Scope::Customer("a"),
+            Scope::Role("a"),
+            Scope::Broadcast,
+            Scope::Topic("b"),
+        ];
+        for s in scopes {
+            assert!(d.first(s, "evt-1", 100, 60), "{s:?}: first time");
+        }
+        for s in scopes {
+            assert!(!d.first(s, "evt-1", 110, 60), "{s:?}: a repeat");
+        }
+        assert!(d.first(Scope::Topic("a"), "evt-1", 161, 60), "after the window");
     }
 }

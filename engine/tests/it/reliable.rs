@@ -459,3 +459,30 @@ fn disconnect_closes_a_customers_connections() {
     );
     assert_eq!(status, 400);
 }
+
+/// Publisher-chosen ids are scoped by the kind of target: the same id sent to topic `x` and
+/// to customer `x` are two events, not a repeat (they shared one id space before).
+#[test]
+fn the_same_id_to_a_topic_and_to_a_customer_of_that_name_is_not_a_repeat() {
+    // A name whose topic and customer live on the same shard, where they shared a key.
+    let name = (0..)
+        .map(|i| format!("same-name-{i}"))
+        .find(|n| proto::placement::topic_shard(n, 2) == proto::placement::owner_shard(n, 2))
+        .unwrap();
+    let server = Server::start(2);
+    let mut c = Client::connect(&server, &sub_token(&name));
+    c.subscribe(&[name.as_str()]);
+    let to_topic =
+        server.publish(json!({"topics": [name], "event": {"type": "t", "id": "evt-same"}}));
+    assert_eq!(to_topic["delivered"]["websocket"], 1, "{to_topic}");
+    let to_customer =
+        server.publish(json!({"customers": [name], "event": {"type": "c", "id": "evt-same"}}));
+    assert_eq!(to_customer["duplicates"], 0, "{to_customer}");
+    assert_eq!(to_customer["delivered"]["websocket"], 1, "{to_customer}");
+    let kinds: Vec<_> = c
+        .drain_until_pong()
+        .iter()
+        .map(|e| e["type"].clone())
+        .collect();
+    assert_eq!(kinds, ["t", "c"]);
+}
