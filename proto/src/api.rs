@@ -115,4 +115,7 @@ pub struct PublishOut {
     /// Targets that already had this publisher-chosen id inside the dedupe window.
     #[serde(default)]
     pub duplicates: u64,
+    /// Customer targets whose preferences switch this event type off.
+    #[serde(default)]
+    pub declined: u64,
 }

@@ -222,6 +222,8 @@ pub struct Counts {
     pub duplicates: u64,
     /// Direct messages refused by policy (the sender shares no topic with the recipient).
     pub forbidden: u64,
+    /// Customers whose preferences switch this event type off (`update_preferences`).
+    pub declined: u64,
 }
 
 impl Counts {
@@ -243,6 +245,7 @@ impl Counts {
         self.dropped += o.dropped;
         self.duplicates += o.duplicates;
         self.forbidden += o.forbidden;
+        self.declined += o.declined;
     }
 }
 

@@ -1,6 +1,8 @@
 //! A customer's delivery preferences (`update_preferences`): which event types it wants,
-//! quiet hours in its time zone, and whether urgent events break through them. Stored by the
-//! engine for the push fallback; validated here.
+//! quiet hours in its time zone, and whether urgent events break through them. Validated
+//! here. The engine applies the event types to everything sent to the customer itself
+//! ([`Preferences::wants`]); quiet hours concern notifications (the push fallback), not an app
+//! the customer has open.
 
 use std::collections::BTreeMap;
 
@@ -82,6 +84,20 @@ impl Preferences {
         Ok(p)
     }
 
+    /// Whether the customer wants events of type `kind`: the longest `eventTypes` prefix that
+    /// matches decides (`{"case_": false, "case_urgent": true}` keeps `case_urgent_x`); a type
+    /// no prefix matches is wanted.
+    pub fn wants(&self, kind: &str) -> bool {
+        let Some(types) = &self.event_types else {
+            return true;
+        };
+        types
+            .iter()
+            .filter(|(prefix, _)| kind.starts_with(prefix.as_str()))
+            .max_by_key(|(prefix, _)| prefix.len())
+            .is_none_or(|(_, on)| *on)
+    }
+
     /// Applies an update: the fields it names replace these.
     pub fn merge(&mut self, update: Preferences) {
         if update.event_types.is_some() {
@@ -99,6 +115,22 @@ impl Preferences {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_longest_matching_event_type_prefix_decides() {
+        let p = Preferences::parse(
+            r#"{"eventTypes":{"marketing_":false,"case_":false,"case_urgent":true}}"#,
+        )
+        .unwrap();
+        assert!(!p.wants("marketing_promo"));
+        assert!(!p.wants("case_status_update"));
+        assert!(p.wants("case_urgent_escalation"));
+        assert!(p.wants("chat_message"), "no prefix matches");
+        assert!(
+            Preferences::default().wants("marketing_promo"),
+            "nothing stored"
+        );
+    }
 
     #[test]
     fn validates_and_merges() {

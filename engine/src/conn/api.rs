@@ -337,6 +337,7 @@ async fn publish_one(shard: &Rc<Shard>, p: PublishIn) -> Result<PublishOut, Resp
         queued: c.queued,
         dropped: c.dropped,
         duplicates: c.duplicates,
+        declined: c.declined,
     })
 }
 

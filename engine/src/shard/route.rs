@@ -1032,6 +1032,10 @@ impl Shard {
             let end = (start + CHUNK).min(total);
             {
                 let mut conns = self.conns.borrow_mut();
+                // Every connection of a customer lives on its owner shard, where its
+                // preferences are. (Borrowed per chunk: never across the yield below.)
+                let prefs = self.preferences.borrow();
+                let check_prefs = filter && !prefs.is_empty();
                 for i in start..end {
                     let key = match &list {
                         Some(l) => l[i],
@@ -1044,6 +1048,9 @@ impl Shard {
                         continue;
                     };
                     if filter && (c.customer.is_empty() || !c.accepts(&job.kind)) {
+                        continue;
+                    }
+                    if check_prefs && prefs.get(&*c.customer).is_some_and(|p| !p.wants(&job.kind)) {
                         continue;
                     }
                     let sse = c.sse;

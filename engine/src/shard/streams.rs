@@ -202,6 +202,15 @@ impl Shard {
         (epoch == self.stream_epoch() && offset <= self.stream_offset.get()).then_some(offset)
     }
 
+    /// Whether `customer`'s stored preferences let events of type `kind` through (on its
+    /// owner, where they are stored).
+    pub(super) fn wants(&self, customer: &str, kind: &str) -> bool {
+        self.preferences
+            .borrow()
+            .get(customer)
+            .is_none_or(|p| p.wants(kind))
+    }
+
     /// On the owner: delivers an event to customers' own streams (live connections, parked
     /// long polls) and stores it if persistent. Runs in the fan-out task's order.
     pub(super) fn deliver_customers(
@@ -223,6 +232,11 @@ impl Shard {
             {
                 counts.duplicates += 1;
                 m.duplicates.fetch_add(1, Relaxed);
+                continue;
+            }
+            if !self.wants(id, &event.kind) {
+                // Neither delivered nor stored: the customer switched this type off.
+                counts.declined += 1;
                 continue;
             }
             let keys: Vec<ConnKey> = {
@@ -487,6 +501,9 @@ mod tests {
         for s in scopes {
             assert!(!d.first(s, "evt-1", 110, 60), "{s:?}: a repeat");
         }
-        assert!(d.first(Scope::Topic("a"), "evt-1", 161, 60), "after the window");
+        assert!(
+            d.first(Scope::Topic("a"), "evt-1", 161, 60),
+            "after the window"
+        );
     }
 }

@@ -285,6 +285,74 @@ fn preferences_are_validated_stored_and_survive_reconnects() {
     assert_eq!(body["preferences"]["quietHours"]["end"], "07:00", "{body}");
 }
 
+/// Event types a customer switched off are neither delivered to it nor stored for it,
+/// whether the event names the customer, one of its roles or everyone; the publisher sees
+/// them as `declined`. Topic events (conversations it joined) are not filtered.
+#[test]
+fn event_types_switched_off_are_not_delivered_nor_stored() {
+    let server = Server::start(2);
+    let mut c = Client::connect(
+        &server,
+        &token("prefs-off", |c| {
+            c.channels = vec!["*".into()];
+            c.roles = vec!["ops".into()];
+        }),
+    );
+    c.subscribe(&["news"]);
+    c.send_json(json!({"type": "update_preferences", "payload": {
+        "eventTypes": {"marketing_": false, "marketing_urgent": true}}, "requestId": "u"}));
+    assert_eq!(c.recv_json()["type"], "preferences_updated");
+    let off = server.publish(json!({"customers": ["prefs-off"],
+        "event": {"type": "marketing_promo", "persistent": true}}));
+    assert_eq!(off["declined"], 1, "{off}");
+    assert_eq!(
+        (
+            off["queued"].as_u64(),
+            off["delivered"]["websocket"].as_u64()
+        ),
+        (Some(0), Some(0)),
+        "{off}"
+    );
+    for target in [json!({"roles": ["ops"]}), json!({"broadcast": true})] {
+        let mut body = target.clone();
+        body["event"] = json!({"type": "marketing_promo"});
+        let r = server.publish(body);
+        assert_eq!(r["delivered"]["websocket"], 0, "{target}: {r}");
+    }
+    let on = server.publish(json!({"customers": ["prefs-off"],
+        "event": {"type": "marketing_urgent_recall", "persistent": true}}));
+    assert_eq!(
+        on["delivered"]["websocket"], 1,
+        "the longest prefix decides: {on}"
+    );
+    let topic = server.publish(json!({"topics": ["news"], "event": {"type": "marketing_digest"}}));
+    assert_eq!(topic["delivered"]["websocket"], 1, "{topic}");
+    let kinds: Vec<_> = c
+        .drain_until_pong()
+        .iter()
+        .map(|e| e["type"].clone())
+        .collect();
+    assert_eq!(kinds, ["marketing_urgent_recall", "marketing_digest"]);
+    // Nothing declined was stored: a reconnect with the first cursor replays only what was
+    // delivered.
+    drop(c);
+    let bearer = format!("Bearer {}", token("prefs-off", |_| {}));
+    let (_, body) = server.http(
+        "GET",
+        "/v1/events/missed",
+        &[("Authorization", &bearer)],
+        "",
+    );
+    let missed: Value = serde_json::from_str(&body).unwrap();
+    let stored: Vec<_> = missed["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["type"].clone())
+        .collect();
+    assert_eq!(stored, ["marketing_urgent_recall"], "{missed}");
+}
+
 #[test]
 fn joining_a_chat_room_returns_its_last_messages() {
     let (server, _cfg) = presence_server(2, "100");
