@@ -3,7 +3,7 @@
 //! broadcast. Each shard then fans the shared frame out to its local connections, in arrival
 //! order, from one task.
 
-use std::{rc::Rc, sync::atomic::Ordering::Relaxed, time::Instant};
+use std::{future::Future as _, rc::Rc, sync::atomic::Ordering::Relaxed, time::Instant};
 
 use ahash::AHashMap;
 use futures_channel::oneshot;
@@ -180,13 +180,8 @@ const ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Another shard's answer, or None after [`ANSWER_TIMEOUT`].
 pub(super) async fn answer<T>(rx: oneshot::Receiver<T>) -> Option<T> {
-    answer_by(rx, Instant::now() + ANSWER_TIMEOUT).await
-}
-
-/// Another shard's answer, or None at `deadline` (one deadline for answers awaited together).
-pub(super) async fn answer_by<T>(rx: oneshot::Receiver<T>, deadline: Instant) -> Option<T> {
     let timeout = async {
-        glommio::timer::sleep(deadline.saturating_duration_since(Instant::now())).await;
+        glommio::timer::sleep(ANSWER_TIMEOUT).await;
         Err(oneshot::Canceled)
     };
     futures_lite::future::or(rx, timeout).await.ok()
@@ -550,8 +545,9 @@ impl Shard {
     /// (and the events after `since`); the fan-out task, at each owner's answer, queues the
     /// replay and adds the subscriber, so each live stream starts exactly after its replay.
     /// Resolves, in request order, to each topic's interned name and `(offset, epoch,
-    /// recovered)`, or [`Joined::Timeout`] for owners that did not answer within 5 s (those
-    /// subscriptions complete whenever they do). Pair with [`Shard::hold`] and
+    /// recovered)`, or [`Joined::Timeout`] for owners that did not answer within 5 s, or
+    /// before the connection was asked to close (those subscriptions complete whenever the
+    /// owners answer). Pair with [`Shard::hold`] and
     /// [`Shard::confirm`] so the confirmation goes out before any live event.
     pub async fn subscribe_topics(
         &self,
@@ -565,13 +561,40 @@ impl Shard {
                 self.request_subscription(key, topic, since.clone(), *last, member)
             })
             .collect();
-        let deadline = Instant::now() + ANSWER_TIMEOUT;
-        let mut out = Vec::with_capacity(waiting.len());
-        for (name, rx) in waiting {
-            let joined = answer_by(rx, deadline).await.unwrap_or(Joined::Timeout);
-            out.push((name, joined));
-        }
-        out
+        let (names, mut pending): (Vec<_>, Vec<_>) = waiting.into_iter().unzip();
+        let mut answers: Vec<Option<Joined>> = vec![None; names.len()];
+        let mut timeout = std::pin::pin!(glommio::timer::sleep(ANSWER_TIMEOUT));
+        // Every answer, the deadline, or the connection closing (a close request or a dead
+        // socket wakes this task): whichever comes first.
+        std::future::poll_fn(|cx| {
+            let closing = self
+                .conns
+                .borrow()
+                .get(key)
+                .is_none_or(|c| c.dead || c.close_request.is_some());
+            let mut all = true;
+            for (answer, rx) in answers.iter_mut().zip(&mut pending) {
+                if answer.is_none() {
+                    match std::pin::Pin::new(rx).poll(cx) {
+                        std::task::Poll::Ready(got) => {
+                            *answer = Some(got.unwrap_or(Joined::Timeout))
+                        }
+                        std::task::Poll::Pending => all = false,
+                    }
+                }
+            }
+            if all || closing || timeout.as_mut().poll(cx).is_ready() {
+                std::task::Poll::Ready(())
+            } else {
+                std::task::Poll::Pending
+            }
+        })
+        .await;
+        names
+            .into_iter()
+            .zip(answers)
+            .map(|(name, a)| (name, a.unwrap_or(Joined::Timeout)))
+            .collect()
     }
 
     /// Sends one subscription request to the topic's owner.
