@@ -16,6 +16,7 @@ mod route;
 pub use route::Joined;
 pub mod slab;
 pub mod streams;
+mod topic_owner;
 mod wheel;
 
 use std::{
@@ -119,37 +120,6 @@ pub type Frame = Bytes;
 /// yields while connections come and go.
 pub type Subscribers = Rc<Vec<ConnKey>>;
 
-/// Owned topics nobody follows, soonest expiry first: `(unix seconds, name)`.
-pub type IdleTopics = std::collections::BinaryHeap<std::cmp::Reverse<(u64, Rc<str>)>>;
-
-/// A topic owned by this shard.
-#[derive(Default)]
-pub struct OwnedTopic {
-    /// Offset of the last event.
-    pub offset: u64,
-    /// Shards with at least one subscriber, as a bitset.
-    pub interest: Vec<u64>,
-    /// The last events, for recovery (`subscribe` with `since`).
-    pub history: VecDeque<Kept>,
-    /// Events kept (from `[history]`).
-    pub keep: usize,
-    /// Seconds an event is kept.
-    pub age: u64,
-    /// Waiting in the shard's idle-topic queue (no shard follows it; its history has yet to
-    /// expire).
-    pub idle_queued: bool,
-}
-
-/// An event kept in a topic's history.
-pub struct Kept {
-    /// Its offset.
-    pub offset: u64,
-    /// Unix seconds after which it is dropped (history age or the event's ttl).
-    pub expires: u64,
-    /// Client JSON (with topic and offset).
-    pub json: Frame,
-}
-
 /// A topic's local subscribers on this shard.
 #[derive(Default)]
 pub struct LocalTopic {
@@ -173,12 +143,8 @@ pub struct Shard {
     pub topics: RefCell<AHashMap<Rc<str>, LocalTopic>>,
     /// Role -> local connections whose token has it.
     pub roles: RefCell<AHashMap<Rc<str>, Subscribers>>,
-    /// Topics this shard owns.
-    pub owned: RefCell<AHashMap<Rc<str>, OwnedTopic>>,
-    /// Highest offset of a forgotten owned topic; new topics start above it.
-    topic_floor: Cell<u64>,
-    /// Owned topics nobody follows, by when their history expires (then they are forgotten).
-    idle_topics: RefCell<IdleTopics>,
+    /// The topics this shard owns (offsets, history, interest, dedupe).
+    owner: RefCell<topic_owner::TopicOwner>,
     /// Connections with queued frames awaiting the next flush round.
     dirty: RefCell<Vec<ConnKey>>,
     /// Frames for connections that are joining topics, held until their
@@ -196,7 +162,8 @@ pub struct Shard {
     pub streams: RefCell<AHashMap<Rc<str>, CustomerStream>>,
     /// Parked long polls, by customer.
     pub pollers: RefCell<AHashMap<Rc<str>, Vec<Rc<Poller>>>>,
-    /// Publisher-chosen ids seen recently.
+    /// Publisher-chosen ids seen recently (customer, role and broadcast targets; the topic
+    /// owner keeps its own).
     dedupe: RefCell<Dedupe>,
     /// Last customer-stream offset handed out on this shard.
     stream_offset: Cell<u64>,
@@ -718,9 +685,13 @@ pub fn start(config: Config) -> anyhow::Result<Server> {
                     customers: RefCell::default(),
                     topics: RefCell::default(),
                     roles: RefCell::default(),
-                    owned: RefCell::default(),
-                    topic_floor: Cell::new(0),
-                    idle_topics: RefCell::default(),
+                    owner: RefCell::new(topic_owner::TopicOwner::new(shared.epoch.clone(), {
+                        let shared = shared.clone();
+                        move |topic| {
+                            let (keep, age) = shared.config.history_for(topic);
+                            topic_owner::History { keep, age }
+                        }
+                    })),
                     dirty: RefCell::default(),
                     held: RefCell::default(),
                     scratch: RefCell::new(vec![0u8; 64 * 1024].into_boxed_slice()),

@@ -19,7 +19,8 @@ use super::{
     countdown::Countdown,
     slab::ConnKey,
     streams::{unix_now, Scope},
-    Frame, Kept, LocalTopic, OwnedTopic, Shard,
+    topic_owner::{Published, Since},
+    Frame, LocalTopic, Shard,
 };
 
 /// Frames of one event, encoded once per transport.
@@ -196,25 +197,6 @@ fn by_owner(customers: &[String], n: usize) -> AHashMap<usize, Vec<String>> {
     out
 }
 
-fn set_bit(bits: &mut Vec<u64>, i: usize, on: bool) {
-    if bits.len() <= i / 64 {
-        bits.resize(i / 64 + 1, 0);
-    }
-    if on {
-        bits[i / 64] |= 1 << (i % 64);
-    } else {
-        bits[i / 64] &= !(1 << (i % 64));
-    }
-}
-
-fn ones(bits: &[u64]) -> impl Iterator<Item = usize> + '_ {
-    bits.iter().enumerate().flat_map(|(w, &word)| {
-        (0..64)
-            .filter(move |b| word & (1 << b) != 0)
-            .map(move |b| w * 64 + b)
-    })
-}
-
 impl Shard {
     /// Routes a publish. With `wait`, resolves to the summed [`Counts`] once every shard has
     /// reported (or after 5 s, with what was reported by then); without, returns at once.
@@ -335,7 +317,7 @@ impl Shard {
     }
 
     /// On a topic's owner: assign the next offset, keep it in the history, encode once, fan
-    /// out to interested shards.
+    /// out to interested shards (see [`TopicOwner::publish`]).
     pub(super) fn publish_owned_topic(
         &self,
         topic: &str,
@@ -344,56 +326,30 @@ impl Shard {
         req: u64,
         published: Option<Instant>,
     ) {
-        let now = unix_now();
-        if event.idempotent
-            && !self.dedupe.borrow_mut().first(
-                Scope::Topic(topic),
-                &event.id,
-                now,
-                self.shared.config.delivery.dedupe_window_secs,
-            )
-        {
-            self.metrics().duplicates.fetch_add(1, Relaxed);
-            if req != 0 {
-                let counts = Counts {
-                    duplicates: 1,
-                    ..Counts::default()
-                };
-                self.report(origin, req, counts, None);
-            }
-            return;
-        }
-        let (shards, payload) = {
-            let mut owned = self.owned.borrow_mut();
-            let t = self.owned_topic(&mut owned, topic);
-            t.offset += 1;
-            let offset = t.offset;
-            let via = Via {
-                topic: Some(topic),
-                offset: Some(offset),
-                cursor: None,
-            };
-            let json = event.to_client_json(via);
-            let payload = Payload {
-                ws: server_frame(OpCode::Text, &json),
-                sse: Frame::from(event.to_sse(None)),
-            };
-            if t.keep > 0 {
-                let expires = now.saturating_add(event.ttl.unwrap_or(u64::MAX).min(t.age));
-                t.history.push_back(Kept {
-                    offset,
-                    expires,
-                    json: Frame::from(json),
-                });
-                while t.history.len() > t.keep {
-                    t.history.pop_front();
+        let window = self.shared.config.delivery.dedupe_window_secs;
+        let result = self
+            .owner
+            .borrow_mut()
+            .publish(topic, event, unix_now(), window);
+        self.owner_gauges();
+        let (payload, shards) = match result {
+            Published::Duplicate => {
+                self.metrics().duplicates.fetch_add(1, Relaxed);
+                if req != 0 {
+                    let counts = Counts {
+                        duplicates: 1,
+                        ..Counts::default()
+                    };
+                    self.report(origin, req, counts, Some(0));
                 }
+                return;
             }
-            (ones(&t.interest).collect::<Vec<_>>(), payload)
+            Published::Event {
+                payload,
+                interested,
+                ..
+            } => (payload, interested),
         };
-        if shards.is_empty() {
-            self.settle_topic(topic);
-        }
         if req != 0 {
             self.report(origin, req, Counts::default(), Some(shards.len() as u32));
         }
@@ -411,11 +367,18 @@ impl Shard {
         }
     }
 
+    /// Publishes the topic owner's gauges.
+    fn owner_gauges(&self) {
+        let owner = self.owner.borrow();
+        let m = self.metrics();
+        m.topics_owned.store(owner.len() as i64, Relaxed);
+        m.topics_forgotten.store(owner.forgotten(), Relaxed);
+    }
+
     /// On a topic's owner: passes an ephemeral event on to the shards with subscribers.
     pub(super) fn forward_ephemeral(&self, topic: &str, except: &str, payload: Payload) {
-        let shards: Vec<usize> = match self.owned.borrow().get(topic) {
-            Some(t) => ones(&t.interest).collect(),
-            None => return,
+        let Some(shards) = self.owner.borrow().interested(topic) else {
+            return;
         };
         for shard in shards {
             let msg = ShardMsg::Ephemeral {
@@ -425,32 +388,6 @@ impl Shard {
             };
             self.send_msg(shard, &msg, Some(payload.clone()), None);
         }
-    }
-
-    /// The owned topic, created with its history settings on first use.
-    fn owned_topic<'a>(
-        &self,
-        owned: &'a mut AHashMap<Rc<str>, OwnedTopic>,
-        topic: &str,
-    ) -> &'a mut OwnedTopic {
-        if !owned.contains_key(topic) {
-            let (keep, age) = self.shared.config.history_for(topic);
-            owned.insert(
-                Rc::from(topic),
-                OwnedTopic {
-                    // Above every offset a forgotten topic reached: a client holding an
-                    // offset of an earlier life of this name cannot be told it recovered.
-                    offset: self.topic_floor.get(),
-                    keep,
-                    age,
-                    ..OwnedTopic::default()
-                },
-            );
-            self.metrics()
-                .topics_owned
-                .store(owned.len() as i64, Relaxed);
-        }
-        owned.get_mut(topic).expect("just ensured")
     }
 
     /// On a topic's owner: a shard gained or lost its subscribers. A subscription is answered
@@ -465,7 +402,6 @@ impl Shard {
             last,
             member,
         } = i;
-        let now = unix_now();
         if on && req != 0 && !member.is_empty() && !self.admit_member(topic, member) {
             self.send_msg(
                 from,
@@ -482,62 +418,26 @@ impl Shard {
             );
             return;
         }
-        let (offset, recovered, replay) = {
-            let mut owned = self.owned.borrow_mut();
-            let t = self.owned_topic(&mut owned, topic);
-            set_bit(&mut t.interest, from, on);
-            while t.history.front().is_some_and(|k| k.expires <= now) {
-                t.history.pop_front();
-            }
-            let offset = t.offset;
-            let (recovered, replay) = match since {
-                None => {
-                    // "Last messages on join": the newest `last` kept events, in order.
-                    let skip = t.history.len().saturating_sub(last as usize);
-                    (
-                        true,
-                        t.history
-                            .iter()
-                            .skip(skip)
-                            .map(|k| k.json.to_vec())
-                            .collect(),
-                    )
-                }
-                Some((seen, epoch)) => {
-                    // Complete when every offset after `seen` is still kept.
-                    let first_kept = t.history.front().map_or(offset + 1, |k| k.offset);
-                    if epoch == self.shared.epoch && seen <= offset && seen + 1 >= first_kept {
-                        let replay = t
-                            .history
-                            .iter()
-                            .filter(|k| k.offset > seen)
-                            .map(|k| k.json.to_vec())
-                            .collect();
-                        (true, replay)
-                    } else {
-                        (false, Vec::new())
-                    }
-                }
-            };
-            (offset, recovered, replay)
-        };
+        let since = since.map(|(offset, epoch)| Since { offset, epoch });
+        let joined = self
+            .owner
+            .borrow_mut()
+            .interest(topic, from, on, since, last, unix_now());
+        self.owner_gauges();
         if req != 0 {
             self.send_msg(
                 from,
                 &ShardMsg::InterestAck {
                     req,
-                    offset,
+                    offset: joined.offset,
                     epoch: self.shared.epoch.clone(),
-                    recovered,
-                    replay,
+                    recovered: joined.recovered,
+                    replay: joined.replay,
                     full: false,
                 },
                 None,
                 None,
             );
-        }
-        if !on {
-            self.settle_topic(topic);
         }
     }
 
@@ -722,68 +622,15 @@ impl Shard {
         }
     }
 
-    /// After an owned topic lost its last interested shard or got an event nobody follows:
-    /// forgets it at once when it keeps nothing, or checks again when its history expires.
-    /// Topic names are made up by clients and backends and each costs memory until forgotten;
-    /// doing it as topics go idle (not by scanning them all) never stalls the shard.
-    fn settle_topic(&self, topic: &str) {
-        let now = unix_now();
-        let mut owned = self.owned.borrow_mut();
-        let Some((name, t)) = owned.get_key_value(topic) else {
-            return;
-        };
-        if t.interest.iter().any(|w| *w != 0) || t.idle_queued {
-            return;
-        }
-        let name = name.clone();
-        let t = owned.get_mut(topic).expect("just found");
-        while t.history.front().is_some_and(|k| k.expires <= now) {
-            t.history.pop_front();
-        }
-        match t.history.iter().map(|k| k.expires).max() {
-            None => {
-                let t = owned.remove(topic).expect("just found");
-                self.topic_floor.set(self.topic_floor.get().max(t.offset));
-                let m = self.metrics();
-                m.topics_forgotten.fetch_add(1, Relaxed);
-                m.topics_owned.store(owned.len() as i64, Relaxed);
-            }
-            Some(due) => {
-                t.idle_queued = true;
-                self.idle_topics
-                    .borrow_mut()
-                    .push(std::cmp::Reverse((due, name)));
-            }
-        }
-    }
-
-    /// Checks the idle topics whose history has expired by now (at most `budget` of them, so
-    /// a burst is spread over several ticks), and gives back the memory of emptied tables.
+    /// Forgets the owned topics whose history has expired (at most `budget` per call).
     pub(super) fn expire_idle_topics(&self, budget: usize) {
-        let now = unix_now();
-        for _ in 0..budget {
-            let name = {
-                let mut idle = self.idle_topics.borrow_mut();
-                match idle.peek() {
-                    Some(std::cmp::Reverse((due, _))) if *due <= now => {}
-                    _ => break,
-                }
-                idle.pop().expect("just peeked").0 .1
-            };
-            if let Some(t) = self.owned.borrow_mut().get_mut(&name) {
-                t.idle_queued = false;
-            }
-            self.settle_topic(&name);
-        }
-        let mut idle = self.idle_topics.borrow_mut();
-        if idle.capacity() > 64 && idle.capacity() > 4 * idle.len() {
-            idle.shrink_to_fit();
-        }
+        self.owner.borrow_mut().expire_idle(unix_now(), budget);
+        self.owner_gauges();
     }
 
     /// Gives back the tables' memory after a burst of made-up names (every 10 s).
     pub(super) fn shrink_topic_tables(&self) {
-        shrink_idle(&mut self.owned.borrow_mut());
+        self.owner.borrow_mut().shrink();
         shrink_idle(&mut self.topics.borrow_mut());
     }
 
