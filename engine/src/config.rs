@@ -1,8 +1,8 @@
 //! Configuration: defaults, a TOML file, `RINGCAST_*` environment variables and CLI flags, in
 //! increasing order of precedence.
 //!
-//! Every key is `section.key` (TOML) or `RINGCAST_SECTION_KEY` (environment). The short names of
-//! DESIGN.md §3 (`RINGCAST_LISTEN`, `RINGCAST_SHARDS`, `RINGCAST_JWT_SECRET`, `RINGCAST_API_KEY`,
+//! Every key is `section.key` (TOML) or `RINGCAST_SECTION_KEY` (environment). The short names
+//! (`RINGCAST_LISTEN`, `RINGCAST_SHARDS`, `RINGCAST_JWT_SECRET`, `RINGCAST_API_KEY`,
 //! `RINGCAST_DIAGNOSTICS_ECHO`, `RINGCAST_CONFIG`) always work. docs/operations.md lists every key
 //! with its default and the reason for it; keep the two in step.
 

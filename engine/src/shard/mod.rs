@@ -150,7 +150,8 @@ pub struct Shard {
     /// Frames for connections that are joining topics, held until their
     /// `subscription_confirmed` is queued (see [`Shard::hold`]).
     held: RefCell<AHashMap<ConnKey, Held>>,
-    /// The shared read buffer (see DESIGN.md §2.5).
+    /// The shard's one read buffer: every connection reads into it and keeps only the bytes
+    /// of an incomplete frame, so an idle connection holds no buffer.
     pub scratch: RefCell<Box<[u8]>>,
     /// Transport to the other shards.
     mesh: Mesh,

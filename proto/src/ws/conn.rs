@@ -8,7 +8,7 @@
 
 use super::{close, frame::FrameHeader, mask::apply_mask, OpCode, WsError};
 
-/// Receive limits. Defaults follow DESIGN.md §3.
+/// Receive limits. The defaults are those of `limits` in docs/operations.md.
 #[derive(Debug, Clone, Copy)]
 pub struct WsLimits {
     /// Largest message (after reassembly of fragments), in bytes. Default 64 KiB: client
