@@ -140,7 +140,7 @@ impl Shard {
     /// Delivers an ephemeral frame to local subscribers of `topic` but `except`'s connections
     /// (run by the fan-out task, which flushes after it).
     pub(super) fn handle_ephemeral(&self, topic: &str, except: &str, payload: &Payload) {
-        let Some(subs) = self.topics.borrow().get(topic).map(|t| t.subs.clone()) else {
+        let Some(subs) = self.local.borrow().subscribers(topic) else {
             return;
         };
         {
@@ -195,11 +195,10 @@ impl Shard {
     ) {
         let shares = {
             let conns = self.conns.borrow();
-            let local = self.topics.borrow();
+            let local = self.local.borrow();
             topics.iter().any(|t| {
-                local.get(t.as_str()).is_some_and(|lt| {
-                    lt.subs
-                        .iter()
+                local.subscribers(t).is_some_and(|subs| {
+                    subs.iter()
                         .any(|k| conns.get(*k).is_some_and(|c| *c.customer == *to))
                 })
             })

@@ -8,6 +8,7 @@
 pub mod chat;
 pub mod conn_state;
 mod countdown;
+mod local_topics;
 mod mesh;
 pub mod notify;
 pub mod park;
@@ -120,15 +121,6 @@ pub type Frame = Bytes;
 /// yields while connections come and go.
 pub type Subscribers = Rc<Vec<ConnKey>>;
 
-/// A topic's local subscribers on this shard.
-#[derive(Default)]
-pub struct LocalTopic {
-    /// Subscribers receiving live events.
-    pub subs: Subscribers,
-    /// Subscriptions waiting for the owner's answer (the shard's interest stays while > 0).
-    pub pending: u32,
-}
-
 /// One shard's state. Lives in an `Rc` on its executor; never crosses threads.
 pub struct Shard {
     /// This shard's index (its mesh peer id).
@@ -139,8 +131,8 @@ pub struct Shard {
     pub conns: RefCell<Slab>,
     /// Customer -> its connections (all on this shard, its owner).
     pub customers: RefCell<AHashMap<Rc<str>, Vec<ConnKey>>>,
-    /// Topic -> local subscribers.
-    pub topics: RefCell<AHashMap<Rc<str>, LocalTopic>>,
+    /// Topic -> local subscribers, and subscriptions waiting for their owner.
+    local: RefCell<local_topics::LocalTopics<futures_channel::oneshot::Sender<Joined>>>,
     /// Role -> local connections whose token has it.
     pub roles: RefCell<AHashMap<Rc<str>, Subscribers>>,
     /// The topics this shard owns (offsets, history, interest, dedupe).
@@ -157,8 +149,6 @@ pub struct Shard {
     mesh: Mesh,
     /// Publishes awaiting delivery reports.
     reports: RefCell<AHashMap<u64, route::PendingReport>>,
-    /// Subscriptions awaiting the topic owner's answer.
-    sub_waiters: RefCell<AHashMap<u64, route::SubWaiter>>,
     /// Stored events of customers owned here.
     pub streams: RefCell<AHashMap<Rc<str>, CustomerStream>>,
     /// Parked long polls, by customer.
@@ -684,7 +674,7 @@ pub fn start(config: Config) -> anyhow::Result<Server> {
                     shared: shared.clone(),
                     conns: RefCell::default(),
                     customers: RefCell::default(),
-                    topics: RefCell::default(),
+                    local: RefCell::default(),
                     roles: RefCell::default(),
                     owner: RefCell::new(topic_owner::TopicOwner::new(shared.epoch.clone(), {
                         let shared = shared.clone();
@@ -698,7 +688,6 @@ pub fn start(config: Config) -> anyhow::Result<Server> {
                     scratch: RefCell::new(vec![0u8; 64 * 1024].into_boxed_slice()),
                     mesh,
                     reports: RefCell::default(),
-                    sub_waiters: RefCell::default(),
                     streams: RefCell::default(),
                     pollers: RefCell::default(),
                     dedupe: RefCell::default(),

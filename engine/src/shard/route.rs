@@ -20,7 +20,7 @@ use super::{
     slab::ConnKey,
     streams::{unix_now, Scope},
     topic_owner::{Published, Since},
-    Frame, LocalTopic, Shard,
+    Frame, Shard,
 };
 
 /// Frames of one event, encoded once per transport.
@@ -128,13 +128,6 @@ pub enum Job {
         /// Report request id.
         req: u64,
     },
-}
-
-/// A subscription waiting for its topic owner's answer.
-pub(super) struct SubWaiter {
-    key: ConnKey,
-    topic: Rc<str>,
-    tx: oneshot::Sender<Joined>,
 }
 
 /// A decoded `ShardMsg::Interest`.
@@ -506,36 +499,9 @@ impl Shard {
         last: u32,
         member: &str,
     ) -> (Rc<str>, oneshot::Receiver<Joined>) {
-        let name = {
-            let mut topics = self.topics.borrow_mut();
-            match topics.get_key_value(topic).map(|(name, _)| name.clone()) {
-                Some(name) => {
-                    topics.get_mut(topic).expect("just found").pending += 1;
-                    name
-                }
-                None => {
-                    let name: Rc<str> = Rc::from(topic);
-                    topics.insert(
-                        name.clone(),
-                        LocalTopic {
-                            subs: Rc::default(),
-                            pending: 1,
-                        },
-                    );
-                    name
-                }
-            }
-        };
         let req = self.next_req();
         let (tx, rx) = oneshot::channel();
-        self.sub_waiters.borrow_mut().insert(
-            req,
-            SubWaiter {
-                key,
-                topic: name.clone(),
-                tx,
-            },
-        );
+        let name = self.local.borrow_mut().request(req, key, topic, tx);
         let owner = topic_shard(topic, self.shared.n_shards);
         self.send_msg(
             owner,
@@ -568,7 +534,7 @@ impl Shard {
         replay: &[Vec<u8>],
         full: bool,
     ) {
-        let Some(w) = self.sub_waiters.borrow_mut().remove(&req) else {
+        let Some(w) = self.local.borrow_mut().answered(req) else {
             return;
         };
         let alive = {
@@ -586,21 +552,10 @@ impl Shard {
             }
             alive
         };
-        let empty = {
-            let mut topics = self.topics.borrow_mut();
-            let Some(t) = topics.get_mut(&w.topic) else {
-                return;
-            };
-            t.pending -= 1;
-            if alive {
-                Rc::make_mut(&mut t.subs).push(w.key);
-            }
-            t.subs.is_empty() && t.pending == 0
-        };
-        if empty {
+        if self.local.borrow_mut().settle(&w.topic, w.key, alive) {
             self.withdraw_interest(&w.topic);
         }
-        let _ = w.tx.send(if full {
+        let _ = w.reply.send(if full {
             Joined::Full
         } else {
             Joined::Yes(offset, epoch, recovered)
@@ -609,15 +564,7 @@ impl Shard {
 
     /// Removes a local subscriber; the last one withdraws the shard's interest.
     pub fn remove_subscriber(&self, topic: &str, key: ConnKey) {
-        let empty = {
-            let mut topics = self.topics.borrow_mut();
-            let Some(t) = topics.get_mut(topic) else {
-                return;
-            };
-            Rc::make_mut(&mut t.subs).retain(|k| *k != key);
-            t.subs.is_empty() && t.pending == 0
-        };
-        if empty {
+        if self.local.borrow_mut().leave(topic, key) {
             self.withdraw_interest(topic);
         }
     }
@@ -631,11 +578,10 @@ impl Shard {
     /// Gives back the tables' memory after a burst of made-up names (every 10 s).
     pub(super) fn shrink_topic_tables(&self) {
         self.owner.borrow_mut().shrink();
-        shrink_idle(&mut self.topics.borrow_mut());
+        self.local.borrow_mut().shrink();
     }
 
     fn withdraw_interest(&self, topic: &str) {
-        self.topics.borrow_mut().remove(topic);
         let owner = topic_shard(topic, self.shared.n_shards);
         self.send_msg(
             owner,
@@ -883,11 +829,7 @@ impl Shard {
             }
         }
         let list = match &job.target {
-            Target::Topic(topic) => self
-                .topics
-                .borrow()
-                .get(topic.as_str())
-                .map(|t| t.subs.clone()),
+            Target::Topic(topic) => self.local.borrow().subscribers(topic.as_str()),
             Target::Role(role) => self.roles.borrow().get(role.as_str()).cloned(),
             Target::Broadcast => None,
         };
@@ -944,13 +886,5 @@ impl Shard {
             }
         }
         counts
-    }
-}
-
-/// Gives back a map's table when it holds far fewer entries than it has room for (after a
-/// burst of made-up names, say); a map in steady use keeps its room.
-fn shrink_idle<K: std::hash::Hash + Eq, V>(map: &mut AHashMap<K, V>) {
-    if map.capacity() > 64 && map.capacity() > 4 * map.len() {
-        map.shrink_to_fit();
     }
 }
