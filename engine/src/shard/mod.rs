@@ -14,6 +14,8 @@ pub mod notify;
 pub mod park;
 pub mod presence;
 mod route;
+#[cfg(test)]
+mod sim;
 pub use route::Joined;
 pub mod slab;
 pub mod streams;
