@@ -60,6 +60,8 @@ pub struct Client {
     pending: Vec<u8>,
     mask_seed: u32,
     framing: Framing,
+    /// The SSE decoder (SSE streams only).
+    sse: Option<Box<proto::sse::Decoder>>,
 }
 
 /// A frame from the server.
@@ -147,6 +149,7 @@ impl Client {
             pending,
             mask_seed: 0x9E37_79B9,
             framing,
+            sse: None,
         })
     }
 
@@ -189,7 +192,12 @@ impl Client {
         match self.framing {
             Framing::WebSocket => self.drain_frames(f),
             Framing::Sse => {
-                drain_sse_records(&mut self.pending, f);
+                // Each record's data is handed over as a text message; comments (`: ping`)
+                // and records without data are skipped.
+                let mut f = f;
+                let decoder = self.sse.get_or_insert_with(Box::default);
+                decoder.feed(&self.pending, |r| f(Incoming::Text(r.data)));
+                self.pending.clear();
                 Ok(())
             }
         }
@@ -220,31 +228,6 @@ impl Client {
         self.pending.drain(..pos);
         Ok(())
     }
-}
-
-/// Takes the complete SSE records (a blank line ends one) from the front of `pending`: each
-/// record's `data` (lines joined with `\n`) is handed over as a text message; comments
-/// (`: ping`) and records without data are skipped.
-pub fn drain_sse_records(pending: &mut Vec<u8>, mut f: impl FnMut(Incoming<'_>)) {
-    let mut pos = 0;
-    let mut data = Vec::new();
-    while let Some(end) = pending[pos..].windows(2).position(|w| w == b"\n\n") {
-        data.clear();
-        for line in pending[pos..pos + end].split(|&b| b == b'\n') {
-            let line = line.strip_suffix(b"\r").unwrap_or(line);
-            if let Some(v) = line.strip_prefix(b"data:") {
-                if !data.is_empty() {
-                    data.push(b'\n');
-                }
-                data.extend_from_slice(v.strip_prefix(b" ").unwrap_or(v));
-            }
-        }
-        if !data.is_empty() {
-            f(Incoming::Text(&data));
-        }
-        pos += end + 2;
-    }
-    pending.drain(..pos);
 }
 
 /// Reads an HTTP response head; returns the bytes read and where the head ends.
@@ -324,21 +307,6 @@ impl Fields {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sse_records_yield_their_data_and_keep_partial_ones() {
-        let mut pending = b"retry: 2000\n\n: ping\n\nevent: lg\ndata: {\"seq\":1}\nid: a.1-1\n\n\
-            event: x\ndata: line1\r\ndata: line2\n\nevent: lg\ndata: {\"seq\""
-            .to_vec();
-        let mut got = Vec::new();
-        drain_sse_records(&mut pending, |m| {
-            if let Incoming::Text(t) = m {
-                got.push(String::from_utf8(t.to_vec()).unwrap());
-            }
-        });
-        assert_eq!(got, [r#"{"seq":1}"#, "line1\nline2"]);
-        assert_eq!(pending, b"event: lg\ndata: {\"seq\"");
-    }
 
     #[test]
     fn finds_numbers() {

@@ -126,30 +126,7 @@ impl Event {
     /// event is on the customer's stream. Records without `id` leave the browser's
     /// Last-Event-ID as it was, so a resume always refers to the customer stream.
     pub fn to_sse(&self, id: Option<&str>) -> Vec<u8> {
-        let mut out = Vec::with_capacity(32 + self.kind.len() + self.data.len());
-        out.extend_from_slice(b"event: ");
-        out.extend_from_slice(self.kind.as_bytes());
-        out.push(b'\n');
-        let mut lines = self
-            .data
-            .split(['\r', '\n'])
-            .filter(|l| !l.is_empty())
-            .peekable();
-        if lines.peek().is_none() {
-            out.extend_from_slice(b"data: \n");
-        }
-        for line in lines {
-            out.extend_from_slice(b"data: ");
-            out.extend_from_slice(line.as_bytes());
-            out.push(b'\n');
-        }
-        if let Some(id) = id {
-            out.extend_from_slice(b"id: ");
-            out.extend_from_slice(id.as_bytes());
-            out.push(b'\n');
-        }
-        out.push(b'\n');
-        out
+        crate::sse::record(Some(&self.kind), &self.data, id)
     }
 
     /// Whether the event's time to live has passed `secs` seconds after it was accepted.

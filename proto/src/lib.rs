@@ -32,4 +32,5 @@ pub mod json;
 pub mod placement;
 pub mod prefs;
 pub mod proxy;
+pub mod sse;
 pub mod ws;

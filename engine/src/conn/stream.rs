@@ -18,6 +18,7 @@ use proto::{
     event::{push_json_str, validate_topic},
     http1::{json_error, Head, Method, Response},
     placement::owner_shard,
+    sse,
     ws::close,
 };
 
@@ -156,13 +157,14 @@ pub async fn sse(
         return;
     }
     let since = cursor_param(&head);
-    let head_bytes = format!(
+    let mut head_bytes = format!(
         "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n\
-         Connection: keep-alive\r\nX-Accel-Buffering: no\r\n{}\r\n\r\nretry: {}\n\n",
+         Connection: keep-alive\r\nX-Accel-Buffering: no\r\n{}\r\n\r\n",
         cors(&shard, &head),
-        shard.shared.config.delivery.sse_retry_ms
-    );
-    if stream.write_all(head_bytes.as_bytes()).await.is_err() || head.method == Some(Method::Head) {
+    )
+    .into_bytes();
+    head_bytes.extend(sse::retry(shard.shared.config.delivery.sse_retry_ms));
+    if stream.write_all(&head_bytes).await.is_err() || head.method == Some(Method::Head) {
         return;
     }
     let _ = stream.set_read_timeout(None);
@@ -182,27 +184,21 @@ pub async fn sse(
     let key = shard.register(conn, &grants.roles);
     let resume = shard.resume_customer(key, &customer, since.as_deref());
     // The greeting has no `id:`, so the browser's Last-Event-ID stays the stream's.
-    let mut hello = Vec::with_capacity(256);
-    hello.extend_from_slice(b"event: connection_established\ndata: ");
     let subscriptions: Vec<String> = if filters.is_empty() {
         vec!["all".to_owned()]
     } else {
         filters.iter().map(|f| f.to_string()).collect()
     };
-    serde_json::to_writer(
-        &mut hello,
-        &serde_json::json!({
-            "customerId": &*customer,
-            "connectionId": shard.next_conn_id(),
-            "subscriptions": subscriptions,
-            "topics": topics,
-            "cursor": resume.cursor,
-            "recovered": resume.recovered,
-            "heartbeat": shard.shared.config.server.heartbeat_secs,
-        }),
-    )
-    .expect("serialising to a Vec cannot fail");
-    hello.extend_from_slice(b"\n\n");
+    let hello = serde_json::json!({
+        "customerId": &*customer,
+        "connectionId": shard.next_conn_id(),
+        "subscriptions": subscriptions,
+        "topics": topics,
+        "cursor": resume.cursor,
+        "recovered": resume.recovered,
+        "heartbeat": shard.shared.config.server.heartbeat_secs,
+    });
+    let hello = sse::record(Some("connection_established"), &hello.to_string(), None);
     shard.send_now(key, &Bytes::from(hello));
     shard.replay(key, &resume.frames);
     let mut names = Vec::with_capacity(topics.len());
@@ -225,10 +221,8 @@ pub async fn sse(
             // A slow owner still completes the subscription when it answers.
             Joined::Timeout => (0, String::new(), false),
             Joined::Full => {
-                let rec = format!(
-                    "event: error\ndata: {}\n\n",
-                    serde_json::json!({"code": "topic_full", "topic": topic})
-                );
+                let data = serde_json::json!({"code": "topic_full", "topic": topic});
+                let rec = sse::record(Some("error"), &data.to_string(), None);
                 shard.send_now(key, &Bytes::from(rec));
                 continue;
             }
@@ -252,10 +246,8 @@ pub async fn sse(
                 serde_json::json!({"offset": p.offset, "epoch": p.epoch, "recovered": p.recovered}),
             );
         }
-        let mut rec = b"event: subscription_confirmed\ndata: ".to_vec();
-        serde_json::to_writer(&mut rec, &serde_json::json!({ "topics": per_topic }))
-            .expect("serialising to a Vec cannot fail");
-        rec.extend_from_slice(b"\n\n");
+        let data = serde_json::json!({ "topics": per_topic }).to_string();
+        let rec = sse::record(Some("subscription_confirmed"), &data, None);
         shard.confirm(key, &Bytes::from(rec));
     }
     // The stream lives on in a small task of its own: the request's state (head, buffers,

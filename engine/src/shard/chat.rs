@@ -123,7 +123,7 @@ impl Shard {
         let json = serde_json::json!({"type": kind, "topic": topic, "data": data}).to_string();
         let payload = Payload {
             ws: server_frame(OpCode::Text, json.as_bytes()),
-            sse: Bytes::from(format!("event: {kind}\ndata: {data}\n\n")),
+            sse: Bytes::from(proto::sse::record(Some(kind), &data.to_string(), None)),
         };
         self.send_msg(
             topic_shard(topic, self.shared.n_shards),

@@ -54,7 +54,8 @@ impl Wheel {
 /// The server's heartbeat: an empty ping, encoded once for all connections.
 static PING: [u8; 2] = [0x89, 0x00];
 
-/// The SSE heartbeat: a comment line, which browsers ignore and proxies see as traffic.
+/// The SSE heartbeat: a comment line, which browsers ignore and proxies see as traffic
+/// (`proto::sse::comment("ping")`, kept static: one buffer for every stream).
 static SSE_PING: &[u8] = b": ping\n\n";
 
 impl Shard {
@@ -129,5 +130,13 @@ impl Shard {
         }
         self.wheel.borrow_mut().give_back(now, entries);
         self.flush_dirty();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_static_sse_heartbeat_is_protos_comment() {
+        assert_eq!(super::SSE_PING, proto::sse::comment("ping"));
     }
 }

@@ -354,11 +354,13 @@ pub struct SseEvent {
     pub id: Option<String>,
 }
 
-/// A minimal SSE client over a blocking socket (the format of the HTML standard: fields per
-/// line, records separated by a blank line, `:` comments ignored).
+/// A minimal SSE client over a blocking socket; records are decoded by `proto::sse::Decoder`
+/// (the format of the HTML standard).
 pub struct SseClient {
     pub reader: BufReader<TcpStream>,
     pub status: u16,
+    decoder: proto::sse::Decoder,
+    ready: std::collections::VecDeque<SseEvent>,
 }
 
 impl SseClient {
@@ -386,41 +388,34 @@ impl SseClient {
                 break;
             }
         }
-        SseClient { reader, status }
+        SseClient {
+            reader,
+            status,
+            decoder: proto::sse::Decoder::default(),
+            ready: std::collections::VecDeque::new(),
+        }
     }
 
-    /// The next record with an `event:` or `data:` field; None when the stream ends.
+    /// The next record (one with data); None when the stream ends.
     pub fn next(&mut self) -> Option<SseEvent> {
-        let (mut event, mut data, mut id) = (String::new(), Vec::<String>::new(), None);
-        let mut line = String::new();
         loop {
-            line.clear();
-            match self.reader.read_line(&mut line) {
-                Ok(0) | Err(_) => return None,
-                Ok(_) => {}
+            if let Some(e) = self.ready.pop_front() {
+                return Some(e);
             }
-            let l = line.trim_end_matches(['\r', '\n']);
-            if l.is_empty() {
-                if !event.is_empty() || !data.is_empty() {
-                    return Some(SseEvent {
-                        event: std::mem::take(&mut event),
-                        data: data.join("\n"),
-                        id: id.take(),
-                    });
-                }
-                continue;
-            }
-            if l.starts_with(':') {
-                continue;
-            }
-            let (field, value) = l.split_once(':').unwrap_or((l, ""));
-            let value = value.strip_prefix(' ').unwrap_or(value).to_owned();
-            match field {
-                "event" => event = value,
-                "data" => data.push(value),
-                "id" => id = Some(value),
-                _ => {}
-            }
+            let bytes = match self.reader.fill_buf() {
+                Ok([]) | Err(_) => return None,
+                Ok(b) => b.to_vec(),
+            };
+            self.reader.consume(bytes.len());
+            let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+            let ready = &mut self.ready;
+            self.decoder.feed(&bytes, |r| {
+                ready.push_back(SseEvent {
+                    event: text(r.event),
+                    data: text(r.data),
+                    id: r.id.map(text),
+                })
+            });
         }
     }
 }
