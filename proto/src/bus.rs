@@ -151,8 +151,8 @@ pub enum ShardMsg {
         ids: Vec<String>,
         /// The customer who acknowledged them.
         by: String,
-        /// `delivered` or `read`.
-        status: String,
+        /// Delivered or read.
+        status: crate::client::ReceiptStatus,
         /// The acknowledging connection's topics (a topic message's receipt must come from a
         /// member).
         topics: Vec<String>,

@@ -58,12 +58,12 @@ pub enum Request {
         up_to: Option<String>,
         /// `delivered` (default) or `read`: the sender of a client-sent message among `ids`
         /// receives `message_delivered` / `message_read`.
-        status: String,
+        status: ReceiptStatus,
     },
     /// Sets the customer's presence status (all its connections).
     Presence {
-        /// `online`, `away` or `busy`.
-        status: String,
+        /// The status.
+        status: PresenceStatus,
     },
     /// Stores delivery preferences for the customer (validated; the fields given replace
     /// the stored ones).
@@ -296,13 +296,16 @@ pub fn parse(buf: &mut [u8]) -> Result<ClientMessage, ClientError> {
             let cursors =
                 strings(payload.and_then(|p| p.get("cursors")), "cursors").map_err(with_ctx)?;
             let up_to = string(payload, &["upTo", "up_to"]);
-            let status = string(payload, &["status"]).unwrap_or_else(|| "delivered".into());
-            if !matches!(status.as_str(), "delivered" | "read") {
-                return Err(fail(
-                    "bad_request",
-                    "ack status must be delivered or read".into(),
-                ));
-            }
+            let status = match string(payload, &["status"]).as_deref() {
+                None | Some("delivered") => ReceiptStatus::Delivered,
+                Some("read") => ReceiptStatus::Read,
+                Some(_) => {
+                    return Err(fail(
+                        "bad_request",
+                        "ack status must be delivered or read".into(),
+                    ))
+                }
+            };
             if ids.is_empty() && cursors.is_empty() && up_to.is_none() {
                 return Err(fail(
                     "bad_request",
@@ -334,12 +337,17 @@ pub fn parse(buf: &mut [u8]) -> Result<ClientMessage, ClientError> {
         "presence" => {
             let status = string(payload, &["status"])
                 .ok_or_else(|| fail("bad_request", "presence needs payload.status".into()))?;
-            if !matches!(status.as_str(), "online" | "away" | "busy") {
-                return Err(fail(
-                    "bad_request",
-                    "presence status must be online, away or busy".into(),
-                ));
-            }
+            let status = match status.as_str() {
+                "online" => PresenceStatus::Online,
+                "away" => PresenceStatus::Away,
+                "busy" => PresenceStatus::Busy,
+                _ => {
+                    return Err(fail(
+                        "bad_request",
+                        "presence status must be online, away or busy".into(),
+                    ))
+                }
+            };
             Request::Presence { status }
         }
         "update_preferences" => {
@@ -359,6 +367,49 @@ pub fn parse(buf: &mut [u8]) -> Result<ClientMessage, ClientError> {
         request,
         request_id,
     })
+}
+
+/// What an `ack` confirms about client-sent messages: their sender is told
+/// `message_delivered` or `message_read`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub enum ReceiptStatus {
+    /// Received (the default).
+    Delivered,
+    /// Read by the recipient.
+    Read,
+}
+
+impl ReceiptStatus {
+    /// The type of the receipt the sender gets.
+    pub fn receipt_type(self) -> &'static str {
+        match self {
+            ReceiptStatus::Delivered => "message_delivered",
+            ReceiptStatus::Read => "message_read",
+        }
+    }
+}
+
+/// A customer's presence status.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum PresenceStatus {
+    /// Online (the default of a connected customer).
+    #[default]
+    Online,
+    /// Away.
+    Away,
+    /// Busy.
+    Busy,
+}
+
+impl PresenceStatus {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PresenceStatus::Online => "online",
+            PresenceStatus::Away => "away",
+            PresenceStatus::Busy => "busy",
+        }
+    }
 }
 
 /// The `welcome` message sent after the upgrade. `stream` is the customer stream's position
@@ -495,7 +546,7 @@ mod tests {
                 ids: vec!["a".into(), "b".into()],
                 cursors: vec![],
                 up_to: None,
-                status: "read".into()
+                status: ReceiptStatus::Read
             }
         );
         assert_eq!(

@@ -12,6 +12,7 @@ use ahash::AHashMap;
 use bytes::Bytes;
 use proto::{
     bus::{Counts, ShardMsg},
+    client::ReceiptStatus,
     event::Event,
     placement::{owner_shard, topic_shard},
     ws::{server_frame, OpCode},
@@ -221,7 +222,13 @@ impl Shard {
     }
 
     /// Receipts from `by` for client-sent events: grouped by the shard that minted each id.
-    pub fn send_receipts(&self, ids: &[String], by: &str, status: &str, topics: Vec<String>) {
+    pub fn send_receipts(
+        &self,
+        ids: &[String],
+        by: &str,
+        status: ReceiptStatus,
+        topics: Vec<String>,
+    ) {
         let n = self.shared.n_shards;
         let mut per_shard: AHashMap<usize, Vec<String>> = AHashMap::new();
         for id in ids {
@@ -235,7 +242,7 @@ impl Shard {
                 &ShardMsg::Receipts {
                     ids,
                     by: by.to_owned(),
-                    status: status.to_owned(),
+                    status,
                     topics: topics.clone(),
                 },
                 None,
@@ -251,14 +258,10 @@ impl Shard {
         &self,
         ids: &[String],
         by: &str,
-        status: &str,
+        status: ReceiptStatus,
         topics: &[String],
     ) {
-        let kind = if status == "read" {
-            "message_read"
-        } else {
-            "message_delivered"
-        };
+        let kind = status.receipt_type();
         let mut out: Vec<(Rc<str>, Bytes)> = Vec::new();
         {
             let sent = self.sent.borrow();

@@ -378,7 +378,10 @@ impl Shard {
             } => self.queue_job(Job::Receipts {
                 ids: ids.iter().map(|s| s.as_str().to_owned()).collect(),
                 by: by.as_str().to_owned(),
-                status: status.as_str().to_owned(),
+                status: rkyv::deserialize::<proto::client::ReceiptStatus, rkyv::rancor::Error>(
+                    status,
+                )
+                .expect("a validated archive deserialises"),
                 topics: topics.iter().map(|s| s.as_str().to_owned()).collect(),
             }),
             ArchivedShardMsg::Membership {

@@ -13,6 +13,7 @@ use std::{rc::Rc, time::Instant};
 use ahash::AHashMap;
 use proto::{
     bus::ShardMsg,
+    client::PresenceStatus,
     placement::{owner_shard, topic_shard},
 };
 use serde_json::json;
@@ -36,7 +37,7 @@ pub struct TopicMembers {
 #[derive(Default)]
 pub struct CustomerPresence {
     /// Statuses other than `online` chosen by connected customers.
-    status: AHashMap<Rc<str>, &'static str>,
+    status: AHashMap<Rc<str>, PresenceStatus>,
     /// Unix seconds of the last disconnect of customers now offline (the oldest forgotten
     /// beyond `LAST_SEEN_KEPT`).
     last_seen: AHashMap<Rc<str>, u64>,
@@ -177,21 +178,16 @@ impl Shard {
     }
 
     /// The `presence` op: sets the customer's status and tells those who may see it.
-    pub fn set_status(&self, customer: &Rc<str>, status: &str) {
-        let status: &'static str = match status {
-            "away" => "away",
-            "busy" => "busy",
-            _ => "online",
-        };
+    pub fn set_status(&self, customer: &Rc<str>, status: PresenceStatus) {
         let before = {
             let mut p = self.presence.borrow_mut();
-            if status == "online" {
+            if status == PresenceStatus::Online {
                 p.status.remove(customer)
             } else {
                 p.status.insert(customer.clone(), status)
             }
         };
-        if before.unwrap_or("online") != status {
+        if before.unwrap_or_default() != status {
             self.announce_status(customer, true);
         }
     }
@@ -219,7 +215,7 @@ impl Shard {
         let status = if keys.is_empty() {
             "offline"
         } else {
-            p.status.get(customer).copied().unwrap_or("online")
+            p.status.get(customer).copied().unwrap_or_default().as_str()
         };
         json!({
             "customerId": customer,

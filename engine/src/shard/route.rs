@@ -112,8 +112,8 @@ pub enum Job {
         ids: Vec<String>,
         /// The customer confirming.
         by: String,
-        /// `delivered` or `read`.
-        status: String,
+        /// Delivered or read.
+        status: proto::client::ReceiptStatus,
         /// Topics the confirming customer is a member of.
         topics: Vec<String>,
     },
@@ -764,7 +764,7 @@ impl Shard {
                         by,
                         status,
                         topics,
-                    } => self.handle_receipts(&ids, &by, &status, &topics),
+                    } => self.handle_receipts(&ids, &by, status, &topics),
                     Job::Disconnect {
                         customers,
                         code,

@@ -321,14 +321,14 @@ impl Session {
                 );
             }
             Request::Presence { status } => {
-                shard.set_status(&self.grants.customer, &status);
+                shard.set_status(&self.grants.customer, status);
                 if rid.is_some() {
                     self.reply(
                         shard,
                         &client::ack_reply(
                             "presence_set",
                             rid,
-                            serde_json::json!({ "status": status }),
+                            serde_json::json!({ "status": status.as_str() }),
                             &now_rfc3339(),
                         ),
                     );
@@ -370,7 +370,7 @@ impl Session {
                     // Receipts for client-sent messages among the ids (other ids are the
                     // customer's stored events, acknowledged below).
                     let topics = self.topics.iter().map(|t| t.to_string()).collect();
-                    shard.send_receipts(&ids, &self.grants.customer, &status, topics);
+                    shard.send_receipts(&ids, &self.grants.customer, status, topics);
                 }
                 let acked = shard.ack(&self.grants.customer, &ids, &cursors, up_to.as_deref());
                 if rid.is_some() {
