@@ -478,18 +478,97 @@ pub fn subscription_reply(
     v.to_string().into_bytes()
 }
 
-/// A simple acknowledgement `{type, requestId, data}` (for `pong`, `published`, `sent`).
-pub fn ack_reply(
-    kind: &str,
-    request_id: Option<&str>,
-    data: serde_json::Value,
+/// A reply to a client request: `{"type", "timestamp", "data", "requestId"}`.
+#[derive(Debug, Clone, Copy)]
+pub enum Reply<'a> {
+    /// `pong` to a JSON `ping`.
+    Pong,
+    /// `published`: a client-sent event went to a topic.
+    Published {
+        /// The event id.
+        id: &'a str,
+        /// The topic.
+        topic: &'a str,
+    },
+    /// `sent`: a client-sent event went to a customer.
+    Sent {
+        /// The event id.
+        id: &'a str,
+        /// The recipient.
+        to: &'a str,
+    },
+    /// `presence_set`.
+    PresenceSet(PresenceStatus),
+    /// `typing_sent` (`throttled`: dropped inside the typing interval).
+    TypingSent {
+        /// The topic.
+        topic: &'a str,
+        /// Whether the indicator was dropped as too frequent.
+        throttled: bool,
+    },
+    /// `acked`: how many stored events the `ack` confirmed.
+    Acked(u64),
+    /// `preferences_updated`, with everything stored.
+    PreferencesUpdated(&'a crate::prefs::Preferences),
+}
+
+impl Reply<'_> {
+    /// The reply's JSON text.
+    pub fn encode(&self, request_id: Option<&str>, timestamp: &str) -> Vec<u8> {
+        let (kind, data) = match *self {
+            Reply::Pong => ("pong", json!({})),
+            Reply::Published { id, topic } => ("published", json!({ "id": id, "topic": topic })),
+            Reply::Sent { id, to } => ("sent", json!({ "id": id, "to": to })),
+            Reply::PresenceSet(s) => ("presence_set", json!({ "status": s.as_str() })),
+            Reply::TypingSent { topic, throttled } => (
+                "typing_sent",
+                json!({ "topic": topic, "throttled": throttled }),
+            ),
+            Reply::Acked(n) => ("acked", json!({ "acked": n })),
+            Reply::PreferencesUpdated(p) => (
+                "preferences_updated",
+                serde_json::to_value(p).expect("preferences serialise"),
+            ),
+        };
+        let mut v = json!({ "type": kind, "timestamp": timestamp, "data": data });
+        if let Some(r) = request_id {
+            v["requestId"] = json!(r);
+        }
+        v.to_string().into_bytes()
+    }
+}
+
+/// An event the server pushes about a topic without storing it (`typing`,
+/// `presence_diff`, presence announcements): the WebSocket message
+/// `{"type": kind, "topic", "data"}` and the SSE record `event: kind` with the data.
+pub fn ephemeral(kind: &str, topic: &str, data: &serde_json::Value) -> (Vec<u8>, Vec<u8>) {
+    let ws = json!({ "type": kind, "topic": topic, "data": data })
+        .to_string()
+        .into_bytes();
+    (ws, crate::sse::record(Some(kind), &data.to_string(), None))
+}
+
+/// The data of a `typing` event.
+pub fn typing(customer: &str, start: bool) -> serde_json::Value {
+    json!({ "customerId": customer, "state": if start { "start" } else { "stop" } })
+}
+
+/// A receipt for the sender of a client-sent event: `message_delivered` or `message_read`
+/// with the event id, who confirmed it and, for a topic message, the topic.
+pub fn receipt(
+    status: ReceiptStatus,
+    id: &str,
+    by: &str,
+    topic: Option<&str>,
     timestamp: &str,
 ) -> Vec<u8> {
-    let mut v = json!({ "type": kind, "timestamp": timestamp, "data": data });
-    if let Some(r) = request_id {
-        v["requestId"] = json!(r);
+    let mut data = json!({ "id": id, "by": by });
+    if let Some(t) = topic {
+        data["topic"] = json!(t);
     }
-    v.to_string().into_bytes()
+    json!({ "type": status.receipt_type(), "timestamp": timestamp, "data": data })
+        .to_string()
+        .into_bytes()
 }
 
 #[cfg(test)]
@@ -498,6 +577,90 @@ mod tests {
 
     fn p(s: &str) -> Result<ClientMessage, ClientError> {
         parse(&mut s.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn replies_golden() {
+        let ts = "2026-12-01T00:00:00.000Z";
+        let prefs = crate::prefs::Preferences::parse(r#"{"urgentOverride":true}"#).unwrap();
+        let cases = [
+            (
+                Reply::Pong,
+                r#"{"data":{},"requestId":"r","timestamp":"T","type":"pong"}"#,
+            ),
+            (
+                Reply::Published {
+                    id: "e-0-1",
+                    topic: "conversation:1",
+                },
+                r#"{"data":{"id":"e-0-1","topic":"conversation:1"},"requestId":"r","timestamp":"T","type":"published"}"#,
+            ),
+            (
+                Reply::Sent {
+                    id: "e-0-2",
+                    to: "bob",
+                },
+                r#"{"data":{"id":"e-0-2","to":"bob"},"requestId":"r","timestamp":"T","type":"sent"}"#,
+            ),
+            (
+                Reply::PresenceSet(PresenceStatus::Away),
+                r#"{"data":{"status":"away"},"requestId":"r","timestamp":"T","type":"presence_set"}"#,
+            ),
+            (
+                Reply::TypingSent {
+                    topic: "conversation:1",
+                    throttled: true,
+                },
+                r#"{"data":{"throttled":true,"topic":"conversation:1"},"requestId":"r","timestamp":"T","type":"typing_sent"}"#,
+            ),
+            (
+                Reply::Acked(3),
+                r#"{"data":{"acked":3},"requestId":"r","timestamp":"T","type":"acked"}"#,
+            ),
+            (
+                Reply::PreferencesUpdated(&prefs),
+                r#"{"data":{"urgentOverride":true},"requestId":"r","timestamp":"T","type":"preferences_updated"}"#,
+            ),
+        ];
+        for (reply, want) in cases {
+            let got = String::from_utf8(reply.encode(Some("r"), ts)).unwrap();
+            assert_eq!(
+                got,
+                want.replace("\"T\"", &format!("\"{ts}\"")),
+                "{reply:?}"
+            );
+        }
+        let bare = String::from_utf8(Reply::Pong.encode(None, "T")).unwrap();
+        assert!(!bare.contains("requestId"), "{bare}");
+    }
+
+    #[test]
+    fn pushed_events_golden() {
+        let (ws, sse) = ephemeral("typing", "conversation:7", &typing("anna", true));
+        assert_eq!(
+            String::from_utf8(ws).unwrap(),
+            r#"{"data":{"customerId":"anna","state":"start"},"topic":"conversation:7","type":"typing"}"#
+        );
+        assert_eq!(
+            String::from_utf8(sse).unwrap(),
+            "event: typing\ndata: {\"customerId\":\"anna\",\"state\":\"start\"}\n\n"
+        );
+        let r = receipt(
+            ReceiptStatus::Read,
+            "e-0-1",
+            "bob",
+            Some("conversation:7"),
+            "T",
+        );
+        assert_eq!(
+            String::from_utf8(r).unwrap(),
+            r#"{"data":{"by":"bob","id":"e-0-1","topic":"conversation:7"},"timestamp":"T","type":"message_read"}"#
+        );
+        let r = receipt(ReceiptStatus::Delivered, "e-0-2", "bob", None, "T");
+        assert_eq!(
+            String::from_utf8(r).unwrap(),
+            r#"{"data":{"by":"bob","id":"e-0-2"},"timestamp":"T","type":"message_delivered"}"#
+        );
     }
 
     #[test]

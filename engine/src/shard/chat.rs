@@ -12,7 +12,7 @@ use ahash::AHashMap;
 use bytes::Bytes;
 use proto::{
     bus::{Counts, ShardMsg},
-    client::ReceiptStatus,
+    client::{receipt, ReceiptStatus},
     event::Event,
     placement::{owner_shard, topic_shard},
     ws::{server_frame, OpCode},
@@ -104,8 +104,12 @@ impl Shard {
             }
             seen.insert(k, (start, now_ms));
         }
-        let data = serde_json::json!({"customerId": customer, "state": if start { "start" } else { "stop" }});
-        self.ephemeral(topic, customer, "typing", &data);
+        self.ephemeral(
+            topic,
+            customer,
+            "typing",
+            &proto::client::typing(customer, start),
+        );
         true
     }
 
@@ -121,10 +125,10 @@ impl Shard {
         kind: &str,
         data: &serde_json::Value,
     ) {
-        let json = serde_json::json!({"type": kind, "topic": topic, "data": data}).to_string();
+        let (ws, sse) = proto::client::ephemeral(kind, topic, data);
         let payload = Payload {
-            ws: server_frame(OpCode::Text, json.as_bytes()),
-            sse: Bytes::from(proto::sse::record(Some(kind), &data.to_string(), None)),
+            ws: server_frame(OpCode::Text, &ws),
+            sse: Bytes::from(sse),
         };
         self.send_msg(
             topic_shard(topic, self.shared.n_shards),
@@ -261,7 +265,6 @@ impl Shard {
         status: ReceiptStatus,
         topics: &[String],
     ) {
-        let kind = status.receipt_type();
         let mut out: Vec<(Rc<str>, Bytes)> = Vec::new();
         {
             let sent = self.sent.borrow();
@@ -272,18 +275,14 @@ impl Shard {
                 if **from == *by {
                     continue;
                 }
-                let data = match to {
-                    SentTo::Customer(c) if c == by => serde_json::json!({"id": id, "by": by}),
-                    SentTo::Topic(t) if topics.iter().any(|m| m == t) => {
-                        serde_json::json!({"id": id, "by": by, "topic": t})
-                    }
+                let topic = match to {
+                    SentTo::Customer(c) if c == by => None,
+                    SentTo::Topic(t) if topics.iter().any(|m| m == t) => Some(t.as_str()),
                     _ => continue,
                 };
-                let json = serde_json::json!({"type": kind, "timestamp": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(), "data": data});
-                out.push((
-                    from.clone(),
-                    server_frame(OpCode::Text, json.to_string().as_bytes()),
-                ));
+                let now = humantime::format_rfc3339_millis(std::time::SystemTime::now());
+                let json = receipt(status, id, by, topic, &now.to_string());
+                out.push((from.clone(), server_frame(OpCode::Text, &json)));
             }
         }
         if out.is_empty() {

@@ -30,10 +30,7 @@ impl Session {
             request_id: msg.request_id.clone(),
         };
         match msg.request {
-            Request::Ping => self.reply(
-                shard,
-                &client::ack_reply("pong", rid, serde_json::json!({}), &now_rfc3339()),
-            ),
+            Request::Ping => self.reply(shard, &client::Reply::Pong.encode(rid, &now_rfc3339())),
             Request::Subscribe {
                 topics,
                 events,
@@ -300,37 +297,24 @@ impl Session {
                 );
                 self.reply(
                     shard,
-                    &client::ack_reply(
-                        "sent",
-                        rid,
-                        serde_json::json!({ "id": id, "to": to }),
-                        &now_rfc3339(),
-                    ),
+                    &client::Reply::Sent { id: &id, to: &to }.encode(rid, &now_rfc3339()),
                 );
             }
             Request::UpdatePreferences(update) => {
-                let stored = {
+                let reply = {
                     let mut all = shard.preferences.borrow_mut();
                     let p = all.entry(self.grants.customer.clone()).or_default();
                     p.merge(update);
-                    serde_json::to_value(&*p).expect("serialisable")
+                    client::Reply::PreferencesUpdated(p).encode(rid, &now_rfc3339())
                 };
-                self.reply(
-                    shard,
-                    &client::ack_reply("preferences_updated", rid, stored, &now_rfc3339()),
-                );
+                self.reply(shard, &reply);
             }
             Request::Presence { status } => {
                 shard.set_status(&self.grants.customer, status);
                 if rid.is_some() {
                     self.reply(
                         shard,
-                        &client::ack_reply(
-                            "presence_set",
-                            rid,
-                            serde_json::json!({ "status": status.as_str() }),
-                            &now_rfc3339(),
-                        ),
+                        &client::Reply::PresenceSet(status).encode(rid, &now_rfc3339()),
                     );
                 }
             }
@@ -351,12 +335,11 @@ impl Session {
                 if rid.is_some() {
                     self.reply(
                         shard,
-                        &client::ack_reply(
-                            "typing_sent",
-                            rid,
-                            serde_json::json!({ "topic": topic, "throttled": !sent }),
-                            &now_rfc3339(),
-                        ),
+                        &client::Reply::TypingSent {
+                            topic: &topic,
+                            throttled: !sent,
+                        }
+                        .encode(rid, &now_rfc3339()),
                     );
                 }
             }
@@ -376,12 +359,7 @@ impl Session {
                 if rid.is_some() {
                     self.reply(
                         shard,
-                        &client::ack_reply(
-                            "acked",
-                            rid,
-                            serde_json::json!({ "acked": acked }),
-                            &now_rfc3339(),
-                        ),
+                        &client::Reply::Acked(acked).encode(rid, &now_rfc3339()),
                     );
                 }
             }
@@ -401,17 +379,9 @@ impl Session {
     ) {
         let event = self.client_event(shard, kind, data);
         let id = event.id.clone();
-        let (customers, topics, reply) = match &target {
-            ClientTarget::Topic(t) => (
-                vec![],
-                vec![t.clone()],
-                serde_json::json!({ "id": id, "topic": t }),
-            ),
-            ClientTarget::Customer(c) => (
-                vec![c.clone()],
-                vec![],
-                serde_json::json!({ "id": id, "to": c }),
-            ),
+        let (customers, topics) = match &target {
+            ClientTarget::Topic(t) => (vec![], vec![t.clone()]),
+            ClientTarget::Customer(c) => (vec![c.clone()], vec![]),
         };
         let p = Publish {
             customers,
@@ -429,12 +399,11 @@ impl Session {
             },
         );
         shard.publish(&p, false).await;
-        let kind = if matches!(target, ClientTarget::Topic(_)) {
-            "published"
-        } else {
-            "sent"
+        let reply = match &target {
+            ClientTarget::Topic(topic) => client::Reply::Published { id: &id, topic },
+            ClientTarget::Customer(to) => client::Reply::Sent { id: &id, to },
         };
-        self.reply(shard, &client::ack_reply(kind, rid, reply, &now_rfc3339()));
+        self.reply(shard, &reply.encode(rid, &now_rfc3339()));
     }
 
     fn client_event(&self, shard: &Shard, kind: String, data: String) -> Event {
