@@ -571,6 +571,72 @@ pub fn receipt(
         .into_bytes()
 }
 
+/// The data of a `presence_diff`: who joined and left a presence topic in the last window
+/// (at most the configured number of names each; `truncated` says some were left out).
+pub fn presence_diff(
+    joined: &[String],
+    left: &[String],
+    members: usize,
+    truncated: bool,
+) -> serde_json::Value {
+    json!({ "joined": joined, "left": left, "members": members, "truncated": truncated })
+}
+
+/// The SSE stream's greeting, `connection_established` (no `id:`, so the browser's
+/// Last-Event-ID stays the customer stream's).
+pub struct SseHello<'a> {
+    /// The customer.
+    pub customer: &'a str,
+    /// This connection's id.
+    pub connection_id: &'a str,
+    /// Event-type filters (`["all"]` without any).
+    pub subscriptions: &'a [String],
+    /// Topics the stream asked for.
+    pub topics: &'a [String],
+    /// The customer stream's position before any replayed event.
+    pub cursor: &'a str,
+    /// Whether the stream's `since` could be honoured completely.
+    pub recovered: bool,
+    /// Seconds between the server's heartbeats.
+    pub heartbeat_secs: u64,
+}
+
+impl SseHello<'_> {
+    /// The SSE record.
+    pub fn encode(&self) -> Vec<u8> {
+        let data = json!({
+            "customerId": self.customer,
+            "connectionId": self.connection_id,
+            "subscriptions": self.subscriptions,
+            "topics": self.topics,
+            "cursor": self.cursor,
+            "recovered": self.recovered,
+            "heartbeat": self.heartbeat_secs,
+        });
+        crate::sse::record(Some("connection_established"), &data.to_string(), None)
+    }
+}
+
+/// The SSE record that says a stream's topics are live: `subscription_confirmed` with each
+/// topic's position.
+pub fn sse_subscription_confirmed(topics: &[TopicPosition]) -> Vec<u8> {
+    let mut per_topic = serde_json::Map::new();
+    for t in topics {
+        per_topic.insert(
+            t.topic.clone(),
+            json!({ "offset": t.offset, "epoch": t.epoch, "recovered": t.recovered }),
+        );
+    }
+    let data = json!({ "topics": per_topic }).to_string();
+    crate::sse::record(Some("subscription_confirmed"), &data, None)
+}
+
+/// The SSE record refusing a topic that has its maximum of subscribers.
+pub fn sse_topic_full(topic: &str) -> Vec<u8> {
+    let data = json!({ "code": "topic_full", "topic": topic }).to_string();
+    crate::sse::record(Some("error"), &data, None)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -660,6 +726,44 @@ mod tests {
         assert_eq!(
             String::from_utf8(r).unwrap(),
             r#"{"data":{"by":"bob","id":"e-0-2"},"timestamp":"T","type":"message_delivered"}"#
+        );
+    }
+
+    #[test]
+    fn sse_messages_and_presence_diff_golden() {
+        let hello = SseHello {
+            customer: "anna",
+            connection_id: "e-0-1",
+            subscriptions: &["all".into()],
+            topics: &["news".into()],
+            cursor: "e.0-0",
+            recovered: true,
+            heartbeat_secs: 25,
+        };
+        assert_eq!(
+            String::from_utf8(hello.encode()).unwrap(),
+            "event: connection_established\ndata: {\"connectionId\":\"e-0-1\",\"cursor\":\"e.0-0\",\
+             \"customerId\":\"anna\",\"heartbeat\":25,\"recovered\":true,\"subscriptions\":[\"all\"],\
+             \"topics\":[\"news\"]}\n\n"
+        );
+        let pos = TopicPosition {
+            topic: "news".into(),
+            offset: 4,
+            epoch: "e".into(),
+            recovered: true,
+        };
+        assert_eq!(
+            String::from_utf8(sse_subscription_confirmed(&[pos])).unwrap(),
+            "event: subscription_confirmed\ndata: {\"topics\":{\"news\":{\"epoch\":\"e\",\"offset\":4,\
+             \"recovered\":true}}}\n\n"
+        );
+        assert_eq!(
+            String::from_utf8(sse_topic_full("news")).unwrap(),
+            "event: error\ndata: {\"code\":\"topic_full\",\"topic\":\"news\"}\n\n"
+        );
+        assert_eq!(
+            presence_diff(&["a".into()], &[], 3, false).to_string(),
+            r#"{"joined":["a"],"left":[],"members":3,"truncated":false}"#
         );
     }
 

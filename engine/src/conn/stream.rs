@@ -14,7 +14,7 @@ use futures_lite::AsyncWriteExt;
 use glommio::net::TcpStream;
 use proto::{
     auth::Claims,
-    client::TopicPosition,
+    client::{self, TopicPosition},
     event::{push_json_str, validate_topic},
     http1::{json_error, Head, Method, Response},
     placement::owner_shard,
@@ -189,16 +189,16 @@ pub async fn sse(
     } else {
         filters.iter().map(|f| f.to_string()).collect()
     };
-    let hello = serde_json::json!({
-        "customerId": &*customer,
-        "connectionId": shard.next_conn_id(),
-        "subscriptions": subscriptions,
-        "topics": topics,
-        "cursor": resume.cursor,
-        "recovered": resume.recovered,
-        "heartbeat": shard.shared.config.server.heartbeat_secs,
-    });
-    let hello = sse::record(Some("connection_established"), &hello.to_string(), None);
+    let hello = client::SseHello {
+        customer: &customer,
+        connection_id: &shard.next_conn_id(),
+        subscriptions: &subscriptions,
+        topics: &topics,
+        cursor: &resume.cursor,
+        recovered: resume.recovered,
+        heartbeat_secs: shard.shared.config.server.heartbeat_secs,
+    }
+    .encode();
     shard.send_now(key, &Bytes::from(hello));
     shard.replay(key, &resume.frames);
     let mut names = Vec::with_capacity(topics.len());
@@ -221,9 +221,7 @@ pub async fn sse(
             // A slow owner still completes the subscription when it answers.
             Joined::Timeout => (0, String::new(), false),
             Joined::Full => {
-                let data = serde_json::json!({"code": "topic_full", "topic": topic});
-                let rec = sse::record(Some("error"), &data.to_string(), None);
-                shard.send_now(key, &Bytes::from(rec));
+                shard.send_now(key, &Bytes::from(client::sse_topic_full(topic)));
                 continue;
             }
         };
@@ -239,15 +237,7 @@ pub async fn sse(
     if !joining.is_empty() {
         // The greeting goes out before the topics are joined; this record says they are live
         // (what a client or a load generator waits for before counting on topic events).
-        let mut per_topic = serde_json::Map::new();
-        for p in positions {
-            per_topic.insert(
-                p.topic,
-                serde_json::json!({"offset": p.offset, "epoch": p.epoch, "recovered": p.recovered}),
-            );
-        }
-        let data = serde_json::json!({ "topics": per_topic }).to_string();
-        let rec = sse::record(Some("subscription_confirmed"), &data, None);
+        let rec = client::sse_subscription_confirmed(&positions);
         shard.confirm(key, &Bytes::from(rec));
     }
     // The stream lives on in a small task of its own: the request's state (head, buffers,

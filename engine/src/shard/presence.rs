@@ -365,12 +365,7 @@ impl Shard {
             self.metrics()
                 .presence_diffs
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let data = json!({
-                "joined": joined,
-                "left": left,
-                "members": members,
-                "truncated": total > cap,
-            });
+            let data = proto::client::presence_diff(&joined, &left, members, total > cap);
             self.ephemeral(&topic, "", "presence_diff", &data);
         }
     }
