@@ -11,9 +11,12 @@
 //! - [`io`]: the few system calls glommio lacks; all `unsafe` code lives there.
 //! - [`cli`]: `ringcast serve` and `ringcast token`.
 
+#![deny(unsafe_code)]
+
 pub mod cli;
 pub mod config;
 pub mod conn;
+#[allow(unsafe_code)]
 pub mod io;
 pub mod limits;
 pub mod metrics;

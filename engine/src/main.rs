@@ -1,5 +1,7 @@
 //! The `ringcast` binary. Everything lives in the library; see `engine::cli`.
 
+#![deny(unsafe_code)]
+
 #[cfg(not(feature = "alloc-stats"))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
