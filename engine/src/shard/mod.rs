@@ -8,6 +8,7 @@
 pub mod chat;
 pub mod conn_state;
 mod countdown;
+mod gather;
 mod local_topics;
 mod mesh;
 pub mod notify;
@@ -149,8 +150,8 @@ pub struct Shard {
     pub scratch: RefCell<Box<[u8]>>,
     /// Transport to the other shards.
     mesh: Mesh,
-    /// Publishes awaiting delivery reports.
-    reports: RefCell<AHashMap<u64, route::PendingReport>>,
+    /// Publishes (and disconnects, direct messages) awaiting delivery reports.
+    reports: RefCell<gather::Gather<proto::bus::Counts>>,
     /// Stored events of customers owned here.
     pub streams: RefCell<AHashMap<Rc<str>, CustomerStream>>,
     /// Parked long polls, by customer.
@@ -186,13 +187,13 @@ pub struct Shard {
     /// Delivery preferences of customers owned here (`update_preferences`).
     pub preferences: RefCell<AHashMap<Rc<str>, proto::prefs::Preferences>>,
     /// Presence queries awaiting their owner's answer.
-    queries: RefCell<AHashMap<u64, futures_channel::oneshot::Sender<Vec<u8>>>>,
+    queries: RefCell<gather::Gather<Vec<u8>>>,
     /// Last typing indicator per (connection, topic): state and shard milliseconds.
     typing_seen: RefCell<AHashMap<(ConnKey, u64), (bool, u32)>>,
     /// Full-resolution histograms of this shard (gathered by `/v1/stats/histograms`).
     pub hists: RefCell<Hists>,
     /// Histogram gathers awaiting replies from the shards.
-    hist_waiters: RefCell<AHashMap<u64, route::HistGather>>,
+    hist_waiters: RefCell<gather::Gather<Hists>>,
 }
 
 /// Frames held for a connection while it joins topics.

@@ -379,8 +379,8 @@ impl Shard {
             owner_shard(key, self.shared.n_shards)
         };
         let req = self.next_req();
-        let (tx, rx) = futures_channel::oneshot::channel();
-        self.queries.borrow_mut().insert(req, tx);
+        let left = super::countdown::Countdown::new(0, 1);
+        let rx = self.queries.borrow_mut().open(req, left, Vec::new());
         self.send_msg(
             owner,
             &ShardMsg::PresenceQuery {
@@ -393,7 +393,7 @@ impl Shard {
             None,
         );
         let got = super::route::answer(rx).await;
-        self.queries.borrow_mut().remove(&req);
+        self.queries.borrow_mut().give_up(req);
         got
     }
 
@@ -436,9 +436,9 @@ impl Shard {
 
     /// The answer arrived.
     pub(super) fn handle_presence_reply(&self, req: u64, json: &[u8]) {
-        if let Some(tx) = self.queries.borrow_mut().remove(&req) {
-            let _ = tx.send(json.to_vec());
-        }
+        self.queries
+            .borrow_mut()
+            .answer(req, None, |body| *body = json.to_vec());
     }
 }
 

@@ -152,20 +152,6 @@ pub enum Joined {
     Timeout,
 }
 
-/// A publish waiting for its delivery reports.
-pub(super) struct PendingReport {
-    remaining: Countdown,
-    counts: Counts,
-    tx: Option<oneshot::Sender<Counts>>,
-}
-
-/// A `/v1/stats/histograms` gather waiting for every shard's reply.
-pub(super) struct HistGather {
-    remaining: usize,
-    merged: super::Hists,
-    tx: Option<oneshot::Sender<super::Hists>>,
-}
-
 /// Connections visited between checks for preemption during a fan-out.
 const CHUNK: usize = 256;
 
@@ -264,15 +250,8 @@ impl Shard {
         leaves: u32,
     ) -> (u64, oneshot::Receiver<Counts>) {
         let req = self.next_req();
-        let (tx, rx) = oneshot::channel();
-        self.reports.borrow_mut().insert(
-            req,
-            PendingReport {
-                remaining: Countdown::new(owners, leaves),
-                counts: Counts::default(),
-                tx: Some(tx),
-            },
-        );
+        let left = Countdown::new(owners, leaves);
+        let rx = self.reports.borrow_mut().open(req, left, Counts::default());
         (req, rx)
     }
 
@@ -281,9 +260,8 @@ impl Shard {
         match answer(rx).await {
             Some(counts) => counts,
             None => {
-                let pending = self.reports.borrow_mut().remove(&req);
                 tracing::warn!(shard = self.id, "delivery report timed out");
-                pending.map_or_else(Counts::default, |p| p.counts)
+                self.reports.borrow_mut().give_up(req).unwrap_or_default()
             }
         }
     }
@@ -615,33 +593,20 @@ impl Shard {
     }
 
     pub(super) fn handle_report(&self, req: u64, counts: &Counts, forwarded: Option<u32>) {
-        let mut reports = self.reports.borrow_mut();
-        let Some(p) = reports.get_mut(&req) else {
-            return;
-        };
-        p.counts.add(counts);
-        p.remaining.report(forwarded);
-        if p.remaining.done() {
-            let p = reports.remove(&req).expect("present");
-            if let Some(tx) = p.tx {
-                let _ = tx.send(p.counts);
-            }
-        }
+        self.reports
+            .borrow_mut()
+            .answer(req, forwarded, |c| c.add(counts));
     }
 
     /// Gathers and merges every shard's histograms (None if a shard does not answer in 5 s).
     pub async fn gather_histograms(&self) -> Option<super::Hists> {
         let req = self.next_req();
-        let (tx, rx) = oneshot::channel();
         let n = self.shared.n_shards;
-        self.hist_waiters.borrow_mut().insert(
-            req,
-            HistGather {
-                remaining: n,
-                merged: super::Hists::default(),
-                tx: Some(tx),
-            },
-        );
+        let left = Countdown::new(0, n as u32);
+        let rx = self
+            .hist_waiters
+            .borrow_mut()
+            .open(req, left, super::Hists::default());
         for shard in 0..n {
             self.send_msg(
                 shard,
@@ -654,7 +619,7 @@ impl Shard {
             );
         }
         let got = answer(rx).await;
-        self.hist_waiters.borrow_mut().remove(&req);
+        self.hist_waiters.borrow_mut().give_up(req);
         got
     }
 
@@ -689,29 +654,20 @@ impl Shard {
         handshake: &[u8],
     ) {
         use hdrhistogram::serialization::Deserializer;
-        let mut waiters = self.hist_waiters.borrow_mut();
-        let Some(g) = waiters.get_mut(&req) else {
-            return;
-        };
-        let mut de = Deserializer::new();
-        for (bytes, into) in [
-            (publish_to_write, &mut g.merged.publish_to_write),
-            (handshake, &mut g.merged.handshake),
-        ] {
-            match de.deserialize::<u64, _>(&mut std::io::Cursor::new(bytes)) {
-                Ok(h) => {
-                    let _ = into.add(&h);
+        self.hist_waiters.borrow_mut().answer(req, None, |merged| {
+            let mut de = Deserializer::new();
+            for (bytes, into) in [
+                (publish_to_write, &mut merged.publish_to_write),
+                (handshake, &mut merged.handshake),
+            ] {
+                match de.deserialize::<u64, _>(&mut std::io::Cursor::new(bytes)) {
+                    Ok(h) => {
+                        let _ = into.add(&h);
+                    }
+                    Err(e) => tracing::error!(error = %e, "undecodable histogram from a shard"),
                 }
-                Err(e) => tracing::error!(error = %e, "undecodable histogram from a shard"),
             }
-        }
-        g.remaining -= 1;
-        if g.remaining == 0 {
-            let g = waiters.remove(&req).expect("present");
-            if let Some(tx) = g.tx {
-                let _ = tx.send(g.merged);
-            }
-        }
+        });
     }
 
     pub(super) fn queue_job(&self, job: Job) {
