@@ -155,6 +155,9 @@ pub enum Joined {
 /// Connections visited between checks for preemption during a fan-out.
 const CHUNK: usize = 256;
 
+/// Subscription requests a connection has in flight at once (see `subscribe_topics`).
+const SUBSCRIBE_WINDOW: usize = 8;
+
 /// How long a shard waits for another shard's answer before going on with what it has.
 const ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -426,6 +429,23 @@ impl Shard {
         requests: &[(&str, Option<Position>, u32)],
         member: &str,
     ) -> Vec<(Rc<str>, Joined)> {
+        let deadline = Instant::now() + ANSWER_TIMEOUT;
+        let mut out = Vec::with_capacity(requests.len());
+        // A window of owners asked at once: a connection naming many topics does not hold
+        // a subscription's worth of state for each of them at the same moment.
+        for window in requests.chunks(SUBSCRIBE_WINDOW) {
+            out.extend(self.subscribe_window(key, window, member, deadline).await);
+        }
+        out
+    }
+
+    async fn subscribe_window(
+        &self,
+        key: ConnKey,
+        requests: &[(&str, Option<Position>, u32)],
+        member: &str,
+        deadline: Instant,
+    ) -> Vec<(Rc<str>, Joined)> {
         let waiting: Vec<_> = requests
             .iter()
             .map(|(topic, since, last)| {
@@ -434,7 +454,9 @@ impl Shard {
             .collect();
         let (names, mut pending): (Vec<_>, Vec<_>) = waiting.into_iter().unzip();
         let mut answers: Vec<Option<Joined>> = vec![None; names.len()];
-        let mut timeout = std::pin::pin!(glommio::timer::sleep(ANSWER_TIMEOUT));
+        let mut timeout = std::pin::pin!(glommio::timer::sleep(
+            deadline.saturating_duration_since(Instant::now())
+        ));
         // Every answer, the deadline, or the connection closing (a close request or a dead
         // socket wakes this task): whichever comes first.
         std::future::poll_fn(|cx| {
