@@ -582,6 +582,34 @@ pub fn presence_diff(
     json!({ "joined": joined, "left": left, "members": members, "truncated": truncated })
 }
 
+/// A customer's presence: the data of `presence` events and the body of
+/// `GET /v1/presence/customers/{id}`. `status` is `offline` when it has no connection.
+pub fn customer_presence(
+    customer: &str,
+    status: &str,
+    connections: usize,
+    platforms: &[&str],
+    last_seen: Option<u64>,
+) -> serde_json::Value {
+    json!({
+        "customerId": customer,
+        "status": status,
+        "connections": connections,
+        "platforms": platforms,
+        "lastSeen": last_seen,
+    })
+}
+
+/// The members of a presence topic with their connection counts (`GET
+/// /v1/presence/topics/{topic}`).
+pub fn topic_members(topic: &str, members: &[(&str, u32)]) -> serde_json::Value {
+    let list: Vec<serde_json::Value> = members
+        .iter()
+        .map(|(c, n)| json!({ "customerId": c, "connections": n }))
+        .collect();
+    json!({ "topic": topic, "count": list.len(), "members": list })
+}
+
 /// The SSE stream's greeting, `connection_established` (no `id:`, so the browser's
 /// Last-Event-ID stays the customer stream's).
 pub struct SseHello<'a> {
@@ -764,6 +792,14 @@ mod tests {
         assert_eq!(
             presence_diff(&["a".into()], &[], 3, false).to_string(),
             r#"{"joined":["a"],"left":[],"members":3,"truncated":false}"#
+        );
+        assert_eq!(
+            customer_presence("anna", "away", 2, &["ios", "web"], None).to_string(),
+            r#"{"connections":2,"customerId":"anna","lastSeen":null,"platforms":["ios","web"],"status":"away"}"#
+        );
+        assert_eq!(
+            topic_members("room", &[("anna", 2), ("bob", 1)]).to_string(),
+            r#"{"count":2,"members":[{"connections":2,"customerId":"anna"},{"connections":1,"customerId":"bob"}],"topic":"room"}"#
         );
     }
 

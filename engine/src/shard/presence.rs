@@ -217,13 +217,13 @@ impl Shard {
         } else {
             p.status.get(customer).copied().unwrap_or_default().as_str()
         };
-        json!({
-            "customerId": customer,
-            "status": status,
-            "connections": keys.len(),
-            "platforms": platforms,
-            "lastSeen": p.last_seen.get(customer),
-        })
+        proto::client::customer_presence(
+            customer,
+            status,
+            keys.len(),
+            &platforms,
+            p.last_seen.get(customer).copied(),
+        )
     }
 
     /// Sends a customer's presence to subscribers of `presence:<customer>` and, for a status
@@ -409,17 +409,12 @@ impl Shard {
             json!({"customerId": key, "preferences": prefs})
         } else if kind == 1 {
             let members = self.members.borrow();
-            let list: Vec<serde_json::Value> = members
+            let mut list: Vec<(&str, u32)> = members
                 .get(key)
-                .map(|m| {
-                    let mut v: Vec<_> = m.count.iter().collect();
-                    v.sort_by(|a, b| a.0.cmp(b.0));
-                    v.into_iter()
-                        .map(|(c, n)| json!({"customerId": &**c, "connections": n}))
-                        .collect()
-                })
+                .map(|m| m.count.iter().map(|(c, n)| (&**c, *n)).collect())
                 .unwrap_or_default();
-            json!({"topic": key, "count": list.len(), "members": list})
+            list.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            proto::client::topic_members(key, &list)
         } else {
             self.customer_json(key)
         };
