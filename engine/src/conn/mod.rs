@@ -265,6 +265,14 @@ async fn dispatch(
                 return;
             }
         }
+        // A client stream's handler takes the request whole.
+        let request = move |head, buf| Request {
+            started,
+            head,
+            buf,
+            head_len,
+            client,
+        };
         match r {
             Route::WebSocket | Route::Echo
                 if r == Route::WebSocket || shard.shared.config.diagnostics.echo =>
@@ -274,35 +282,10 @@ async fn dispatch(
                 } else {
                     ws::Kind::Echo
                 };
-                let request = Request {
-                    started,
-                    head,
-                    buf,
-                    head_len,
-                    client,
-                };
-                ws::upgrade(shard.clone(), stream, request, kind, None).await
+                ws::upgrade(shard.clone(), stream, request(head, buf), kind, None).await
             }
-            Route::Sse => {
-                let request = Request {
-                    started,
-                    head,
-                    buf,
-                    head_len,
-                    client,
-                };
-                stream::sse(shard.clone(), stream, request, None).await
-            }
-            Route::Missed => {
-                let request = Request {
-                    started,
-                    head,
-                    buf,
-                    head_len,
-                    client,
-                };
-                stream::missed(shard.clone(), stream, request, None).await
-            }
+            Route::Sse => stream::sse(shard.clone(), stream, request(head, buf), None).await,
+            Route::Missed => stream::missed(shard.clone(), stream, request(head, buf), None).await,
             Route::NotFound | Route::Echo => {
                 let resp = json_error(404, "not_found", "no such endpoint");
                 respond(&mut stream, &resp, false).await;

@@ -209,41 +209,22 @@ impl TopicOwner {
             t.history.pop_front();
         }
         let offset = t.offset;
-        let joined = match since {
-            None => {
-                let skip = t.history.len().saturating_sub(last as usize);
-                Joined {
-                    offset,
-                    recovered: true,
-                    replay: t
-                        .history
-                        .iter()
-                        .skip(skip)
-                        .map(|k| k.json.to_vec())
-                        .collect(),
-                }
-            }
+        // The kept events to replay: the newest `last` on a plain join; everything after
+        // `since` when every later offset is still kept (else nothing, and not recovered).
+        let from = match since {
+            None => Some(t.history.len().saturating_sub(last as usize)),
             Some(s) => {
                 let first_kept = t.history.front().map_or(offset + 1, |k| k.offset);
-                if epoch_matches && s.offset <= offset && s.offset + 1 >= first_kept {
-                    Joined {
-                        offset,
-                        recovered: true,
-                        replay: t
-                            .history
-                            .iter()
-                            .filter(|k| k.offset > s.offset)
-                            .map(|k| k.json.to_vec())
-                            .collect(),
-                    }
-                } else {
-                    Joined {
-                        offset,
-                        recovered: false,
-                        replay: Vec::new(),
-                    }
-                }
+                (epoch_matches && s.offset <= offset && s.offset + 1 >= first_kept)
+                    .then(|| t.history.partition_point(|k| k.offset <= s.offset))
             }
+        };
+        let joined = Joined {
+            offset,
+            recovered: from.is_some(),
+            replay: from.map_or_else(Vec::new, |i| {
+                t.history.range(i..).map(|k| k.json.to_vec()).collect()
+            }),
         };
         if !on {
             self.settle(topic, now);
