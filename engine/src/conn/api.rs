@@ -255,7 +255,7 @@ async fn handle(shard: &Rc<Shard>, head: &Head, body: Vec<u8>) -> Response {
                     &format!("presence is off for {key} (namespace presence = false)"),
                 );
             }
-            match shard.presence_query(&key, kind).await {
+            match shard.broker.query(shard, &key, kind).await {
                 Some(json) => Response::json(200, json),
                 None => json_error(503, "shard_timeout", "a shard did not answer in time"),
             }
@@ -273,7 +273,7 @@ async fn handle(shard: &Rc<Shard>, head: &Head, body: Vec<u8>) -> Response {
                 if d.customers.is_empty() || d.customers.len() > proto::api::MAX_TARGETS {
                     return json_error(400, "no_target", "give 1-10000 customers");
                 }
-                let c = shard.disconnect(&d.customers, code).await;
+                let c = shard.broker.disconnect(shard, &d.customers, code).await;
                 Response::json(
                     200,
                     serde_json::json!({
@@ -326,7 +326,7 @@ async fn publish_one(shard: &Rc<Shard>, p: PublishIn) -> Result<PublishOut, Resp
     let p = p
         .validate(|| shard.next_conn_id(), now)
         .map_err(|e| json_error(400, e.code, &e.message))?;
-    let c = shard.publish(&p, true).await;
+    let c = shard.broker.publish(shard, &p, true).await;
     Ok(PublishOut {
         id: p.event.id,
         delivered: Delivered {

@@ -11,10 +11,9 @@ use std::{collections::VecDeque, rc::Rc, sync::atomic::Ordering::Relaxed, time::
 use ahash::AHashMap;
 use bytes::Bytes;
 use proto::{
-    bus::{Counts, ShardMsg},
+    bus::Counts,
     client::{receipt, ReceiptStatus},
     event::Event,
-    placement::{owner_shard, topic_shard},
     ws::{server_frame, OpCode},
 };
 
@@ -130,16 +129,7 @@ impl Shard {
             ws: server_frame(OpCode::Text, &ws),
             sse: Bytes::from(sse),
         };
-        self.send_msg(
-            topic_shard(topic, self.shared.n_shards),
-            &ShardMsg::Ephemeral {
-                topic: topic.to_owned(),
-                except: except.to_owned(),
-                forward: true,
-            },
-            Some(payload),
-            None,
-        );
+        self.broker.ephemeral(self, topic, except, payload);
     }
 
     /// Delivers an ephemeral frame to local subscribers of `topic` but `except`'s connections
@@ -163,32 +153,8 @@ impl Shard {
         }
     }
 
-    /// A message a client sends another customer without a token grant: the recipient's
-    /// owner delivers it if the recipient is subscribed to one of the sender's `topics`.
-    pub async fn publish_direct(
-        self: &Rc<Self>,
-        to: &str,
-        topics: Vec<String>,
-        event: Event,
-    ) -> Counts {
-        let (req, rx) = self.expect_reports(0, 1);
-        let msg = ShardMsg::Direct {
-            to: to.to_owned(),
-            topics,
-            event,
-            origin: self.id as u32,
-            req,
-        };
-        self.send_msg(
-            owner_shard(to, self.shared.n_shards),
-            &msg,
-            None,
-            Some(Instant::now()),
-        );
-        self.await_reports(req, rx).await
-    }
-
-    /// The recipient's side of [`Shard::publish_direct`].
+    /// The recipient's side of a direct message (see `Broker::direct`): delivered if the
+    /// recipient follows one of the sender's `topics`, else reported `forbidden`.
     pub(super) fn handle_direct(
         &self,
         to: String,
@@ -222,36 +188,6 @@ impl Shard {
                 ..Counts::default()
             };
             self.report(origin, req, counts, None);
-        }
-    }
-
-    /// Receipts from `by` for client-sent events: grouped by the shard that minted each id.
-    pub fn send_receipts(
-        &self,
-        ids: &[String],
-        by: &str,
-        status: ReceiptStatus,
-        topics: Vec<String>,
-    ) {
-        let n = self.shared.n_shards;
-        let mut per_shard: AHashMap<usize, Vec<String>> = AHashMap::new();
-        for id in ids {
-            if let Some(s) = minting_shard(id, n) {
-                per_shard.entry(s).or_default().push(id.clone());
-            }
-        }
-        for (shard, ids) in per_shard {
-            self.send_msg(
-                shard,
-                &ShardMsg::Receipts {
-                    ids,
-                    by: by.to_owned(),
-                    status,
-                    topics: topics.clone(),
-                },
-                None,
-                None,
-            );
         }
     }
 

@@ -217,15 +217,18 @@ impl Shard {
                 let since = since
                     .as_ref()
                     .map(|p| (p.offset.to_native(), p.epoch.as_str()));
-                self.handle_interest(super::route::Interest {
-                    topic: topic.as_str(),
-                    from: from.to_native() as usize,
-                    on: *on,
-                    req: req.to_native(),
-                    since,
-                    last: last.to_native(),
-                    member: member.as_str(),
-                });
+                self.broker.on_interest(
+                    self,
+                    super::route::Interest {
+                        topic: topic.as_str(),
+                        from: from.to_native() as usize,
+                        on: *on,
+                        req: req.to_native(),
+                        since,
+                        last: last.to_native(),
+                        member: member.as_str(),
+                    },
+                );
             }
             ArchivedShardMsg::InterestAck { .. } => {
                 // Queued behind the deliveries that arrived before it: see `Job::Subscribed`.
@@ -257,7 +260,8 @@ impl Shard {
             } => {
                 let event = rkyv::deserialize::<proto::event::Event, rkyv::rancor::Error>(event)
                     .expect("a validated archive deserialises");
-                self.publish_owned_topic(
+                self.broker.on_publish(
+                    self,
                     topic.as_str(),
                     &event,
                     origin.to_native() as usize,
@@ -360,7 +364,8 @@ impl Shard {
                     return;
                 };
                 if *forward {
-                    self.forward_ephemeral(topic.as_str(), except.as_str(), payload);
+                    self.broker
+                        .on_ephemeral(self, topic.as_str(), except.as_str(), payload);
                 } else {
                     // Behind the deliveries that arrived before it.
                     self.queue_job(Job::Ephemeral {

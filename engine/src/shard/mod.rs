@@ -5,6 +5,7 @@
 //! Entry point: [`start`] spawns the shards and returns a [`Server`] handle; each shard runs
 //! `Shard::run` (accept loop, mesh receivers, fan-out task, flusher, ticker).
 
+pub mod broker;
 pub mod chat;
 pub mod conn_state;
 mod countdown;
@@ -138,8 +139,9 @@ pub struct Shard {
     local: RefCell<local_topics::LocalTopics<futures_channel::oneshot::Sender<Joined>>>,
     /// Role -> local connections whose token has it.
     pub roles: RefCell<AHashMap<Rc<str>, Subscribers>>,
-    /// The topics this shard owns (offsets, history, interest, dedupe).
-    owner: RefCell<topic_owner::TopicOwner>,
+    /// How events reach the shards (and nodes) that serve their receivers: every routing
+    /// decision goes through it.
+    pub broker: broker::Broker,
     /// Connections with queued frames awaiting the next flush round.
     dirty: RefCell<Vec<ConnKey>>,
     /// Frames for connections that are joining topics, held until their
@@ -679,13 +681,7 @@ pub fn start(config: Config) -> anyhow::Result<Server> {
                     customers: RefCell::default(),
                     local: RefCell::default(),
                     roles: RefCell::default(),
-                    owner: RefCell::new(topic_owner::TopicOwner::new(shared.epoch.clone(), {
-                        let shared = shared.clone();
-                        move |topic| {
-                            let (keep, age) = shared.config.history_for(topic);
-                            topic_owner::History { keep, age }
-                        }
-                    })),
+                    broker: broker::Broker::Local(broker::local::Local::new(&shared)),
                     dirty: RefCell::default(),
                     held: RefCell::default(),
                     scratch: RefCell::new(vec![0u8; 64 * 1024].into_boxed_slice()),
@@ -827,10 +823,11 @@ impl Shard {
                 if self.clock.get().is_multiple_of(2) {
                     crate::io::collect_allocator(false);
                 }
-                self.expire_idle_topics(10_000);
-                if self.clock.get().is_multiple_of(10) {
+                let shrink = self.clock.get().is_multiple_of(10);
+                self.broker.sweep(&self, 10_000, shrink);
+                if shrink {
                     self.sweep_streams();
-                    self.shrink_topic_tables();
+                    self.shrink_local_topics();
                 }
             }
         }

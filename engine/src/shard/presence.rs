@@ -11,11 +11,7 @@
 use std::{rc::Rc, time::Instant};
 
 use ahash::AHashMap;
-use proto::{
-    bus::ShardMsg,
-    client::PresenceStatus,
-    placement::{owner_shard, topic_shard},
-};
+use proto::{bus::ShardMsg, client::PresenceStatus};
 use serde_json::json;
 
 use super::Shard;
@@ -259,16 +255,7 @@ impl Shard {
         if joined {
             return;
         }
-        self.send_msg(
-            topic_shard(topic, self.shared.n_shards),
-            &ShardMsg::Membership {
-                topic: topic.to_owned(),
-                customer: customer.to_string(),
-                joined,
-            },
-            None,
-            None,
-        );
+        self.broker.left(self, topic, customer);
     }
 
     /// On the topic's owner: one subscription more or less.
@@ -368,33 +355,6 @@ impl Shard {
             let data = proto::client::presence_diff(&joined, &left, members, total > cap);
             self.ephemeral(&topic, "", "presence_diff", &data);
         }
-    }
-
-    /// Asks the owner of a customer or topic (`kind` 1) for its presence, or a customer's
-    /// preferences (`kind` 2): the API's GET endpoints.
-    pub async fn presence_query(&self, key: &str, kind: u8) -> Option<Vec<u8>> {
-        let owner = if kind == 1 {
-            topic_shard(key, self.shared.n_shards)
-        } else {
-            owner_shard(key, self.shared.n_shards)
-        };
-        let req = self.next_req();
-        let left = super::countdown::Countdown::new(0, 1);
-        let rx = self.queries.borrow_mut().open(req, left, Vec::new());
-        self.send_msg(
-            owner,
-            &ShardMsg::PresenceQuery {
-                key: key.to_owned(),
-                kind,
-                origin: self.id as u32,
-                req,
-            },
-            None,
-            None,
-        );
-        let got = super::route::answer(rx).await;
-        self.queries.borrow_mut().give_up(req);
-        got
     }
 
     /// On the owner: answers a presence query.

@@ -1,17 +1,13 @@
-//! Routing: publishes go to topic owners (offset, encode once) and on to the interested
-//! shards, or straight to the owner shards of customers, or to every shard for roles and
-//! broadcast. Each shard then fans the shared frame out to its local connections, in arrival
-//! order, from one task.
+//! The receiving half of routing: subscriptions waiting for their owner's answer, delivery
+//! reports, and the fan-out task, which runs every delivery that reaches this shard (from
+//! whichever broker) in arrival order and queues the shared frames on local connections.
 
 use std::{future::Future as _, rc::Rc, sync::atomic::Ordering::Relaxed, time::Instant};
 
-use ahash::AHashMap;
 use futures_channel::oneshot;
 use proto::{
-    api::Publish,
     bus::{Counts, Position, ShardMsg, Target},
     event::{Event, Via},
-    placement::{owner_shard, topic_shard},
     ws::{server_frame, OpCode},
 };
 
@@ -19,7 +15,6 @@ use super::{
     countdown::Countdown,
     slab::ConnKey,
     streams::{unix_now, Scope},
-    topic_owner::{Published, Since},
     Frame, Shard,
 };
 
@@ -170,81 +165,7 @@ pub(super) async fn answer<T>(rx: oneshot::Receiver<T>) -> Option<T> {
     futures_lite::future::or(rx, timeout).await.ok()
 }
 
-/// Customers grouped by their owner shard.
-fn by_owner(customers: &[String], n: usize) -> AHashMap<usize, Vec<String>> {
-    let mut out: AHashMap<usize, Vec<String>> = AHashMap::new();
-    for c in customers {
-        out.entry(owner_shard(c, n)).or_default().push(c.clone());
-    }
-    out
-}
-
 impl Shard {
-    /// Routes a publish. With `wait`, resolves to the summed [`Counts`] once every shard has
-    /// reported (or after 5 s, with what was reported by then); without, returns at once.
-    pub async fn publish(self: &Rc<Self>, p: &Publish, wait: bool) -> Counts {
-        self.metrics().publishes.fetch_add(1, Relaxed);
-        let published = Some(Instant::now());
-        let n = self.shared.n_shards;
-        let by_owner = by_owner(&p.customers, n);
-        let owners = p.topics.len();
-        let leaves = by_owner.len() + (p.roles.len() + usize::from(p.broadcast)) * n;
-        if owners + leaves == 0 {
-            return Counts::default();
-        }
-        let (req, rx) = if wait {
-            let (req, rx) = self.expect_reports(owners as u32, leaves as u32);
-            (req, Some(rx))
-        } else {
-            (0, None)
-        };
-        let origin = self.id as u32;
-        for topic in &p.topics {
-            let msg = ShardMsg::PublishTopic {
-                topic: topic.clone(),
-                event: p.event.clone(),
-                origin,
-                req,
-            };
-            self.send_msg(topic_shard(topic, n), &msg, None, published);
-        }
-        for (shard, customers) in by_owner {
-            let msg = ShardMsg::DeliverCustomers {
-                customers,
-                event: p.event.clone(),
-                origin,
-                req,
-            };
-            self.send_msg(shard, &msg, None, published);
-        }
-        if !p.roles.is_empty() || p.broadcast {
-            // Encoded once for every role member and broadcast receiver.
-            let payload = Payload::of(&p.event, Via::default());
-            let mut targets: Vec<Target> =
-                p.roles.iter().map(|r| Target::Role(r.clone())).collect();
-            if p.broadcast {
-                targets.push(Target::Broadcast);
-            }
-            for target in targets {
-                for shard in 0..n {
-                    let msg = ShardMsg::Deliver {
-                        target: target.clone(),
-                        kind: p.event.kind.clone(),
-                        id: p.event.id.clone(),
-                        idempotent: p.event.idempotent,
-                        origin,
-                        req,
-                    };
-                    self.send_msg(shard, &msg, Some(payload.clone()), published);
-                }
-            }
-        }
-        match rx {
-            Some(rx) => self.await_reports(req, rx).await,
-            None => Counts::default(),
-        }
-    }
-
     /// Registers a request sent to `owners` topic owners (each reports how many shards it
     /// forwarded to) and to `leaves` shards that report directly.
     pub(super) fn expect_reports(
@@ -266,152 +187,6 @@ impl Shard {
                 tracing::warn!(shard = self.id, "delivery report timed out");
                 self.reports.borrow_mut().give_up(req).unwrap_or_default()
             }
-        }
-    }
-
-    /// Closes every connection of `customers` with `code`; resolves to the connections closed
-    /// per transport (in `websocket` and `sse`).
-    pub async fn disconnect(self: &Rc<Self>, customers: &[String], code: u16) -> Counts {
-        let n = self.shared.n_shards;
-        let by_owner = by_owner(customers, n);
-        if by_owner.is_empty() {
-            return Counts::default();
-        }
-        let (req, rx) = self.expect_reports(0, by_owner.len() as u32);
-        for (shard, customers) in by_owner {
-            let msg = ShardMsg::Disconnect {
-                customers,
-                code,
-                origin: self.id as u32,
-                req,
-            };
-            self.send_msg(shard, &msg, None, None);
-        }
-        self.await_reports(req, rx).await
-    }
-
-    /// On a topic's owner: assign the next offset, keep it in the history, encode once, fan
-    /// out to interested shards (see [`TopicOwner::publish`]).
-    pub(super) fn publish_owned_topic(
-        &self,
-        topic: &str,
-        event: &Event,
-        origin: usize,
-        req: u64,
-        published: Option<Instant>,
-    ) {
-        let window = self.shared.config.delivery.dedupe_window_secs;
-        let result = self
-            .owner
-            .borrow_mut()
-            .publish(topic, event, unix_now(), window);
-        self.owner_gauges();
-        let (payload, shards) = match result {
-            Published::Duplicate => {
-                self.metrics().duplicates.fetch_add(1, Relaxed);
-                if req != 0 {
-                    let counts = Counts {
-                        duplicates: 1,
-                        ..Counts::default()
-                    };
-                    self.report(origin, req, counts, Some(0));
-                }
-                return;
-            }
-            Published::Event {
-                payload,
-                interested,
-                ..
-            } => (payload, interested),
-        };
-        if req != 0 {
-            self.report(origin, req, Counts::default(), Some(shards.len() as u32));
-        }
-        for shard in shards {
-            let msg = ShardMsg::Deliver {
-                target: Target::Topic(topic.to_owned()),
-                kind: event.kind.clone(),
-                id: event.id.clone(),
-                // Deduplicated here, once for the topic.
-                idempotent: false,
-                origin: origin as u32,
-                req,
-            };
-            self.send_msg(shard, &msg, Some(payload.clone()), published);
-        }
-    }
-
-    /// Publishes the topic owner's gauges.
-    fn owner_gauges(&self) {
-        let owner = self.owner.borrow();
-        let m = self.metrics();
-        m.topics_owned.store(owner.len() as i64, Relaxed);
-        m.topics_forgotten.store(owner.forgotten(), Relaxed);
-    }
-
-    /// On a topic's owner: passes an ephemeral event on to the shards with subscribers.
-    pub(super) fn forward_ephemeral(&self, topic: &str, except: &str, payload: Payload) {
-        let Some(shards) = self.owner.borrow().interested(topic) else {
-            return;
-        };
-        for shard in shards {
-            let msg = ShardMsg::Ephemeral {
-                topic: topic.to_owned(),
-                except: except.to_owned(),
-                forward: false,
-            };
-            self.send_msg(shard, &msg, Some(payload.clone()), None);
-        }
-    }
-
-    /// On a topic's owner: a shard gained or lost its subscribers. A subscription is answered
-    /// with the topic's position and, when the subscriber gave one, what it missed.
-    pub(super) fn handle_interest(&self, i: Interest<'_>) {
-        let Interest {
-            topic,
-            from,
-            on,
-            req,
-            since,
-            last,
-            member,
-        } = i;
-        if on && req != 0 && !member.is_empty() && !self.admit_member(topic, member) {
-            self.send_msg(
-                from,
-                &ShardMsg::InterestAck {
-                    req,
-                    offset: 0,
-                    epoch: self.shared.epoch.clone(),
-                    recovered: false,
-                    replay: Vec::new(),
-                    full: true,
-                },
-                None,
-                None,
-            );
-            return;
-        }
-        let since = since.map(|(offset, epoch)| Since { offset, epoch });
-        let joined = self
-            .owner
-            .borrow_mut()
-            .interest(topic, from, on, since, last, unix_now());
-        self.owner_gauges();
-        if req != 0 {
-            self.send_msg(
-                from,
-                &ShardMsg::InterestAck {
-                    req,
-                    offset: joined.offset,
-                    epoch: self.shared.epoch.clone(),
-                    recovered: joined.recovered,
-                    replay: joined.replay,
-                    full: false,
-                },
-                None,
-                None,
-            );
         }
     }
 
@@ -490,7 +265,7 @@ impl Shard {
             .collect()
     }
 
-    /// Sends one subscription request to the topic's owner.
+    /// Registers one subscription and asks the broker for the topic's position.
     fn request_subscription(
         &self,
         key: ConnKey,
@@ -502,25 +277,7 @@ impl Shard {
         let req = self.next_req();
         let (tx, rx) = oneshot::channel();
         let name = self.local.borrow_mut().request(req, key, topic, tx);
-        let owner = topic_shard(topic, self.shared.n_shards);
-        self.send_msg(
-            owner,
-            &ShardMsg::Interest {
-                topic: topic.to_owned(),
-                from: self.id as u32,
-                on: true,
-                req,
-                since,
-                last,
-                member: if self.tracks_members(topic) {
-                    member.to_owned()
-                } else {
-                    String::new()
-                },
-            },
-            None,
-            None,
-        );
+        self.broker.subscribe(self, req, topic, since, last, member);
         (name, rx)
     }
 
@@ -569,34 +326,13 @@ impl Shard {
         }
     }
 
-    /// Forgets the owned topics whose history has expired (at most `budget` per call).
-    pub(super) fn expire_idle_topics(&self, budget: usize) {
-        self.owner.borrow_mut().expire_idle(unix_now(), budget);
-        self.owner_gauges();
-    }
-
-    /// Gives back the tables' memory after a burst of made-up names (every 10 s).
-    pub(super) fn shrink_topic_tables(&self) {
-        self.owner.borrow_mut().shrink();
+    /// Gives back the subscriber table's memory after a burst of made-up names.
+    pub(super) fn shrink_local_topics(&self) {
         self.local.borrow_mut().shrink();
     }
 
     fn withdraw_interest(&self, topic: &str) {
-        let owner = topic_shard(topic, self.shared.n_shards);
-        self.send_msg(
-            owner,
-            &ShardMsg::Interest {
-                topic: topic.to_owned(),
-                from: self.id as u32,
-                on: false,
-                req: 0,
-                since: None,
-                last: 0,
-                member: String::new(),
-            },
-            None,
-            None,
-        );
+        self.broker.unsubscribe(self, topic);
     }
 
     /// Reports to the origin of `req`: `forwarded` is `Some(n)` from a topic owner that

@@ -282,7 +282,7 @@ impl Session {
                 let event = self.client_event(shard, kind, data);
                 let id = event.id.clone();
                 let topics = self.topics.iter().map(|t| t.to_string()).collect();
-                let counts = shard.publish_direct(&to, topics, event).await;
+                let counts = shard.broker.direct(shard, &to, topics, event).await;
                 if counts.forbidden > 0 {
                     shard
                         .metrics()
@@ -353,7 +353,9 @@ impl Session {
                     // Receipts for client-sent messages among the ids (other ids are the
                     // customer's stored events, acknowledged below).
                     let topics = self.topics.iter().map(|t| t.to_string()).collect();
-                    shard.send_receipts(&ids, &self.grants.customer, status, topics);
+                    shard
+                        .broker
+                        .receipts(shard, &ids, &self.grants.customer, status, topics);
                 }
                 let acked = shard.ack(&self.grants.customer, &ids, &cursors, up_to.as_deref());
                 if rid.is_some() {
@@ -398,7 +400,7 @@ impl Session {
                 ClientTarget::Customer(c) => SentTo::Customer(c.clone()),
             },
         );
-        shard.publish(&p, false).await;
+        shard.broker.publish(shard, &p, false).await;
         let reply = match &target {
             ClientTarget::Topic(topic) => client::Reply::Published { id: &id, topic },
             ClientTarget::Customer(to) => client::Reply::Sent { id: &id, to },

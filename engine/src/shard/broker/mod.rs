@@ -1,0 +1,172 @@
+//! The broker seam: every decision about how an event, a subscription or a query reaches the
+//! shards (and, in a cluster, the nodes) that serve its receivers is made here, and nowhere
+//! else. The connection code, the API and the fan-out call the [`Broker`]; they never pick a
+//! shard or send a mesh message themselves.
+//!
+//! What stays outside, the same under every broker: the subscriber side of topics
+//! (`LocalTopics`: which local connections follow a topic, which subscriptions wait for an
+//! answer), the fan-out queue and its jobs, the connections, and the owner shard's own
+//! customer state. A broker's answers come back into that machinery as fan-out jobs (a
+//! delivery, `Job::Subscribed`), in the order the broker produced them.
+//!
+//! [`local::Local`] is the one-process broker: each topic has an owner shard
+//! (`topic_shard`) that numbers its events, keeps their history and knows which shards want
+//! them; each customer has an owner shard (`owner_shard`) where all its connections live.
+//! A clustered broker keeps that shape: the owner shard on each node is still where a topic's
+//! or a customer's traffic enters the node, and it is the owner's half of the broker that
+//! talks to the other nodes.
+
+pub mod local;
+
+use std::time::Instant;
+
+use proto::{
+    api::Publish,
+    bus::{Counts, Position},
+    client::ReceiptStatus,
+    event::Event,
+};
+
+use super::{route::Interest, Payload, Shard};
+
+/// How events reach the shards that serve their receivers (see the module documentation).
+pub enum Broker {
+    /// One process: owners are shards of this process, reached over the mesh.
+    Local(local::Local),
+}
+
+impl Broker {
+    // ---- origin side: called where a request enters the shard ----
+
+    /// Routes a publish to the owners of its targets. With `wait`, resolves to the summed
+    /// [`Counts`] once every receiving shard has reported (or after 5 s, with what was
+    /// reported by then); without, returns once the event is handed on.
+    pub async fn publish(&self, shard: &Shard, p: &Publish, wait: bool) -> Counts {
+        match self {
+            Broker::Local(l) => l.publish(shard, p, wait).await,
+        }
+    }
+
+    /// Closes every connection of `customers` with `code`, wherever they are; resolves to the
+    /// connections closed.
+    pub async fn disconnect(&self, shard: &Shard, customers: &[String], code: u16) -> Counts {
+        match self {
+            Broker::Local(l) => l.disconnect(shard, customers, code).await,
+        }
+    }
+
+    /// Asks the owner of `topic` to count this shard's interest and answer subscription `req`
+    /// (registered in `LocalTopics`) with the topic's position and the replay after `since`
+    /// (or the `last` latest events). The answer arrives as `Job::Subscribed`, after every
+    /// event the subscriber must not see live and before every one it must.
+    pub fn subscribe(
+        &self,
+        shard: &Shard,
+        req: u64,
+        topic: &str,
+        since: Option<Position>,
+        last: u32,
+        member: &str,
+    ) {
+        match self {
+            Broker::Local(l) => l.subscribe(shard, req, topic, since, last, member),
+        }
+    }
+
+    /// This shard's last subscriber of `topic` left.
+    pub fn unsubscribe(&self, shard: &Shard, topic: &str) {
+        match self {
+            Broker::Local(l) => l.unsubscribe(shard, topic),
+        }
+    }
+
+    /// A member of a presence topic left it (joins are counted when the owner admits them).
+    pub fn left(&self, shard: &Shard, topic: &str, customer: &str) {
+        match self {
+            Broker::Local(l) => l.left(shard, topic, customer),
+        }
+    }
+
+    /// An ephemeral event (typing, presence) for the subscribers of `topic` but the
+    /// connections of `except`, in order with the topic's events.
+    pub fn ephemeral(&self, shard: &Shard, topic: &str, except: &str, payload: Payload) {
+        match self {
+            Broker::Local(l) => l.ephemeral(shard, topic, except, payload),
+        }
+    }
+
+    /// A message to `to` allowed only if `to` follows one of `topics`: decided by `to`'s
+    /// owner; `forbidden` counts a refusal.
+    pub async fn direct(
+        &self,
+        shard: &Shard,
+        to: &str,
+        topics: Vec<String>,
+        event: Event,
+    ) -> Counts {
+        match self {
+            Broker::Local(l) => l.direct(shard, to, topics, event).await,
+        }
+    }
+
+    /// Receipts from `by` for client-sent events, to the shards that minted their ids.
+    pub fn receipts(
+        &self,
+        shard: &Shard,
+        ids: &[String],
+        by: &str,
+        status: ReceiptStatus,
+        topics: Vec<String>,
+    ) {
+        match self {
+            Broker::Local(l) => l.receipts(shard, ids, by, status, topics),
+        }
+    }
+
+    /// Asks the owner of a customer or topic for its presence or a customer's preferences
+    /// (`kind`: 0 customer, 1 topic, 2 preferences); the JSON body, or None after 5 s.
+    pub async fn query(&self, shard: &Shard, key: &str, kind: u8) -> Option<Vec<u8>> {
+        match self {
+            Broker::Local(l) => l.query(shard, key, kind).await,
+        }
+    }
+
+    // ---- owner side: messages that reach a topic's owner shard ----
+
+    /// A publish to a topic this shard owns.
+    pub(super) fn on_publish(
+        &self,
+        shard: &Shard,
+        topic: &str,
+        event: &Event,
+        origin: usize,
+        req: u64,
+        published: Option<Instant>,
+    ) {
+        match self {
+            Broker::Local(l) => l.on_publish(shard, topic, event, origin, req, published),
+        }
+    }
+
+    /// A shard gained or lost interest in a topic this shard owns.
+    pub(super) fn on_interest(&self, shard: &Shard, i: Interest<'_>) {
+        match self {
+            Broker::Local(l) => l.on_interest(shard, i),
+        }
+    }
+
+    /// An ephemeral event for a topic this shard owns.
+    pub(super) fn on_ephemeral(&self, shard: &Shard, topic: &str, except: &str, payload: Payload) {
+        match self {
+            Broker::Local(l) => l.on_ephemeral(shard, topic, except, payload),
+        }
+    }
+
+    /// Housekeeping (from the ticker): forgets idle owned topics, at most `budget` per call,
+    /// and with `shrink` gives back the tables' spare capacity.
+    pub(super) fn sweep(&self, shard: &Shard, budget: usize, shrink: bool) {
+        match self {
+            Broker::Local(l) => l.sweep(shard, budget, shrink),
+        }
+    }
+}
