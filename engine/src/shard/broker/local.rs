@@ -1,6 +1,6 @@
 //! The one-process broker: owners are shards of this process and every hop is a mesh message.
 //!
-//! - A topic's owner (`topic_shard`) holds its [`TopicOwner`] entry: offsets, history,
+//! - A topic's owner (`topic_shard`) holds its `TopicOwner` entry: offsets, history,
 //!   publisher-chosen ids, and the set of shards with subscribers. A publish goes to the owner,
 //!   which numbers it, encodes it once and forwards the frame to the interested shards.
 //! - A customer's owner (`owner_shard`) holds all its connections: customer events, direct
@@ -263,7 +263,7 @@ impl Local {
     }
 
     /// Assigns the next offset, keeps the event in the history, encodes it once and forwards
-    /// it to the interested shards (see [`TopicOwner::publish`]).
+    /// it to the interested shards (see `TopicOwner::publish`).
     pub(super) fn on_publish(
         &self,
         shard: &Shard,
