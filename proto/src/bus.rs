@@ -101,22 +101,6 @@ pub enum ShardMsg {
         /// Request id of the report (`counts.dropped` carries connections closed).
         req: u64,
     },
-    /// Asks a shard for its histograms (for `GET /v1/stats/histograms`).
-    HistogramsRequest {
-        /// Shard awaiting the reply.
-        origin: u32,
-        /// Request id.
-        req: u64,
-    },
-    /// A shard's histograms, HdrHistogram V2-serialised (microseconds).
-    HistogramsReply {
-        /// Request id.
-        req: u64,
-        /// Publish accepted to frame written.
-        publish_to_write: Vec<u8>,
-        /// Connection accepted to `101` written.
-        handshake: Vec<u8>,
-    },
     /// To the recipient's owner shard: a message a client sent another customer without a
     /// token grant for it; delivered only if the recipient is subscribed to one of `topics`
     /// (the sender's), else reported back as `forbidden`.
@@ -165,24 +149,6 @@ pub enum ShardMsg {
         customer: String,
         /// Subscribed (true) or gone (false).
         joined: bool,
-    },
-    /// Asks the owner of a customer or topic for what the API shows of it.
-    PresenceQuery {
-        /// Customer id or topic name.
-        key: String,
-        /// 0: a customer's presence, 1: a topic's members, 2: a customer's preferences.
-        kind: u8,
-        /// Shard awaiting the reply.
-        origin: u32,
-        /// Request id.
-        req: u64,
-    },
-    /// The answer to a [`ShardMsg::PresenceQuery`]: the JSON the API returns.
-    PresenceReply {
-        /// Request id.
-        req: u64,
-        /// Response body.
-        json: Vec<u8>,
     },
     /// Delivery report to the origin of a publish.
     Report {

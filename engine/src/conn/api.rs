@@ -238,10 +238,11 @@ async fn handle(shard: &Rc<Shard>, head: &Head, body: Vec<u8>) -> Response {
         }
         r @ (Route::PresenceCustomer | Route::PresenceTopic | Route::Preferences) => {
             let topic = r == Route::PresenceTopic;
-            let (prefix, kind) = match r {
-                Route::PresenceTopic => ("/v1/presence/topics/", 1),
-                Route::Preferences => ("/v1/preferences/customers/", 2),
-                _ => ("/v1/presence/customers/", 0),
+            use crate::shard::broker::Query;
+            let (prefix, query) = match r {
+                Route::PresenceTopic => ("/v1/presence/topics/", Query::TopicMembers),
+                Route::Preferences => ("/v1/preferences/customers/", Query::Preferences),
+                _ => ("/v1/presence/customers/", Query::CustomerPresence),
             };
             let raw = head.path.strip_prefix(prefix).unwrap_or("");
             let key = proto::http1::percent_decode(raw);
@@ -255,7 +256,7 @@ async fn handle(shard: &Rc<Shard>, head: &Head, body: Vec<u8>) -> Response {
                     &format!("presence is off for {key} (namespace presence = false)"),
                 );
             }
-            match shard.broker.query(shard, &key, kind).await {
+            match shard.broker.query(shard, query, &key).await {
                 Some(json) => Response::json(200, json),
                 None => json_error(503, "shard_timeout", "a shard did not answer in time"),
             }

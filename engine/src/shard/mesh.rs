@@ -34,6 +34,46 @@ pub enum Envelope {
     /// A connection moving to its owner shard: process-local, never encoded. Its socket is
     /// an `OwnedFd`, closed if the envelope is dropped undelivered.
     Handoff(Box<crate::conn::Handoff>),
+    /// A question or answer between shards of this process: never encoded, never sent to
+    /// another node.
+    Local(LocalMsg),
+}
+
+/// Process-local questions between shards (diagnostics, and queries the API answers from
+/// the owner's state) and their answers.
+pub enum LocalMsg {
+    /// Asks a shard for its histograms (`GET /v1/stats/histograms`).
+    HistogramsRequest {
+        /// Shard awaiting the reply.
+        origin: usize,
+        /// Request id.
+        req: u64,
+    },
+    /// A shard's histograms.
+    HistogramsReply {
+        /// Request id.
+        req: u64,
+        /// A copy of the shard's histograms.
+        hists: Box<super::Hists>,
+    },
+    /// Asks the owner of a customer or topic for what the API shows of it.
+    Query {
+        /// What is asked.
+        query: super::broker::Query,
+        /// Customer id or topic name.
+        key: String,
+        /// Shard awaiting the reply.
+        origin: usize,
+        /// Request id.
+        req: u64,
+    },
+    /// The answer to a [`LocalMsg::Query`]: the JSON the API returns.
+    QueryReply {
+        /// Request id.
+        req: u64,
+        /// Response body.
+        json: Vec<u8>,
+    },
 }
 
 /// This shard's end of the mesh.
@@ -178,6 +218,11 @@ impl Shard {
         );
     }
 
+    /// Sends a process-local question or answer to shard `to`.
+    pub(super) fn send_local(&self, to: usize, msg: LocalMsg) {
+        self.mesh.send(to, Envelope::Local(msg));
+    }
+
     /// Moves a connection to shard `to` (see [`crate::conn::Handoff`]).
     pub fn send_handoff(&self, to: usize, handoff: crate::conn::Handoff) {
         self.metrics().handoffs_out.fetch_add(1, Relaxed);
@@ -191,6 +236,7 @@ impl Shard {
                 glommio::spawn_local(crate::conn::resume(self.clone(), *handoff)).detach();
                 return;
             }
+            Envelope::Local(msg) => return self.handle_local(msg),
             Envelope::Bus {
                 msg,
                 frame,
@@ -327,20 +373,6 @@ impl Shard {
                     req: req.to_native(),
                 });
             }
-            ArchivedShardMsg::HistogramsRequest { origin, req } => {
-                self.handle_histograms_request(origin.to_native() as usize, req.to_native());
-            }
-            ArchivedShardMsg::HistogramsReply {
-                req,
-                publish_to_write,
-                handshake,
-            } => {
-                self.handle_histograms_reply(
-                    req.to_native(),
-                    publish_to_write.as_slice(),
-                    handshake.as_slice(),
-                );
-            }
             ArchivedShardMsg::Direct { .. } => {
                 let ShardMsg::Direct {
                     to,
@@ -394,20 +426,6 @@ impl Shard {
                 customer,
                 joined,
             } => self.handle_membership(topic.as_str(), customer.as_str(), *joined),
-            ArchivedShardMsg::PresenceQuery {
-                key,
-                kind,
-                origin,
-                req,
-            } => self.handle_presence_query(
-                key.as_str(),
-                *kind,
-                origin.to_native() as usize,
-                req.to_native(),
-            ),
-            ArchivedShardMsg::PresenceReply { req, json } => {
-                self.handle_presence_reply(req.to_native(), json.as_slice())
-            }
             ArchivedShardMsg::Report {
                 req,
                 counts,
@@ -417,6 +435,30 @@ impl Shard {
                     .expect("a validated archive deserialises");
                 let forwarded = forwarded.as_ref().map(|n| n.to_native());
                 self.handle_report(req.to_native(), &counts, forwarded);
+            }
+        }
+    }
+
+    fn handle_local(&self, msg: LocalMsg) {
+        match msg {
+            LocalMsg::HistogramsRequest { origin, req } => {
+                let hists = Box::new(self.hists.borrow().clone());
+                self.send_local(origin, LocalMsg::HistogramsReply { req, hists });
+            }
+            LocalMsg::HistogramsReply { req, hists } => self.merge_histograms(req, &hists),
+            LocalMsg::Query {
+                query,
+                key,
+                origin,
+                req,
+            } => {
+                let json = self.answer_query(query, &key);
+                self.send_local(origin, LocalMsg::QueryReply { req, json });
+            }
+            LocalMsg::QueryReply { req, json } => {
+                self.queries
+                    .borrow_mut()
+                    .answer(req, None, |body| *body = json);
             }
         }
     }

@@ -206,6 +206,7 @@ struct Held {
 }
 
 /// A shard's HdrHistograms, in microseconds.
+#[derive(Clone)]
 pub struct Hists {
     /// Publish accepted to frame written to the socket.
     pub publish_to_write: hdrhistogram::Histogram<u64>,

@@ -11,10 +11,10 @@
 use std::{rc::Rc, time::Instant};
 
 use ahash::AHashMap;
-use proto::{bus::ShardMsg, client::PresenceStatus};
+use proto::client::PresenceStatus;
 use serde_json::json;
 
-use super::Shard;
+use super::{broker::Query, Shard};
 
 /// A presence topic's members, on its owner.
 #[derive(Default)]
@@ -357,43 +357,30 @@ impl Shard {
         }
     }
 
-    /// On the owner: answers a presence query.
-    pub(super) fn handle_presence_query(&self, key: &str, kind: u8, origin: usize, req: u64) {
-        let body = if kind == 2 {
-            let prefs = self
-                .preferences
-                .borrow()
-                .get(key)
-                .cloned()
-                .unwrap_or_default();
-            json!({"customerId": key, "preferences": prefs})
-        } else if kind == 1 {
-            let members = self.members.borrow();
-            let mut list: Vec<(&str, u32)> = members
-                .get(key)
-                .map(|m| m.count.iter().map(|(c, n)| (&**c, *n)).collect())
-                .unwrap_or_default();
-            list.sort_unstable_by(|a, b| a.0.cmp(b.0));
-            proto::client::topic_members(key, &list)
-        } else {
-            self.customer_json(key)
+    /// On the owner: the JSON body the API returns for a query.
+    pub(super) fn answer_query(&self, query: Query, key: &str) -> Vec<u8> {
+        let body = match query {
+            Query::Preferences => {
+                let prefs = self
+                    .preferences
+                    .borrow()
+                    .get(key)
+                    .cloned()
+                    .unwrap_or_default();
+                json!({"customerId": key, "preferences": prefs})
+            }
+            Query::TopicMembers => {
+                let members = self.members.borrow();
+                let mut list: Vec<(&str, u32)> = members
+                    .get(key)
+                    .map(|m| m.count.iter().map(|(c, n)| (&**c, *n)).collect())
+                    .unwrap_or_default();
+                list.sort_unstable_by(|a, b| a.0.cmp(b.0));
+                proto::client::topic_members(key, &list)
+            }
+            Query::CustomerPresence => self.customer_json(key),
         };
-        self.send_msg(
-            origin,
-            &ShardMsg::PresenceReply {
-                req,
-                json: body.to_string().into_bytes(),
-            },
-            None,
-            None,
-        );
-    }
-
-    /// The answer arrived.
-    pub(super) fn handle_presence_reply(&self, req: u64, json: &[u8]) {
-        self.queries
-            .borrow_mut()
-            .answer(req, None, |body| *body = json.to_vec());
+        body.to_string().into_bytes()
     }
 }
 

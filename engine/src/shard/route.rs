@@ -366,14 +366,10 @@ impl Shard {
             .borrow_mut()
             .open(req, left, super::Hists::default());
         for shard in 0..n {
-            self.send_msg(
+            let origin = self.id;
+            self.send_local(
                 shard,
-                &ShardMsg::HistogramsRequest {
-                    origin: self.id as u32,
-                    req,
-                },
-                None,
-                None,
+                super::mesh::LocalMsg::HistogramsRequest { origin, req },
             );
         }
         let got = answer(rx).await;
@@ -381,50 +377,12 @@ impl Shard {
         got
     }
 
-    /// Answers a histogram request with this shard's histograms, V2-serialised.
-    pub(super) fn handle_histograms_request(&self, origin: usize, req: u64) {
-        use hdrhistogram::serialization::{Serializer as _, V2Serializer};
-        let hists = self.hists.borrow();
-        let mut ser = V2Serializer::new();
-        let (mut p2w, mut hs) = (Vec::new(), Vec::new());
-        ser.serialize(&hists.publish_to_write, &mut p2w)
-            .expect("serialising to a Vec cannot fail");
-        ser.serialize(&hists.handshake, &mut hs)
-            .expect("serialising to a Vec cannot fail");
-        drop(hists);
-        self.send_msg(
-            origin,
-            &ShardMsg::HistogramsReply {
-                req,
-                publish_to_write: p2w,
-                handshake: hs,
-            },
-            None,
-            None,
-        );
-    }
-
-    /// Merges one shard's reply into the gather.
-    pub(super) fn handle_histograms_reply(
-        &self,
-        req: u64,
-        publish_to_write: &[u8],
-        handshake: &[u8],
-    ) {
-        use hdrhistogram::serialization::Deserializer;
+    /// Merges one shard's histograms into the gather.
+    pub(super) fn merge_histograms(&self, req: u64, hists: &super::Hists) {
         self.hist_waiters.borrow_mut().answer(req, None, |merged| {
-            let mut de = Deserializer::new();
-            for (bytes, into) in [
-                (publish_to_write, &mut merged.publish_to_write),
-                (handshake, &mut merged.handshake),
-            ] {
-                match de.deserialize::<u64, _>(&mut std::io::Cursor::new(bytes)) {
-                    Ok(h) => {
-                        let _ = into.add(&h);
-                    }
-                    Err(e) => tracing::error!(error = %e, "undecodable histogram from a shard"),
-                }
-            }
+            // Same bounds on every shard: adding cannot fail.
+            let _ = merged.publish_to_write.add(&hists.publish_to_write);
+            let _ = merged.handshake.add(&hists.handshake);
         });
     }
 

@@ -21,9 +21,11 @@ use proto::{
     placement::{owner_shard, topic_shard},
 };
 
+use super::Query;
 use crate::shard::{
     chat::minting_shard,
     countdown::Countdown,
+    mesh::LocalMsg,
     route::{answer, Interest},
     streams::unix_now,
     topic_owner::{History, Published, Since, TopicOwner},
@@ -238,25 +240,26 @@ impl Local {
         }
     }
 
-    pub(super) async fn query(&self, shard: &Shard, key: &str, kind: u8) -> Option<Vec<u8>> {
+    /// Process-local: in a cluster, presence is replicated to every node and each node's
+    /// owner shard answers from its copy.
+    pub(super) async fn query(&self, shard: &Shard, query: Query, key: &str) -> Option<Vec<u8>> {
         let n = shard.shared.n_shards;
-        let owner = if kind == 1 {
-            topic_shard(key, n)
-        } else {
-            owner_shard(key, n)
+        let owner = match query {
+            Query::TopicMembers => topic_shard(key, n),
+            Query::CustomerPresence | Query::Preferences => owner_shard(key, n),
         };
         let req = shard.next_req();
         let rx = shard
             .queries
             .borrow_mut()
             .open(req, Countdown::new(0, 1), Vec::new());
-        let msg = ShardMsg::PresenceQuery {
+        let msg = LocalMsg::Query {
+            query,
             key: key.to_owned(),
-            kind,
-            origin: shard.id as u32,
+            origin: shard.id,
             req,
         };
-        shard.send_msg(owner, &msg, None, None);
+        shard.send_local(owner, msg);
         let got = answer(rx).await;
         shard.queries.borrow_mut().give_up(req);
         got

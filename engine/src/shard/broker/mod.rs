@@ -29,6 +29,17 @@ use proto::{
 
 use super::{route::Interest, Payload, Shard};
 
+/// What the API asks of a customer's or a topic's owner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Query {
+    /// A customer's presence (`GET /v1/presence/customers/{id}`).
+    CustomerPresence,
+    /// A presence topic's members (`GET /v1/presence/topics/{topic}`).
+    TopicMembers,
+    /// A customer's delivery preferences (`GET /v1/preferences/customers/{id}`).
+    Preferences,
+}
+
 /// How events reach the shards that serve their receivers (see the module documentation).
 pub enum Broker {
     /// One process: owners are shards of this process, reached over the mesh.
@@ -123,11 +134,11 @@ impl Broker {
         }
     }
 
-    /// Asks the owner of a customer or topic for its presence or a customer's preferences
-    /// (`kind`: 0 customer, 1 topic, 2 preferences); the JSON body, or None after 5 s.
-    pub async fn query(&self, shard: &Shard, key: &str, kind: u8) -> Option<Vec<u8>> {
+    /// Asks the owner of a customer or topic what the API shows of it; the JSON body, or
+    /// None after 5 s.
+    pub async fn query(&self, shard: &Shard, query: Query, key: &str) -> Option<Vec<u8>> {
         match self {
-            Broker::Local(l) => l.query(shard, key, kind).await,
+            Broker::Local(l) => l.query(shard, query, key).await,
         }
     }
 
