@@ -182,7 +182,10 @@ pub async fn sse(
         .platform_index(head.query_param("platform").as_deref());
     conn.filters = filters.clone().into_boxed_slice();
     let key = shard.register(conn, &grants.roles);
-    let resume = shard.resume_customer(key, &customer, since.as_deref());
+    let resume = shard
+        .broker
+        .resume(&shard, key, &customer, since.as_deref())
+        .await;
     // The greeting has no `id:`, so the browser's Last-Event-ID stays the stream's.
     let subscriptions: Vec<String> = if filters.is_empty() {
         vec!["all".to_owned()]
@@ -321,7 +324,10 @@ pub async fn missed(
     let since = cursor_param(&head);
     let filters = filters(&head);
     let customer: Rc<str> = Rc::from(claims.sub.as_str());
-    let mut found = shard.missed(&customer, since.as_deref(), &filters);
+    let mut found = shard
+        .broker
+        .missed(&shard, &customer, since.as_deref(), &filters)
+        .await;
     if found.events.is_empty() && wait > 0 && !shard.draining() {
         // Parked polls hold a socket each: the per-customer connection limit bounds them too.
         let limit = shard.shared.config.limits.connections_per_customer;

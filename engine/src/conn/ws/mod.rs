@@ -143,7 +143,10 @@ pub async fn upgrade(
         // Stored events of the customer's stream go out right after the greeting, before
         // anything live (`?since=<cursor>` acknowledges what the client already has).
         let since = head.query_param("since");
-        let resume = shard.resume_customer(conn_key, &customer, since.as_deref());
+        let resume = shard
+            .broker
+            .resume(&shard, conn_key, &customer, since.as_deref())
+            .await;
         let welcome = client::welcome(
             &customer,
             &shard.next_conn_id(),

@@ -310,7 +310,7 @@ impl Session {
                 self.reply(shard, &reply);
             }
             Request::Presence { status } => {
-                shard.set_status(&self.grants.customer, status);
+                shard.broker.status(shard, &self.grants.customer, status);
                 if rid.is_some() {
                     self.reply(
                         shard,
@@ -357,7 +357,10 @@ impl Session {
                         .broker
                         .receipts(shard, &ids, &self.grants.customer, status, topics);
                 }
-                let acked = shard.ack(&self.grants.customer, &ids, &cursors, up_to.as_deref());
+                let customer = &self.grants.customer;
+                let acked = (shard.broker)
+                    .ack(shard, customer, &ids, &cursors, up_to.as_deref())
+                    .await;
                 if rid.is_some() {
                     self.reply(
                         shard,

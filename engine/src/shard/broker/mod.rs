@@ -18,16 +18,21 @@
 
 pub mod local;
 
-use std::time::Instant;
+use std::{rc::Rc, time::Instant};
 
 use proto::{
     api::Publish,
     bus::{Counts, Position},
-    client::ReceiptStatus,
+    client::{PresenceStatus, ReceiptStatus},
     event::Event,
 };
 
-use super::{route::Interest, Payload, Shard};
+use super::{
+    route::Interest,
+    slab::ConnKey,
+    streams::{Missed, Resume},
+    Payload, Shard,
+};
 
 /// What the API asks of a customer's or a topic's owner.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,6 +144,60 @@ impl Broker {
     pub async fn query(&self, shard: &Shard, query: Query, key: &str) -> Option<Vec<u8>> {
         match self {
             Broker::Local(l) => l.query(shard, query, key).await,
+        }
+    }
+
+    // ---- customers: called on the customer's owner shard, where its connections are ----
+
+    /// At a customer connection's registration: acknowledges what the client's cursor covers
+    /// and returns the stored events after it, to queue right after the greeting. The local
+    /// broker resolves without yielding, so no live event can come between the replay and
+    /// the live stream; a broker that must wait holds the connection's frames meanwhile
+    /// (`Shard::hold`).
+    pub async fn resume(
+        &self,
+        shard: &Shard,
+        key: ConnKey,
+        customer: &str,
+        since: Option<&str>,
+    ) -> Resume {
+        match self {
+            Broker::Local(_) => shard.resume_customer(key, customer, since),
+        }
+    }
+
+    /// Acknowledges stored events of `customer` by id, by cursor, or up to a cursor;
+    /// resolves to how many were removed.
+    pub async fn ack(
+        &self,
+        shard: &Shard,
+        customer: &str,
+        ids: &[String],
+        cursors: &[String],
+        up_to: Option<&str>,
+    ) -> u64 {
+        match self {
+            Broker::Local(_) => shard.ack(customer, ids, cursors, up_to),
+        }
+    }
+
+    /// The stored events a long poll gets: after `since`, of the types `filters` take.
+    pub async fn missed(
+        &self,
+        shard: &Shard,
+        customer: &str,
+        since: Option<&str>,
+        filters: &[Box<str>],
+    ) -> Missed {
+        match self {
+            Broker::Local(_) => shard.missed(customer, since, filters),
+        }
+    }
+
+    /// A customer chose a presence status; announced to those who follow it.
+    pub fn status(&self, shard: &Shard, customer: &Rc<str>, status: PresenceStatus) {
+        match self {
+            Broker::Local(_) => shard.set_status(customer, status),
         }
     }
 
