@@ -12,12 +12,12 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 pub static HEAP_BYTES: AtomicI64 = AtomicI64::new(0);
 
 /// Reasons a handshake is refused; the label of `ringcast_auth_failures_total`.
-pub const AUTH_REASONS: [&str; 5] = [
-    "missing_token",
-    "invalid_token",
-    "token_expired",
-    "wrong_issuer_or_audience",
-    "origin_refused",
+pub const AUTH_REASONS: [proto::error::Code; 5] = [
+    proto::error::Code::MissingToken,
+    proto::error::Code::InvalidToken,
+    proto::error::Code::TokenExpired,
+    proto::error::Code::WrongIssuerOrAudience,
+    proto::error::Code::OriginRefused,
 ];
 
 /// Upper bounds (microseconds) of the publish-to-write latency buckets.

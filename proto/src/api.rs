@@ -1,5 +1,6 @@
 //! The backend API's request and response bodies (`POST /v1/publish`, `/v1/publish/batch`).
 
+use crate::error::Code;
 use serde::{Deserialize, Serialize};
 
 use crate::event::{validate_customer, validate_topic, Event, EventIn, InvalidEvent};
@@ -59,13 +60,13 @@ impl PublishIn {
         let n = self.customers.len() + self.topics.len() + self.roles.len();
         if n == 0 && !self.broadcast {
             return Err(InvalidEvent {
-                code: "no_target",
+                code: Code::NoTarget,
                 message: "give customers, topics, roles or broadcast".into(),
             });
         }
         if n > MAX_TARGETS {
             return Err(InvalidEvent {
-                code: "too_many_targets",
+                code: Code::TooManyTargets,
                 message: format!("at most {MAX_TARGETS} targets per publish"),
             });
         }

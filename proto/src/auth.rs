@@ -101,13 +101,14 @@ pub enum AuthError {
 
 impl AuthError {
     /// Short machine-readable reason.
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> crate::error::Code {
+        use crate::error::Code;
         match self {
-            AuthError::Missing => "missing_token",
-            AuthError::Invalid(_) => "invalid_token",
-            AuthError::Expired => "token_expired",
-            AuthError::WrongIssuerOrAudience => "wrong_issuer_or_audience",
-            AuthError::OriginRefused => "origin_refused",
+            AuthError::Missing => Code::MissingToken,
+            AuthError::Invalid(_) => Code::InvalidToken,
+            AuthError::Expired => Code::TokenExpired,
+            AuthError::WrongIssuerOrAudience => Code::WrongIssuerOrAudience,
+            AuthError::OriginRefused => Code::OriginRefused,
         }
     }
 

@@ -4,6 +4,7 @@
 //! unmasked frame payload it owns for the duration of the call). Replies are built by the
 //! `*_reply` functions; events are encoded by [`crate::event::Event::to_client_json`].
 
+use crate::error::Code;
 use serde_json::json;
 use simd_json::prelude::*;
 use simd_json::BorrowedValue;
@@ -94,7 +95,7 @@ pub struct ClientMessage {
 #[error("{code}: {message}")]
 pub struct ClientError {
     /// Machine-readable code (`bad_json`, `bad_request`, `unknown_type`, `forbidden`, ...).
-    pub code: &'static str,
+    pub code: crate::error::Code,
     /// Human-readable message.
     pub message: String,
     /// The `type` the client sent, if any.
@@ -105,7 +106,7 @@ pub struct ClientError {
 
 impl ClientError {
     /// A new error without type or request id.
-    pub fn new(code: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(code: crate::error::Code, message: impl Into<String>) -> Self {
         ClientError {
             code,
             message: message.into(),
@@ -137,7 +138,7 @@ fn strings(v: Option<&BorrowedValue<'_>>, field: &str) -> Result<Vec<String>, Cl
             }
             let arr = v.as_array().ok_or_else(|| {
                 ClientError::new(
-                    "bad_request",
+                    Code::BadRequest,
                     format!("payload.{field} must be a list of strings"),
                 )
             })?;
@@ -145,7 +146,7 @@ fn strings(v: Option<&BorrowedValue<'_>>, field: &str) -> Result<Vec<String>, Cl
                 .map(|x| {
                     x.as_str().map(str::to_owned).ok_or_else(|| {
                         ClientError::new(
-                            "bad_request",
+                            Code::BadRequest,
                             format!("payload.{field} must be a list of strings"),
                         )
                     })
@@ -168,7 +169,7 @@ fn positions(
 ) -> Result<Vec<(String, crate::bus::Position)>, ClientError> {
     let bad = || {
         ClientError::new(
-            "bad_request",
+            Code::BadRequest,
             "payload.since must map topics to {\"offset\": n, \"epoch\": \"...\"}",
         )
     };
@@ -193,9 +194,9 @@ fn positions(
 pub fn parse(buf: &mut [u8]) -> Result<ClientMessage, ClientError> {
     // Before the parser: it, dropping its value and re-encoding `data` all recurse per level.
     crate::json::check_depth(buf, crate::json::MAX_CLIENT_DEPTH)
-        .map_err(|e| ClientError::new("bad_json", e.to_string()))?;
+        .map_err(|e| ClientError::new(Code::BadJson, e.to_string()))?;
     let value = simd_json::to_borrowed_value(buf)
-        .map_err(|e| ClientError::new("bad_json", format!("invalid JSON: {e}")))?;
+        .map_err(|e| ClientError::new(Code::BadJson, format!("invalid JSON: {e}")))?;
     let request_id = value.get("requestId").and_then(|v| {
         v.as_str()
             .map(str::to_owned)
@@ -204,12 +205,12 @@ pub fn parse(buf: &mut [u8]) -> Result<ClientMessage, ClientError> {
     let Some(kind) = value.get("type").and_then(|v| v.as_str()) else {
         return Err(ClientError {
             request_id,
-            ..ClientError::new("bad_request", "message needs a string \"type\"")
+            ..ClientError::new(Code::BadRequest, "message needs a string \"type\"")
         });
     };
     let kind = kind.to_owned();
     let payload = value.get("payload");
-    let fail = |code: &'static str, message: String| ClientError {
+    let fail = |code: crate::error::Code, message: String| ClientError {
         code,
         message,
         received_type: Some(kind.clone()),
@@ -235,19 +236,18 @@ pub fn parse(buf: &mut [u8]) -> Result<ClientMessage, ClientError> {
             }
             if topics.is_empty() && events.is_empty() {
                 return Err(fail(
-                    "bad_request",
+                    Code::BadRequest,
                     format!("{kind} needs payload.topics or payload.events"),
                 ));
             }
             if kind == "subscribe" {
                 let since = positions(payload.and_then(|p| p.get("since"))).map_err(with_ctx)?;
-                let last =
-                    match payload.and_then(|p| p.get("last")) {
-                        None => None,
-                        Some(v) => Some(v.as_u64().filter(|n| *n <= 100_000).ok_or_else(|| {
-                            fail("bad_request", "payload.last must be a count".into())
-                        })? as u32),
-                    };
+                let last = match payload.and_then(|p| p.get("last")) {
+                    None => None,
+                    Some(v) => Some(v.as_u64().filter(|n| *n <= 100_000).ok_or_else(|| {
+                        fail(Code::BadRequest, "payload.last must be a count".into())
+                    })? as u32),
+                };
                 Request::Subscribe {
                     topics,
                     events,
@@ -260,9 +260,9 @@ pub fn parse(buf: &mut [u8]) -> Result<ClientMessage, ClientError> {
         }
         "publish" => {
             let topic = string(payload, &["topic"])
-                .ok_or_else(|| fail("bad_request", "publish needs payload.topic".into()))?;
+                .ok_or_else(|| fail(Code::BadRequest, "publish needs payload.topic".into()))?;
             let event_kind = string(payload, &["type", "event"])
-                .ok_or_else(|| fail("bad_request", "publish needs payload.type".into()))?;
+                .ok_or_else(|| fail(Code::BadRequest, "publish needs payload.type".into()))?;
             let data = payload
                 .and_then(|p| p.get("data"))
                 .map_or_else(|| "{}".to_owned(), |d| d.encode());
@@ -274,7 +274,7 @@ pub fn parse(buf: &mut [u8]) -> Result<ClientMessage, ClientError> {
         }
         "send_message" => {
             let to = string(payload, &["to", "recipientId"])
-                .ok_or_else(|| fail("bad_request", "send_message needs payload.to".into()))?;
+                .ok_or_else(|| fail(Code::BadRequest, "send_message needs payload.to".into()))?;
             crate::event::validate_customer(&to).map_err(|e| fail(e.code, e.message))?;
             let event_kind =
                 string(payload, &["type"]).unwrap_or_else(|| "message_received".to_owned());
@@ -301,14 +301,14 @@ pub fn parse(buf: &mut [u8]) -> Result<ClientMessage, ClientError> {
                 Some("read") => ReceiptStatus::Read,
                 Some(_) => {
                     return Err(fail(
-                        "bad_request",
+                        Code::BadRequest,
                         "ack status must be delivered or read".into(),
                     ))
                 }
             };
             if ids.is_empty() && cursors.is_empty() && up_to.is_none() {
                 return Err(fail(
-                    "bad_request",
+                    Code::BadRequest,
                     "ack needs payload.ids, payload.cursors or payload.upTo".into(),
                 ));
             }
@@ -321,13 +321,13 @@ pub fn parse(buf: &mut [u8]) -> Result<ClientMessage, ClientError> {
         }
         "typing" => {
             let topic = string(payload, &["topic", "conversationId"])
-                .ok_or_else(|| fail("bad_request", "typing needs payload.topic".into()))?;
+                .ok_or_else(|| fail(Code::BadRequest, "typing needs payload.topic".into()))?;
             let start = match string(payload, &["state"]).as_deref() {
                 None | Some("start") => true,
                 Some("stop") => false,
                 Some(_) => {
                     return Err(fail(
-                        "bad_request",
+                        Code::BadRequest,
                         "typing state must be start or stop".into(),
                     ))
                 }
@@ -336,14 +336,14 @@ pub fn parse(buf: &mut [u8]) -> Result<ClientMessage, ClientError> {
         }
         "presence" => {
             let status = string(payload, &["status"])
-                .ok_or_else(|| fail("bad_request", "presence needs payload.status".into()))?;
+                .ok_or_else(|| fail(Code::BadRequest, "presence needs payload.status".into()))?;
             let status = match status.as_str() {
                 "online" => PresenceStatus::Online,
                 "away" => PresenceStatus::Away,
                 "busy" => PresenceStatus::Busy,
                 _ => {
                     return Err(fail(
-                        "bad_request",
+                        Code::BadRequest,
                         "presence status must be online, away or busy".into(),
                     ))
                 }
@@ -353,12 +353,12 @@ pub fn parse(buf: &mut [u8]) -> Result<ClientMessage, ClientError> {
         "update_preferences" => {
             let json = payload.map_or_else(|| "{}".to_owned(), |p| p.encode());
             Request::UpdatePreferences(
-                crate::prefs::Preferences::parse(&json).map_err(|e| fail("bad_request", e))?,
+                crate::prefs::Preferences::parse(&json).map_err(|e| fail(Code::BadRequest, e))?,
             )
         }
         other => {
             return Err(fail(
-                "unknown_type",
+                Code::UnknownType,
                 format!("unknown message type {other:?}"),
             ))
         }
@@ -906,7 +906,7 @@ mod tests {
         );
         let e = p(&long_to).unwrap_err();
         assert_eq!(
-            (e.code, e.request_id.as_deref()),
+            (e.code.as_str(), e.request_id.as_deref()),
             ("invalid_customer", Some("r"))
         );
         let long_filter = format!(
@@ -944,7 +944,11 @@ mod tests {
         assert_eq!(e.code, "bad_json");
         let e = p(r#"{"type":"dance","requestId":"r9"}"#).unwrap_err();
         assert_eq!(
-            (e.code, e.received_type.as_deref(), e.request_id.as_deref()),
+            (
+                e.code.as_str(),
+                e.received_type.as_deref(),
+                e.request_id.as_deref()
+            ),
             ("unknown_type", Some("dance"), Some("r9"))
         );
         let v: serde_json::Value = serde_json::from_slice(&e.to_json()).unwrap();

@@ -3,6 +3,7 @@
 //! An event is encoded once per publish into the JSON a client sees (and then once into a
 //! WebSocket frame), whatever the number of receivers.
 
+use crate::error::Code;
 use rkyv::{Archive, Deserialize as RkyvDeserialize, Serialize as RkyvSerialize};
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -187,12 +188,12 @@ pub struct EventIn {
 #[error("{message}")]
 pub struct InvalidEvent {
     /// Machine-readable code.
-    pub code: &'static str,
+    pub code: crate::error::Code,
     /// Human-readable reason.
     pub message: String,
 }
 
-fn invalid(code: &'static str, message: impl Into<String>) -> InvalidEvent {
+fn invalid(code: crate::error::Code, message: impl Into<String>) -> InvalidEvent {
     InvalidEvent {
         code,
         message: message.into(),
@@ -214,14 +215,14 @@ impl EventIn {
         let priority = match self.priority.as_deref() {
             None => Priority::Normal,
             Some(p) => Priority::parse(p)
-                .ok_or_else(|| invalid("invalid_priority", format!("unknown priority {p:?}")))?,
+                .ok_or_else(|| invalid(Code::InvalidPriority, format!("unknown priority {p:?}")))?,
         };
         let given = self.id.filter(|s| !s.is_empty());
         if given.as_ref().is_some_and(|s| s.len() > 256) {
-            return Err(invalid("invalid_id", "event ids are at most 256 bytes"));
+            return Err(invalid(Code::InvalidId, "event ids are at most 256 bytes"));
         }
         if self.ttl == Some(0) {
-            return Err(invalid("invalid_ttl", "ttl must be at least 1 second"));
+            return Err(invalid(Code::InvalidTtl, "ttl must be at least 1 second"));
         }
         Ok(Event {
             idempotent: given.is_some(),
@@ -243,7 +244,7 @@ impl EventIn {
 pub fn validate_type(kind: &str) -> Result<(), InvalidEvent> {
     if kind.is_empty() || kind.len() > MAX_TYPE_LEN || kind.chars().any(char::is_control) {
         return Err(invalid(
-            "invalid_type",
+            Code::InvalidType,
             "event type must be 1-128 printable characters",
         ));
     }
@@ -256,7 +257,7 @@ pub fn validate_type(kind: &str) -> Result<(), InvalidEvent> {
 pub fn validate_customer(id: &str) -> Result<(), InvalidEvent> {
     if id.is_empty() || id.len() > 256 || id.chars().any(char::is_control) {
         return Err(invalid(
-            "invalid_customer",
+            Code::InvalidCustomer,
             "customer ids are 1-256 bytes without control characters",
         ));
     }
@@ -270,7 +271,7 @@ pub fn validate_topic(topic: &str) -> Result<(), InvalidEvent> {
         || topic.chars().any(|c| c.is_control() || c.is_whitespace())
     {
         return Err(invalid(
-            "invalid_topic",
+            Code::InvalidTopic,
             format!("invalid topic name {topic:?}"),
         ));
     }

@@ -24,6 +24,7 @@ pub mod auth;
 #[allow(missing_docs)]
 pub mod bus;
 pub mod client;
+pub mod error;
 #[allow(missing_docs)]
 pub mod event;
 pub mod fuzz;

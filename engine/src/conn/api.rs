@@ -1,5 +1,6 @@
 //! The backend API and operational endpoints on keep-alive HTTP/1.1 connections.
 
+use proto::error::Code;
 use std::{
     rc::Rc,
     sync::atomic::Ordering::Relaxed,
@@ -82,7 +83,7 @@ pub async fn serve(
                 Err(e) => {
                     respond(
                         &mut stream,
-                        &json_error(e.status(), "bad_request", &e.to_string()),
+                        &json_error(e.status(), Code::BadRequest, &e.to_string()),
                         false,
                     )
                     .await;
@@ -131,7 +132,7 @@ async fn read_body(
     if head.chunked {
         return Err(Some(json_error(
             501,
-            "chunked_not_supported",
+            Code::ChunkedNotSupported,
             "send the body with Content-Length",
         )));
     }
@@ -141,7 +142,7 @@ async fn read_body(
     if len > shard.shared.config.limits.max_body {
         return Err(Some(json_error(
             413,
-            "body_too_large",
+            Code::BodyTooLarge,
             &format!(
                 "bodies are limited to {} bytes",
                 shard.shared.config.limits.max_body
@@ -155,7 +156,7 @@ async fn read_body(
                 super::slow_request(shard, client);
                 return Err(Some(json_error(
                     408,
-                    "timeout",
+                    Code::Timeout,
                     "request body not received in time",
                 )));
             }
@@ -201,7 +202,7 @@ async fn handle(shard: &Rc<Shard>, head: &Head, body: Vec<u8>) -> Response {
         Route::Metrics | Route::Stats | Route::Histograms if !metrics_authorized(shard, head) => {
             json_error(
                 401,
-                "unauthorized",
+                Code::Unauthorized,
                 "Authorization: Bearer <auth.metrics_key> required",
             )
         }
@@ -220,7 +221,7 @@ async fn handle(shard: &Rc<Shard>, head: &Head, body: Vec<u8>) -> Response {
         }
         Route::Histograms => match shard.gather_histograms().await {
             Some(h) => Response::json(200, histograms_json(&h).to_string()),
-            None => json_error(503, "shard_timeout", "a shard did not answer in time"),
+            None => json_error(503, Code::ShardTimeout, "a shard did not answer in time"),
         },
         Route::Publish
         | Route::PublishBatch
@@ -232,7 +233,7 @@ async fn handle(shard: &Rc<Shard>, head: &Head, body: Vec<u8>) -> Response {
         {
             json_error(
                 401,
-                "unauthorized",
+                Code::Unauthorized,
                 "Authorization: Bearer <api key> required",
             )
         }
@@ -247,18 +248,22 @@ async fn handle(shard: &Rc<Shard>, head: &Head, body: Vec<u8>) -> Response {
             let raw = head.path.strip_prefix(prefix).unwrap_or("");
             let key = proto::http1::percent_decode(raw);
             if key.is_empty() {
-                return json_error(400, "bad_request", "name a customer or topic in the path");
+                return json_error(
+                    400,
+                    Code::BadRequest,
+                    "name a customer or topic in the path",
+                );
             }
             if topic && !shared.config.namespace(&key).presence {
                 return json_error(
                     404,
-                    "presence_off",
+                    Code::PresenceOff,
                     &format!("presence is off for {key} (namespace presence = false)"),
                 );
             }
             match shard.broker.query(shard, query, &key).await {
                 Some(json) => Response::json(200, json),
-                None => json_error(503, "shard_timeout", "a shard did not answer in time"),
+                None => json_error(503, Code::ShardTimeout, "a shard did not answer in time"),
             }
         }
         Route::Disconnect => match proto::api::parse_body::<DisconnectIn>(&body) {
@@ -267,12 +272,12 @@ async fn handle(shard: &Rc<Shard>, head: &Head, body: Vec<u8>) -> Response {
                 if !DISCONNECT_CODES.contains(&code) {
                     return json_error(
                         400,
-                        "invalid_code",
+                        Code::InvalidCode,
                         &format!("code must be one of {DISCONNECT_CODES:?}"),
                     );
                 }
                 if d.customers.is_empty() || d.customers.len() > proto::api::MAX_TARGETS {
-                    return json_error(400, "no_target", "give 1-10000 customers");
+                    return json_error(400, Code::NoTarget, "give 1-10000 customers");
                 }
                 let c = shard.broker.disconnect(shard, &d.customers, code).await;
                 Response::json(
@@ -283,14 +288,14 @@ async fn handle(shard: &Rc<Shard>, head: &Head, body: Vec<u8>) -> Response {
                     .to_string(),
                 )
             }
-            Err(e) => json_error(400, "bad_json", &e),
+            Err(e) => json_error(400, Code::BadJson, &e),
         },
         Route::Publish => match proto::api::parse_body::<PublishIn>(&body) {
             Ok(p) => match publish_one(shard, p).await {
                 Ok(out) => Response::json(200, serde_json::to_vec(&out).expect("serialisable")),
                 Err(resp) => resp,
             },
-            Err(e) => json_error(400, "bad_json", &e),
+            Err(e) => json_error(400, Code::BadJson, &e),
         },
         Route::PublishBatch => match proto::api::parse_body::<Vec<PublishIn>>(&body) {
             Ok(list) => {
@@ -303,9 +308,9 @@ async fn handle(shard: &Rc<Shard>, head: &Head, body: Vec<u8>) -> Response {
                 }
                 Response::json(200, serde_json::json!({ "results": results }).to_string())
             }
-            Err(e) => json_error(400, "bad_json", &e),
+            Err(e) => json_error(400, Code::BadJson, &e),
         },
-        _ => json_error(404, "not_found", "no such endpoint"),
+        _ => json_error(404, Code::NotFound, "no such endpoint"),
     }
 }
 

@@ -7,6 +7,7 @@ mod link;
 mod stream;
 mod ws;
 
+use proto::error::Code;
 use std::{
     future::poll_fn,
     io,
@@ -98,7 +99,7 @@ async fn enter_head<'a>(
             shared.refuse(shard.id, Limit::PendingHeads, Some(tcp_peer), None);
             let mut resp = json_error(
                 429,
-                "rate_limited",
+                Code::RateLimited,
                 "too many requests from this address still sending their head",
             );
             resp.headers.push("Retry-After: 5".into());
@@ -146,7 +147,11 @@ fn slow_request(shard: &Shard, ip: IpAddr) {
 }
 
 fn server_full() -> Response {
-    let mut resp = json_error(503, "server_full", "too many connections; try again later");
+    let mut resp = json_error(
+        503,
+        Code::ServerFull,
+        "too many connections; try again later",
+    );
     resp.headers.push("Retry-After: 5".into());
     resp
 }
@@ -182,7 +187,7 @@ fn admit(shard: &Shard, client: IpAddr) -> Option<Response> {
                 .refuse(shard.id, Limit::IpAttempts, Some(client), None);
             let mut resp = json_error(
                 429,
-                "rate_limited",
+                Code::RateLimited,
                 &format!("more than {per_ip} connection attempts from this address in a minute"),
             );
             resp.headers.push("Retry-After: 60".into());
@@ -212,7 +217,7 @@ pub(crate) fn customer_full(shard: &Shard, customer: &str, client: IpAddr) -> Op
     );
     let mut resp = json_error(
         429,
-        "too_many_connections",
+        Code::TooManyConnections,
         &format!("{customer} already has {open} open connections (limit {limit})"),
     );
     resp.headers.push("Retry-After: 5".into());
@@ -234,7 +239,7 @@ async fn read_proxy_header(
                 return Ok(Some(source));
             }
             Ok(proxy::Parsed::NeedMore) => {}
-            Err(e) => return Err(json_error(400, "bad_request", &e.to_string())),
+            Err(e) => return Err(json_error(400, Code::BadRequest, &e.to_string())),
         }
         match read_more_by(shard, stream, buf, deadline).await {
             Ok(0) => return Ok(None),
@@ -287,11 +292,15 @@ async fn dispatch(
             Route::Sse => stream::sse(shard.clone(), stream, request(head, buf), None).await,
             Route::Missed => stream::missed(shard.clone(), stream, request(head, buf), None).await,
             Route::NotFound | Route::Echo => {
-                let resp = json_error(404, "not_found", "no such endpoint");
+                let resp = json_error(404, Code::NotFound, "no such endpoint");
                 respond(&mut stream, &resp, false).await;
             }
             Route::MethodNotAllowed => {
-                let resp = json_error(405, "method_not_allowed", "wrong method for this endpoint");
+                let resp = json_error(
+                    405,
+                    Code::MethodNotAllowed,
+                    "wrong method for this endpoint",
+                );
                 respond(&mut stream, &resp, false).await;
             }
             _ => next = api::serve(shard.clone(), stream, head, buf, head_len, client).await,
@@ -385,7 +394,7 @@ pub(crate) async fn read_head(
         match parse_head(buf) {
             Ok(Some(h)) => return Ok(Some(h)),
             Ok(None) => {}
-            Err(e) => return Err(json_error(e.status(), "bad_request", &e.to_string())),
+            Err(e) => return Err(json_error(e.status(), Code::BadRequest, &e.to_string())),
         }
         match read_more_by(shard, stream, buf, deadline).await {
             Ok(0) => return Ok(None),
@@ -397,7 +406,7 @@ pub(crate) async fn read_head(
 }
 
 fn head_timeout() -> Response {
-    json_error(408, "timeout", "request head not received in time")
+    json_error(408, Code::Timeout, "request head not received in time")
 }
 
 /// [`read_more`] that fails with `TimedOut` at `deadline`, however the bytes trickle in.

@@ -7,6 +7,7 @@
 //! WebSocket: the same fan-out queues shared records on it and the same flush rounds write
 //! them; its task only watches for the client going away and for writability.
 
+use proto::error::Code;
 use std::{future::poll_fn, rc::Rc, sync::atomic::Ordering::Relaxed, task::Poll};
 
 use bytes::Bytes;
@@ -131,10 +132,10 @@ pub async fn sse(
     let limits = &shard.shared.config.limits;
     let filters = filters(&head);
     let over = if limits.topics_per_connection > 0 && topics.len() > limits.topics_per_connection {
-        Some(("too_many_topics", "topics", limits.topics_per_connection))
+        Some((Code::TooManyTopics, "topics", limits.topics_per_connection))
     } else if limits.filters_per_connection > 0 && filters.len() > limits.filters_per_connection {
         Some((
-            "too_many_filters",
+            Code::TooManyFilters,
             "event types",
             limits.filters_per_connection,
         ))
@@ -153,7 +154,7 @@ pub async fn sse(
         .iter()
         .find_map(|t| grants.subscribe_refusal(config, t))
     {
-        respond(&mut stream, &json_error(403, "forbidden", &msg), false).await;
+        respond(&mut stream, &json_error(403, Code::Forbidden, &msg), false).await;
         return;
     }
     let since = cursor_param(&head);
@@ -316,7 +317,7 @@ pub async fn missed(
         None => 0,
         Some(Ok(w)) => w.min(shard.shared.config.delivery.max_poll_wait_secs),
         Some(Err(_)) => {
-            let resp = json_error(400, "bad_request", "wait must be a number of seconds");
+            let resp = json_error(400, Code::BadRequest, "wait must be a number of seconds");
             respond(&mut stream, &resp, false).await;
             return;
         }
@@ -341,7 +342,7 @@ pub async fn missed(
             );
             let mut resp = json_error(
                 429,
-                "too_many_connections",
+                Code::TooManyConnections,
                 &format!("{customer} already has {parked} waiting long polls (limit {limit})"),
             );
             resp.headers.push("Retry-After: 5".into());

@@ -60,7 +60,7 @@ impl Response {
 }
 
 /// A JSON error body: `{"error": {"code", "message"}}`.
-pub fn json_error(status: u16, code: &str, message: &str) -> Response {
+pub fn json_error(status: u16, code: crate::error::Code, message: &str) -> Response {
     let body = serde_json::json!({ "error": { "code": code, "message": message } });
     Response::json(status, body.to_string())
 }

@@ -59,7 +59,7 @@ pub async fn upgrade(
         Ok(k) => k.to_owned(),
         Err(e) => {
             shard.metrics().bad_requests.fetch_add(1, Relaxed);
-            let mut resp = json_error(e.status(), "bad_handshake", &e.to_string());
+            let mut resp = json_error(e.status(), proto::error::Code::BadHandshake, &e.to_string());
             if e.status() == 426 {
                 resp.headers.push("Sec-WebSocket-Version: 13".into());
             }
@@ -186,7 +186,7 @@ pub(super) fn auth_failure(shard: &Shard, e: &AuthError, client: IpAddr) -> prot
     if let Some(i) = AUTH_REASONS.iter().position(|r| *r == reason) {
         shard.metrics().auth_failures[i].fetch_add(1, Relaxed);
     }
-    crate::limits::audit("auth_failed", Some(client), None, reason);
+    crate::limits::audit("auth_failed", Some(client), None, reason.as_str());
     json_error(e.status(), reason, &e.to_string())
 }
 

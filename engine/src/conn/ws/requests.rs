@@ -1,5 +1,6 @@
 //! The client protocol's requests on an upgraded connection.
 
+use proto::error::Code;
 use std::rc::Rc;
 
 use proto::{
@@ -23,7 +24,7 @@ enum ClientTarget {
 impl Session {
     pub(super) async fn handle_request(&mut self, shard: &Rc<Shard>, msg: ClientMessage) {
         let rid = msg.request_id.as_deref();
-        let error = |code: &'static str, message: String, kind: &str| ClientError {
+        let error = |code: proto::error::Code, message: String, kind: &str| ClientError {
             code,
             message,
             received_type: Some(kind.to_owned()),
@@ -45,7 +46,7 @@ impl Session {
                     .iter()
                     .find_map(|t| self.grants.subscribe_refusal(config, t))
                 {
-                    return self.reply(shard, &error("forbidden", why, "subscribe").to_json());
+                    return self.reply(shard, &error(Code::Forbidden, why, "subscribe").to_json());
                 }
                 // Per-connection bounds, checked before anything changes (all or nothing).
                 let topic_cap = config.limits.topics_per_connection;
@@ -57,8 +58,10 @@ impl Session {
                     .collect();
                 if topic_cap > 0 && held.len() + new_topics.len() > topic_cap {
                     let why = format!("a connection may subscribe to at most {topic_cap} topics");
-                    return self
-                        .reply(shard, &error("too_many_topics", why, "subscribe").to_json());
+                    return self.reply(
+                        shard,
+                        &error(Code::TooManyTopics, why, "subscribe").to_json(),
+                    );
                 }
                 let filters_now = shard
                     .conns
@@ -74,7 +77,7 @@ impl Session {
                         format!("a connection may filter on at most {filter_cap} event types");
                     return self.reply(
                         shard,
-                        &error("too_many_filters", why, "subscribe").to_json(),
+                        &error(Code::TooManyFilters, why, "subscribe").to_json(),
                     );
                 }
                 let mut positions = Vec::with_capacity(topics.len());
@@ -144,7 +147,7 @@ impl Session {
                 }
                 if !full.is_empty() {
                     let e = error(
-                        "topic_full",
+                        Code::TopicFull,
                         format!("{} has its maximum of subscribers", full.join(", ")),
                         "subscribe",
                     );
@@ -152,7 +155,7 @@ impl Session {
                 }
                 if !timed_out.is_empty() {
                     let e = error(
-                        "timeout",
+                        Code::Timeout,
                         format!(
                             "the owner of {} did not answer in time; the subscription \
                              completes when it does",
@@ -229,13 +232,13 @@ impl Session {
                 let ns = shard.shared.config.namespace(&topic);
                 if !ns.client_publish {
                     let why = format!("clients may not publish to topics under {:?}", ns.prefix);
-                    return self.reply(shard, &error("forbidden", why, "publish").to_json());
+                    return self.reply(shard, &error(Code::Forbidden, why, "publish").to_json());
                 }
                 if !Grants::may(&self.grants.publish, &topic) {
                     return self.reply(
                         shard,
                         &error(
-                            "forbidden",
+                            Code::Forbidden,
                             format!("token does not allow publishing to {topic}"),
                             "publish",
                         )
@@ -251,7 +254,7 @@ impl Session {
                 }
                 if to.is_empty() || *to == *self.grants.customer {
                     let e = error(
-                        "bad_request",
+                        Code::BadRequest,
                         "send_message needs another customer in payload.to".into(),
                         "send_message",
                     );
@@ -266,7 +269,7 @@ impl Session {
                 // recipient's owner shard checks.
                 let forbidden = || {
                     error(
-                        "forbidden",
+                        Code::Forbidden,
                         format!("token does not allow messaging {to}, and you share no topic"),
                         "send_message",
                     )
@@ -324,7 +327,7 @@ impl Session {
                 }
                 if !self.topics.iter().any(|t| **t == *topic) {
                     let e = error(
-                        "not_member",
+                        Code::NotMember,
                         format!("subscribe to {topic} before typing in it"),
                         "typing",
                     );

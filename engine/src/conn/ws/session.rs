@@ -1,6 +1,7 @@
 //! The driver of an upgraded connection: read into the shard's scratch buffer, decode with
 //! `proto`, act, and write when the socket buffer was full; the close handshake.
 
+use proto::error::Code;
 use std::{
     future::poll_fn, pin::Pin, rc::Rc, sync::atomic::Ordering::Relaxed, task::Poll, time::Instant,
 };
@@ -273,7 +274,7 @@ impl Session {
                     if !self.within_rate(shard, 1.0) {
                         return true;
                     }
-                    self.reply(shard, &ClientError::new("unsupported", why).to_json())
+                    self.reply(shard, &ClientError::new(Code::Unsupported, why).to_json())
                 }
                 Action::Echo(op, payload) => {
                     shard.send_now(self.key, &server_frame(op, &payload));
