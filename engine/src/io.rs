@@ -33,6 +33,24 @@ pub fn send_vectored(fd: RawFd, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
     }
 }
 
+/// Where a connection's queued frames are written: the socket in the engine, a scripted peer
+/// in tests (which inject `WouldBlock`, `Interrupted`, `BrokenPipe`, short writes and slow
+/// readers without a real socket).
+pub trait Sink {
+    /// Writes from `bufs` in order, without blocking; returns the bytes taken (possibly fewer
+    /// than offered) or the error.
+    fn send_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize>;
+}
+
+/// A socket, written with [`send_vectored`].
+pub struct Socket(pub RawFd);
+
+impl Sink for Socket {
+    fn send_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        send_vectored(self.0, bufs)
+    }
+}
+
 /// Receives into `buf` without blocking: `WouldBlock` when nothing is there, `Ok(0)` at EOF.
 pub fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
     // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the whole call; an invalid fd
