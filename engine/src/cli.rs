@@ -93,7 +93,7 @@ fn run() -> anyhow::Result<ExitCode> {
         Command::Serve(args) => serve(args),
         Command::Token(args) => {
             let config = load(&args.config)?;
-            anyhow::ensure!(config.auth.jwt_algorithm == "HS256", "ringcast token signs with the HS256 secret; RS256 tokens come from your identity provider");
+            anyhow::ensure!(config.auth.jwt_algorithm == crate::config::JwtAlgorithm::Hs256, "ringcast token signs with the HS256 secret; RS256 tokens come from your identity provider");
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)?
                 .as_secs();
@@ -126,7 +126,7 @@ fn init_logs(config: &Config) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    if config.log.format == "json" {
+    if config.log.format == crate::config::LogFormat::Json {
         builder.json().init();
     } else {
         builder.init();
@@ -142,7 +142,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         config.server.shards = s;
     }
     if let Some(f) = args.log_format {
-        config.log.format = f;
+        config.log.format = f.parse()?;
     }
     if args.echo {
         config.diagnostics.echo = true;

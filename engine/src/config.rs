@@ -90,12 +90,55 @@ pub struct Server {
     pub proxy_protocol: bool,
 }
 
+/// The one algorithm tokens must be signed with (a token's own `alg` header never chooses).
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+pub enum JwtAlgorithm {
+    /// HMAC-SHA256 with `auth.jwt_secret`.
+    #[serde(rename = "HS256")]
+    Hs256,
+    /// RSA-SHA256, verified with `auth.jwt_public_key_file`.
+    #[serde(rename = "RS256")]
+    Rs256,
+}
+
+impl std::str::FromStr for JwtAlgorithm {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        match s.trim() {
+            "HS256" => Ok(JwtAlgorithm::Hs256),
+            "RS256" => Ok(JwtAlgorithm::Rs256),
+            other => bail!("auth.jwt_algorithm must be HS256 or RS256, not {other:?}"),
+        }
+    }
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Text for a terminal.
+    Human,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        match s.trim() {
+            "human" => Ok(LogFormat::Human),
+            "json" => Ok(LogFormat::Json),
+            other => bail!("log.format must be human or json, not {other:?}"),
+        }
+    }
+}
+
 /// `[auth]`: tokens and the API key.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Auth {
     /// Token algorithm, pinned: `HS256` or `RS256`.
-    pub jwt_algorithm: String,
+    pub jwt_algorithm: JwtAlgorithm,
     /// HS256 secret. Empty = the development secret (with a warning).
     pub jwt_secret: String,
     /// RS256: path of the PEM public key.
@@ -324,7 +367,7 @@ pub struct Diagnostics {
 #[serde(default, deny_unknown_fields)]
 pub struct Log {
     /// `human` or `json`.
-    pub format: String,
+    pub format: LogFormat,
     /// A tracing filter, e.g. `info` or `ringcast=debug`. `RUST_LOG` also works.
     pub level: String,
 }
@@ -354,7 +397,7 @@ impl Default for Server {
 impl Default for Auth {
     fn default() -> Self {
         Auth {
-            jwt_algorithm: "HS256".into(),
+            jwt_algorithm: JwtAlgorithm::Hs256,
             jwt_secret: String::new(),
             jwt_public_key_file: String::new(),
             issuer: String::new(),
@@ -396,7 +439,7 @@ impl Default for Diagnostics {
 impl Default for Log {
     fn default() -> Self {
         Log {
-            format: "human".into(),
+            format: LogFormat::Human,
             level: "info".into(),
         }
     }
@@ -492,7 +535,7 @@ impl Config {
             "server.mesh_capacity" => self.server.mesh_capacity = num(value)?,
             "server.trusted_proxies" => self.server.trusted_proxies = list(value),
             "server.proxy_protocol" => self.server.proxy_protocol = flag(value)?,
-            "auth.jwt_algorithm" => self.auth.jwt_algorithm = value.into(),
+            "auth.jwt_algorithm" => self.auth.jwt_algorithm = value.parse()?,
             "auth.jwt_secret" => self.auth.jwt_secret = value.into(),
             "auth.jwt_public_key_file" => self.auth.jwt_public_key_file = value.into(),
             "auth.issuer" => self.auth.issuer = value.into(),
@@ -543,7 +586,7 @@ impl Config {
             "presence.max_diff_names" => self.presence.max_diff_names = num(value)?,
             "diagnostics.echo" => self.diagnostics.echo = flag(value)?,
             "diagnostics.echo_max_message" => self.diagnostics.echo_max_message = num(value)?,
-            "log.format" => self.log.format = value.into(),
+            "log.format" => self.log.format = value.parse()?,
             "log.level" => self.log.level = value.into(),
             _ => bail!("unknown setting {key}"),
         }
@@ -558,13 +601,9 @@ impl Config {
         {
             bail!("server.idle_timeout_secs must exceed server.heartbeat_secs (> 0)");
         }
-        if !matches!(self.auth.jwt_algorithm.as_str(), "HS256" | "RS256") {
-            bail!(
-                "auth.jwt_algorithm must be HS256 or RS256, not {:?}",
-                self.auth.jwt_algorithm
-            );
-        }
-        if self.auth.jwt_algorithm == "RS256" && self.auth.jwt_public_key_file.is_empty() {
+        if self.auth.jwt_algorithm == JwtAlgorithm::Rs256
+            && self.auth.jwt_public_key_file.is_empty()
+        {
             bail!("auth.jwt_public_key_file is required with RS256");
         }
         if self.limits.max_message < 125 || self.limits.max_backlog < self.limits.max_message {
@@ -572,9 +611,6 @@ impl Config {
         }
         if self.delivery.offline_queue > 10_000 || self.history.size > 100_000 {
             bail!("delivery.offline_queue is at most 10000 and history.size at most 100000");
-        }
-        if !matches!(self.log.format.as_str(), "human" | "json") {
-            bail!("log.format must be human or json");
         }
         self.trusted_proxies()?;
         self.exempt_ips()?;
@@ -650,7 +686,7 @@ impl Config {
 
     /// Whether development credentials are in effect.
     pub fn uses_dev_credentials(&self) -> bool {
-        (self.auth.jwt_algorithm == "HS256" && self.auth.jwt_secret.is_empty())
+        (self.auth.jwt_algorithm == JwtAlgorithm::Hs256 && self.auth.jwt_secret.is_empty())
             || self.auth.api_key.is_empty()
     }
 
@@ -720,6 +756,30 @@ mod tests {
         assert!(Config::load(None, env(&[("RINGCAST_HISTORY_RULES", "x=1")])).is_err());
         assert!(Config::load(None, env(&[("RINGCAST_SERVER_NOPE", "1")])).is_err());
         assert!(Config::load(None, env(&[("RINGCAST_SHARDS", "many")])).is_err());
+    }
+
+    #[test]
+    fn algorithm_and_log_format_take_only_their_names() {
+        let c = Config::load(
+            None,
+            env(&[
+                ("RINGCAST_AUTH_JWT_ALGORITHM", "RS256"),
+                ("RINGCAST_LOG_FORMAT", "json"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            (c.auth.jwt_algorithm, c.log.format),
+            (JwtAlgorithm::Rs256, LogFormat::Json)
+        );
+        let e = Config::load(None, env(&[("RINGCAST_AUTH_JWT_ALGORITHM", "none")])).unwrap_err();
+        assert!(format!("{e:#}").contains("HS256 or RS256"), "{e:#}");
+        assert!(Config::load(None, env(&[("RINGCAST_LOG_FORMAT", "xml")])).is_err());
+        let bad: Result<Config, _> = toml::from_str("[auth]\njwt_algorithm = \"HS512\"\n");
+        assert!(
+            bad.is_err(),
+            "an algorithm the file names must be one we pin"
+        );
     }
 
     #[test]

@@ -557,12 +557,12 @@ impl Server {
 }
 
 fn verifier(config: &Config) -> anyhow::Result<Verifier> {
-    let key = match config.auth.jwt_algorithm.as_str() {
-        "RS256" => KeyConfig::Rs256 {
+    let key = match config.auth.jwt_algorithm {
+        crate::config::JwtAlgorithm::Rs256 => KeyConfig::Rs256 {
             public_pem: std::fs::read(&config.auth.jwt_public_key_file)
                 .with_context(|| format!("reading {}", config.auth.jwt_public_key_file))?,
         },
-        _ => KeyConfig::Hs256 {
+        crate::config::JwtAlgorithm::Hs256 => KeyConfig::Hs256 {
             secret: config.jwt_secret().as_bytes().to_vec(),
         },
     };
