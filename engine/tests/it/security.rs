@@ -91,6 +91,31 @@ fn malformed_messages_count_against_the_message_rate() {
     assert_eq!(errors, 30, "the default allowance is 30 messages");
 }
 
+/// A client that keeps sending and reads late still gets every reply and the 4029 close
+/// frame: the server does not close a socket with unread input (which sends a reset that
+/// destroys what the client has not read yet).
+#[test]
+fn a_client_closed_for_its_rate_that_reads_late_still_gets_the_close_code() {
+    let server = Server::start(1);
+    let mut c = Client::connect(&server, &sub_token("late-reader"));
+    for _ in 0..60 {
+        if c.ws.send(Message::text("{not json")).is_err() {
+            break;
+        }
+    }
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    let mut errors = 0;
+    let close = loop {
+        match c.ws.read() {
+            Ok(Message::Text(_)) => errors += 1,
+            Ok(Message::Close(f)) => break f.expect("a close code"),
+            Ok(_) => {}
+            Err(e) => panic!("no close frame after {errors} replies: {e}"),
+        }
+    };
+    assert_eq!((u16::from(close.code), errors), (4029, 30));
+}
+
 /// A masked frame with no payload (what a flooding client sends).
 fn masked(opcode: u8) -> [u8; 6] {
     [0x80 | opcode, 0x80, 1, 2, 3, 4]

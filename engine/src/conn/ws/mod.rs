@@ -138,6 +138,7 @@ pub async fn upgrade(
         pending: request.buf[request.head_len..].to_vec(),
         topics: Vec::new(),
         peer_closed: false,
+        discard: false,
     };
     if kind == Kind::Client {
         // Stored events of the customer's stream go out right after the greeting, before

@@ -101,6 +101,11 @@ pub(super) struct Session {
     pub(super) topics: Vec<Rc<str>>,
     /// The peer sent its close frame, or the connection failed: stop once our queue is out.
     pub(super) peer_closed: bool,
+    /// Closed for its message rate: what it still sends is read and dropped undecoded until
+    /// it closes or the close deadline passes. (Not reading at all would leave bytes in the
+    /// socket, and closing a socket with unread bytes sends a reset, which can make the
+    /// client lose our close frame and its code.)
+    pub(super) discard: bool,
 }
 
 impl Session {
@@ -158,6 +163,9 @@ impl Session {
                 return Poll::Ready(Wake::Gone);
             }
         }
+        if self.discard {
+            return self.poll_discard(shard, link, cx);
+        }
         if self.peer_closed {
             return Poll::Pending;
         }
@@ -167,6 +175,26 @@ impl Session {
             Poll::Ready(Ok(n)) => Poll::Ready(Wake::Read(n)),
             Poll::Pending => Poll::Pending,
         }
+    }
+
+    /// Reads and drops input (see `discard`), a bounded number of reads per poll so a
+    /// flooder cannot hold the shard.
+    fn poll_discard(
+        &mut self,
+        shard: &Shard,
+        link: &mut Link,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<Wake> {
+        let mut scratch = shard.scratch.borrow_mut();
+        for _ in 0..8 {
+            match link.poll_read(shard, self.key, cx, &mut scratch[..]) {
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Wake::Gone),
+                Poll::Ready(Ok(_)) => {}
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
     }
 
     /// Decodes the bytes just read (`Some(n)`: in the scratch buffer) or pending bytes (`None`).
@@ -346,9 +374,10 @@ impl Session {
                 Some(&self.grants.customer),
             );
             self.start_close(shard, close::RATE_LIMITED, "rate limited");
-            // Nothing more is read from it: a flooder would otherwise keep the shard decoding
-            // its frames until the close deadline. It ends once the close frame is out.
-            self.peer_closed = true;
+            // Nothing more is decoded: a flooder would otherwise keep the shard decoding its
+            // frames until the close deadline. It ends once the close frame is out and the
+            // peer closes, or at the deadline.
+            self.discard = true;
         }
         allowed
     }
