@@ -181,10 +181,15 @@ impl Client {
     }
 
     /// Reads more bytes from the socket into the pending buffer; false at end of stream.
-    pub async fn fill(&mut self, scratch: &mut [u8]) -> anyhow::Result<bool> {
-        let n = self.stream.read(scratch).await?;
-        self.pending.extend_from_slice(&scratch[..n]);
-        Ok(n > 0)
+    /// Straight into the buffer: no per-connection scratch space and no second copy.
+    pub async fn fill(&mut self) -> anyhow::Result<bool> {
+        const CHUNK: usize = 4096;
+        let len = self.pending.len();
+        self.pending.resize(len + CHUNK, 0);
+        let got = self.stream.read(&mut self.pending[len..]).await;
+        let n = *got.as_ref().unwrap_or(&0);
+        self.pending.truncate(len + n);
+        Ok(got? > 0)
     }
 
     /// Decodes the frames (or SSE records) in the pending buffer, calling `f` for each.

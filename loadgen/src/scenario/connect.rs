@@ -96,9 +96,8 @@ pub fn run(args: Args) -> anyhow::Result<(serde_json::Value, ThreadStats)> {
                     let keep = |_i: usize, mut client: crate::net::Client| {
                         let shared = shared.clone();
                         glommio::spawn_local(async move {
-                            let mut scratch = vec![0u8; 4096];
                             loop {
-                                match client.fill(&mut scratch).await {
+                                match client.fill().await {
                                     Ok(true) => {}
                                     _ => {
                                         shared.closed.fetch_add(1, Relaxed);

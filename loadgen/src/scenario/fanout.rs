@@ -14,7 +14,6 @@ use std::{
 };
 
 use anyhow::bail;
-use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use serde_json::json;
 
 use super::{ramp, run_threads, Ramp, Target};
@@ -170,34 +169,20 @@ pub fn run(mut args: Args) -> anyhow::Result<(serde_json::Value, ThreadStats)> {
     let worker = {
         let (shared, phase, stop, seq) = (shared.clone(), phase.clone(), stop.clone(), seq.clone());
         let storm = storm.clone();
-        let (target, publisher, topic) = (
-            args.target.clone(),
-            args.publisher.clone(),
-            args.topic.clone(),
-        );
+        let (target, topic) = (args.target.clone(), args.topic.clone());
         let mode = args.mode;
-        let customers = args.subscribers;
-        let (subs, connect_rate, rate, size, duration) = (
-            local_subs,
-            args.connect_rate,
-            args.rate,
-            args.size,
-            args.duration,
-        );
-        // Chat members publish over their own connections: no HTTP publishers.
-        let publishers = if matches!(mode, Mode::Chat { .. }) {
-            0
-        } else {
-            args.publishers
-        };
+        let (subs, connect_rate, size, duration) =
+            (local_subs, args.connect_rate, args.size, args.duration);
         std::thread::spawn(move || {
             run_threads(threads, move |t| {
                 let (shared, phase, stop, seq) =
                     (shared.clone(), phase.clone(), stop.clone(), seq.clone());
-                let (target, publisher, topic) = (target.clone(), publisher.clone(), topic.clone());
+                let (target, topic) = (target.clone(), topic.clone());
                 let storm = storm.clone();
                 async move {
                     let stats = Rc::new(RefCell::new(ThreadStats::default()));
+                    glommio::spawn_local(count_task(shared.clone(), stats.clone(), stop.clone()))
+                        .detach();
                     let chat = match mode {
                         Mode::Chat {
                             per_member_rate, ..
@@ -251,46 +236,48 @@ pub fn run(mut args: Args) -> anyhow::Result<(serde_json::Value, ThreadStats)> {
                         receive,
                     )
                     .await;
-                    // Publishers on this thread: an equal share, the remainder on thread 0.
-                    let mine = publishers / threads + if t == 0 { publishers % threads } else { 0 };
-                    let mut tasks = Vec::new();
-                    for j in 0..mine {
-                        let per_publisher = rate / publishers as f64;
-                        // Publisher `index` of `publishers` starts `index/publishers` of an
-                        // interval late, so events arrive evenly rather than in bursts.
-                        let index = t + j * threads;
-                        let offset = Duration::from_secs_f64(
-                            index as f64 / publishers.max(1) as f64 / per_publisher.max(0.001),
-                        );
-                        tasks.push(
-                            glommio::spawn_local(publish_loop(
-                                offset,
-                                publisher.clone(),
-                                topic.clone(),
-                                per_publisher,
-                                customers,
-                                size,
-                                duration,
-                                shared.clone(),
-                                stats.clone(),
-                                phase.clone(),
-                                seq.clone(),
-                            ))
-                            .detach(),
-                        );
-                    }
-                    for task in tasks {
-                        task.await;
-                    }
                     while !stop.load(Relaxed) {
                         glommio::timer::sleep(Duration::from_millis(50)).await;
                     }
+                    count(&shared);
                     let snapshot = stats.borrow().snapshot();
                     snapshot
                 }
             })
         })
     };
+    // Publishers: one OS thread each, with blocking I/O, off the executors that read the
+    // subscribers. On an executor, a publisher's timer and its response waited behind bursts
+    // of deliveries, which made the POST round trip (and with it the publish rate of a
+    // closed-loop publisher) depend on how busy the receiving side was.
+    let publishers = if matches!(args.mode, Mode::Chat { .. }) {
+        0
+    } else {
+        args.publishers
+    };
+    let publisher_threads: Vec<_> = (0..publishers)
+        .map(|index| {
+            let per_publisher = args.rate / publishers as f64;
+            // Publisher `index` starts `index/publishers` of an interval late, so events
+            // arrive evenly rather than in bursts.
+            let offset = Duration::from_secs_f64(
+                index as f64 / publishers as f64 / per_publisher.max(0.001),
+            );
+            let plan = PublishPlan {
+                offset,
+                publisher: args.publisher.clone(),
+                topic: args.topic.clone(),
+                rate: per_publisher,
+                customers: args.subscribers,
+                size: args.size,
+                duration: args.duration,
+            };
+            let (shared, phase, seq) = (shared.clone(), phase.clone(), seq.clone());
+            std::thread::Builder::new()
+                .name(format!("publisher-{index}"))
+                .spawn(move || publish_loop(plan, &shared, &phase, &seq))
+        })
+        .collect::<Result<_, _>>()?;
     // Main thread: wait for every subscriber, publish for the duration, then drain.
     let mut child_stats = ThreadStats::default();
     let mut child_error = None;
@@ -403,6 +390,12 @@ pub fn run(mut args: Args) -> anyhow::Result<(serde_json::Value, ThreadStats)> {
     let mut stats = worker
         .join()
         .map_err(|_| anyhow::anyhow!("worker thread panicked"))??;
+    for t in publisher_threads {
+        let publish = t
+            .join()
+            .map_err(|_| anyhow::anyhow!("publisher thread panicked"))?;
+        stats.merge(&publish);
+    }
     if let Some(e) = child_error {
         return Err(e.context("collecting the child processes' counts"));
     }
@@ -519,6 +512,35 @@ fn timeline(shared: &Shared) -> Vec<u64> {
     v
 }
 
+thread_local! {
+    /// Deliveries read on this thread and not yet added to `Shared::received`.
+    static UNCOUNTED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Adds this thread's uncounted deliveries to the shared counters.
+fn count(shared: &Shared) {
+    let n = UNCOUNTED.replace(0);
+    if n > 0 {
+        shared.received.fetch_add(n, Relaxed);
+        shared.tick_n(n);
+    }
+}
+
+/// Per thread: folds the receivers' counts into the shared ones every 2 ms and publishes the
+/// thread's p99 once a second (for the progress line), until `stop`.
+async fn count_task(shared: Arc<Shared>, stats: Rc<RefCell<ThreadStats>>, stop: Arc<AtomicBool>) {
+    let mut p99_at = Instant::now();
+    while !stop.load(Relaxed) {
+        glommio::timer::sleep(Duration::from_millis(2)).await;
+        count(&shared);
+        if p99_at.elapsed() >= Duration::from_secs(1) {
+            p99_at = Instant::now();
+            let p99 = stats.borrow().latency.value_at_quantile(0.99);
+            shared.recent_p99_us.store(p99, Relaxed);
+        }
+    }
+}
+
 async fn receiver(
     mut client: crate::net::Client,
     shared: Arc<Shared>,
@@ -527,7 +549,6 @@ async fn receiver(
     chat: Option<(ChatPlan, String, usize)>,
     mut redial: Option<Redial>,
 ) {
-    let mut scratch = vec![0u8; 16 * 1024];
     // Chat: this member's publishing schedule (open loop), started with the publishing phase.
     let mut sending: Option<(Instant, u32)> = None;
     let pad = chat
@@ -540,7 +561,6 @@ async fn receiver(
         })
         .unwrap_or_default();
     let mut last_offset: Option<u64> = None;
-    let mut last_p99_check = Instant::now();
     let fields = crate::net::Fields::new();
     while !stop.load(Relaxed) {
         let mut due = None;
@@ -612,13 +632,13 @@ async fn receiver(
         let filled = match due {
             // Wait for data or for the next send, whichever comes first.
             Some(at) => {
-                futures_lite::future::or(async { Some(client.fill(&mut scratch).await) }, async {
+                futures_lite::future::or(async { Some(client.fill().await) }, async {
                     glommio::timer::sleep(at.saturating_duration_since(Instant::now())).await;
                     None
                 })
                 .await
             }
-            None => Some(client.fill(&mut scratch).await),
+            None => Some(client.fill().await),
         };
         match filled {
             None => continue,
@@ -634,7 +654,7 @@ async fn receiver(
         let mut got = 0;
         let res = {
             let mut st = stats.borrow_mut();
-            let res = client.drain(|m| match m {
+            client.drain(|m| match m {
                 Incoming::Text(t) => {
                     let Some(ts) = fields.ts(t) else { return };
                     let _ = st.latency.record(now.saturating_sub(ts).max(1));
@@ -660,20 +680,11 @@ async fn receiver(
                 Incoming::Ping(p) => pongs.push(p.to_vec()),
                 Incoming::Close(code) => close_code = Some(code),
                 Incoming::Other => {}
-            });
-            if last_p99_check.elapsed() > Duration::from_secs(1) {
-                last_p99_check = Instant::now();
-                shared
-                    .recent_p99_us
-                    .store(st.latency.value_at_quantile(0.99), Relaxed);
-            }
-            res
+            })
         };
-        // Shared counters once per read, not per message: threads do not contend per event.
-        if got > 0 {
-            shared.received.fetch_add(got, Relaxed);
-            shared.tick_n(got);
-        }
+        // Counted on this thread; `count_task` adds them to the shared counters every few
+        // milliseconds, so the threads do not contend for one cache line per read.
+        UNCOUNTED.set(UNCOUNTED.get() + got);
         if let Some(code) = close_code {
             if shared.closed.fetch_add(1, Relaxed) < 5 {
                 eprintln!("server closed a subscriber with {code}");
@@ -690,29 +701,41 @@ async fn receiver(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn publish_loop(
+/// One publisher's schedule.
+struct PublishPlan {
     offset: Duration,
-    p: Publisher,
+    publisher: Publisher,
     topic: String,
+    /// Publishes per second of this publisher.
     rate: f64,
     customers: usize,
     size: usize,
     duration: f64,
-    shared: Arc<Shared>,
-    stats: Rc<RefCell<ThreadStats>>,
-    phase: Arc<AtomicU8>,
-    seq: Arc<AtomicU64>,
-) {
+}
+
+/// A publisher (its own OS thread): POSTs at its planned times over one keep-alive
+/// connection, each after the previous response (a closed loop per connection, as most HTTP
+/// clients publish). A publish that is late leaves at once; the send time in the body is read
+/// just before the request is written. Returns its POST round-trip histogram.
+fn publish_loop(
+    plan: PublishPlan,
+    shared: &Shared,
+    phase: &AtomicU8,
+    seq: &AtomicU64,
+) -> ThreadStats {
+    let mut stats = ThreadStats::default();
     while phase.load(Relaxed) == WAITING {
-        glommio::timer::sleep(Duration::from_millis(5)).await;
+        std::thread::sleep(Duration::from_millis(2));
     }
-    let mut conn: Option<glommio::net::TcpStream> = None;
-    let start = Instant::now() + offset;
-    let interval = Duration::from_secs_f64(1.0 / rate.max(0.001));
+    let p = &plan.publisher;
+    let mut conn: Option<std::net::TcpStream> = None;
+    let start = Instant::now() + plan.offset;
+    let interval = Duration::from_secs_f64(1.0 / plan.rate.max(0.001));
     let mut k: u32 = 0;
     // `{"seq":N,"ts":T,"pad":"…"}` sized to `size` bytes with typical N and T widths.
-    let pad_len = size.saturating_sub(r#"{"seq":1000000,"ts":1700000000000000,"pad":""}"#.len());
+    let pad_len = plan
+        .size
+        .saturating_sub(r#"{"seq":1000000,"ts":1700000000000000,"pad":""}"#.len());
     let pad = "x".repeat(pad_len);
     let mut buf = vec![0u8; 8192];
     shared.publishers_active.fetch_add(1, Relaxed);
@@ -720,12 +743,12 @@ async fn publish_loop(
         let due = start + interval * k;
         k += 1;
         // Every send is scheduled inside the publishing window; none starts after it.
-        if (due - start).as_secs_f64() >= duration || phase.load(Relaxed) != PUBLISHING {
+        if (due - start).as_secs_f64() >= plan.duration || phase.load(Relaxed) != PUBLISHING {
             break;
         }
         let now = Instant::now();
         if due > now {
-            glommio::timer::sleep(due - now).await;
+            std::thread::sleep(due - now);
         }
         if phase.load(Relaxed) != PUBLISHING {
             break;
@@ -733,17 +756,16 @@ async fn publish_loop(
         let n = seq.fetch_add(1, Relaxed) + 1;
         let body = p
             .body
-            .replace("{topic}", &topic)
+            .replace("{topic}", &plan.topic)
             .replace("{seq}", &n.to_string())
-            .replace("{cust}", &(n % customers.max(1) as u64).to_string())
-            .replace("{ts}", &unix_us().to_string())
+            .replace("{cust}", &(n % plan.customers.max(1) as u64).to_string())
             .replace("{pad}", &pad);
+        let body = body.replace("{ts}", &unix_us().to_string());
         let t0 = Instant::now();
-        match publish_once(&p, &mut conn, &body, &mut buf).await {
+        match publish_once(p, &mut conn, &body, &mut buf) {
             Ok(()) => {
                 shared.published.fetch_add(1, Relaxed);
                 let _ = stats
-                    .borrow_mut()
                     .publish
                     .record((t0.elapsed().as_micros() as u64).max(1));
             }
@@ -756,21 +778,23 @@ async fn publish_loop(
         }
     }
     shared.publishers_active.fetch_sub(1, Relaxed);
+    stats
 }
 
 /// One request on a keep-alive connection; reconnects when needed. Only 2xx counts.
-async fn publish_once(
+fn publish_once(
     p: &Publisher,
-    conn: &mut Option<glommio::net::TcpStream>,
+    conn: &mut Option<std::net::TcpStream>,
     body: &str,
     buf: &mut [u8],
 ) -> anyhow::Result<()> {
+    use std::io::{Read as _, Write as _};
     if conn.is_none() {
-        *conn = Some(
-            glommio::net::TcpStream::connect(p.addr)
-                .await
-                .map_err(|e| anyhow::anyhow!("connecting to the publish endpoint: {e}"))?,
-        );
+        let s = std::net::TcpStream::connect_timeout(&p.addr, Duration::from_secs(10))
+            .map_err(|e| anyhow::anyhow!("connecting to the publish endpoint: {e}"))?;
+        s.set_nodelay(true)?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        *conn = Some(s);
     }
     let stream = conn.as_mut().expect("just set");
     let mut req = format!(
@@ -785,10 +809,10 @@ async fn publish_once(
     }
     req.push_str("\r\n");
     req.push_str(body);
-    stream.write_all(req.as_bytes()).await?;
+    stream.write_all(req.as_bytes())?;
     let mut got = Vec::new();
     loop {
-        let n = stream.read(buf).await?;
+        let n = stream.read(buf)?;
         if n == 0 {
             bail!("publish connection closed");
         }

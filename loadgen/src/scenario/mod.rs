@@ -106,14 +106,13 @@ impl Target {
                 .await?;
         }
         if let Some(want) = &self.ready_match {
-            let mut scratch = [0u8; 4096];
             let mut ready = false;
             let deadline = Instant::now() + Duration::from_secs(30);
             while !ready {
                 if Instant::now() > deadline {
                     bail!("no {want:?} within 30 s");
                 }
-                if !client.fill(&mut scratch).await? {
+                if !client.fill().await? {
                     bail!("closed before ready");
                 }
                 client.drain(|m| {
@@ -149,13 +148,12 @@ impl Target {
         let mut client =
             Client::open_sse(stream, &self.host, &path, Duration::from_secs(30)).await?;
         if let Some(want) = &self.ready_match {
-            let mut scratch = [0u8; 4096];
             let deadline = Instant::now() + Duration::from_secs(30);
             while !client.buffered_contains(want.as_bytes()) {
                 if Instant::now() > deadline {
                     bail!("no {want:?} within 30 s");
                 }
-                if !client.fill(&mut scratch).await? {
+                if !client.fill().await? {
                     bail!("closed before ready");
                 }
             }
@@ -173,16 +171,13 @@ where
     Fut: Future<Output = ThreadStats> + 'static,
 {
     let f = Arc::new(f);
-    let n_cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut handles = Vec::new();
     for t in 0..threads {
         let f = f.clone();
-        let placement = if threads <= n_cpus {
-            Placement::Fixed(t)
-        } else {
-            Placement::Unbound
-        };
-        let h = LocalExecutorBuilder::new(placement)
+        // Not pinned: the server under test (ringcast) pins its shards to CPUs 0..n, and a
+        // client pinned to the same CPUs could neither move off a busy one nor leave the
+        // server's cores to it; the scheduler places an unbound thread where there is room.
+        let h = LocalExecutorBuilder::new(Placement::Unbound)
             .name(&format!("loadgen-{t}"))
             .io_memory(512 * 1024)
             .ring_depth(2048)
