@@ -23,6 +23,23 @@ pub struct PublishIn {
     pub broadcast: bool,
     /// The event.
     pub event: EventIn,
+    /// What the answer waits for (default: `accepted`).
+    #[serde(default)]
+    pub wait: Wait,
+}
+
+/// What a publish waits for before the API answers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Wait {
+    /// The event is ordered and stored where it must be: every topic's owner has numbered
+    /// it (and kept it in the history), every target customer's owner has stored or
+    /// delivered it. Deliveries to topic subscribers, roles and broadcast go on after the
+    /// answer, so the publisher is not held for the time a large fan-out takes.
+    #[default]
+    Accepted,
+    /// Every shard has queued the event on its receivers: the delivery counts are complete.
+    Delivered,
 }
 
 /// A validated publish: targets and the event.
@@ -119,4 +136,7 @@ pub struct PublishOut {
     /// Customer targets whose preferences switch this event type off.
     #[serde(default)]
     pub declined: u64,
+    /// Each target topic's offset for this event (absent for a repeated id).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub offsets: std::collections::BTreeMap<String, u64>,
 }

@@ -61,6 +61,9 @@ pub enum ShardMsg {
         origin: u32,
         /// Request id of the report.
         req: u64,
+        /// The origin waits for the deliveries' reports too (`wait: delivered`), not only
+        /// for the owner's.
+        deliveries: bool,
     },
     /// To a customer's owner shard: the event for these customers' own streams. The owner
     /// assigns each customer's offset and encodes the event once per customer (the cursor
@@ -159,7 +162,18 @@ pub enum ShardMsg {
         /// `Some(n)`: a topic owner's report; it forwarded the event to `n` shards, whose own
         /// reports the origin must now wait for. `None`: a shard that delivered.
         forwarded: Option<u32>,
+        /// A topic owner's report: the offset it gave the event.
+        offset: Option<TopicOffset>,
     },
+}
+
+/// The offset a topic's owner gave an event.
+#[derive(Debug, Clone, PartialEq, Eq, Archive, Serialize, Deserialize)]
+pub struct TopicOffset {
+    /// The topic.
+    pub topic: String,
+    /// The event's offset in it.
+    pub offset: u64,
 }
 
 /// A position in a topic: the last offset seen in an epoch.
@@ -286,6 +300,7 @@ mod tests {
                 },
                 origin: 1,
                 req: 2,
+                deliveries: true,
             },
             ShardMsg::Deliver {
                 target: Target::Role("admin".into()),
@@ -309,6 +324,10 @@ mod tests {
                     ..Counts::default()
                 },
                 forwarded: Some(2),
+                offset: Some(TopicOffset {
+                    topic: "t".into(),
+                    offset: 7,
+                }),
             },
         ];
         for m in msgs {

@@ -196,6 +196,7 @@ fn seeds(target: &str) -> Vec<Vec<u8>> {
                     event,
                     origin: 1,
                     req: 2,
+                    deliveries: false,
                 },
                 ShardMsg::Deliver {
                     target: Target::Topic("t".into()),

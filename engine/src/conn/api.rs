@@ -279,7 +279,11 @@ async fn handle(shard: &Rc<Shard>, head: &Head, body: Vec<u8>) -> Response {
                 if d.customers.is_empty() || d.customers.len() > proto::api::MAX_TARGETS {
                     return json_error(400, Code::NoTarget, "give 1-10000 customers");
                 }
-                let c = shard.broker.disconnect(shard, &d.customers, code).await;
+                let c = shard
+                    .broker
+                    .disconnect(shard, &d.customers, code)
+                    .await
+                    .counts;
                 Response::json(
                     200,
                     serde_json::json!({
@@ -329,10 +333,12 @@ const DISCONNECT_CODES: [u16; 5] = [1000, 1008, 1013, 4001, 4003];
 
 async fn publish_one(shard: &Rc<Shard>, p: PublishIn) -> Result<PublishOut, Response> {
     let now = || humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+    let wait = p.wait;
     let p = p
         .validate(|| shard.next_conn_id(), now)
         .map_err(|e| json_error(400, e.code, &e.message))?;
-    let c = shard.broker.publish(shard, &p, true).await;
+    let outcome = shard.broker.publish(shard, &p, Some(wait)).await;
+    let c = outcome.counts;
     Ok(PublishOut {
         id: p.event.id,
         delivered: Delivered {
@@ -344,6 +350,11 @@ async fn publish_one(shard: &Rc<Shard>, p: PublishIn) -> Result<PublishOut, Resp
         dropped: c.dropped,
         duplicates: c.duplicates,
         declined: c.declined,
+        offsets: outcome
+            .offsets
+            .into_iter()
+            .map(|o| (o.topic, o.offset))
+            .collect(),
     })
 }
 

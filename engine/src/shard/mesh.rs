@@ -303,17 +303,17 @@ impl Shard {
                 event,
                 origin,
                 req,
+                deliveries,
             } => {
                 let event = rkyv::deserialize::<proto::event::Event, rkyv::rancor::Error>(event)
                     .expect("a validated archive deserialises");
-                self.broker.on_publish(
-                    self,
-                    topic.as_str(),
-                    &event,
-                    origin.to_native() as usize,
-                    req.to_native(),
-                    published,
-                );
+                let to = super::route::ReportTo {
+                    origin: origin.to_native() as usize,
+                    req: req.to_native(),
+                    deliveries: *deliveries,
+                };
+                self.broker
+                    .on_publish(self, topic.as_str(), &event, to, published);
             }
             ArchivedShardMsg::DeliverCustomers { .. } => {
                 let ShardMsg::DeliverCustomers {
@@ -430,11 +430,16 @@ impl Shard {
                 req,
                 counts,
                 forwarded,
+                offset,
             } => {
                 let counts = rkyv::deserialize::<proto::bus::Counts, rkyv::rancor::Error>(counts)
                     .expect("a validated archive deserialises");
                 let forwarded = forwarded.as_ref().map(|n| n.to_native());
-                self.handle_report(req.to_native(), &counts, forwarded);
+                let offset = offset.as_ref().map(|o| proto::bus::TopicOffset {
+                    topic: o.topic.as_str().to_owned(),
+                    offset: o.offset.to_native(),
+                });
+                self.handle_report(req.to_native(), &counts, forwarded, offset);
             }
         }
     }

@@ -49,7 +49,7 @@ use conn_state::{Conn, Flush, OutFrame, Queued, Written};
 pub use mesh::Envelope;
 use mesh::Mesh;
 use notify::Notify;
-pub use route::{DeliverJob, Job, Payload};
+pub use route::{DeliverJob, Job, Outcome, Payload};
 use slab::{ConnKey, Slab};
 use streams::{CustomerStream, Dedupe, Poller};
 use wheel::Wheel;
@@ -153,7 +153,7 @@ pub struct Shard {
     /// Transport to the other shards.
     mesh: Mesh,
     /// Publishes (and disconnects, direct messages) awaiting delivery reports.
-    reports: RefCell<gather::Gather<proto::bus::Counts>>,
+    reports: RefCell<gather::Gather<route::Outcome>>,
     /// Stored events of customers owned here.
     pub streams: RefCell<AHashMap<Rc<str>, CustomerStream>>,
     /// Parked long polls, by customer.

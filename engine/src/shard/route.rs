@@ -6,7 +6,7 @@ use std::{future::Future as _, rc::Rc, sync::atomic::Ordering::Relaxed, time::In
 
 use futures_channel::oneshot;
 use proto::{
-    bus::{Counts, Position, ShardMsg, Target},
+    bus::{Counts, Position, ShardMsg, Target, TopicOffset},
     event::{Event, Via},
     ws::{server_frame, OpCode},
 };
@@ -125,6 +125,27 @@ pub enum Job {
     },
 }
 
+/// What the shards reported about a request: the summed counts and, for a publish, the
+/// offsets its topics' owners gave the event.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// Summed counts.
+    pub counts: Counts,
+    /// One per topic whose owner numbered the event.
+    pub offsets: Vec<TopicOffset>,
+}
+
+/// Whom a topic's owner reports a publish to.
+#[derive(Debug, Clone, Copy)]
+pub struct ReportTo {
+    /// The shard that took the publish.
+    pub origin: usize,
+    /// Its request id (0: nobody waits).
+    pub req: u64,
+    /// The origin waits for the deliveries too: forwarded events carry the request id.
+    pub deliveries: bool,
+}
+
 /// A decoded `ShardMsg::Interest`.
 pub(super) struct Interest<'a> {
     pub topic: &'a str,
@@ -172,17 +193,20 @@ impl Shard {
         &self,
         owners: u32,
         leaves: u32,
-    ) -> (u64, oneshot::Receiver<Counts>) {
+    ) -> (u64, oneshot::Receiver<Outcome>) {
         let req = self.next_req();
         let left = Countdown::new(owners, leaves);
-        let rx = self.reports.borrow_mut().open(req, left, Counts::default());
+        let rx = self
+            .reports
+            .borrow_mut()
+            .open(req, left, Outcome::default());
         (req, rx)
     }
 
     /// Waits for the reports of `req` (5 s at most; then what was reported).
-    pub(super) async fn await_reports(&self, req: u64, rx: oneshot::Receiver<Counts>) -> Counts {
+    pub(super) async fn await_reports(&self, req: u64, rx: oneshot::Receiver<Outcome>) -> Outcome {
         match answer(rx).await {
-            Some(counts) => counts,
+            Some(outcome) => outcome,
             None => {
                 tracing::warn!(shard = self.id, "delivery report timed out");
                 self.reports.borrow_mut().give_up(req).unwrap_or_default()
@@ -338,22 +362,42 @@ impl Shard {
     /// Reports to the origin of `req`: `forwarded` is `Some(n)` from a topic owner that
     /// forwarded to `n` shards (see [`Countdown`]).
     pub(super) fn report(&self, origin: usize, req: u64, counts: Counts, forwarded: Option<u32>) {
+        self.report_offset(origin, req, counts, forwarded, None);
+    }
+
+    /// [`Shard::report`] from a topic's owner, with the offset it gave the event.
+    pub(super) fn report_offset(
+        &self,
+        origin: usize,
+        req: u64,
+        counts: Counts,
+        forwarded: Option<u32>,
+        offset: Option<TopicOffset>,
+    ) {
         if origin == self.id {
-            self.handle_report(req, &counts, forwarded);
+            self.handle_report(req, &counts, forwarded, offset);
         } else {
             let msg = ShardMsg::Report {
                 req,
                 counts,
                 forwarded,
+                offset,
             };
             self.send_msg(origin, &msg, None, None);
         }
     }
 
-    pub(super) fn handle_report(&self, req: u64, counts: &Counts, forwarded: Option<u32>) {
-        self.reports
-            .borrow_mut()
-            .answer(req, forwarded, |c| c.add(counts));
+    pub(super) fn handle_report(
+        &self,
+        req: u64,
+        counts: &Counts,
+        forwarded: Option<u32>,
+        offset: Option<TopicOffset>,
+    ) {
+        self.reports.borrow_mut().answer(req, forwarded, |o| {
+            o.counts.add(counts);
+            o.offsets.extend(offset);
+        });
     }
 
     /// Gathers and merges every shard's histograms (None if a shard does not answer in 5 s).

@@ -332,6 +332,7 @@ impl Sim {
                 let Published::Event {
                     payload,
                     interested,
+                    ..
                 } = published
                 else {
                     panic!("generated ids are never duplicates")

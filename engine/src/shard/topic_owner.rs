@@ -36,6 +36,8 @@ pub enum Published {
         payload: Payload,
         /// Shards with subscribers.
         interested: Vec<usize>,
+        /// The offset the event got.
+        offset: u64,
     },
 }
 
@@ -186,6 +188,7 @@ impl TopicOwner {
         Published::Event {
             payload,
             interested,
+            offset,
         }
     }
 

@@ -154,3 +154,79 @@ fn keep_alive_batch_and_operational_endpoints() {
     let v: serde_json::Value = serde_json::from_str(&stats).unwrap();
     assert_eq!((status, v["connections"].as_i64()), (200, Some(1)));
 }
+
+/// By default a publish is answered once its topics' owners have numbered it (the offsets are
+/// in the answer) and its customers' owners have taken it; topic deliveries follow. With
+/// `"wait": "delivered"` the answer also counts them.
+#[test]
+fn publish_answers_on_acceptance_with_offsets_or_after_delivery_when_asked() {
+    let server = Server::start(2);
+    let mut clients: Vec<Client> = (0..6)
+        .map(|i| {
+            let mut c = Client::connect(&server, &sub_token(&format!("acc-{i}")));
+            c.subscribe(&["acc:1", "acc:2"]);
+            c
+        })
+        .collect();
+    let body = |n: u32, wait: Option<&str>| {
+        let mut b = json!({"topics": ["acc:1", "acc:2"], "customers": ["acc-0"],
+            "event": {"type": "x", "data": {"n": n}, "persistent": true}});
+        if let Some(w) = wait {
+            b["wait"] = w.into();
+        }
+        b.to_string()
+    };
+    let post = |b: String| {
+        let (status, text) = server.http(
+            "POST",
+            "/v1/publish",
+            &[("Authorization", &format!("Bearer {API_KEY}"))],
+            &b,
+        );
+        assert_eq!(status, 200, "{text}");
+        serde_json::from_str::<serde_json::Value>(&text).unwrap()
+    };
+    let mut last = None;
+    for n in 1..=3 {
+        let r = post(body(n, None));
+        let (o1, o2) = (
+            r["offsets"]["acc:1"].as_u64(),
+            r["offsets"]["acc:2"].as_u64(),
+        );
+        assert!(o1.is_some() && o2.is_some(), "offsets of both topics: {r}");
+        if let Some((p1, p2)) = last {
+            assert_eq!((o1.unwrap(), o2.unwrap()), (p1 + 1, p2 + 1), "{r}");
+        }
+        last = Some((o1.unwrap(), o2.unwrap()));
+        // The customer target's owner took it before the answer: it is counted.
+        assert_eq!(r["delivered"]["websocket"], 1, "{r}");
+    }
+    let r = post(body(4, Some("delivered")));
+    assert_eq!(
+        r["delivered"]["websocket"], 13,
+        "12 topic deliveries and the customer's own: {r}"
+    );
+    assert_eq!(r["offsets"]["acc:1"], last.unwrap().0 + 1, "{r}");
+    // Every event reached every subscriber, with the offsets the answers gave.
+    for c in &mut clients {
+        let mut seen = Vec::new();
+        while seen.len() < 8 {
+            let m = c.recv_json();
+            if m["topic"] == "acc:1" {
+                seen.push(m["offset"].as_u64().unwrap());
+            } else if m["topic"] == "acc:2" {
+                seen.push(0);
+            }
+        }
+        let acc1: Vec<u64> = seen.into_iter().filter(|o| *o > 0).collect();
+        let first = last.unwrap().0 - 2;
+        assert_eq!(acc1, (first..=first + 3).collect::<Vec<_>>());
+    }
+    let (status, text) = server.http(
+        "POST",
+        "/v1/publish",
+        &[("Authorization", &format!("Bearer {API_KEY}"))],
+        r#"{"topics": ["acc:1"], "event": {"type": "x"}, "wait": "soon"}"#,
+    );
+    assert_eq!(status, 400, "{text}");
+}

@@ -154,8 +154,13 @@ impl Server {
         parse_response(&resp)
     }
 
-    /// `POST /v1/publish` with the API key; returns the parsed response.
-    pub fn publish(&self, body: Value) -> Value {
+    /// `POST /v1/publish` with the API key; returns the parsed response. Tests count
+    /// deliveries, so the body asks for `"wait": "delivered"` unless it says otherwise (the
+    /// default, `accepted`, has its own tests in `api.rs`).
+    pub fn publish(&self, mut body: Value) -> Value {
+        if body.get("wait").is_none() {
+            body["wait"] = "delivered".into();
+        }
         let (status, text) = self.http(
             "POST",
             "/v1/publish",

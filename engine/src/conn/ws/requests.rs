@@ -285,7 +285,7 @@ impl Session {
                 let event = self.client_event(shard, kind, data);
                 let id = event.id.clone();
                 let topics = self.topics.iter().map(|t| t.to_string()).collect();
-                let counts = shard.broker.direct(shard, &to, topics, event).await;
+                let counts = shard.broker.direct(shard, &to, topics, event).await.counts;
                 if counts.forbidden > 0 {
                     shard
                         .metrics()
@@ -406,7 +406,7 @@ impl Session {
                 ClientTarget::Customer(c) => SentTo::Customer(c.clone()),
             },
         );
-        shard.broker.publish(shard, &p, false).await;
+        shard.broker.publish(shard, &p, None).await;
         let reply = match &target {
             ClientTarget::Topic(topic) => client::Reply::Published { id: &id, topic },
             ClientTarget::Customer(to) => client::Reply::Sent { id: &id, to },

@@ -14,8 +14,8 @@ use std::{cell::RefCell, sync::atomic::Ordering::Relaxed, time::Instant};
 
 use ahash::AHashMap;
 use proto::{
-    api::Publish,
-    bus::{Counts, Position, ShardMsg, Target},
+    api::{Publish, Wait},
+    bus::{Counts, Position, ShardMsg, Target, TopicOffset},
     client::ReceiptStatus,
     event::{Event, Via},
     placement::{owner_shard, topic_shard},
@@ -26,7 +26,7 @@ use crate::shard::{
     chat::minting_shard,
     countdown::Countdown,
     mesh::LocalMsg,
-    route::{answer, Interest},
+    route::{answer, Interest, Outcome, ReportTo},
     streams::unix_now,
     topic_owner::{History, Published, Since, TopicOwner},
     Payload, Shard, Shared,
@@ -49,17 +49,21 @@ impl Local {
         }
     }
 
-    pub(super) async fn publish(&self, shard: &Shard, p: &Publish, wait: bool) -> Counts {
+    pub(super) async fn publish(&self, shard: &Shard, p: &Publish, wait: Option<Wait>) -> Outcome {
         shard.metrics().publishes.fetch_add(1, Relaxed);
         let published = Some(Instant::now());
         let n = shard.shared.n_shards;
         let by_owner = by_owner(&p.customers, n);
         let owners = p.topics.len();
-        let leaves = by_owner.len() + (p.roles.len() + usize::from(p.broadcast)) * n;
-        if owners + leaves == 0 {
-            return Counts::default();
+        // Customer owners always report (they store or deliver: that is the acceptance);
+        // role and broadcast shards only when the publisher waits for deliveries.
+        let deliveries = wait == Some(Wait::Delivered);
+        let fanned = (p.roles.len() + usize::from(p.broadcast)) * n;
+        let leaves = by_owner.len() + if deliveries { fanned } else { 0 };
+        if owners + by_owner.len() + fanned == 0 {
+            return Outcome::default();
         }
-        let (req, rx) = if wait {
+        let (req, rx) = if wait.is_some() && owners + leaves > 0 {
             let (req, rx) = shard.expect_reports(owners as u32, leaves as u32);
             (req, Some(rx))
         } else {
@@ -72,6 +76,7 @@ impl Local {
                 event: p.event.clone(),
                 origin,
                 req,
+                deliveries,
             };
             shard.send_msg(topic_shard(topic, n), &msg, None, published);
         }
@@ -100,7 +105,7 @@ impl Local {
                         id: p.event.id.clone(),
                         idempotent: p.event.idempotent,
                         origin,
-                        req,
+                        req: if deliveries { req } else { 0 },
                     };
                     shard.send_msg(to, &msg, Some(payload.clone()), published);
                 }
@@ -108,7 +113,7 @@ impl Local {
         }
         match rx {
             Some(rx) => shard.await_reports(req, rx).await,
-            None => Counts::default(),
+            None => Outcome::default(),
         }
     }
 
@@ -117,10 +122,10 @@ impl Local {
         shard: &Shard,
         customers: &[String],
         code: u16,
-    ) -> Counts {
+    ) -> Outcome {
         let by_owner = by_owner(customers, shard.shared.n_shards);
         if by_owner.is_empty() {
-            return Counts::default();
+            return Outcome::default();
         }
         let (req, rx) = shard.expect_reports(0, by_owner.len() as u32);
         for (to, customers) in by_owner {
@@ -200,7 +205,7 @@ impl Local {
         to: &str,
         topics: Vec<String>,
         event: Event,
-    ) -> Counts {
+    ) -> Outcome {
         let (req, rx) = shard.expect_reports(0, 1);
         let msg = ShardMsg::Direct {
             to: to.to_owned(),
@@ -272,17 +277,21 @@ impl Local {
         shard: &Shard,
         topic: &str,
         event: &Event,
-        origin: usize,
-        req: u64,
+        to: ReportTo,
         published: Option<Instant>,
     ) {
+        let ReportTo {
+            origin,
+            req,
+            deliveries,
+        } = to;
         let window = shard.shared.config.delivery.dedupe_window_secs;
         let result = self
             .owner
             .borrow_mut()
             .publish(topic, event, unix_now(), window);
         self.gauges(shard);
-        let (payload, shards) = match result {
+        let (payload, shards, offset) = match result {
             Published::Duplicate => {
                 shard.metrics().duplicates.fetch_add(1, Relaxed);
                 if req != 0 {
@@ -297,11 +306,23 @@ impl Local {
             Published::Event {
                 payload,
                 interested,
-                ..
-            } => (payload, interested),
+                offset,
+            } => (payload, interested, offset),
         };
         if req != 0 {
-            shard.report(origin, req, Counts::default(), Some(shards.len() as u32));
+            // Waiting for deliveries: the origin now also expects the forwarded shards'.
+            let forwarded = if deliveries { shards.len() as u32 } else { 0 };
+            let offset = TopicOffset {
+                topic: topic.to_owned(),
+                offset,
+            };
+            shard.report_offset(
+                origin,
+                req,
+                Counts::default(),
+                Some(forwarded),
+                Some(offset),
+            );
         }
         for to in shards {
             let msg = ShardMsg::Deliver {
@@ -311,7 +332,7 @@ impl Local {
                 // Deduplicated here, once for the topic.
                 idempotent: false,
                 origin: origin as u32,
-                req,
+                req: if deliveries { req } else { 0 },
             };
             shard.send_msg(to, &msg, Some(payload.clone()), published);
         }

@@ -21,14 +21,14 @@ pub mod local;
 use std::{rc::Rc, time::Instant};
 
 use proto::{
-    api::Publish,
-    bus::{Counts, Position},
+    api::{Publish, Wait},
+    bus::Position,
     client::{PresenceStatus, ReceiptStatus},
     event::Event,
 };
 
 use super::{
-    route::Interest,
+    route::{Interest, Outcome, ReportTo},
     slab::ConnKey,
     streams::{Missed, Resume},
     Payload, Shard,
@@ -54,10 +54,10 @@ pub enum Broker {
 impl Broker {
     // ---- origin side: called where a request enters the shard ----
 
-    /// Routes a publish to the owners of its targets. With `wait`, resolves to the summed
-    /// [`Counts`] once every receiving shard has reported (or after 5 s, with what was
-    /// reported by then); without, returns once the event is handed on.
-    pub async fn publish(&self, shard: &Shard, p: &Publish, wait: bool) -> Counts {
+    /// Routes a publish to the owners of its targets. Resolves, after what `wait` asks for
+    /// (or after 5 s, with what was reported by then), to the reported counts and topic
+    /// offsets; without `wait`, at once, once the event is handed on.
+    pub async fn publish(&self, shard: &Shard, p: &Publish, wait: Option<Wait>) -> Outcome {
         match self {
             Broker::Local(l) => l.publish(shard, p, wait).await,
         }
@@ -65,7 +65,7 @@ impl Broker {
 
     /// Closes every connection of `customers` with `code`, wherever they are; resolves to the
     /// connections closed.
-    pub async fn disconnect(&self, shard: &Shard, customers: &[String], code: u16) -> Counts {
+    pub async fn disconnect(&self, shard: &Shard, customers: &[String], code: u16) -> Outcome {
         match self {
             Broker::Local(l) => l.disconnect(shard, customers, code).await,
         }
@@ -119,7 +119,7 @@ impl Broker {
         to: &str,
         topics: Vec<String>,
         event: Event,
-    ) -> Counts {
+    ) -> Outcome {
         match self {
             Broker::Local(l) => l.direct(shard, to, topics, event).await,
         }
@@ -209,12 +209,11 @@ impl Broker {
         shard: &Shard,
         topic: &str,
         event: &Event,
-        origin: usize,
-        req: u64,
+        to: ReportTo,
         published: Option<Instant>,
     ) {
         match self {
-            Broker::Local(l) => l.on_publish(shard, topic, event, origin, req, published),
+            Broker::Local(l) => l.on_publish(shard, topic, event, to, published),
         }
     }
 
