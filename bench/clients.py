@@ -91,6 +91,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--wsprobe", required=True, help="path of the wsprobe binary")
     ap.add_argument("--loadgen", default=compare.LOADGEN, help="the ringcast-loadgen binary (default: this build's)")
+    ap.add_argument("--ringcast", default=compare.RINGCAST, help="the ringcast binary (default: this build's)")
     ap.add_argument("--threads", type=int, default=2, help="loadgen executor threads (wsprobe runs 2 workers)")
     ap.add_argument("--peers", default="bun,ringcast")
     ap.add_argument("--subscribers", type=int, default=5000)
@@ -101,6 +102,7 @@ def main():
     ap.add_argument("--no-install", action="store_true")
     ap.add_argument("--json", help="write every run here")
     a = ap.parse_args()
+    compare.RINGCAST = a.ringcast
     if not a.no_install:
         install()
     out_dir = os.path.join(os.path.dirname(compare.LOADGEN), "clients-runs")
