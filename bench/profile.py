@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
-"""Costs per delivery of a fan-out, for ringcast and Bun side by side: system calls (strace -c)
-and, for ringcast, instructions (valgrind --tool=callgrind).
+"""Costs per delivery of a fan-out, for ringcast and Bun side by side: system calls (perf stat on
+syscall tracepoints, which barely slows the server; or strace -c, which does) and, for ringcast,
+instructions (valgrind --tool=callgrind).
 
 Each figure is a difference of two runs on fresh servers: the same subscribers with P publishes
 minus the same subscribers with none, divided by the deliveries (P x subscribers). So the
 handshakes, the ramp and the start-up cancel out and what remains is the fan-out.
 
-usage: bench/profile.py [--peers bun,ringcast] [--subscribers 1000] [--publishes 200]
-                        [--tool strace|callgrind] [--no-install]
+usage: bench/profile.py [--peers bun,ringcast] [--subscribers 2000] [--publishes 400] [--rate 100]
+                        [--tool perf|strace|callgrind] [--no-install]
 """
 import argparse, json, os, re, subprocess, sys, tempfile, time
 
@@ -27,11 +28,28 @@ def strace_counts(path):
     return calls
 
 
+PERF_EVENTS = ["raw_syscalls:sys_enter"] + [f"syscalls:sys_enter_{c}" for c in (
+    "sendmsg", "sendto", "write", "writev", "recvfrom", "read", "io_uring_enter", "epoll_wait",
+    "epoll_pwait", "epoll_pwait2", "futex")]
+
+
+def perf_counts(path):
+    """{event: count} from `perf stat -x,` output."""
+    calls = {}
+    for line in open(path):
+        f = line.strip().split(",")
+        if len(f) >= 3 and f[0].isdigit():
+            name = f[2].replace("syscalls:sys_enter_", "").replace("raw_syscalls:sys_enter", "all system calls")
+            calls[name] = int(f[0])
+    return calls
+
+
 def run(peer_name, a, publishes, tmp):
     """Starts the peer under the tool, drives it with the load generator, stops it; returns the
     tool's counts."""
     out = os.path.join(tmp, f"{peer_name}-{publishes}")
-    wrap = {"strace": ["strace", "-f", "-c", "-o", out + ".strace"],
+    wrap = {"perf": ["perf", "stat", "-x,", "-o", out + ".perf"] + [x for e in PERF_EVENTS for x in ("-e", e)],
+            "strace": ["strace", "-f", "-c", "-o", out + ".strace"],
             "callgrind": ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}.cg.%p",
                           "--trace-children=no"]}[a.tool]
     peer = Peer(peer_name)
@@ -49,7 +67,7 @@ def run(peer_name, a, publishes, tmp):
     finally:
         subprocess.Popen = real_popen
     try:
-        rate = max(1, publishes // 4)
+        rate = a.rate
         cmd = [compare.LOADGEN] + peer.flags + ["--threads", "2", "--out", out + "-lg", "fanout",
                                                 "--subscribers", str(a.subscribers), "--rate", str(rate),
                                                 "--size", "100", "--duration", str(publishes / rate if publishes else 0.01),
@@ -69,7 +87,9 @@ def run(peer_name, a, publishes, tmp):
                 p.wait(timeout=120)
             except subprocess.TimeoutExpired:
                 p.kill()
-    if a.tool == "strace":
+    if a.tool == "perf":
+        counts = perf_counts(out + ".perf")
+    elif a.tool == "strace":
         counts = strace_counts(out + ".strace")
     else:
         counts = {}
@@ -84,11 +104,14 @@ def run(peer_name, a, publishes, tmp):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--peers", default="bun,ringcast")
-    ap.add_argument("--subscribers", type=int, default=1000)
-    ap.add_argument("--publishes", type=int, default=200)
-    ap.add_argument("--tool", default="strace", choices=["strace", "callgrind"])
+    ap.add_argument("--subscribers", type=int, default=2000)
+    ap.add_argument("--publishes", type=int, default=400)
+    ap.add_argument("--rate", type=float, default=100, help="publishes per second")
+    ap.add_argument("--ringcast", default=compare.RINGCAST, help="the ringcast binary (default: this build's)")
+    ap.add_argument("--tool", default="perf", choices=["perf", "strace", "callgrind"])
     ap.add_argument("--no-install", action="store_true")
     a = ap.parse_args()
+    compare.RINGCAST = a.ringcast
     if not a.no_install:
         install()
     tmp = tempfile.mkdtemp(prefix="rc-profile-")
@@ -107,7 +130,7 @@ def main():
     print("| per delivery | " + " | ".join(n for n, _, _ in rows) + " |")
     print("|---|" + "---|" * len(rows))
     if a.tool == "strace":
-        print("| all system calls | " + " | ".join(f"{sum(per.values()):.3f}" for _, _, per in rows) + " |")
+        print("| all system calls (traced) | " + " | ".join(f"{sum(per.values()):.3f}" for _, _, per in rows) + " |")
     for k in keys:
         print(f"| {k} | " + " | ".join(f"{per.get(k, 0):.3f}" for _, _, per in rows) + " |")
 
