@@ -108,6 +108,24 @@ impl PublishIn {
     }
 }
 
+/// Response of `POST /v1/disconnect`: connections closed per transport (`poll`: parked long
+/// polls returned).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct DisconnectOut {
+    /// Closed connections.
+    pub closed: Delivered,
+}
+
+/// Response of `GET /v1/preferences/customers/{id}`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PreferencesOut<'a> {
+    /// The customer.
+    pub customer_id: &'a str,
+    /// Its stored preferences (all fields empty when it stored none).
+    pub preferences: &'a crate::prefs::Preferences,
+}
+
 /// Per-transport delivery counts.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Delivered {
@@ -139,4 +157,34 @@ pub struct PublishOut {
     /// Each target topic's offset for this event (absent for a repeated id).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub offsets: std::collections::BTreeMap<String, u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disconnect_and_preferences_bodies() {
+        let d = DisconnectOut {
+            closed: Delivered {
+                websocket: 2,
+                sse: 1,
+                poll: 0,
+            },
+        };
+        assert_eq!(
+            serde_json::to_string(&d).unwrap(),
+            r#"{"closed":{"websocket":2,"sse":1,"poll":0}}"#
+        );
+        let prefs = crate::prefs::Preferences::default();
+        let body = serde_json::to_value(PreferencesOut {
+            customer_id: "alice",
+            preferences: &prefs,
+        })
+        .unwrap();
+        assert_eq!(
+            body,
+            serde_json::json!({"customerId": "alice", "preferences": serde_json::to_value(&prefs).unwrap()})
+        );
+    }
 }

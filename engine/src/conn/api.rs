@@ -284,13 +284,14 @@ async fn handle(shard: &Rc<Shard>, head: &Head, body: Vec<u8>) -> Response {
                     .disconnect(shard, &d.customers, code)
                     .await
                     .counts;
-                Response::json(
-                    200,
-                    serde_json::json!({
-                        "closed": { "websocket": c.websocket, "sse": c.sse, "poll": c.poll }
-                    })
-                    .to_string(),
-                )
+                let out = proto::api::DisconnectOut {
+                    closed: Delivered {
+                        websocket: c.websocket,
+                        sse: c.sse,
+                        poll: c.poll,
+                    },
+                };
+                Response::json(200, serde_json::to_vec(&out).expect("serialisable"))
             }
             Err(e) => json_error(400, Code::BadJson, &e),
         },

@@ -12,7 +12,6 @@ use std::{rc::Rc, time::Instant};
 
 use ahash::AHashMap;
 use proto::client::PresenceStatus;
-use serde_json::json;
 
 use super::{broker::Query, Shard};
 
@@ -361,13 +360,13 @@ impl Shard {
     pub(super) fn answer_query(&self, query: Query, key: &str) -> Vec<u8> {
         let body = match query {
             Query::Preferences => {
-                let prefs = self
-                    .preferences
-                    .borrow()
-                    .get(key)
-                    .cloned()
-                    .unwrap_or_default();
-                json!({"customerId": key, "preferences": prefs})
+                let none = proto::prefs::Preferences::default();
+                let all = self.preferences.borrow();
+                let out = proto::api::PreferencesOut {
+                    customer_id: key,
+                    preferences: all.get(key).unwrap_or(&none),
+                };
+                return serde_json::to_vec(&out).expect("serialisable");
             }
             Query::TopicMembers => {
                 let members = self.members.borrow();
