@@ -279,11 +279,7 @@ async fn handle(shard: &Rc<Shard>, head: &Head, body: Vec<u8>) -> Response {
                 if d.customers.is_empty() || d.customers.len() > proto::api::MAX_TARGETS {
                     return json_error(400, Code::NoTarget, "give 1-10000 customers");
                 }
-                let c = shard
-                    .broker
-                    .disconnect(shard, &d.customers, code)
-                    .await
-                    .counts;
+                let c = shard.broker.disconnect(shard, &d.customers, code).await;
                 let out = proto::api::DisconnectOut {
                     closed: Delivered {
                         websocket: c.websocket,

@@ -285,7 +285,7 @@ impl Session {
                 let event = self.client_event(shard, kind, data);
                 let id = event.id.clone();
                 let topics = self.topics.iter().map(|t| t.to_string()).collect();
-                let counts = shard.broker.direct(shard, &to, topics, event).await.counts;
+                let counts = shard.broker.direct(shard, &to, topics, event).await;
                 if counts.forbidden > 0 {
                     shard
                         .metrics()

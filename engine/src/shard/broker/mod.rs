@@ -22,7 +22,7 @@ use std::{rc::Rc, time::Instant};
 
 use proto::{
     api::{Publish, Wait},
-    bus::Position,
+    bus::{Counts, Position},
     client::{PresenceStatus, ReceiptStatus},
     event::Event,
 };
@@ -65,9 +65,9 @@ impl Broker {
 
     /// Closes every connection of `customers` with `code`, wherever they are; resolves to the
     /// connections closed.
-    pub async fn disconnect(&self, shard: &Shard, customers: &[String], code: u16) -> Outcome {
+    pub async fn disconnect(&self, shard: &Shard, customers: &[String], code: u16) -> Counts {
         match self {
-            Broker::Local(l) => l.disconnect(shard, customers, code).await,
+            Broker::Local(l) => l.disconnect(shard, customers, code).await.counts,
         }
     }
 
@@ -119,9 +119,9 @@ impl Broker {
         to: &str,
         topics: Vec<String>,
         event: Event,
-    ) -> Outcome {
+    ) -> Counts {
         match self {
-            Broker::Local(l) => l.direct(shard, to, topics, event).await,
+            Broker::Local(l) => l.direct(shard, to, topics, event).await.counts,
         }
     }
 
