@@ -51,7 +51,7 @@ use mesh::Mesh;
 use notify::Notify;
 pub use route::{DeliverJob, Job, Outcome, Payload};
 use slab::{ConnKey, Slab};
-use streams::{CustomerStream, Dedupe, Poller};
+use streams::{Dedupe, Poller, Streams};
 use wheel::Wheel;
 
 /// State shared by all shards: immutable configuration, metrics atomics, lifecycle flags.
@@ -154,17 +154,13 @@ pub struct Shard {
     mesh: Mesh,
     /// Publishes (and disconnects, direct messages) awaiting delivery reports.
     reports: RefCell<gather::Gather<route::Outcome>>,
-    /// Stored events of customers owned here.
-    pub streams: RefCell<AHashMap<Rc<str>, CustomerStream>>,
+    /// Stored events of customers owned here, and the offset counter of their streams.
+    pub streams: RefCell<Streams>,
     /// Parked long polls, by customer.
     pub pollers: RefCell<AHashMap<Rc<str>, Vec<Rc<Poller>>>>,
     /// Publisher-chosen ids seen recently (customer, role and broadcast targets; the topic
     /// owner keeps its own).
     dedupe: RefCell<Dedupe>,
-    /// Last customer-stream offset handed out on this shard.
-    stream_offset: Cell<u64>,
-    /// Epoch of this shard's customer streams (`<process epoch>.<shard>`).
-    stream_epoch: String,
     next_req: Cell<u64>,
     next_conn: Cell<u64>,
     /// Deliveries in arrival order (keeps per-topic order), run by the fan-out task.
@@ -688,11 +684,9 @@ pub fn start(config: Config) -> anyhow::Result<Server> {
                     scratch: RefCell::new(vec![0u8; 64 * 1024].into_boxed_slice()),
                     mesh,
                     reports: RefCell::default(),
-                    streams: RefCell::default(),
+                    streams: RefCell::new(Streams::new(format!("{}.{id}", shared.epoch))),
                     pollers: RefCell::default(),
                     dedupe: RefCell::default(),
-                    stream_offset: Cell::new(0),
-                    stream_epoch: format!("{}.{id}", shared.epoch),
                     next_req: Cell::new(0),
                     next_conn: Cell::new(0),
                     deliveries: RefCell::default(),

@@ -87,6 +87,176 @@ impl CustomerStream {
     }
 }
 
+/// The customer streams a shard owns: one offset counter for all of them, the epoch that
+/// makes their cursors, and each customer's stored events. A plain struct: the shard's glue
+/// (live delivery, metrics, configuration) calls it, and the simulation drives it directly.
+pub struct Streams {
+    /// `<process epoch>.<shard>`: cursors from another epoch cannot be interpreted here.
+    epoch: String,
+    /// Last offset handed out.
+    offset: u64,
+    by_customer: AHashMap<Rc<str>, CustomerStream>,
+}
+
+/// What one reading of a customer's stored events found (see [`Streams::stored_after`]).
+pub struct After<T> {
+    /// The accepted events after the cursor, mapped, in offset order.
+    pub items: Vec<T>,
+    /// Offset of the first of them.
+    pub first: Option<u64>,
+    /// Everything after the cursor was still stored.
+    pub recovered: bool,
+    /// Events the cursor acknowledged.
+    pub acked: u64,
+    /// Events dropped because their time to live passed (lost).
+    pub expired: u64,
+}
+
+impl Streams {
+    /// Empty streams under `epoch`.
+    pub fn new(epoch: String) -> Self {
+        Streams {
+            epoch,
+            offset: 0,
+            by_customer: AHashMap::default(),
+        }
+    }
+
+    /// The epoch of this shard's cursors.
+    pub fn epoch(&self) -> &str {
+        &self.epoch
+    }
+
+    /// The cursor of the latest offset handed out.
+    pub fn current_cursor(&self) -> String {
+        cursor(&self.epoch, self.offset)
+    }
+
+    /// Hands out the next offset, with its cursor.
+    pub fn next_offset(&mut self) -> (u64, String) {
+        self.offset += 1;
+        (self.offset, cursor(&self.epoch, self.offset))
+    }
+
+    /// Resolves a cursor a client sent: `Some(offset)` when it is from this epoch and not
+    /// ahead of it, `None` when it cannot be interpreted here (older epoch, garbage).
+    pub fn cursor_offset(&self, c: &str) -> Option<u64> {
+        let (epoch, offset) = parse_cursor(c)?;
+        (epoch == self.epoch && offset <= self.offset).then_some(offset)
+    }
+
+    /// Stores a persistent event for `customer` (its offset from [`Streams::next_offset`]); beyond
+    /// `cap` stored events the oldest is dropped and remembered as lost. Returns how many.
+    pub fn store(&mut self, customer: &str, event: Stored, cap: usize, now: u64) -> u64 {
+        let stream = match self.by_customer.get_mut(customer) {
+            Some(s) => s,
+            None => self.by_customer.entry(Rc::from(customer)).or_default(),
+        };
+        stream.log.push_back(event);
+        let mut lost = 0;
+        while stream.log.len() > cap {
+            let gone = stream.log.pop_front().expect("over cap");
+            stream.lost_upto = stream.lost_upto.max(gone.offset);
+            stream.lost_at = now;
+            lost += 1;
+        }
+        lost
+    }
+
+    /// The one reading of a customer's stored events, for connections and long polls: drops
+    /// expired ones, acknowledges what `since` covers (of the types `filters` take), and maps
+    /// the accepted events after it.
+    pub fn stored_after<T>(
+        &mut self,
+        customer: &str,
+        since: Option<&str>,
+        filters: &[Box<str>],
+        now: u64,
+        map: impl Fn(&Stored) -> T,
+    ) -> After<T> {
+        let since = since.map(|c| self.cursor_offset(c));
+        let Some(stream) = self.by_customer.get_mut(customer) else {
+            // Nothing stored: complete unless the cursor is not ours.
+            return After {
+                items: Vec::new(),
+                first: None,
+                recovered: !matches!(since, Some(None)),
+                acked: 0,
+                expired: 0,
+            };
+        };
+        let expired = stream.expire(now);
+        let mut acked = 0;
+        let (from, recovered) = match since {
+            None => (0, true),
+            Some(Some(offset)) => {
+                acked = stream.ack_upto(offset, |k| accepts(filters, k));
+                (offset, offset >= stream.lost_upto)
+            }
+            Some(None) => (0, false),
+        };
+        let mut first = None;
+        let items = stream
+            .log
+            .iter()
+            .filter(|s| s.offset > from && accepts(filters, &s.kind))
+            .map(|s| {
+                first.get_or_insert(s.offset);
+                map(s)
+            })
+            .collect();
+        After {
+            items,
+            first,
+            recovered,
+            acked,
+            expired,
+        }
+    }
+
+    /// Acknowledges stored events of `customer` by id, by cursor, or up to a cursor; returns
+    /// how many.
+    pub fn ack(
+        &mut self,
+        customer: &str,
+        ids: &[String],
+        cursors: &[String],
+        up_to: Option<&str>,
+    ) -> u64 {
+        let up_to = up_to.and_then(|c| self.cursor_offset(c));
+        let offsets: Vec<u64> = cursors
+            .iter()
+            .filter_map(|c| self.cursor_offset(c))
+            .collect();
+        let Some(stream) = self.by_customer.get_mut(customer) else {
+            return 0;
+        };
+        let mut acked = 0;
+        if let Some(offset) = up_to {
+            acked += stream.ack_upto(offset, |_| true);
+        }
+        let before = stream.log.len();
+        stream
+            .log
+            .retain(|s| !offsets.contains(&s.offset) && !ids.iter().any(|i| **i == *s.id));
+        acked + (before - stream.log.len()) as u64
+    }
+
+    /// Drops expired events, and the streams left empty of customers `connected` does not
+    /// name (an empty stream is kept `keep_loss` seconds after a loss, while a cursor from
+    /// before it can still come back). Returns how many events expired.
+    pub fn sweep(&mut self, now: u64, keep_loss: u64, connected: impl Fn(&str) -> bool) -> u64 {
+        let mut expired = 0;
+        self.by_customer.retain(|id, s| {
+            expired += s.expire(now);
+            !s.log.is_empty()
+                || connected(id)
+                || (s.lost_upto > 0 && s.lost_at.saturating_add(keep_loss) > now)
+        });
+        expired
+    }
+}
+
 /// A parked long-poll request.
 #[derive(Default)]
 pub struct Poller {
@@ -185,21 +355,9 @@ pub struct Missed {
 }
 
 impl Shard {
-    /// This shard's customer-stream epoch (process epoch and shard).
-    pub fn stream_epoch(&self) -> &str {
-        &self.stream_epoch
-    }
-
     /// The cursor of the shard's latest customer-stream offset.
     pub fn current_cursor(&self) -> String {
-        cursor(self.stream_epoch(), self.stream_offset.get())
-    }
-
-    /// Resolves a cursor a client sent: `Some(offset)` when it is from this shard's current
-    /// epoch, `None` when it cannot be interpreted here (older epoch, garbage).
-    fn cursor_offset(&self, c: &str) -> Option<u64> {
-        let (epoch, offset) = parse_cursor(c)?;
-        (epoch == self.stream_epoch() && offset <= self.stream_offset.get()).then_some(offset)
+        self.streams.borrow().current_cursor()
     }
 
     /// Whether `customer`'s stored preferences let events of type `kind` through (on its
@@ -269,9 +427,7 @@ impl Shard {
                 m.drops.fetch_add(1, Relaxed);
                 continue;
             }
-            let offset = self.stream_offset.get() + 1;
-            self.stream_offset.set(offset);
-            let cur = cursor(self.stream_epoch(), offset);
+            let (offset, cur) = self.streams.borrow_mut().next_offset();
             let json = Bytes::from(event.to_client_json(Via {
                 cursor: Some(&cur),
                 ..Via::default()
@@ -316,26 +472,17 @@ impl Shard {
                     .ttl
                     .unwrap_or(u64::MAX)
                     .min(self.shared.config.delivery.offline_ttl_secs);
-                let cap = self.shared.config.delivery.offline_queue;
-                let mut streams = self.streams.borrow_mut();
-                let stream = match streams.get_mut(id.as_str()) {
-                    Some(s) => s,
-                    None => streams.entry(Rc::from(id.as_str())).or_default(),
-                };
-                stream.log.push_back(Stored {
+                let stored = Stored {
                     offset,
                     id: event.id.as_str().into(),
                     kind: event.kind.as_str().into(),
                     json,
                     sse,
                     expires: now.saturating_add(ttl),
-                });
-                while stream.log.len() > cap {
-                    let lost = stream.log.pop_front().expect("over cap");
-                    stream.lost_upto = stream.lost_upto.max(lost.offset);
-                    stream.lost_at = now;
-                    m.stored_lost.fetch_add(1, Relaxed);
-                }
+                };
+                let cap = self.shared.config.delivery.offline_queue;
+                let lost = self.streams.borrow_mut().store(id, stored, cap, now);
+                m.stored_lost.fetch_add(lost, Relaxed);
             }
         }
         counts
@@ -346,7 +493,6 @@ impl Shard {
     /// order, to be queued right after the greeting. Synchronous with registration, so no live
     /// event can slip between the replay and the live stream.
     pub fn resume_customer(&self, key: ConnKey, customer: &str, since: Option<&str>) -> Resume {
-        let current = self.stream_offset.get();
         let conns = self.conns.borrow();
         let Some(c) = conns.get(key) else {
             return Resume {
@@ -355,7 +501,7 @@ impl Shard {
                 cursor: self.current_cursor(),
             };
         };
-        let (frames, first, recovered) = self.stored_after(customer, since, &c.filters, |s| {
+        let found = self.stored_after(customer, since, &c.filters, |s| {
             if c.sse {
                 s.sse.clone()
             } else {
@@ -364,53 +510,35 @@ impl Shard {
         });
         self.metrics()
             .replayed
-            .fetch_add(frames.len() as u64, Relaxed);
+            .fetch_add(found.items.len() as u64, Relaxed);
+        let streams = self.streams.borrow();
         Resume {
-            recovered,
-            frames,
-            cursor: cursor(self.stream_epoch(), first.map_or(current, |f| f - 1)),
+            recovered: found.recovered,
+            frames: found.items,
+            cursor: match found.first {
+                Some(f) => cursor(streams.epoch(), f - 1),
+                None => streams.current_cursor(),
+            },
         }
     }
 
-    /// The one reading of a customer's stored events, for connections and long polls: drops
-    /// expired ones, acknowledges what `since` covers (of the types `filters` take), and maps
-    /// the accepted events after it. Returns them, the first one's offset, and whether
-    /// everything after `since` was still stored.
+    /// [`Streams::stored_after`] at the current time, counting what it acknowledged and
+    /// what had expired.
     fn stored_after<T>(
         &self,
         customer: &str,
         since: Option<&str>,
         filters: &[Box<str>],
         map: impl Fn(&Stored) -> T,
-    ) -> (Vec<T>, Option<u64>, bool) {
-        let since = since.map(|c| self.cursor_offset(c));
-        let mut streams = self.streams.borrow_mut();
-        let Some(stream) = streams.get_mut(customer) else {
-            // Nothing stored: complete unless the cursor is not ours.
-            return (Vec::new(), None, !matches!(since, Some(None)));
-        };
+    ) -> After<T> {
+        let found =
+            self.streams
+                .borrow_mut()
+                .stored_after(customer, since, filters, unix_now(), map);
         let m = self.metrics();
-        m.stored_lost.fetch_add(stream.expire(unix_now()), Relaxed);
-        let (from, recovered) = match since {
-            None => (0, true),
-            Some(Some(offset)) => {
-                let acked = stream.ack_upto(offset, |k| accepts(filters, k));
-                m.acks.fetch_add(acked, Relaxed);
-                (offset, offset >= stream.lost_upto)
-            }
-            Some(None) => (0, false),
-        };
-        let mut first = None;
-        let out = stream
-            .log
-            .iter()
-            .filter(|s| s.offset > from && accepts(filters, &s.kind))
-            .map(|s| {
-                first.get_or_insert(s.offset);
-                map(s)
-            })
-            .collect();
-        (out, first, recovered)
+        m.stored_lost.fetch_add(found.expired, Relaxed);
+        m.acks.fetch_add(found.acked, Relaxed);
+        found
     }
 
     /// Queues frames on one connection (a replay) and flushes it.
@@ -432,23 +560,7 @@ impl Shard {
         cursors: &[String],
         up_to: Option<&str>,
     ) -> u64 {
-        let mut streams = self.streams.borrow_mut();
-        let Some(stream) = streams.get_mut(customer) else {
-            return 0;
-        };
-        let mut acked = 0;
-        if let Some(offset) = up_to.and_then(|c| self.cursor_offset(c)) {
-            acked += stream.ack_upto(offset, |_| true);
-        }
-        let offsets: Vec<u64> = cursors
-            .iter()
-            .filter_map(|c| self.cursor_offset(c))
-            .collect();
-        let before = stream.log.len();
-        stream
-            .log
-            .retain(|s| !offsets.contains(&s.offset) && !ids.iter().any(|i| **i == *s.id));
-        acked += (before - stream.log.len()) as u64;
+        let acked = self.streams.borrow_mut().ack(customer, ids, cursors, up_to);
         self.metrics().acks.fetch_add(acked, Relaxed);
         acked
     }
@@ -456,28 +568,23 @@ impl Shard {
     /// `/v1/events/missed`: stored events after `since` (all stored ones without), accepted by
     /// `filters`; `since` acknowledges everything up to it.
     pub fn missed(&self, customer: &str, since: Option<&str>, filters: &[Box<str>]) -> Missed {
-        let (events, _, recovered) =
-            self.stored_after(customer, since, filters, |s| s.json.clone());
+        let found = self.stored_after(customer, since, filters, |s| s.json.clone());
         Missed {
-            events,
+            events: found.items,
             cursor: self.current_cursor(),
-            recovered,
+            recovered: found.recovered,
         }
     }
 
     /// Drops expired stored events and empty streams of customers with no connection.
     pub(super) fn sweep_streams(&self) {
-        let now = unix_now();
-        let m = self.metrics();
         let customers = self.customers.borrow();
-        let keep_loss = self.shared.config.delivery.offline_ttl_secs;
-        self.streams.borrow_mut().retain(|id, s| {
-            m.stored_lost.fetch_add(s.expire(now), Relaxed);
-            // An empty stream is kept while a loss is recent enough to matter to a cursor.
-            !s.log.is_empty()
-                || customers.contains_key(id)
-                || (s.lost_upto > 0 && s.lost_at.saturating_add(keep_loss) > now)
-        });
+        let expired = self.streams.borrow_mut().sweep(
+            unix_now(),
+            self.shared.config.delivery.offline_ttl_secs,
+            |id| customers.contains_key(id),
+        );
+        self.metrics().stored_lost.fetch_add(expired, Relaxed);
     }
 }
 
