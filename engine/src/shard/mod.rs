@@ -18,6 +18,8 @@ pub mod presence;
 mod route;
 #[cfg(test)]
 mod sim;
+#[cfg(test)]
+mod sim_acks;
 pub use route::Joined;
 pub mod slab;
 pub mod streams;
