@@ -127,6 +127,7 @@ async def main():
     ap.add_argument("--settle", type=float, default=25, help="seconds after the run for the sweep")
     ap.add_argument("--only", default="", help="comma-separated abusers to run (default: all)")
     ap.add_argument("--warmup", type=int, default=200, help="benign clients before the run (0: none)")
+    ap.add_argument("--smaps-dir", help="copy /proc/PID/smaps here before and after (where RSS stays)")
     ap.add_argument("--rounds", type=int, default=1, help="abuse-then-settle rounds on one server")
     ap.add_argument("--hog", action="store_true",
                     help="control: instead of abusing the server, burn one CPU for the same time")
@@ -174,6 +175,9 @@ async def main():
     calm = await bystander(port, 6)
     rss_before = rss_kib(server.pid)
     smaps_before = smaps_kib(server.pid)
+    if args.smaps_dir:
+        with open(f"/proc/{server.pid}/smaps") as f, open(os.path.join(args.smaps_dir, "before"), "w") as o:
+            o.write(f.read())
     heap_before = heap_bytes("127.0.0.1", port)
     topics_before = metric("ringcast_topics_owned")
     rounds = []
@@ -301,6 +305,9 @@ async def main():
         await asyncio.sleep(args.settle)
         rss_after = rss_kib(server.pid)
         smaps_after = smaps_kib(server.pid)
+        if args.smaps_dir:
+            with open(f"/proc/{server.pid}/smaps") as f, open(os.path.join(args.smaps_dir, "after"), "w") as o:
+                o.write(f.read())
         heap_after = heap_bytes("127.0.0.1", port)
         topics_after = metric("ringcast_topics_owned")
         rounds.append({"rss_peak": peak[0], "rss_after": rss_after, "heap_peak": heap_peak[0], "heap_after": heap_after,
