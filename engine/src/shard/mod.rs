@@ -181,7 +181,7 @@ pub struct Shard {
     /// Presence of customers owned here.
     pub presence: RefCell<presence::CustomerPresence>,
     /// Members of presence topics owned here.
-    members: RefCell<AHashMap<Rc<str>, presence::TopicMembers>>,
+    members: RefCell<presence::Members>,
     /// Presence topics with a diff to send, and when.
     presence_due: RefCell<Vec<(Rc<str>, Instant)>>,
     /// Delivery preferences of customers owned here (`update_preferences`).

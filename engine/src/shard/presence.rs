@@ -17,13 +17,132 @@ use super::{broker::Query, Shard};
 
 /// A presence topic's members, on its owner.
 #[derive(Default)]
-pub struct TopicMembers {
+struct TopicMembers {
     /// Customer -> open subscriptions (connections) to the topic.
     count: AHashMap<Rc<str>, u32>,
     /// Sum of `count`.
     total: u32,
     /// Net changes since the last diff: joined (true) or left (false).
     pending: AHashMap<Rc<str>, bool>,
+}
+
+/// The members of the topics a shard owns that count them (presence, or a subscriber cap),
+/// and their pending diffs. A plain struct: the shard's glue schedules the windows and sends
+/// the diffs; the simulation drives it directly.
+#[derive(Default)]
+pub struct Members {
+    topics: AHashMap<Rc<str>, TopicMembers>,
+}
+
+/// One window's net change of a topic's members.
+pub struct Diff {
+    /// Customers who became members.
+    pub joined: Vec<String>,
+    /// Customers who stopped being members.
+    pub left: Vec<String>,
+    /// Members after the change.
+    pub members: usize,
+    /// More changed than a diff names (`presence.max_diff_names`).
+    pub truncated: bool,
+}
+
+impl Members {
+    /// Open subscriptions to `topic`, all members together.
+    pub fn total(&self, topic: &str) -> u32 {
+        self.topics.get(topic).map_or(0, |m| m.total)
+    }
+
+    /// One subscription more (`joined`) or less of `customer`. With `diffs` (a presence
+    /// topic), a customer's first subscription or last leave is a pending change, and a
+    /// change and its opposite inside one window cancel out. Returns true when this change
+    /// is the first pending one: the caller schedules a [`Members::take_diff`] for it.
+    pub fn change(&mut self, topic: &str, customer: &str, joined: bool, diffs: bool) -> bool {
+        let m = match self.topics.get_mut(topic) {
+            Some(m) => m,
+            None => self.topics.entry(Rc::from(topic)).or_default(),
+        };
+        if joined {
+            m.total += 1;
+        } else if m.count.contains_key(customer) {
+            m.total -= 1;
+        }
+        let transition = match m.count.get_mut(customer) {
+            Some(n) if joined => {
+                *n += 1;
+                false
+            }
+            Some(n) => {
+                *n -= 1;
+                if *n == 0 {
+                    m.count.remove(customer);
+                    true
+                } else {
+                    false
+                }
+            }
+            None if joined => {
+                m.count.insert(Rc::from(customer), 1);
+                true
+            }
+            None => false,
+        };
+        if !transition || !diffs {
+            if m.count.is_empty() && m.pending.is_empty() {
+                self.topics.remove(topic);
+            }
+            return false;
+        }
+        // Net change inside the window: the opposite pending change cancels out.
+        match m.pending.get(customer) {
+            Some(&was) if was != joined => {
+                m.pending.remove(customer);
+            }
+            _ => {
+                m.pending.insert(Rc::from(customer), joined);
+            }
+        }
+        m.pending.len() == 1
+    }
+
+    /// The topic's net change since the last diff, naming at most `cap` customers, or `None`
+    /// when everything cancelled out.
+    pub fn take_diff(&mut self, topic: &str, cap: usize) -> Option<Diff> {
+        let m = self.topics.get_mut(topic)?;
+        let pending = std::mem::take(&mut m.pending);
+        let members = m.count.len();
+        if members == 0 {
+            self.topics.remove(topic);
+        }
+        if pending.is_empty() {
+            return None;
+        }
+        let truncated = pending.len() > cap;
+        let (mut joined, mut left) = (Vec::new(), Vec::new());
+        for (c, j) in pending.into_iter().take(cap) {
+            if j {
+                joined.push(c.to_string());
+            } else {
+                left.push(c.to_string());
+            }
+        }
+        Some(Diff {
+            joined,
+            left,
+            members,
+            truncated,
+        })
+    }
+
+    /// A topic's members and their subscription counts, by name.
+    pub fn list(&self, topic: &str) -> Vec<(&str, u32)> {
+        let mut list: Vec<(&str, u32)> = self
+            .topics
+            .get(topic)
+            .map(|m| m.count.iter().map(|(c, n)| (&**c, *n)).collect())
+            .unwrap_or_default();
+        list.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        list
+    }
 }
 
 /// Customers' presence, on their owner shard. Nothing here costs a connected customer that
@@ -139,7 +258,7 @@ impl Shard {
     pub(super) fn admit_member(&self, topic: &str, member: &str) -> bool {
         let max = self.shared.config.namespace(topic).max_subscribers;
         if max > 0 {
-            let total = self.members.borrow().get(topic).map_or(0, |m| m.total);
+            let total = self.members.borrow().total(topic);
             if total as usize >= max {
                 self.metrics()
                     .topic_full
@@ -257,53 +376,15 @@ impl Shard {
         self.broker.left(self, topic, customer);
     }
 
-    /// On the topic's owner: one subscription more or less.
+    /// On the topic's owner: one subscription more or less; the first pending change
+    /// schedules the topic's diff `presence.coalesce_ms` later.
     pub(super) fn handle_membership(&self, topic: &str, customer: &str, joined: bool) {
-        let mut members = self.members.borrow_mut();
-        let m = members.entry(Rc::from(topic)).or_default();
-        if joined {
-            m.total += 1;
-        } else if m.count.contains_key(customer) {
-            m.total -= 1;
-        }
-        let transition = match m.count.get_mut(customer) {
-            Some(n) if joined => {
-                *n += 1;
-                false
-            }
-            Some(n) => {
-                *n -= 1;
-                if *n == 0 {
-                    m.count.remove(customer);
-                    true
-                } else {
-                    false
-                }
-            }
-            None if joined => {
-                m.count.insert(Rc::from(customer), 1);
-                true
-            }
-            None => false,
-        };
-        if !transition || !self.presence_on(topic) {
-            if m.count.is_empty() && m.pending.is_empty() {
-                members.remove(topic);
-            }
-            return;
-        }
-        // Net change inside the window: the opposite pending change cancels out.
-        match m.pending.get(customer) {
-            Some(&was) if was != joined => {
-                m.pending.remove(customer);
-            }
-            _ => {
-                m.pending.insert(Rc::from(customer), joined);
-            }
-        }
-        let first_change = m.pending.len() == 1;
-        drop(members);
-        if first_change {
+        let diffs = self.presence_on(topic);
+        let opened = self
+            .members
+            .borrow_mut()
+            .change(topic, customer, joined, diffs);
+        if opened {
             let due = Instant::now()
                 + std::time::Duration::from_millis(self.shared.config.presence.coalesce_ms);
             self.presence_due.borrow_mut().push((Rc::from(topic), due));
@@ -324,34 +405,18 @@ impl Shard {
         };
         let cap = self.shared.config.presence.max_diff_names;
         for topic in due {
-            let (joined, left, total, members) = {
-                let mut all = self.members.borrow_mut();
-                let Some(m) = all.get_mut(&topic) else {
-                    continue;
-                };
-                let pending = std::mem::take(&mut m.pending);
-                let total = pending.len();
-                let (mut joined, mut left) = (Vec::new(), Vec::new());
-                for (c, j) in pending.into_iter().take(cap) {
-                    if j {
-                        joined.push(c.to_string());
-                    } else {
-                        left.push(c.to_string());
-                    }
-                }
-                let members = m.count.len();
-                if members == 0 {
-                    all.remove(&topic);
-                }
-                (joined, left, total, members)
-            };
-            if total == 0 {
+            let Some(diff) = self.members.borrow_mut().take_diff(&topic, cap) else {
                 continue; // everything cancelled out
-            }
+            };
             self.metrics()
                 .presence_diffs
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let data = proto::client::presence_diff(&joined, &left, members, total > cap);
+            let data = proto::client::presence_diff(
+                &diff.joined,
+                &diff.left,
+                diff.members,
+                diff.truncated,
+            );
             self.ephemeral(&topic, "", "presence_diff", &data);
         }
     }
@@ -369,13 +434,7 @@ impl Shard {
                 return serde_json::to_vec(&out).expect("serialisable");
             }
             Query::TopicMembers => {
-                let members = self.members.borrow();
-                let mut list: Vec<(&str, u32)> = members
-                    .get(key)
-                    .map(|m| m.count.iter().map(|(c, n)| (&**c, *n)).collect())
-                    .unwrap_or_default();
-                list.sort_unstable_by(|a, b| a.0.cmp(b.0));
-                proto::client::topic_members(key, &list)
+                proto::client::topic_members(key, &self.members.borrow().list(key))
             }
             Query::CustomerPresence => self.customer_json(key),
         };
