@@ -20,6 +20,8 @@ mod route;
 mod sim;
 #[cfg(test)]
 mod sim_acks;
+#[cfg(test)]
+mod sim_presence;
 pub use route::Joined;
 pub mod slab;
 pub mod streams;

@@ -24,6 +24,8 @@ struct TopicMembers {
     total: u32,
     /// Net changes since the last diff: joined (true) or left (false).
     pending: AHashMap<Rc<str>, bool>,
+    /// A flush is scheduled: opened by the first change after the last diff.
+    window: bool,
 }
 
 /// The members of the topics a shard owns that count them (presence, or a subscriber cap),
@@ -55,7 +57,7 @@ impl Members {
     /// One subscription more (`joined`) or less of `customer`. With `diffs` (a presence
     /// topic), a customer's first subscription or last leave is a pending change, and a
     /// change and its opposite inside one window cancel out. Returns true when this change
-    /// is the first pending one: the caller schedules a [`Members::take_diff`] for it.
+    /// opened the topic's window: the caller schedules one [`Members::take_diff`] for it.
     pub fn change(&mut self, topic: &str, customer: &str, joined: bool, diffs: bool) -> bool {
         let m = match self.topics.get_mut(topic) {
             Some(m) => m,
@@ -86,28 +88,32 @@ impl Members {
             }
             None => false,
         };
-        if !transition || !diffs {
-            if m.count.is_empty() && m.pending.is_empty() {
-                self.topics.remove(topic);
+        let opened = if transition && diffs {
+            // Net change inside the window: the opposite pending change cancels out.
+            match m.pending.get(customer) {
+                Some(&was) if was != joined => {
+                    m.pending.remove(customer);
+                }
+                _ => {
+                    m.pending.insert(Rc::from(customer), joined);
+                }
             }
-            return false;
+            // One flush per window, however the pending changes come and cancel.
+            !std::mem::replace(&mut m.window, true)
+        } else {
+            false
+        };
+        if m.count.is_empty() && m.pending.is_empty() && !m.window {
+            self.topics.remove(topic);
         }
-        // Net change inside the window: the opposite pending change cancels out.
-        match m.pending.get(customer) {
-            Some(&was) if was != joined => {
-                m.pending.remove(customer);
-            }
-            _ => {
-                m.pending.insert(Rc::from(customer), joined);
-            }
-        }
-        m.pending.len() == 1
+        opened
     }
 
-    /// The topic's net change since the last diff, naming at most `cap` customers, or `None`
+    /// Closes the topic's window: its net change since the last diff, naming at most `cap` customers, or `None`
     /// when everything cancelled out.
     pub fn take_diff(&mut self, topic: &str, cap: usize) -> Option<Diff> {
         let m = self.topics.get_mut(topic)?;
+        m.window = false;
         let pending = std::mem::take(&mut m.pending);
         let members = m.count.len();
         if members == 0 {
@@ -376,8 +382,8 @@ impl Shard {
         self.broker.left(self, topic, customer);
     }
 
-    /// On the topic's owner: one subscription more or less; the first pending change
-    /// schedules the topic's diff `presence.coalesce_ms` later.
+    /// On the topic's owner: one subscription more or less; a change that opens the topic's
+    /// window schedules its diff `presence.coalesce_ms` later.
     pub(super) fn handle_membership(&self, topic: &str, customer: &str, joined: bool) {
         let diffs = self.presence_on(topic);
         let opened = self
