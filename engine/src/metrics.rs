@@ -376,41 +376,48 @@ pub fn render_prometheus(shards: &[ShardMetrics], rss: Option<u64>) -> String {
     out
 }
 
-/// The `/v1/stats` JSON.
-pub fn stats_json(
-    shards: &[ShardMetrics],
-    rss: Option<u64>,
-    uptime_secs: u64,
-) -> serde_json::Value {
-    let per_shard: Vec<_> = shards
-        .iter()
-        .enumerate()
-        .map(|(i, s)| serde_json::json!({ "shard": i, "connections": s.connections.load(Relaxed), "messagesOut": s.messages_out.load(Relaxed) }))
-        .collect();
-    serde_json::json!({
-        "uptimeSecs": uptime_secs,
-        "connections": shards.iter().map(|s| s.connections.load(Relaxed)).sum::<i64>(),
-        "handshakes": sum(shards, |s| s.handshakes.load(Relaxed)),
-        "authFailures": sum(shards, |s| s.auth_failures.iter().map(|a| a.load(Relaxed)).sum()),
-        "limitRefusals": sum(shards, |s| s.limit_refusals.iter().map(|a| a.load(Relaxed)).sum()),
-        "messagesIn": sum(shards, |s| s.messages_in.load(Relaxed)),
-        "messagesOut": sum(shards, |s| s.messages_out.load(Relaxed)),
-        "eventsOut": sum(shards, |s| s.events_out.load(Relaxed)),
-        "bytesOut": sum(shards, |s| s.bytes_out.load(Relaxed)),
-        "drops": sum(shards, |s| s.drops.load(Relaxed)),
-        "sseConnections": shards.iter().map(|s| s.sse_connections.load(Relaxed)).sum::<i64>(),
-        "pollsWaiting": shards.iter().map(|s| s.polls_waiting.load(Relaxed)).sum::<i64>(),
-        "parkedConnections": shards.iter().map(|s| s.parked.load(Relaxed)).sum::<i64>(),
-        "eventsQueued": sum(shards, |s| s.events_queued.load(Relaxed)),
-        "storedLost": sum(shards, |s| s.stored_lost.load(Relaxed)),
-        "offlineDropped": sum(shards, |s| s.offline_dropped.load(Relaxed)),
-        "duplicates": sum(shards, |s| s.duplicates.load(Relaxed)),
-        "acks": sum(shards, |s| s.acks.load(Relaxed)),
-        "replayed": sum(shards, |s| s.replayed.load(Relaxed)),
-        "slowConsumerCloses": sum(shards, |s| s.slow_consumer_closes.load(Relaxed)),
-        "publishes": sum(shards, |s| s.publishes.load(Relaxed)),
-        "residentBytes": rss,
-        "heapBytes": match HEAP_BYTES.load(Relaxed) { 0 => None, n => Some(n) },
-        "shards": per_shard,
-    })
+/// The `/v1/stats` body.
+pub fn stats(shards: &[ShardMetrics], rss: Option<u64>, uptime_secs: u64) -> proto::api::StatsOut {
+    let gauge = |f: fn(&ShardMetrics) -> i64| shards.iter().map(f).sum::<i64>();
+    proto::api::StatsOut {
+        uptime_secs,
+        connections: gauge(|s| s.connections.load(Relaxed)),
+        handshakes: sum(shards, |s| s.handshakes.load(Relaxed)),
+        auth_failures: sum(shards, |s| {
+            s.auth_failures.iter().map(|a| a.load(Relaxed)).sum()
+        }),
+        limit_refusals: sum(shards, |s| {
+            s.limit_refusals.iter().map(|a| a.load(Relaxed)).sum()
+        }),
+        messages_in: sum(shards, |s| s.messages_in.load(Relaxed)),
+        messages_out: sum(shards, |s| s.messages_out.load(Relaxed)),
+        events_out: sum(shards, |s| s.events_out.load(Relaxed)),
+        bytes_out: sum(shards, |s| s.bytes_out.load(Relaxed)),
+        drops: sum(shards, |s| s.drops.load(Relaxed)),
+        sse_connections: gauge(|s| s.sse_connections.load(Relaxed)),
+        polls_waiting: gauge(|s| s.polls_waiting.load(Relaxed)),
+        parked_connections: gauge(|s| s.parked.load(Relaxed)),
+        events_queued: sum(shards, |s| s.events_queued.load(Relaxed)),
+        stored_lost: sum(shards, |s| s.stored_lost.load(Relaxed)),
+        offline_dropped: sum(shards, |s| s.offline_dropped.load(Relaxed)),
+        duplicates: sum(shards, |s| s.duplicates.load(Relaxed)),
+        acks: sum(shards, |s| s.acks.load(Relaxed)),
+        replayed: sum(shards, |s| s.replayed.load(Relaxed)),
+        slow_consumer_closes: sum(shards, |s| s.slow_consumer_closes.load(Relaxed)),
+        publishes: sum(shards, |s| s.publishes.load(Relaxed)),
+        resident_bytes: rss,
+        heap_bytes: match HEAP_BYTES.load(Relaxed) {
+            0 => None,
+            n => Some(n),
+        },
+        shards: shards
+            .iter()
+            .enumerate()
+            .map(|(shard, s)| proto::api::ShardStats {
+                shard,
+                connections: s.connections.load(Relaxed),
+                messages_out: s.messages_out.load(Relaxed),
+            })
+            .collect(),
+    }
 }

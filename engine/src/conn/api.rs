@@ -9,7 +9,10 @@ use std::{
 
 use glommio::net::TcpStream;
 use proto::{
-    api::{Delivered, PublishIn, PublishOut},
+    api::{
+        ApiError, BatchOut, BatchResult, Delivered, HistogramOut, HistogramsOut, PublishIn,
+        PublishOut,
+    },
     http1::{json_error, parse_head, route, Head, Response, Route},
 };
 
@@ -212,15 +215,18 @@ async fn handle(shard: &Rc<Shard>, head: &Head, body: Vec<u8>) -> Response {
             metrics::render_prometheus(&shared.metrics, crate::io::rss_bytes()),
         ),
         Route::Stats => {
-            let v = metrics::stats_json(
+            let out = metrics::stats(
                 &shared.metrics,
                 crate::io::rss_bytes(),
                 shared.started.elapsed().as_secs(),
             );
-            Response::json(200, v.to_string())
+            Response::json(200, serde_json::to_vec(&out).expect("serialisable"))
         }
         Route::Histograms => match shard.gather_histograms().await {
-            Some(h) => Response::json(200, histograms_json(&h).to_string()),
+            Some(h) => Response::json(
+                200,
+                serde_json::to_vec(&histograms_out(&h)).expect("serialisable"),
+            ),
             None => json_error(503, Code::ShardTimeout, "a shard did not answer in time"),
         },
         Route::Publish
@@ -294,7 +300,7 @@ async fn handle(shard: &Rc<Shard>, head: &Head, body: Vec<u8>) -> Response {
         Route::Publish => match proto::api::parse_body::<PublishIn>(&body) {
             Ok(p) => match publish_one(shard, p).await {
                 Ok(out) => Response::json(200, serde_json::to_vec(&out).expect("serialisable")),
-                Err(resp) => resp,
+                Err(e) => proto::http1::api_error(&e),
             },
             Err(e) => json_error(400, Code::BadJson, &e),
         },
@@ -303,11 +309,12 @@ async fn handle(shard: &Rc<Shard>, head: &Head, body: Vec<u8>) -> Response {
                 let mut results = Vec::with_capacity(list.len());
                 for p in list {
                     results.push(match publish_one(shard, p).await {
-                        Ok(out) => serde_json::to_value(out).expect("serialisable"),
-                        Err(resp) => serde_json::from_slice(&resp.body).unwrap_or_default(),
+                        Ok(out) => BatchResult::Published(out),
+                        Err(e) => BatchResult::Failed(e),
                     });
                 }
-                Response::json(200, serde_json::json!({ "results": results }).to_string())
+                let out = BatchOut { results };
+                Response::json(200, serde_json::to_vec(&out).expect("serialisable"))
             }
             Err(e) => json_error(400, Code::BadJson, &e),
         },
@@ -328,12 +335,12 @@ struct DisconnectIn {
 /// forbidden.
 const DISCONNECT_CODES: [u16; 5] = [1000, 1008, 1013, 4001, 4003];
 
-async fn publish_one(shard: &Rc<Shard>, p: PublishIn) -> Result<PublishOut, Response> {
+async fn publish_one(shard: &Rc<Shard>, p: PublishIn) -> Result<PublishOut, ApiError> {
     let now = || humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
     let wait = p.wait;
     let p = p
         .validate(|| shard.next_conn_id(), now)
-        .map_err(|e| json_error(400, e.code, &e.message))?;
+        .map_err(|e| ApiError::new(400, e.code, e.message))?;
     let outcome = shard.broker.publish(shard, &p, Some(wait)).await;
     let c = outcome.counts;
     Ok(PublishOut {
@@ -357,7 +364,7 @@ async fn publish_one(shard: &Rc<Shard>, p: PublishIn) -> Result<PublishOut, Resp
 
 /// The `/v1/stats/histograms` body: each histogram as HdrHistogram V2 + DEFLATE, base64 (the
 /// encoding of HdrHistogram's `HistogramLogWriter`, readable by its tools), with percentiles.
-fn histograms_json(h: &crate::shard::Hists) -> serde_json::Value {
+fn histograms_out(h: &crate::shard::Hists) -> HistogramsOut {
     use base64::Engine as _;
     use hdrhistogram::serialization::{Serializer as _, V2DeflateSerializer};
     let one = |h: &hdrhistogram::Histogram<u64>| {
@@ -365,20 +372,15 @@ fn histograms_json(h: &crate::shard::Hists) -> serde_json::Value {
         V2DeflateSerializer::new()
             .serialize(h, &mut bytes)
             .expect("serialising to a Vec cannot fail");
-        serde_json::json!({
-            "count": h.len(),
-            "p50": h.value_at_quantile(0.5),
-            "p90": h.value_at_quantile(0.9),
-            "p99": h.value_at_quantile(0.99),
-            "p999": h.value_at_quantile(0.999),
-            "max": h.max(),
-            "histogram": base64::engine::general_purpose::STANDARD.encode(bytes),
-        })
+        HistogramOut {
+            count: h.len(),
+            p50: h.value_at_quantile(0.5),
+            p90: h.value_at_quantile(0.9),
+            p99: h.value_at_quantile(0.99),
+            p999: h.value_at_quantile(0.999),
+            max: h.max(),
+            histogram: base64::engine::general_purpose::STANDARD.encode(bytes),
+        }
     };
-    serde_json::json!({
-        "unit": "microseconds",
-        "encoding": "HdrHistogram V2 compressed (DEFLATE), base64",
-        "publishToWrite": one(&h.publish_to_write),
-        "handshake": one(&h.handshake),
-    })
+    HistogramsOut::new(one(&h.publish_to_write), one(&h.handshake))
 }

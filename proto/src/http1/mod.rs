@@ -6,7 +6,7 @@
 
 mod response;
 
-pub use response::{json_error, Response};
+pub use response::{api_error, json_error, Response};
 
 use std::borrow::Cow;
 

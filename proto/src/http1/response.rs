@@ -61,8 +61,12 @@ impl Response {
 
 /// A JSON error body: `{"error": {"code", "message"}}`.
 pub fn json_error(status: u16, code: crate::error::Code, message: &str) -> Response {
-    let body = serde_json::json!({ "error": { "code": code, "message": message } });
-    Response::json(status, body.to_string())
+    api_error(&crate::api::ApiError::new(status, code, message))
+}
+
+/// The response for an [`crate::api::ApiError`].
+pub fn api_error(e: &crate::api::ApiError) -> Response {
+    Response::json(e.status, serde_json::to_vec(e).expect("serialisable"))
 }
 
 /// The reason phrase for the statuses ringcast sends.
