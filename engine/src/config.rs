@@ -474,6 +474,11 @@ impl Config {
             if key == "RINGCAST_CONFIG" || SHORT_ENV.iter().any(|(s, _)| s == key) {
                 continue;
             }
+            // Test faults (`engine::faults`) exist in debug builds only; a release build
+            // refuses the variable like any unknown one.
+            if key == "RINGCAST_FAULTS" && cfg!(debug_assertions) {
+                continue;
+            }
             let rest = &key["RINGCAST_".len()..];
             let Some((section, field)) = rest.split_once('_') else {
                 bail!("unknown environment variable {key}");

@@ -16,6 +16,7 @@
 pub mod cli;
 pub mod config;
 pub mod conn;
+pub mod faults;
 #[allow(unsafe_code)]
 pub mod io;
 pub mod limits;

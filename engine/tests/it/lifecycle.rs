@@ -74,3 +74,46 @@ fn sigterm_drains_with_1001_and_exits() {
     };
     assert!(status.success());
 }
+
+/// A subscription whose owners never answer (a stalled shard; in a cluster, a lost node) does
+/// not pin its connection: a backend's disconnect closes it at once, not after the owners'
+/// deadline (5 s per window of 8 topics; before the fix, 5 s per topic in turn).
+#[test]
+fn a_subscribe_waiting_on_silent_owners_still_obeys_a_disconnect() {
+    let server = Server::start_with(2, &[("RINGCAST_FAULTS", "mute_topic_owners")]);
+    let mut c = Client::connect(&server, &sub_token("waiter"));
+    let topics: Vec<String> = (0..16).map(|i| format!("silent:{i}")).collect();
+    c.send_json(json!({"type": "subscribe", "payload": {"topics": topics}, "requestId": "s"}));
+    // The owners are silent: nothing comes back while the session waits on them.
+    c.ws.get_mut()
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    assert!(c.ws.read().is_err(), "an answer came from muted owners");
+    c.ws.get_mut()
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let asked = Instant::now();
+    let (status, body) = server.http(
+        "POST",
+        "/v1/disconnect",
+        &[("Authorization", &format!("Bearer {API_KEY}"))],
+        &json!({"customers": ["waiter"], "code": 1000}).to_string(),
+    );
+    assert_eq!(status, 200, "{body}");
+    let close = loop {
+        match c.ws.read() {
+            Ok(tungstenite::Message::Close(close)) => break close.expect("a close code"),
+            Ok(tungstenite::Message::Text(t)) => {
+                assert!(!t.contains("subscription_confirmed"), "{t}")
+            }
+            Ok(_) => {}
+            Err(e) => panic!("no close frame: {e}"),
+        }
+    };
+    let took = asked.elapsed();
+    assert_eq!(u16::from(close.code), 1000);
+    assert!(
+        took < Duration::from_secs(3),
+        "closed {took:?} after the disconnect"
+    );
+}

@@ -219,6 +219,9 @@ impl Broker {
 
     /// A shard gained or lost interest in a topic this shard owns.
     pub(super) fn on_interest(&self, shard: &Shard, i: Interest<'_>) {
+        if i.on && i.req != 0 && crate::faults::active("mute_topic_owners") {
+            return;
+        }
         match self {
             Broker::Local(l) => l.on_interest(shard, i),
         }
