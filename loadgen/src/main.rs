@@ -242,6 +242,7 @@ fn run() -> anyhow::Result<()> {
             .or_else(|| ringcast.then(|| "subscription_confirmed".to_owned())),
         sources: parse_sources(&t.sources)?,
         framing,
+        keep_dup: false,
     };
     let (summary, stats) = match cli.scenario {
         Scenario::Connect {

@@ -16,7 +16,13 @@ use proto::ws::{frame::encode_client_frame, FrameHeader, OpCode};
 ///
 /// The socket is non-blocking before `connect`, so a full listen backlog never blocks the
 /// executor; the handshake's first write waits for the connection instead.
-pub fn connect_from(source: Option<IpAddr>, target: SocketAddr) -> anyhow::Result<TcpStream> {
+///
+/// With `keep_dup`, a second handle on the socket comes back too (for [`Client::keep_dup`]).
+pub fn connect_from(
+    source: Option<IpAddr>,
+    target: SocketAddr,
+    keep_dup: bool,
+) -> anyhow::Result<(TcpStream, Option<socket2::Socket>)> {
     let domain = if target.is_ipv4() {
         socket2::Domain::IPV4
     } else {
@@ -36,7 +42,12 @@ pub fn connect_from(source: Option<IpAddr>, target: SocketAddr) -> anyhow::Resul
                 || e.kind() == std::io::ErrorKind::WouldBlock => {}
         Err(e) => return Err(e).with_context(|| format!("connecting to {target}")),
     }
-    Ok(TcpStream::from(sock))
+    let dup = if keep_dup {
+        Some(sock.try_clone()?)
+    } else {
+        None
+    };
+    Ok((TcpStream::from(sock), dup))
 }
 
 fn libc_einprogress() -> i32 {
@@ -56,12 +67,61 @@ pub enum Framing {
 pub struct Client {
     /// The socket.
     pub stream: TcpStream,
-    /// Bytes read but not yet decoded.
-    pending: Vec<u8>,
+    /// A second handle on the socket, kept when the client will leave glommio for a
+    /// [`Plain`] receive loop (see [`Client::into_plain`]).
+    dup: Option<socket2::Socket>,
+    dec: Decoder,
     mask_seed: u32,
+}
+
+/// What a stream's bytes become: frames or SSE records, from a buffer of bytes read but not
+/// yet decoded.
+struct Decoder {
+    pending: Vec<u8>,
     framing: Framing,
     /// The SSE decoder (SSE streams only).
     sse: Option<Box<proto::sse::Decoder>>,
+}
+
+/// A receive-only client outside glommio: a non-blocking socket in a thread's `mio` poll set.
+/// A subscriber that only reads is served by one readiness wait and a `recv` until it would
+/// block, as an epoll client is, instead of a task woken per read (one io_uring poll and a
+/// cross-thread wake-up each), which made the load generator's own latency part of what it
+/// measured.
+pub struct Plain {
+    /// The socket.
+    pub stream: mio::net::TcpStream,
+    dec: Decoder,
+}
+
+/// Bytes asked of the socket per read.
+const CHUNK: usize = 4096;
+
+impl Plain {
+    /// One `recv` into the pending buffer: `Ok(0)` at end of stream, `WouldBlock` when
+    /// drained.
+    pub fn read_some(&mut self) -> std::io::Result<usize> {
+        use std::io::Read as _;
+        let len = self.dec.pending.len();
+        self.dec.pending.resize(len + CHUNK, 0);
+        let got = self.stream.read(&mut self.dec.pending[len..]);
+        self.dec.pending.truncate(len + *got.as_ref().unwrap_or(&0));
+        got
+    }
+
+    /// Decodes what was read, calling `f` for each frame or record.
+    pub fn drain(&mut self, f: impl FnMut(Incoming<'_>)) -> anyhow::Result<()> {
+        self.dec.drain(f)
+    }
+
+    /// Answers a ping (best effort: a pong that does not fit the socket buffer is dropped;
+    /// the server's next ping asks again).
+    pub fn pong(&mut self, payload: &[u8], mask: [u8; 4]) {
+        use std::io::Write as _;
+        let mut out = BytesMut::with_capacity(payload.len() + 14);
+        encode_client_frame(OpCode::Pong, true, payload, mask, &mut out);
+        let _ = self.stream.write(&out);
+    }
 }
 
 /// A frame from the server.
@@ -146,10 +206,35 @@ impl Client {
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         Ok(Client {
             stream,
-            pending,
+            dup: None,
+            dec: Decoder {
+                pending,
+                framing,
+                sse: None,
+            },
             mask_seed: 0x9E37_79B9,
-            framing,
-            sse: None,
+        })
+    }
+
+    /// Keeps a second handle on the socket so that [`Client::into_plain`] can take it out of
+    /// glommio later.
+    pub fn keep_dup(&mut self, dup: socket2::Socket) {
+        self.dup = Some(dup);
+    }
+
+    /// Leaves glommio: the socket (through the handle kept by [`Client::keep_dup`]) and the
+    /// bytes read so far become a [`Plain`] receiver; glommio's handle is closed.
+    pub fn into_plain(self) -> anyhow::Result<Plain> {
+        let Client {
+            stream, dup, dec, ..
+        } = self;
+        let dup = dup.context("no second handle kept (keep_dup)")?;
+        drop(stream);
+        dup.set_nonblocking(true)?;
+        let std: std::net::TcpStream = dup.into();
+        Ok(Plain {
+            stream: mio::net::TcpStream::from_std(std),
+            dec,
         })
     }
 
@@ -165,7 +250,7 @@ impl Client {
 
     /// Sends a masked frame (WebSocket only).
     pub async fn send(&mut self, opcode: OpCode, payload: &[u8]) -> anyhow::Result<()> {
-        if self.framing == Framing::Sse {
+        if self.dec.framing == Framing::Sse {
             bail!("an SSE stream is receive-only");
         }
         let mut out = BytesMut::with_capacity(payload.len() + 14);
@@ -177,23 +262,29 @@ impl Client {
 
     /// Whether the bytes read and not yet drained contain `needle`.
     pub fn buffered_contains(&self, needle: &[u8]) -> bool {
-        self.pending.windows(needle.len()).any(|w| w == needle)
+        self.dec.pending.windows(needle.len()).any(|w| w == needle)
     }
 
     /// Reads more bytes from the socket into the pending buffer; false at end of stream.
     /// Straight into the buffer: no per-connection scratch space and no second copy.
     pub async fn fill(&mut self) -> anyhow::Result<bool> {
-        const CHUNK: usize = 4096;
-        let len = self.pending.len();
-        self.pending.resize(len + CHUNK, 0);
-        let got = self.stream.read(&mut self.pending[len..]).await;
+        let pending = &mut self.dec.pending;
+        let len = pending.len();
+        pending.resize(len + CHUNK, 0);
+        let got = self.stream.read(&mut pending[len..]).await;
         let n = *got.as_ref().unwrap_or(&0);
-        self.pending.truncate(len + n);
+        pending.truncate(len + n);
         Ok(got? > 0)
     }
 
     /// Decodes the frames (or SSE records) in the pending buffer, calling `f` for each.
     pub fn drain(&mut self, f: impl FnMut(Incoming<'_>)) -> anyhow::Result<()> {
+        self.dec.drain(f)
+    }
+}
+
+impl Decoder {
+    fn drain(&mut self, f: impl FnMut(Incoming<'_>)) -> anyhow::Result<()> {
         match self.framing {
             Framing::WebSocket => self.drain_frames(f),
             Framing::Sse => {

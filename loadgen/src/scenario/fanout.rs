@@ -166,6 +166,11 @@ pub fn run(mut args: Args) -> anyhow::Result<(serde_json::Value, ThreadStats)> {
     let publish_started_us = Arc::new(AtomicU64::new(0));
     let storm = Arc::new(Storm::default());
     let threads = args.threads;
+    // Subscribers that only read leave glommio after their handshake for a `mio` loop on
+    // their thread (see `receive_plain`); chat members send and storm subscribers redial, so
+    // they stay tasks.
+    let plain = matches!(args.mode, Mode::Topic | Mode::Unicast);
+    args.target.keep_dup = plain;
     let worker = {
         let (shared, phase, stop, seq) = (shared.clone(), phase.clone(), stop.clone(), seq.clone());
         let storm = storm.clone();
@@ -195,7 +200,19 @@ pub fn run(mut args: Args) -> anyhow::Result<(serde_json::Value, ThreadStats)> {
                         }),
                         _ => None,
                     };
+                    let plains = RefCell::new(Vec::new());
                     let receive = |i: usize, client: crate::net::Client| {
+                        if plain {
+                            match client.into_plain() {
+                                Ok(p) => plains.borrow_mut().push(p),
+                                Err(e) => {
+                                    if shared.connect_errors.fetch_add(1, Relaxed) < 5 {
+                                        eprintln!("subscriber {i}: {e:#}");
+                                    }
+                                }
+                            }
+                            return;
+                        }
                         let room = match mode {
                             Mode::Chat { room_size, .. } => {
                                 format!("{topic}:{}", i / room_size.max(1))
@@ -236,6 +253,11 @@ pub fn run(mut args: Args) -> anyhow::Result<(serde_json::Value, ThreadStats)> {
                         receive,
                     )
                     .await;
+                    let plains = plains.into_inner();
+                    if !plains.is_empty() {
+                        // Blocks this executor: nothing else runs on it from here on.
+                        receive_plain(plains, &shared, &stats, &stop);
+                    }
                     while !stop.load(Relaxed) {
                         glommio::timer::sleep(Duration::from_millis(50)).await;
                     }
@@ -662,19 +684,7 @@ async fn receiver(
                     // Servers that number a topic's events (ringcast's `offset`) are checked for
                     // order: each subscriber must see offsets rise by exactly one.
                     if let Some(off) = fields.offset(t) {
-                        match last_offset {
-                            Some(prev) if off == prev => {
-                                shared.duplicates.fetch_add(1, Relaxed);
-                            }
-                            Some(prev) if off < prev => {
-                                shared.reorders.fetch_add(1, Relaxed);
-                            }
-                            Some(prev) if off > prev + 1 => {
-                                shared.gaps.fetch_add(off - prev - 1, Relaxed);
-                            }
-                            _ => {}
-                        }
-                        last_offset = Some(last_offset.map_or(off, |p| p.max(off)));
+                        check_order(&shared, &mut last_offset, off);
                     }
                 }
                 Incoming::Ping(p) => pongs.push(p.to_vec()),
@@ -699,6 +709,150 @@ async fn receiver(
             let _ = client.send(proto::ws::OpCode::Pong, &p).await;
         }
     }
+}
+
+/// The receive loop of subscribers that only read: one `mio` poll set per thread, each ready
+/// socket read until it would block, every event timed as its bytes come in. Counts go to the
+/// shared counters every 2 ms (this loop blocks the executor, so `count_task` cannot run).
+fn receive_plain(
+    mut conns: Vec<crate::net::Plain>,
+    shared: &Shared,
+    stats: &RefCell<ThreadStats>,
+    stop: &AtomicBool,
+) {
+    use mio::{Events, Interest, Poll, Token};
+    let mut poll = match Poll::new() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("mio poll: {e}");
+            return;
+        }
+    };
+    for (i, c) in conns.iter_mut().enumerate() {
+        if let Err(e) = poll
+            .registry()
+            .register(&mut c.stream, Token(i), Interest::READABLE)
+        {
+            eprintln!("mio register: {e}");
+            return;
+        }
+    }
+    let fields = crate::net::Fields::new();
+    let mut last_offset: Vec<Option<u64>> = vec![None; conns.len()];
+    let mut open = vec![true; conns.len()];
+    let mut events = Events::with_capacity(1024);
+    let mut counted_at = Instant::now();
+    let mut p99_at = Instant::now();
+    let mut mask: u32 = 0x9E37_79B9;
+    // Bytes the server sent before the loop started (greeting, confirmation) are decoded
+    // first; a socket with more already waiting is reported ready by the first poll.
+    let mut ready: Vec<usize> = (0..conns.len()).collect();
+    while !stop.load(Relaxed) {
+        for &i in &ready {
+            if !open[i] {
+                continue;
+            }
+            let c = &mut conns[i];
+            let mut ended = false;
+            loop {
+                let done = match c.read_some() {
+                    Ok(0) => {
+                        ended = true;
+                        true
+                    }
+                    Ok(_) => false,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => true,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(_) => {
+                        ended = true;
+                        true
+                    }
+                };
+                let now = unix_us();
+                let mut pongs = Vec::new();
+                let mut close_code = None;
+                let mut got = 0;
+                let last = &mut last_offset[i];
+                let res = {
+                    let mut st = stats.borrow_mut();
+                    c.drain(|m| match m {
+                        Incoming::Text(t) => {
+                            let Some(ts) = fields.ts(t) else { return };
+                            let _ = st.latency.record(now.saturating_sub(ts).max(1));
+                            got += 1;
+                            if let Some(off) = fields.offset(t) {
+                                check_order(shared, last, off);
+                            }
+                        }
+                        Incoming::Ping(p) => pongs.push(p.to_vec()),
+                        Incoming::Close(code) => close_code = Some(code),
+                        Incoming::Other => {}
+                    })
+                };
+                UNCOUNTED.set(UNCOUNTED.get() + got);
+                for p in pongs {
+                    mask ^= mask << 13;
+                    mask ^= mask >> 17;
+                    mask ^= mask << 5;
+                    c.pong(&p, mask.to_le_bytes());
+                }
+                if let Some(code) = close_code {
+                    if shared.closed.fetch_add(1, Relaxed) < 5 {
+                        eprintln!("server closed a subscriber with {code}");
+                    }
+                    open[i] = false;
+                    break;
+                }
+                if res.is_err() || ended {
+                    shared.closed.fetch_add(1, Relaxed);
+                    open[i] = false;
+                    break;
+                }
+                if done {
+                    break;
+                }
+            }
+            if !open[i] {
+                let _ = poll.registry().deregister(&mut c.stream);
+            }
+        }
+        if counted_at.elapsed() >= Duration::from_millis(2) {
+            counted_at = Instant::now();
+            count(shared);
+            if p99_at.elapsed() >= Duration::from_secs(1) {
+                p99_at = Instant::now();
+                let p99 = stats.borrow().latency.value_at_quantile(0.99);
+                shared.recent_p99_us.store(p99, Relaxed);
+            }
+        }
+        if let Err(e) = poll.poll(&mut events, Some(Duration::from_millis(2))) {
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                eprintln!("mio poll: {e}");
+                return;
+            }
+        }
+        ready.clear();
+        ready.extend(events.iter().map(|e| e.token().0));
+    }
+    count(shared);
+}
+
+/// Checks a ringcast topic offset against the subscriber's last one: each must rise by exactly
+/// one.
+fn check_order(shared: &Shared, last: &mut Option<u64>, off: u64) {
+    match *last {
+        Some(prev) if off == prev => {
+            shared.duplicates.fetch_add(1, Relaxed);
+        }
+        Some(prev) if off < prev => {
+            shared.reorders.fetch_add(1, Relaxed);
+        }
+        Some(prev) if off > prev + 1 => {
+            shared.gaps.fetch_add(off - prev - 1, Relaxed);
+        }
+        _ => {}
+    }
+    *last = Some(last.map_or(off, |p| p.max(off)));
 }
 
 /// One publisher's schedule.

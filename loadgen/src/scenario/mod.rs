@@ -41,6 +41,9 @@ pub struct Target {
     /// WebSocket, or Server-Sent Events (receive only: subscribers of `fanout`, `unicast`,
     /// `storm`, `connect`).
     pub framing: Framing,
+    /// Keep a second handle on each socket, so that a receive-only subscriber can leave
+    /// glommio for a [`crate::net::Plain`] loop.
+    pub keep_dup: bool,
 }
 
 impl Target {
@@ -73,7 +76,7 @@ impl Target {
         } else {
             Some(self.sources[i % self.sources.len()])
         };
-        let stream = connect_from(source, self.addr)?;
+        let (stream, dup) = connect_from(source, self.addr, self.keep_dup)?;
         let mut path = self.path.clone();
         if let Some(secret) = &self.secret {
             let now = crate::stats::unix_us() / 1_000_000;
@@ -91,7 +94,10 @@ impl Target {
         }
         let t0 = Instant::now();
         if self.framing == Framing::Sse {
-            let client = self.open_sse(stream, path, topic).await?;
+            let mut client = self.open_sse(stream, path, topic).await?;
+            if let Some(dup) = dup {
+                client.keep_dup(dup);
+            }
             let _ = stats
                 .borrow_mut()
                 .handshake
@@ -121,6 +127,9 @@ impl Target {
                     }
                 })?;
             }
+        }
+        if let Some(dup) = dup {
+            client.keep_dup(dup);
         }
         let _ = stats
             .borrow_mut()
