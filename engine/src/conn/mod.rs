@@ -201,11 +201,7 @@ fn admit(shard: &Shard, client: IpAddr) -> Option<Response> {
 /// connection is accepted (WebSocket 101, SSE 200).
 pub(crate) fn customer_full(shard: &Shard, customer: &str, client: IpAddr) -> Option<Response> {
     let limit = shard.shared.config.limits.connections_per_customer;
-    let open = shard
-        .customers
-        .borrow()
-        .get(customer)
-        .map_or(0, |list| list.len());
+    let open = shard.registry.borrow().of_customer(customer).len();
     if limit == 0 || open < limit {
         return None;
     }

@@ -227,9 +227,9 @@ impl Shard {
         self.metrics().receipts.fetch_add(out.len() as u64, Relaxed);
         {
             let mut conns = self.conns.borrow_mut();
-            let customers = self.customers.borrow();
+            let registry = self.registry.borrow();
             for (from, frame) in &out {
-                for &key in customers.get(from).map(Vec::as_slice).unwrap_or(&[]) {
+                for &key in registry.of_customer(from) {
                     if conns.get(key).is_some_and(|c| !c.sse) {
                         self.enqueue(&mut conns, key, frame, None);
                     }

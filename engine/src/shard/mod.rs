@@ -15,6 +15,7 @@ mod mesh;
 pub mod notify;
 pub mod park;
 pub mod presence;
+mod registry;
 mod route;
 #[cfg(test)]
 mod sim;
@@ -137,12 +138,10 @@ pub struct Shard {
     pub shared: Arc<Shared>,
     /// Connections.
     pub conns: RefCell<Slab>,
-    /// Customer -> its connections (all on this shard, its owner).
-    pub customers: RefCell<AHashMap<Rc<str>, Vec<ConnKey>>>,
+    /// Connections by customer (all on this shard, its owner) and by role.
+    pub registry: RefCell<registry::Registry>,
     /// Topic -> local subscribers, and subscriptions waiting for their owner.
     local: RefCell<local_topics::LocalTopics<futures_channel::oneshot::Sender<Joined>>>,
-    /// Role -> local connections whose token has it.
-    pub roles: RefCell<AHashMap<Rc<str>, Subscribers>>,
     /// How events reach the shards (and nodes) that serve their receivers: every routing
     /// decision goes through it.
     pub broker: broker::Broker,
@@ -264,18 +263,7 @@ impl Shard {
             key
         };
         if !customer.is_empty() {
-            let mut customers = self.customers.borrow_mut();
-            let list = customers.entry(customer.clone()).or_default();
-            // Exact growth: most customers have one connection.
-            list.reserve_exact(1);
-            list.push(key);
-            let open = list.len();
-            drop(customers);
-            let mut map = self.roles.borrow_mut();
-            for role in roles {
-                Rc::make_mut(map.entry(Rc::from(role.as_str())).or_default()).push(key);
-            }
-            drop(map);
+            let open = self.registry.borrow_mut().add(key, &customer, roles);
             self.customer_connection(&customer, open, true);
         }
         self.metrics().connections.fetch_add(1, Relaxed);
@@ -308,26 +296,11 @@ impl Shard {
             self.membership(topic, &conn.customer, false);
         }
         if !conn.customer.is_empty() {
-            let mut customers = self.customers.borrow_mut();
-            let mut open = 0;
-            if let Some(list) = customers.get_mut(&conn.customer) {
-                list.retain(|k| *k != key);
-                open = list.len();
-                if list.is_empty() {
-                    customers.remove(&conn.customer);
-                }
-            }
-            drop(customers);
+            let open = self
+                .registry
+                .borrow_mut()
+                .remove(key, &conn.customer, roles);
             self.customer_connection(&conn.customer, open, false);
-            let mut map = self.roles.borrow_mut();
-            for role in roles {
-                if let Some(list) = map.get_mut(role.as_str()) {
-                    Rc::make_mut(list).retain(|k| *k != key);
-                    if list.is_empty() {
-                        map.remove(role.as_str());
-                    }
-                }
-            }
         }
         for topic in topics {
             self.remove_subscriber(topic, key);
@@ -679,9 +652,8 @@ pub fn start(config: Config) -> anyhow::Result<Server> {
                     id,
                     shared: shared.clone(),
                     conns: RefCell::default(),
-                    customers: RefCell::default(),
+                    registry: RefCell::default(),
                     local: RefCell::default(),
-                    roles: RefCell::default(),
                     broker: broker::Broker::Local(broker::local::Local::new(&shared)),
                     dirty: RefCell::default(),
                     held: RefCell::default(),

@@ -109,8 +109,8 @@ impl Members {
         opened
     }
 
-    /// Closes the topic's window: its net change since the last diff, naming at most `cap` customers, or `None`
-    /// when everything cancelled out.
+    /// Closes the topic's window: its net change since the last diff, naming at most `cap`
+    /// customers, or `None` when everything cancelled out.
     pub fn take_diff(&mut self, topic: &str, cap: usize) -> Option<Diff> {
         let m = self.topics.get_mut(topic)?;
         m.window = false;
@@ -314,12 +314,7 @@ impl Shard {
 
     fn customer_json(&self, customer: &str) -> serde_json::Value {
         let conns = self.conns.borrow();
-        let keys = self
-            .customers
-            .borrow()
-            .get(customer)
-            .cloned()
-            .unwrap_or_default();
+        let keys = self.registry.borrow().of_customer(customer).to_vec();
         let p = self.presence.borrow();
         let mut platforms: Vec<&str> = keys
             .iter()

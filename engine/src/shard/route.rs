@@ -513,10 +513,10 @@ impl Shard {
     /// Asks every connection of `customers` to close with `code`; parked long polls return.
     fn close_customers(&self, customers: &[String], code: u16) -> Counts {
         let mut counts = Counts::default();
-        let list = self.customers.borrow();
+        let registry = self.registry.borrow();
         let mut conns = self.conns.borrow_mut();
         for id in customers {
-            for &key in list.get(id.as_str()).map_or(&[][..], Vec::as_slice) {
+            for &key in registry.of_customer(id) {
                 if let Some(c) = conns.get_mut(key) {
                     if c.close_request.is_none() && !c.closing {
                         c.close_request = Some(code);
@@ -558,7 +558,7 @@ impl Shard {
         }
         let list = match &job.target {
             Target::Topic(topic) => self.local.borrow().subscribers(topic.as_str()),
-            Target::Role(role) => self.roles.borrow().get(role.as_str()).cloned(),
+            Target::Role(role) => self.registry.borrow().role(role),
             Target::Broadcast => None,
         };
         let filter = !matches!(job.target, Target::Topic(_));

@@ -399,16 +399,13 @@ impl Shard {
             }
             let keys: Vec<ConnKey> = {
                 let conns = self.conns.borrow();
-                self.customers
+                self.registry
                     .borrow()
-                    .get(id.as_str())
-                    .map(|l| {
-                        l.iter()
-                            .copied()
-                            .filter(|k| conns.get(*k).is_some_and(|c| c.accepts(&event.kind)))
-                            .collect()
-                    })
-                    .unwrap_or_default()
+                    .of_customer(id)
+                    .iter()
+                    .copied()
+                    .filter(|k| conns.get(*k).is_some_and(|c| c.accepts(&event.kind)))
+                    .collect()
             };
             let pollers: Vec<Rc<Poller>> = self
                 .pollers
@@ -578,11 +575,11 @@ impl Shard {
 
     /// Drops expired stored events and empty streams of customers with no connection.
     pub(super) fn sweep_streams(&self) {
-        let customers = self.customers.borrow();
+        let registry = self.registry.borrow();
         let expired = self.streams.borrow_mut().sweep(
             unix_now(),
             self.shared.config.delivery.offline_ttl_secs,
-            |id| customers.contains_key(id),
+            |id| registry.is_connected(id),
         );
         self.metrics().stored_lost.fetch_add(expired, Relaxed);
     }
