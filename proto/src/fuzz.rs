@@ -163,4 +163,6 @@ pub fn bus_message(data: &[u8]) {
     if let Ok(archived) = bus::access(&aligned) {
         let _ = bus::to_owned(archived);
     }
+    // The same bytes as a node-to-node message (envelope, version, unaligned archive).
+    let _ = bus::decode_node(data);
 }

@@ -208,7 +208,8 @@ fn seeds(target: &str) -> Vec<Vec<u8>> {
                 },
             ]
             .iter()
-            .map(|m| bus::encode(m).to_vec())
+            // Each message as a shard archive and as a node-to-node envelope.
+            .flat_map(|m| [bus::encode(m).to_vec(), bus::encode_node(m)])
             .collect()
         }
         other => panic!("no seeds for {other}"),
