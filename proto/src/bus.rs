@@ -257,7 +257,27 @@ pub fn to_owned(archived: &ArchivedShardMsg) -> ShardMsg {
         .expect("a validated archive deserialises")
 }
 
-/// The wire-format version of [`ShardMsg`] between nodes. rkyv archives have no schema
+/// A message between nodes (over NATS in cluster mode).
+#[derive(Debug, Clone, PartialEq, Eq, Archive, Serialize, Deserialize)]
+pub enum NodeMsg {
+    /// A node is alive (sent every `nats.heartbeat_ms`); a node not heard from for
+    /// `nats.node_timeout_ms` is taken as gone.
+    Heartbeat {
+        /// The sender's `broker.node_id`.
+        node: String,
+        /// The sender is draining: it is leaving and takes no new connections.
+        draining: bool,
+    },
+    /// A node leaves now (a drain's end): forget it without waiting for the timeout.
+    Leaving {
+        /// The sender's `broker.node_id`.
+        node: String,
+    },
+    /// A shard message routed to another node.
+    Shard(ShardMsg),
+}
+
+/// The wire-format version of [`NodeMsg`] between nodes. rkyv archives have no schema
 /// evolution: a node must not read another version's bytes as its own. Bump it whenever
 /// `ShardMsg` or anything it contains changes shape.
 pub const WIRE_VERSION: u8 = 1;
@@ -287,8 +307,9 @@ pub enum NodeError {
 }
 
 /// Encodes a message for another node: the envelope header, then the archive.
-pub fn encode_node(msg: &ShardMsg) -> Vec<u8> {
-    let archive = encode(msg);
+pub fn encode_node(msg: &NodeMsg) -> Vec<u8> {
+    let archive = rkyv::to_bytes::<rancor::Error>(msg)
+        .expect("serialising owned strings and integers cannot fail");
     let mut out = Vec::with_capacity(HEADER + archive.len());
     out.extend_from_slice(&MAGIC);
     out.push(WIRE_VERSION);
@@ -300,7 +321,7 @@ pub fn encode_node(msg: &ShardMsg) -> Vec<u8> {
 /// Reads a message from another node: checks the envelope and the version, copies the archive
 /// into an aligned buffer (bytes from a network client come at any alignment), validates it
 /// and deserialises it.
-pub fn decode_node(bytes: &[u8]) -> Result<ShardMsg, NodeError> {
+pub fn decode_node(bytes: &[u8]) -> Result<NodeMsg, NodeError> {
     if bytes.len() < HEADER {
         return Err(NodeError::Short(bytes.len()));
     }
@@ -312,8 +333,10 @@ pub fn decode_node(bytes: &[u8]) -> Result<ShardMsg, NodeError> {
     }
     let mut aligned = AlignedVec::<16>::with_capacity(bytes.len() - HEADER);
     aligned.extend_from_slice(&bytes[HEADER..]);
-    let archived = access(&aligned).map_err(|e| NodeError::Invalid(e.to_string()))?;
-    Ok(to_owned(archived))
+    let archived = rkyv::access::<ArchivedNodeMsg, rancor::Error>(&aligned)
+        .map_err(|e| NodeError::Invalid(e.to_string()))?;
+    Ok(rkyv::deserialize::<NodeMsg, rancor::Error>(archived)
+        .expect("a validated archive deserialises"))
 }
 
 #[cfg(test)]
@@ -398,7 +421,7 @@ mod tests {
 
     #[test]
     fn node_messages_carry_their_version_and_refuse_others() {
-        let msg = ShardMsg::Interest {
+        let msg = NodeMsg::Shard(ShardMsg::Interest {
             topic: "room:1".into(),
             from: 2,
             on: true,
@@ -406,7 +429,7 @@ mod tests {
             since: None,
             last: 3,
             member: "alice".into(),
-        };
+        });
         let bytes = encode_node(&msg);
         assert_eq!(&bytes[..3], &[b'r', b'c', WIRE_VERSION]);
         assert_eq!(decode_node(&bytes), Ok(msg.clone()));
@@ -414,6 +437,11 @@ mod tests {
         let mut shifted = vec![0u8];
         shifted.extend_from_slice(&bytes);
         assert_eq!(decode_node(&shifted[1..]), Ok(msg));
+        let hb = NodeMsg::Heartbeat {
+            node: "n1".into(),
+            draining: true,
+        };
+        assert_eq!(decode_node(&encode_node(&hb)), Ok(hb));
         let mut other = bytes.clone();
         other[2] = WIRE_VERSION + 1;
         assert_eq!(

@@ -209,7 +209,12 @@ fn seeds(target: &str) -> Vec<Vec<u8>> {
             ]
             .iter()
             // Each message as a shard archive and as a node-to-node envelope.
-            .flat_map(|m| [bus::encode(m).to_vec(), bus::encode_node(m)])
+            .flat_map(|m| {
+                [
+                    bus::encode(m).to_vec(),
+                    bus::encode_node(&bus::NodeMsg::Shard(m.clone())),
+                ]
+            })
             .collect()
         }
         other => panic!("no seeds for {other}"),
