@@ -37,6 +37,70 @@ pub struct Config {
     pub diagnostics: Diagnostics,
     /// `[log]`
     pub log: Log,
+    /// `[broker]`
+    pub broker: Broker,
+    /// `[nats]`
+    pub nats: Nats,
+}
+
+/// `[broker]`: how events reach the shards (and nodes) that serve their receivers.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Broker {
+    /// `local` (the default: one process, nothing else needed) or `nats` (a node of a
+    /// cluster joined through NATS; see `[nats]`).
+    pub kind: BrokerKind,
+    /// This node's name in the cluster. Empty = `<hostname>-<listen port>`.
+    pub node_id: String,
+}
+
+/// Which broker a node runs.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum BrokerKind {
+    /// One process.
+    #[default]
+    Local,
+    /// A node of a cluster joined through NATS.
+    Nats,
+}
+
+impl std::str::FromStr for BrokerKind {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        match s.trim() {
+            "local" => Ok(BrokerKind::Local),
+            "nats" => Ok(BrokerKind::Nats),
+            other => bail!("broker.kind must be local or nats, not {other:?}"),
+        }
+    }
+}
+
+/// `[nats]`: the NATS servers of a cluster (`broker.kind = "nats"`).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Nats {
+    /// Server URLs, tried in turn (`nats://host:4222`).
+    pub servers: Vec<String>,
+    /// First token of every subject this cluster uses, so several clusters can share one
+    /// NATS deployment.
+    pub prefix: String,
+    /// Milliseconds between a node's heartbeats.
+    pub heartbeat_ms: u64,
+    /// Milliseconds without a heartbeat after which a node is taken as gone. Default 3,500:
+    /// three missed heartbeats and some slack.
+    pub node_timeout_ms: u64,
+}
+
+impl Default for Nats {
+    fn default() -> Self {
+        Nats {
+            servers: vec!["nats://127.0.0.1:4222".into()],
+            prefix: "rc".into(),
+            heartbeat_ms: 1000,
+            node_timeout_ms: 3500,
+        }
+    }
 }
 
 /// `[server]`: sockets, shards, timers.
@@ -452,6 +516,9 @@ const SHORT_ENV: &[(&str, &str)] = &[
     ("RINGCAST_JWT_SECRET", "auth.jwt_secret"),
     ("RINGCAST_API_KEY", "auth.api_key"),
     ("RINGCAST_DIAGNOSTICS_ECHO", "diagnostics.echo"),
+    ("RINGCAST_BROKER", "broker.kind"),
+    ("RINGCAST_NODE_ID", "broker.node_id"),
+    ("RINGCAST_NATS_URL", "nats.servers"),
 ];
 
 impl Config {
@@ -593,6 +660,12 @@ impl Config {
             "diagnostics.echo_max_message" => self.diagnostics.echo_max_message = num(value)?,
             "log.format" => self.log.format = value.parse()?,
             "log.level" => self.log.level = value.into(),
+            "broker.kind" => self.broker.kind = value.parse()?,
+            "broker.node_id" => self.broker.node_id = value.into(),
+            "nats.servers" => self.nats.servers = list(value),
+            "nats.prefix" => self.nats.prefix = value.into(),
+            "nats.heartbeat_ms" => self.nats.heartbeat_ms = num(value)?,
+            "nats.node_timeout_ms" => self.nats.node_timeout_ms = num(value)?,
             _ => bail!("unknown setting {key}"),
         }
         Ok(())
@@ -625,7 +698,42 @@ impl Config {
         if self.server.proxy_protocol && self.server.trusted_proxies.is_empty() {
             bail!("server.proxy_protocol needs server.trusted_proxies (whose headers to believe)");
         }
+        if self.broker.kind == BrokerKind::Nats {
+            if self.nats.servers.is_empty() {
+                bail!("broker.kind = \"nats\" needs nats.servers");
+            }
+            let token = |s: &str| {
+                !s.is_empty()
+                    && s.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            };
+            if !token(&self.nats.prefix) {
+                bail!("nats.prefix must be letters, digits, - or _ (one subject token)");
+            }
+            if !self.broker.node_id.is_empty() && !token(&self.broker.node_id) {
+                bail!("broker.node_id must be letters, digits, - or _");
+            }
+            if self.nats.heartbeat_ms == 0 || self.nats.node_timeout_ms <= self.nats.heartbeat_ms {
+                bail!("nats.node_timeout_ms must exceed nats.heartbeat_ms (> 0)");
+            }
+        }
         Ok(())
+    }
+
+    /// This node's id: `broker.node_id`, else `<hostname>-<port>` with the port the listener
+    /// is bound to (a host's processes differ by port).
+    pub fn node_id(&self, port: u16) -> String {
+        if !self.broker.node_id.is_empty() {
+            return self.broker.node_id.clone();
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_default();
+        let host: String = host
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .collect();
+        format!("{}-{port}", if host.is_empty() { "node" } else { &host })
     }
 
     /// `server.trusted_proxies`, parsed.

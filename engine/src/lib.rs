@@ -14,6 +14,7 @@
 #![deny(unsafe_code)]
 
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod conn;
 pub mod faults;

@@ -139,7 +139,11 @@ fn sum(shards: &[ShardMetrics], f: impl Fn(&ShardMetrics) -> u64) -> u64 {
 }
 
 /// Renders all shards' metrics in the Prometheus text format.
-pub fn render_prometheus(shards: &[ShardMetrics], rss: Option<u64>) -> String {
+pub fn render_prometheus(
+    shards: &[ShardMetrics],
+    rss: Option<u64>,
+    bus: Option<&crate::cluster::BusState>,
+) -> String {
     let mut out = String::with_capacity(4096);
     let mut gauge = |name: &str, help: &str, kind: &str| {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -372,6 +376,26 @@ pub fn render_prometheus(shards: &[ShardMetrics], rss: Option<u64>) -> String {
     );
     if let Some(rss) = rss {
         let _ = writeln!(out, "# HELP ringcast_resident_memory_bytes Resident set size.\n# TYPE ringcast_resident_memory_bytes gauge\nringcast_resident_memory_bytes {rss}");
+    }
+    if let Some(bus) = bus {
+        let _ = writeln!(
+            out,
+            "# HELP ringcast_nats_connected 1 while the node is connected to NATS.\n\
+             # TYPE ringcast_nats_connected gauge\nringcast_nats_connected {}\n\
+             # HELP ringcast_cluster_nodes Nodes alive (heartbeats heard within nats.node_timeout_ms), this one included.\n\
+             # TYPE ringcast_cluster_nodes gauge\nringcast_cluster_nodes {}\n\
+             # HELP ringcast_node_heartbeats_sent_total Heartbeats this node sent.\n\
+             # TYPE ringcast_node_heartbeats_sent_total counter\nringcast_node_heartbeats_sent_total {}\n\
+             # HELP ringcast_node_messages_refused_total Node messages dropped unread, by reason.\n\
+             # TYPE ringcast_node_messages_refused_total counter\n\
+             ringcast_node_messages_refused_total{{reason=\"version\"}} {}\n\
+             ringcast_node_messages_refused_total{{reason=\"invalid\"}} {}",
+            u8::from(bus.connected.load(Relaxed)),
+            bus.nodes.load(Relaxed),
+            bus.heartbeats_sent.load(Relaxed),
+            bus.refused_version.load(Relaxed),
+            bus.refused_invalid.load(Relaxed),
+        );
     }
     out
 }

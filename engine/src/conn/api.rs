@@ -198,6 +198,14 @@ async fn handle(shard: &Rc<Shard>, head: &Head, body: Vec<u8>) -> Response {
         Route::Ready => {
             if shard.draining() {
                 Response::json(503, r#"{"status":"draining"}"#)
+            } else if shared
+                .bus
+                .as_ref()
+                .is_some_and(|b| !b.connected.load(std::sync::atomic::Ordering::Relaxed))
+            {
+                // A cluster node that cannot reach NATS would serve its clients without the
+                // rest of the cluster: the load balancer should send them elsewhere.
+                Response::json(503, r#"{"status":"nats unreachable"}"#)
             } else {
                 Response::json(200, r#"{"status":"ready"}"#)
             }
@@ -212,7 +220,11 @@ async fn handle(shard: &Rc<Shard>, head: &Head, body: Vec<u8>) -> Response {
         Route::Metrics => Response::text(
             200,
             "text/plain; version=0.0.4",
-            metrics::render_prometheus(&shared.metrics, crate::io::rss_bytes()),
+            metrics::render_prometheus(
+                &shared.metrics,
+                crate::io::rss_bytes(),
+                shared.bus.as_deref(),
+            ),
         ),
         Route::Stats => {
             let out = metrics::stats(

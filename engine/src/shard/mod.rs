@@ -87,6 +87,8 @@ pub struct Shared {
     pub trusted: Vec<proto::proxy::IpNet>,
     /// `limits.exempt_ips`, parsed.
     pub exempt: Vec<proto::proxy::IpNet>,
+    /// The cluster bus (`broker.kind = "nats"`), none for a single process.
+    pub bus: Option<Arc<crate::cluster::BusState>>,
 }
 
 impl Shared {
@@ -519,6 +521,9 @@ impl Server {
     /// Starts draining: `/readyz` turns 503, listeners close, connections get 1001.
     pub fn drain(&self) {
         self.shared.draining.store(true, Relaxed);
+        if let Some(bus) = &self.shared.bus {
+            bus.draining.store(true, Relaxed);
+        }
     }
 
     /// Waits for every shard to finish.
@@ -600,6 +605,13 @@ pub fn start(config: Config) -> anyhow::Result<Server> {
         heads: crate::limits::HeadTable::default(),
         trusted: config.trusted_proxies()?,
         exempt: config.exempt_ips()?,
+        bus: match config.broker.kind {
+            crate::config::BrokerKind::Local => None,
+            crate::config::BrokerKind::Nats => Some(crate::cluster::start(
+                &config,
+                config.node_id(listen.port()),
+            )?),
+        },
         config,
     });
     let mesh_builder =

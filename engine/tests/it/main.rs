@@ -6,6 +6,7 @@ mod util;
 mod api;
 mod auth;
 mod chat;
+mod cluster;
 mod delivery;
 mod lifecycle;
 mod limits;
