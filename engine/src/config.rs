@@ -702,6 +702,11 @@ impl Config {
             if self.nats.servers.is_empty() {
                 bail!("broker.kind = \"nats\" needs nats.servers");
             }
+            for url in &self.nats.servers {
+                if url.parse::<async_nats::ServerAddr>().is_err() {
+                    bail!("nats.servers: {url:?} is not a NATS URL (nats://host:port)");
+                }
+            }
             let token = |s: &str| {
                 !s.is_empty()
                     && s.bytes()
@@ -893,6 +898,43 @@ mod tests {
             bad.is_err(),
             "an algorithm the file names must be one we pin"
         );
+    }
+
+    #[test]
+    fn cluster_settings_are_checked_when_the_broker_is_nats() {
+        let nats = |extra: &[(&str, &str)]| {
+            let mut pairs = vec![("RINGCAST_BROKER", "nats")];
+            pairs.extend_from_slice(extra);
+            Config::load(None, env(&pairs)).and_then(|c| c.validate().map(|()| c))
+        };
+        let c = nats(&[
+            (
+                "RINGCAST_NATS_URL",
+                "nats://10.0.0.1:4222, nats://10.0.0.2:4222",
+            ),
+            ("RINGCAST_NODE_ID", "node-1"),
+            ("RINGCAST_NATS_PREFIX", "prod_a"),
+        ])
+        .unwrap();
+        assert_eq!(c.broker.kind, BrokerKind::Nats);
+        assert_eq!(c.nats.servers.len(), 2);
+        assert_eq!(c.node_id(8080), "node-1");
+        assert!(nats(&[]).is_ok(), "the default server is local");
+        for (key, value, says) in [
+            ("RINGCAST_NATS_URL", "", "needs nats.servers"),
+            ("RINGCAST_NATS_URL", "http://x:1", "not a NATS URL"),
+            ("RINGCAST_NATS_PREFIX", "a.b", "nats.prefix"),
+            ("RINGCAST_NODE_ID", "a b", "broker.node_id"),
+            ("RINGCAST_NATS_NODE_TIMEOUT_MS", "500", "node_timeout_ms"),
+        ] {
+            let e = nats(&[(key, value)]).unwrap_err();
+            assert!(format!("{e:#}").contains(says), "{key}={value}: {e:#}");
+        }
+        let e = Config::load(None, env(&[("RINGCAST_BROKER", "redis")])).unwrap_err();
+        assert!(format!("{e:#}").contains("local or nats"), "{e:#}");
+        // Unset, the node id comes from the host and the bound port.
+        let local = Config::load(None, env(&[])).unwrap();
+        assert!(local.node_id(9001).ends_with("-9001"));
     }
 
     #[test]
