@@ -144,6 +144,10 @@ pub struct Server {
     /// Capacity of each cross-shard channel, in messages. Default 4096; overflow is queued,
     /// never dropped.
     pub mesh_capacity: usize,
+    /// Shortest time, in microseconds, between two flush rounds of a busy shard: frames
+    /// fanned out meanwhile leave together, one write per socket. Default 1000. A quiet shard
+    /// flushes at once whatever this is.
+    pub flush_window_us: u64,
     /// Load balancers whose word about the client's address is believed (CIDR ranges or
     /// addresses): their `X-Forwarded-For`, and their PROXY header with `proxy_protocol`.
     /// Default none: the TCP peer is the client, and the headers are ignored.
@@ -452,6 +456,7 @@ impl Default for Server {
             io_memory_kib: 512,
             ring_depth: 1024,
             mesh_capacity: 4096,
+            flush_window_us: 1000,
             trusted_proxies: Vec::new(),
             proxy_protocol: false,
         }
@@ -605,6 +610,7 @@ impl Config {
             "server.io_memory_kib" => self.server.io_memory_kib = num(value)?,
             "server.ring_depth" => self.server.ring_depth = num(value)?,
             "server.mesh_capacity" => self.server.mesh_capacity = num(value)?,
+            "server.flush_window_us" => self.server.flush_window_us = num(value)?,
             "server.trusted_proxies" => self.server.trusted_proxies = list(value),
             "server.proxy_protocol" => self.server.proxy_protocol = flag(value)?,
             "auth.jwt_algorithm" => self.auth.jwt_algorithm = value.parse()?,

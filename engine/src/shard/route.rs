@@ -171,9 +171,6 @@ pub enum Joined {
 /// Connections visited between checks for preemption during a fan-out.
 const CHUNK: usize = 256;
 
-/// Shortest time between two flush rounds of a busy shard (see `Shard::fanout_task`).
-const FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_micros(1000);
-
 /// Subscription requests a connection has in flight at once (see `subscribe_topics`).
 const SUBSCRIBE_WINDOW: usize = 8;
 
@@ -440,6 +437,8 @@ impl Shard {
 
     /// Runs jobs in arrival order, then flushes every touched connection once.
     pub(super) async fn fanout_task(self: Rc<Self>) {
+        // Shortest time between two flush rounds of a busy shard (`server.flush_window_us`).
+        let window = std::time::Duration::from_micros(self.shared.config.server.flush_window_us);
         let mut last_flush = Instant::now();
         loop {
             self.deliver_notify.wait().await;
@@ -447,8 +446,8 @@ impl Shard {
             // the interval, so several publishes' frames leave in one write per socket. A
             // quiet shard flushes at once.
             let since = last_flush.elapsed();
-            if since < FLUSH_INTERVAL {
-                glommio::timer::sleep(FLUSH_INTERVAL - since).await;
+            if since < window {
+                glommio::timer::sleep(window - since).await;
             }
             loop {
                 let Some(job) = self.deliveries.borrow_mut().pop_front() else {
