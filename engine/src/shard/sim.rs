@@ -592,8 +592,10 @@ impl Sim {
     }
 }
 
-/// Runs one seed; panics on a broken invariant, naming the seed.
-fn run_seed(seed: u64) {
+/// Runs `run` for the seed in `RINGCAST_SIM_SEED` (one failing schedule, replayed), else for
+/// seeds `0..RINGCAST_SIM_SEEDS` (default 10,000); a seed whose run panics is named on stderr.
+/// Returns how many seeds ran. Every simulation's test uses it.
+pub(super) fn for_seeds(mut run: impl FnMut(u64)) -> u64 {
     struct Name(u64);
     impl Drop for Name {
         fn drop(&mut self) {
@@ -602,24 +604,33 @@ fn run_seed(seed: u64) {
             }
         }
     }
-    let _name = Name(seed);
-    let mut sim = Sim::new(seed);
-    sim.run(150);
-    sim.check(seed);
+    let seeds = match std::env::var("RINGCAST_SIM_SEED") {
+        Ok(seed) => {
+            let seed = seed.parse().expect("a u64 seed");
+            seed..seed + 1
+        }
+        Err(_) => {
+            0..std::env::var("RINGCAST_SIM_SEEDS")
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(10_000)
+        }
+    };
+    let n = seeds.end - seeds.start;
+    for seed in seeds {
+        let _name = Name(seed);
+        run(seed);
+    }
+    n
 }
 
 #[test]
 fn topic_path_invariants_hold_under_every_interleaving() {
-    if let Ok(seed) = std::env::var("RINGCAST_SIM_SEED") {
-        return run_seed(seed.parse().expect("a u64 seed"));
-    }
-    let seeds: u64 = std::env::var("RINGCAST_SIM_SEEDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(10_000);
-    for seed in 0..seeds {
-        run_seed(seed);
-    }
+    for_seeds(|seed| {
+        let mut sim = Sim::new(seed);
+        sim.run(150);
+        sim.check(seed);
+    });
 }
 
 #[test]
