@@ -671,30 +671,12 @@ async fn receiver(
             }
         }
         let now = unix_us();
-        let mut pongs = Vec::new();
-        let mut close_code = None;
-        let mut got = 0;
+        let mut batch = Batch::default();
         let res = {
             let mut st = stats.borrow_mut();
-            client.drain(|m| match m {
-                Incoming::Text(t) => {
-                    let Some(ts) = fields.ts(t) else { return };
-                    let _ = st.latency.record(now.saturating_sub(ts).max(1));
-                    got += 1;
-                    // Servers that number a topic's events (ringcast's `offset`) are checked for
-                    // order: each subscriber must see offsets rise by exactly one.
-                    if let Some(off) = fields.offset(t) {
-                        check_order(&shared, &mut last_offset, off);
-                    }
-                }
-                Incoming::Ping(p) => pongs.push(p.to_vec()),
-                Incoming::Close(code) => close_code = Some(code),
-                Incoming::Other => {}
-            })
+            client.drain(|m| batch.take(m, now, &fields, &mut st, &shared, &mut last_offset))
         };
-        // Counted on this thread; `count_task` adds them to the shared counters every few
-        // milliseconds, so the threads do not contend for one cache line per read.
-        UNCOUNTED.set(UNCOUNTED.get() + got);
+        let (pongs, close_code) = (batch.pongs, batch.close);
         if let Some(code) = close_code {
             if shared.closed.fetch_add(1, Relaxed) < 5 {
                 eprintln!("server closed a subscriber with {code}");
@@ -769,27 +751,13 @@ fn receive_plain(
                     }
                 };
                 let now = unix_us();
-                let mut pongs = Vec::new();
-                let mut close_code = None;
-                let mut got = 0;
+                let mut batch = Batch::default();
                 let last = &mut last_offset[i];
                 let res = {
                     let mut st = stats.borrow_mut();
-                    c.drain(|m| match m {
-                        Incoming::Text(t) => {
-                            let Some(ts) = fields.ts(t) else { return };
-                            let _ = st.latency.record(now.saturating_sub(ts).max(1));
-                            got += 1;
-                            if let Some(off) = fields.offset(t) {
-                                check_order(shared, last, off);
-                            }
-                        }
-                        Incoming::Ping(p) => pongs.push(p.to_vec()),
-                        Incoming::Close(code) => close_code = Some(code),
-                        Incoming::Other => {}
-                    })
+                    c.drain(|m| batch.take(m, now, &fields, &mut st, shared, last))
                 };
-                UNCOUNTED.set(UNCOUNTED.get() + got);
+                let (pongs, close_code) = (batch.pongs, batch.close);
                 for p in pongs {
                     mask ^= mask << 13;
                     mask ^= mask >> 17;
@@ -835,6 +803,46 @@ fn receive_plain(
         ready.extend(events.iter().map(|e| e.token().0));
     }
     count(shared);
+}
+
+/// What one read of a subscriber held, besides the events it timed.
+#[derive(Default)]
+struct Batch {
+    /// Pings to answer.
+    pongs: Vec<Vec<u8>>,
+    /// The server closed with this code.
+    close: Option<u16>,
+}
+
+impl Batch {
+    /// One decoded message: an event is timed (arrival `now`, µs) and order-checked, and
+    /// counted on this thread (`count` adds the thread's counts to the shared ones every few
+    /// milliseconds, so threads do not contend for one cache line per read).
+    fn take(
+        &mut self,
+        m: Incoming<'_>,
+        now: u64,
+        fields: &crate::net::Fields,
+        st: &mut ThreadStats,
+        shared: &Shared,
+        last: &mut Option<u64>,
+    ) {
+        match m {
+            Incoming::Text(t) => {
+                let Some(ts) = fields.ts(t) else { return };
+                let _ = st.latency.record(now.saturating_sub(ts).max(1));
+                UNCOUNTED.set(UNCOUNTED.get() + 1);
+                // Servers that number a topic's events (ringcast's `offset`) are checked for
+                // order: each subscriber must see offsets rise by exactly one.
+                if let Some(off) = fields.offset(t) {
+                    check_order(shared, last, off);
+                }
+            }
+            Incoming::Ping(p) => self.pongs.push(p.to_vec()),
+            Incoming::Close(code) => self.close = Some(code),
+            Incoming::Other => {}
+        }
+    }
 }
 
 /// Checks a ringcast topic offset against the subscriber's last one: each must rise by exactly
