@@ -19,7 +19,7 @@ use super::{
 };
 
 /// Frames of one event, encoded once per transport.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct Payload {
     /// The WebSocket text frame.
     pub ws: Frame,

@@ -297,7 +297,7 @@ impl TopicOwner {
     }
 }
 
-fn set_bit(bits: &mut Vec<u64>, i: usize, on: bool) {
+pub(super) fn set_bit(bits: &mut Vec<u64>, i: usize, on: bool) {
     if bits.len() <= i / 64 {
         bits.resize(i / 64 + 1, 0);
     }
@@ -308,7 +308,7 @@ fn set_bit(bits: &mut Vec<u64>, i: usize, on: bool) {
     }
 }
 
-fn ones(bits: &[u64]) -> impl Iterator<Item = usize> + '_ {
+pub(super) fn ones(bits: &[u64]) -> impl Iterator<Item = usize> + '_ {
     bits.iter().enumerate().flat_map(|(w, &word)| {
         (0..64)
             .filter(move |b| word & (1 << b) != 0)

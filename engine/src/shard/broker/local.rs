@@ -388,17 +388,8 @@ impl Local {
 
     /// Passes an ephemeral event on to the shards with subscribers, behind the topic's events.
     pub(super) fn on_ephemeral(&self, shard: &Shard, topic: &str, except: &str, payload: Payload) {
-        let Some(shards) = self.owner.borrow().interested(topic) else {
-            return;
-        };
-        for to in shards {
-            let msg = ShardMsg::Ephemeral {
-                topic: topic.to_owned(),
-                except: except.to_owned(),
-                forward: false,
-            };
-            shard.send_msg(to, &msg, Some(payload.clone()), None);
-        }
+        let shards = self.owner.borrow().interested(topic);
+        pass_ephemeral(shard, shards, topic, except, payload);
     }
 
     pub(super) fn sweep(&self, shard: &Shard, budget: usize, shrink: bool) {
@@ -427,4 +418,26 @@ fn by_owner(customers: &[String], n: usize) -> AHashMap<usize, Vec<String>> {
         out.entry(owner_shard(c, n)).or_default().push(c.clone());
     }
     out
+}
+
+/// Passes an ephemeral event on to `shards` (those with subscribers of `topic`), behind the
+/// topic's events on the same channels.
+pub(super) fn pass_ephemeral(
+    shard: &Shard,
+    shards: Option<Vec<usize>>,
+    topic: &str,
+    except: &str,
+    payload: Payload,
+) {
+    let Some(shards) = shards else {
+        return;
+    };
+    for to in shards {
+        let msg = ShardMsg::Ephemeral {
+            topic: topic.to_owned(),
+            except: except.to_owned(),
+            forward: false,
+        };
+        shard.send_msg(to, &msg, Some(payload.clone()), None);
+    }
 }
