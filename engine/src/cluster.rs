@@ -1,30 +1,42 @@
 //! Cluster mode's bus: the node's one connection to NATS (`broker.kind = "nats"`).
 //!
 //! async-nats needs tokio, and the shards run glommio, so the client lives on one dedicated
-//! thread (`ringcast-bus`, a tokio current-thread runtime) off the shard cores; shards and
-//! the HTTP handlers see its state through [`BusState`]'s atomics.
+//! thread (`ringcast-bus`, a tokio current-thread runtime) off the shard cores. Shards send it
+//! [`BusCmd`]s over one channel and get [`BusIn`]s back over one channel each; the HTTP
+//! handlers see its state through [`BusState`]'s atomics.
 //!
-//! What it does so far: it keeps the NATS connection (reconnecting on its own, `/readyz`
-//! answers 503 while it is down), sends this node's heartbeat every `nats.heartbeat_ms` on
-//! `<prefix>.node.hb`, and keeps the table of live nodes from everyone's heartbeats: a node
-//! not heard from for `nats.node_timeout_ms` is gone, one that says `Leaving` is gone at once.
+//! What it does:
+//! - keeps the NATS connection (reconnecting on its own; `/readyz` answers 503 while it is
+//!   down), sends this node's heartbeat every `nats.heartbeat_ms` on `<prefix>.node.hb` and
+//!   keeps the table of live nodes (a node not heard from for `nats.node_timeout_ms` is gone,
+//!   one that says `Leaving` is gone at once);
+//! - keeps the JetStream history stream (`<PREFIX>_H`, subjects `<prefix>.h.<topic>`): every
+//!   topic event is written there once, and the stream numbers it (the topic offset) and
+//!   republishes it on `<prefix>.t.<topic>`, to which each node serving the topic holds one
+//!   subscription (`Watch`, asked by the topic's owner shard);
+//! - reads the stream back for recovery and to fill gaps (batch Direct Get, no consumers).
+//!
 //! Every message is a versioned `proto::bus::NodeMsg`; one of another wire-format version, or
-//! one that fails validation, is counted and dropped. Routing events between nodes is not
-//! done yet: a `nats` node delivers to its own clients only.
+//! one that fails validation, is counted and dropped.
 
 use std::{
     collections::HashMap,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
-        Arc,
+        Arc, Mutex, OnceLock,
     },
     time::{Duration, Instant},
 };
 
+use async_nats::{jetstream, HeaderMap};
 use futures_lite::StreamExt as _;
-use proto::bus::{decode_node, encode_node, NodeError, NodeMsg};
+use proto::bus::{decode_node, encode_node, subject_token, NodeError, NodeMsg};
+use tokio::sync::{mpsc, oneshot};
 
-use crate::config::Config;
+use crate::{
+    config::Config,
+    shard::relay::{Fetched, Live},
+};
 
 /// What the bus thread tells the rest of the process.
 #[derive(Debug, Default)]
@@ -33,6 +45,11 @@ pub struct BusState {
     pub node_id: String,
     /// Connected to a NATS server now.
     pub connected: AtomicBool,
+    /// The history stream exists and answered.
+    pub stream_ready: AtomicBool,
+    /// The history stream's identity (its creation time): the epoch of topic offsets. A
+    /// stream deleted and created again numbers from 1 again, under a new epoch.
+    pub epoch: OnceLock<String>,
     /// Nodes alive, this one included once its own heartbeat has come back through NATS.
     pub nodes: AtomicU64,
     /// Heartbeats sent.
@@ -41,29 +58,158 @@ pub struct BusState {
     pub refused_version: AtomicU64,
     /// Node messages refused: not a ringcast message, or an archive that failed validation.
     pub refused_invalid: AtomicU64,
+    /// Topic events JetStream did not take (the API answered 503).
+    pub publish_failures: AtomicU64,
     /// Set when the node drains: the next heartbeats say so, then it sends `Leaving`.
     pub draining: AtomicBool,
+    /// Topics this node holds a live subscription to.
+    pub watched: AtomicU64,
+    /// Commands from the shards.
+    cmd: Option<mpsc::UnboundedSender<BusCmd>>,
+    /// Each shard's inbound channel, taken by the shard when it starts.
+    inbound: Mutex<Vec<Option<mpsc::Receiver<BusIn>>>>,
 }
 
-/// Starts the bus thread. Returns at once; the connection comes up (and comes back after a
-/// loss) in the background.
-pub fn start(config: &Config, node_id: String) -> anyhow::Result<Arc<BusState>> {
+impl BusState {
+    /// Hands the bus a command (dropped if the bus thread is gone: cluster mode is off).
+    pub fn send(&self, cmd: BusCmd) {
+        if let Some(tx) = &self.cmd {
+            let _ = tx.send(cmd);
+        }
+    }
+
+    /// Shard `shard`'s inbound channel (once).
+    pub fn take_inbound(&self, shard: usize) -> Option<mpsc::Receiver<BusIn>> {
+        self.inbound.lock().ok()?.get_mut(shard)?.take()
+    }
+
+    /// The epoch of topic offsets ("" until the history stream has answered).
+    pub fn epoch(&self) -> &str {
+        self.epoch.get().map_or("", String::as_str)
+    }
+}
+
+/// What a shard asks of the bus.
+#[derive(Debug)]
+pub enum BusCmd {
+    /// Write a topic event to the history stream; answers with its sequence once JetStream
+    /// has it.
+    Publish {
+        /// The topic.
+        topic: String,
+        /// The encoded `NodeMsg::TopicEvent`.
+        body: Vec<u8>,
+        /// A publisher-chosen id: JetStream drops a repeat within the dedupe window.
+        msg_id: Option<String>,
+        /// The answer.
+        reply: oneshot::Sender<Result<Accepted, String>>,
+    },
+    /// Subscribe to a topic's live subject for shard `shard` (its owner here), then tell it
+    /// the stream's position (`BusIn::Synced`).
+    Watch {
+        /// The topic.
+        topic: String,
+        /// The owner shard.
+        shard: usize,
+    },
+    /// Drop the subscription.
+    Unwatch {
+        /// The topic.
+        topic: String,
+    },
+    /// Read a topic's stored events after `after` (at most `max`) for shard `shard`.
+    Fetch {
+        /// The topic.
+        topic: String,
+        /// The asking shard.
+        shard: usize,
+        /// Echoed in `BusIn::Fetched`.
+        id: u64,
+        /// The last sequence not wanted.
+        after: u64,
+        /// At most this many.
+        max: usize,
+    },
+}
+
+/// JetStream took an event.
+#[derive(Debug, Clone, Copy)]
+pub struct Accepted {
+    /// Its stream sequence: the topic offset.
+    pub seq: u64,
+    /// A publisher-chosen id seen within the dedupe window: not stored again.
+    pub duplicate: bool,
+}
+
+/// What the bus hands a shard.
+#[derive(Debug)]
+pub enum BusIn {
+    /// Subscribed to `topic`; every event above `position` will arrive live.
+    Synced {
+        /// The topic.
+        topic: String,
+        /// The stream's last sequence after the subscription was in place.
+        position: u64,
+    },
+    /// A topic event from the live subject.
+    Live {
+        /// The topic.
+        topic: String,
+        /// The event.
+        live: Live,
+    },
+    /// A fetch's answer.
+    Fetched {
+        /// The topic.
+        topic: String,
+        /// The fetch id.
+        id: u64,
+        /// What it found.
+        fetched: Fetched,
+    },
+}
+
+/// Starts the bus thread for `shards` shards. Returns at once; the connection comes up (and
+/// comes back after a loss) in the background.
+pub fn start(config: &Config, node_id: String, shards: usize) -> anyhow::Result<Arc<BusState>> {
+    let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+    let (senders, receivers): (Vec<_>, Vec<_>) = (0..shards).map(|_| mpsc::channel(65_536)).unzip();
     let state = Arc::new(BusState {
         node_id,
+        cmd: Some(cmd_tx),
+        inbound: Mutex::new(receivers.into_iter().map(Some).collect()),
         ..BusState::default()
     });
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let (servers, nats) = (config.nats.servers.clone(), config.nats.clone());
+    let setup = Setup {
+        servers: config.nats.servers.clone(),
+        nats: config.nats.clone(),
+        max_age: Duration::from_secs(config.history_max_age().max(1)),
+        dedupe_window: Duration::from_secs(config.delivery.dedupe_window_secs.max(1)),
+    };
     let thread_state = state.clone();
     std::thread::Builder::new()
         .name("ringcast-bus".into())
-        .spawn(move || runtime.block_on(run(servers, nats, thread_state)))?;
+        .spawn(move || runtime.block_on(run(setup, thread_state, cmd_rx, senders)))?;
     Ok(state)
 }
 
-async fn run(servers: Vec<String>, nats: crate::config::Nats, state: Arc<BusState>) {
+/// What the bus thread needs from the configuration.
+struct Setup {
+    servers: Vec<String>,
+    nats: crate::config::Nats,
+    max_age: Duration,
+    dedupe_window: Duration,
+}
+
+async fn run(
+    setup: Setup,
+    state: Arc<BusState>,
+    mut cmds: mpsc::UnboundedReceiver<BusCmd>,
+    shards: Vec<mpsc::Sender<BusIn>>,
+) {
     let events = state.clone();
     let options = async_nats::ConnectOptions::new()
         .name(format!("ringcast {}", state.node_id))
@@ -84,8 +230,11 @@ async fn run(servers: Vec<String>, nats: crate::config::Nats, state: Arc<BusStat
                 }
             }
         });
-    let addrs: Vec<async_nats::ServerAddr> =
-        servers.iter().filter_map(|s| s.parse().ok()).collect();
+    let addrs: Vec<async_nats::ServerAddr> = setup
+        .servers
+        .iter()
+        .filter_map(|s| s.parse().ok())
+        .collect();
     let client = match options.connect(addrs).await {
         Ok(c) => c,
         Err(e) => {
@@ -93,7 +242,16 @@ async fn run(servers: Vec<String>, nats: crate::config::Nats, state: Arc<BusStat
             return;
         }
     };
-    let subject = format!("{}.node.hb", nats.prefix);
+    let prefix = setup.nats.prefix.clone();
+    let js = jetstream::new(client.clone());
+    let history = Arc::new(tokio::sync::OnceCell::new());
+    tokio::spawn(keep_stream(
+        js.clone(),
+        stream_config(&setup),
+        history.clone(),
+        state.clone(),
+    ));
+    let subject = format!("{prefix}.node.hb");
     let mut heard = match client.subscribe(subject.clone()).await {
         Ok(s) => s,
         Err(e) => {
@@ -101,12 +259,75 @@ async fn run(servers: Vec<String>, nats: crate::config::Nats, state: Arc<BusStat
             return;
         }
     };
-    let timeout = Duration::from_millis(nats.node_timeout_ms);
-    let mut tick = tokio::time::interval(Duration::from_millis(nats.heartbeat_ms));
+    let timeout = Duration::from_millis(setup.nats.node_timeout_ms);
+    let mut tick = tokio::time::interval(Duration::from_millis(setup.nats.heartbeat_ms));
     let mut nodes: HashMap<String, Instant> = HashMap::new();
+    let mut watches: HashMap<String, tokio::task::AbortHandle> = HashMap::new();
     let mut left = false;
     loop {
         tokio::select! {
+            Some(cmd) = cmds.recv() => match cmd {
+                BusCmd::Publish { topic, body, msg_id, reply } => {
+                    if !state.connected.load(Relaxed) {
+                        state.publish_failures.fetch_add(1, Relaxed);
+                        let _ = reply.send(Err("NATS is unreachable".into()));
+                        continue;
+                    }
+                    let subject = format!("{prefix}.h.{}", subject_token(&topic));
+                    let mut headers = HeaderMap::new();
+                    if let Some(id) = msg_id {
+                        headers.insert("Nats-Msg-Id", id.as_str());
+                    }
+                    // Sent here, in command order; the acknowledgement is awaited apart.
+                    match js.publish_with_headers(subject, headers, body.into()).await {
+                        Ok(ack) => {
+                            let state = state.clone();
+                            tokio::spawn(async move {
+                                let r = ack
+                                    .await
+                                    .map(|a| Accepted { seq: a.sequence, duplicate: a.duplicate })
+                                    .map_err(|e| e.to_string());
+                                if r.is_err() {
+                                    state.publish_failures.fetch_add(1, Relaxed);
+                                }
+                                let _ = reply.send(r);
+                            });
+                        }
+                        Err(e) => {
+                            state.publish_failures.fetch_add(1, Relaxed);
+                            let _ = reply.send(Err(e.to_string()));
+                        }
+                    }
+                }
+                BusCmd::Watch { topic, shard } => {
+                    let Some(tx) = shards.get(shard).cloned() else { continue };
+                    let task = tokio::spawn(watch(
+                        client.clone(),
+                        history.clone(),
+                        prefix.clone(),
+                        topic.clone(),
+                        tx,
+                        state.clone(),
+                    ));
+                    if let Some(old) = watches.insert(topic, task.abort_handle()) {
+                        old.abort();
+                    }
+                }
+                BusCmd::Unwatch { topic } => {
+                    if let Some(task) = watches.remove(&topic) {
+                        task.abort(); // drops the subscription: NATS gets the UNSUB
+                    }
+                }
+                BusCmd::Fetch { topic, shard, id, after, max } => {
+                    let Some(tx) = shards.get(shard).cloned() else { continue };
+                    let (client, history, state) = (client.clone(), history.clone(), state.clone());
+                    let subject = format!("{prefix}.h.{}", subject_token(&topic));
+                    tokio::spawn(async move {
+                        let fetched = fetch(&client, &history, &subject, &topic, after, max, &state).await;
+                        let _ = tx.send(BusIn::Fetched { topic, id, fetched }).await;
+                    });
+                }
+            },
             _ = tick.tick() => {
                 let draining = state.draining.load(Relaxed);
                 let msg = NodeMsg::Heartbeat { node: state.node_id.clone(), draining };
@@ -115,6 +336,7 @@ async fn run(servers: Vec<String>, nats: crate::config::Nats, state: Arc<BusStat
                 }
                 nodes.retain(|_, seen| seen.elapsed() < timeout);
                 state.nodes.store(nodes.len() as u64, Relaxed);
+                state.watched.store(watches.len() as u64, Relaxed);
                 if draining && !left {
                     // The drain's grace is the load balancer's; the other nodes need not
                     // wait for the timeout to know this one is going.
@@ -132,18 +354,257 @@ async fn run(servers: Vec<String>, nats: crate::config::Nats, state: Arc<BusStat
                     Ok(NodeMsg::Leaving { node }) => {
                         nodes.remove(&node);
                     }
-                    Ok(NodeMsg::Shard(_)) => {} // not routed between nodes yet
-                    Err(NodeError::UnknownVersion(v)) => {
-                        state.refused_version.fetch_add(1, Relaxed);
-                        tracing::warn!(version = v, "refused a node message of another wire-format version");
-                    }
-                    Err(e) => {
-                        state.refused_invalid.fetch_add(1, Relaxed);
-                        tracing::warn!(error = %e, "refused an invalid node message");
-                    }
+                    Ok(NodeMsg::Shard(_) | NodeMsg::TopicEvent { .. }) => {} // not on this subject
+                    Err(e) => refused(&state, &e),
                 }
                 state.nodes.store(nodes.len() as u64, Relaxed);
             }
+        }
+    }
+}
+
+/// Counts and logs a node message that cannot be read.
+fn refused(state: &BusState, e: &NodeError) {
+    if let NodeError::UnknownVersion(v) = e {
+        state.refused_version.fetch_add(1, Relaxed);
+        tracing::warn!(
+            version = v,
+            "refused a node message of another wire-format version"
+        );
+    } else {
+        state.refused_invalid.fetch_add(1, Relaxed);
+        tracing::warn!(error = %e, "refused an invalid node message");
+    }
+}
+
+/// The history stream: every topic's events under `<prefix>.h.>`, dropped oldest first (by
+/// age, the longest any topic keeps, and by bytes), never per subject, so that a stored
+/// sequence proves every later event of its topic is still there. Republished to
+/// `<prefix>.t.>` for live delivery; read back by Direct Get.
+fn stream_config(setup: &Setup) -> jetstream::stream::Config {
+    let prefix = &setup.nats.prefix;
+    jetstream::stream::Config {
+        name: stream_name(prefix),
+        subjects: vec![format!("{prefix}.h.>")],
+        max_age: setup.max_age,
+        max_bytes: setup.nats.history_max_bytes,
+        discard: jetstream::stream::DiscardPolicy::Old,
+        storage: if setup.nats.storage == "memory" {
+            jetstream::stream::StorageType::Memory
+        } else {
+            jetstream::stream::StorageType::File
+        },
+        num_replicas: setup.nats.replicas,
+        allow_direct: true,
+        duplicate_window: setup.dedupe_window,
+        republish: Some(jetstream::stream::Republish {
+            source: format!("{prefix}.h.>"),
+            destination: format!("{prefix}.t.>"),
+            headers_only: false,
+        }),
+        ..Default::default()
+    }
+}
+
+/// The history stream's name: `<PREFIX>_H`.
+pub fn stream_name(prefix: &str) -> String {
+    format!("{}_H", prefix.to_uppercase())
+}
+
+/// Creates the history stream (or finds it), retrying until JetStream answers; sets the epoch.
+async fn keep_stream(
+    js: jetstream::Context,
+    config: jetstream::stream::Config,
+    cell: Arc<tokio::sync::OnceCell<jetstream::stream::Stream>>,
+    state: Arc<BusState>,
+) {
+    loop {
+        match js.get_or_create_stream(config.clone()).await {
+            Ok(mut stream) => {
+                let created = match stream.info().await {
+                    Ok(info) => info.created.unix_timestamp_nanos(),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "history stream info");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        continue;
+                    }
+                };
+                let _ = state.epoch.set(format!("js{created:x}"));
+                let _ = cell.set(stream);
+                state.stream_ready.store(true, Relaxed);
+                tracing::info!(stream = %config.name, "history stream ready");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, stream = %config.name, "cannot create the history stream yet");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
+/// The history stream once it exists.
+async fn history_stream(
+    cell: &tokio::sync::OnceCell<jetstream::stream::Stream>,
+) -> jetstream::stream::Stream {
+    loop {
+        if let Some(s) = cell.get() {
+            return s.clone();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Holds this node's subscription to a topic's live subject and passes its events to the
+/// owner shard, after telling it the position the subscription starts above.
+async fn watch(
+    client: async_nats::Client,
+    history: Arc<tokio::sync::OnceCell<jetstream::stream::Stream>>,
+    prefix: String,
+    topic: String,
+    tx: mpsc::Sender<BusIn>,
+    state: Arc<BusState>,
+) {
+    let subject = format!("{prefix}.t.{}", subject_token(&topic));
+    let mut sub = loop {
+        match client.subscribe(subject.clone()).await {
+            Ok(s) => break s,
+            Err(e) => {
+                tracing::warn!(error = %e, %subject, "subscribe");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    };
+    // Read after the subscription is in place (the flush's PONG comes after the server has
+    // it): every event stored after this position is republished to us.
+    let stream = history_stream(&history).await;
+    let position = loop {
+        if client.flush().await.is_ok() {
+            if let Ok(info) = stream.get_info().await {
+                break info.state.last_sequence;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let synced = BusIn::Synced {
+        topic: topic.clone(),
+        position,
+    };
+    if tx.send(synced).await.is_err() {
+        return;
+    }
+    while let Some(m) = sub.next().await {
+        match read_event(&m, &topic) {
+            Ok(live) => {
+                let live = BusIn::Live {
+                    topic: topic.clone(),
+                    live,
+                };
+                if tx.send(live).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => refused(&state, &e),
+        }
+    }
+}
+
+/// Reads a stored or republished topic event: sequence, previous sequence of the topic,
+/// store time, and the `NodeMsg::TopicEvent` body (of this very topic).
+fn read_event(m: &async_nats::Message, topic: &str) -> Result<Live, NodeError> {
+    let header = |name: &str| {
+        m.headers
+            .as_ref()
+            .and_then(|h| h.get(name))
+            .map(|v| v.as_str().to_owned())
+    };
+    let number = |name: &str| header(name).and_then(|v| v.parse::<u64>().ok());
+    let seq = number("Nats-Sequence")
+        .ok_or_else(|| NodeError::Invalid("no Nats-Sequence header".into()))?;
+    let prev = number("Nats-Last-Sequence").unwrap_or(0);
+    let stored = header("Nats-Time-Stamp")
+        .and_then(|t| humantime::parse_rfc3339(&t).ok())
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs());
+    match decode_node(&m.payload)? {
+        NodeMsg::TopicEvent { topic: t, event } if t == topic => Ok(Live {
+            seq,
+            prev,
+            stored,
+            event,
+        }),
+        _ => Err(NodeError::Invalid(format!(
+            "not an event of topic {topic:?}"
+        ))),
+    }
+}
+
+/// Reads a topic's stored events after `after` (at most `max`) with one batch Direct Get,
+/// and whether nothing after `after` has been dropped from the stream.
+async fn fetch(
+    client: &async_nats::Client,
+    history: &tokio::sync::OnceCell<jetstream::stream::Stream>,
+    subject: &str,
+    topic: &str,
+    after: u64,
+    max: usize,
+    state: &BusState,
+) -> Fetched {
+    let stream = history_stream(history).await;
+    let run = async {
+        let info = stream.get_info().await.map_err(|e| e.to_string())?;
+        let inbox = client.new_inbox();
+        let mut replies = client
+            .subscribe(inbox.clone())
+            .await
+            .map_err(|e| e.to_string())?;
+        let request = serde_json::json!({
+            "seq": after + 1,
+            "batch": max,
+            "next_by_subj": subject,
+        });
+        client
+            .publish_with_reply(
+                format!("$JS.API.DIRECT.GET.{}", info.config.name),
+                inbox,
+                request.to_string().into(),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut fetched = Fetched {
+            complete: info.state.first_sequence <= after + 1,
+            events: Vec::new(),
+        };
+        let mut prev = after;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while fetched.events.len() < max {
+            let m = match tokio::time::timeout_at(deadline, replies.next()).await {
+                Ok(Some(m)) => m,
+                _ => return Err("the batch read did not finish".to_owned()),
+            };
+            if m.status.is_some() {
+                break; // 204 end of batch, 404 nothing stored after `after`
+            }
+            match read_event(&m, topic) {
+                Ok(mut live) => {
+                    live.prev = prev;
+                    prev = live.seq;
+                    fetched.events.push(live);
+                }
+                Err(e) => {
+                    // Unreadable (another wire version): the replay cannot be whole.
+                    refused(state, &e);
+                    fetched.complete = false;
+                }
+            }
+        }
+        Ok::<_, String>(fetched)
+    };
+    match run.await {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::warn!(error = %e, topic, "reading the history stream");
+            Fetched::default()
         }
     }
 }

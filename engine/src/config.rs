@@ -90,6 +90,18 @@ pub struct Nats {
     /// Milliseconds without a heartbeat after which a node is taken as gone. Default 3,500:
     /// three missed heartbeats and some slack.
     pub node_timeout_ms: u64,
+    /// Seconds a node keeps its subscription to a topic after its last local subscriber
+    /// left. Default 30: people who leave and come back (a page reload, a flaky network)
+    /// do not churn NATS subscriptions, which every NATS server must propagate.
+    pub linger_secs: u64,
+    /// Copies of the JetStream history stream (1, 3 or 5; more than the NATS servers there
+    /// are fails at start). Default 1, for one NATS server; use 3 with a NATS cluster.
+    pub replicas: usize,
+    /// Where JetStream keeps the history stream: `file` (default; survives a NATS
+    /// restart) or `memory`.
+    pub storage: String,
+    /// Bytes the history stream keeps at most, oldest events dropped first. Default 1 GiB.
+    pub history_max_bytes: i64,
 }
 
 impl Default for Nats {
@@ -99,6 +111,10 @@ impl Default for Nats {
             prefix: "rc".into(),
             heartbeat_ms: 1000,
             node_timeout_ms: 3500,
+            linger_secs: 30,
+            replicas: 1,
+            storage: "file".into(),
+            history_max_bytes: 1 << 30,
         }
     }
 }
@@ -672,6 +688,10 @@ impl Config {
             "nats.prefix" => self.nats.prefix = value.into(),
             "nats.heartbeat_ms" => self.nats.heartbeat_ms = num(value)?,
             "nats.node_timeout_ms" => self.nats.node_timeout_ms = num(value)?,
+            "nats.linger_secs" => self.nats.linger_secs = num(value)?,
+            "nats.replicas" => self.nats.replicas = num(value)?,
+            "nats.storage" => self.nats.storage = value.into(),
+            "nats.history_max_bytes" => self.nats.history_max_bytes = num(value)?,
             _ => bail!("unknown setting {key}"),
         }
         Ok(())
@@ -727,6 +747,15 @@ impl Config {
             if self.nats.heartbeat_ms == 0 || self.nats.node_timeout_ms <= self.nats.heartbeat_ms {
                 bail!("nats.node_timeout_ms must exceed nats.heartbeat_ms (> 0)");
             }
+            if !matches!(self.nats.replicas, 1 | 3 | 5) {
+                bail!("nats.replicas must be 1, 3 or 5");
+            }
+            if !matches!(self.nats.storage.as_str(), "file" | "memory") {
+                bail!("nats.storage must be \"file\" or \"memory\"");
+            }
+            if self.nats.history_max_bytes < 1 << 20 {
+                bail!("nats.history_max_bytes must be at least 1 MiB");
+            }
         }
         Ok(())
     }
@@ -780,6 +809,16 @@ impl Config {
             ns.history_size.unwrap_or(size),
             ns.history_age_secs.unwrap_or(age),
         )
+    }
+
+    /// The longest any topic keeps its history (seconds): how long the cluster's history
+    /// stream keeps an event.
+    pub fn history_max_age(&self) -> u64 {
+        let rules = self.history.rules.iter().map(|r| r.age_secs);
+        let namespaces = self.namespaces.iter().filter_map(|n| n.history_age_secs);
+        rules
+            .chain(namespaces)
+            .fold(self.history.age_secs, u64::max)
     }
 
     /// The parsed listen address.

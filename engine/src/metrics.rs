@@ -84,6 +84,9 @@ pub struct ShardMetrics {
     pub topics_owned: AtomicI64,
     /// Owned topics forgotten by the sweep (no interest, no history left).
     pub topics_forgotten: AtomicU64,
+    /// Cluster mode: events a topic's live subscription did not bring, found by their
+    /// sequence chain and fetched from the history stream.
+    pub cluster_gaps: AtomicU64,
     /// Completed WebSocket handshakes.
     pub handshakes: AtomicU64,
     /// Refused handshakes by [`AUTH_REASONS`].
@@ -389,12 +392,24 @@ pub fn render_prometheus(
              # HELP ringcast_node_messages_refused_total Node messages dropped unread, by reason.\n\
              # TYPE ringcast_node_messages_refused_total counter\n\
              ringcast_node_messages_refused_total{{reason=\"version\"}} {}\n\
-             ringcast_node_messages_refused_total{{reason=\"invalid\"}} {}",
+             ringcast_node_messages_refused_total{{reason=\"invalid\"}} {}\n\
+             # HELP ringcast_history_stream_ready 1 once the JetStream history stream has answered.\n\
+             # TYPE ringcast_history_stream_ready gauge\nringcast_history_stream_ready {}\n\
+             # HELP ringcast_cluster_topics_watched Topics this node holds a NATS subscription to.\n\
+             # TYPE ringcast_cluster_topics_watched gauge\nringcast_cluster_topics_watched {}\n\
+             # HELP ringcast_cluster_publish_failures_total Topic events JetStream did not take (answered 503).\n\
+             # TYPE ringcast_cluster_publish_failures_total counter\nringcast_cluster_publish_failures_total {}\n\
+             # HELP ringcast_cluster_gaps_total Topic events missed on a live subscription and fetched from the stream.\n\
+             # TYPE ringcast_cluster_gaps_total counter\nringcast_cluster_gaps_total {}",
             u8::from(bus.connected.load(Relaxed)),
             bus.nodes.load(Relaxed),
             bus.heartbeats_sent.load(Relaxed),
             bus.refused_version.load(Relaxed),
             bus.refused_invalid.load(Relaxed),
+            u8::from(bus.stream_ready.load(Relaxed)),
+            bus.watched.load(Relaxed),
+            bus.publish_failures.load(Relaxed),
+            sum(shards, |s| s.cluster_gaps.load(Relaxed)),
         );
     }
     out

@@ -275,12 +275,21 @@ pub enum NodeMsg {
     },
     /// A shard message routed to another node.
     Shard(ShardMsg),
+    /// An event published to a topic: what a node writes to the topic's history subject
+    /// (`<prefix>.h.<topic>`), and what every node serving the topic receives, republished
+    /// with its stream sequence (the topic offset), on `<prefix>.t.<topic>`.
+    TopicEvent {
+        /// The topic.
+        topic: String,
+        /// The event.
+        event: Event,
+    },
 }
 
 /// The wire-format version of [`NodeMsg`] between nodes. rkyv archives have no schema
 /// evolution: a node must not read another version's bytes as its own. Bump it whenever
 /// `ShardMsg` or anything it contains changes shape.
-pub const WIRE_VERSION: u8 = 1;
+pub const WIRE_VERSION: u8 = 2;
 
 /// The first bytes of every node-to-node message: `rc`, then [`WIRE_VERSION`].
 const MAGIC: [u8; 2] = *b"rc";
@@ -339,10 +348,53 @@ pub fn decode_node(bytes: &[u8]) -> Result<NodeMsg, NodeError> {
         .expect("a validated archive deserialises"))
 }
 
+/// A topic or customer id as one NATS subject token. Ids may hold any character, and a subject
+/// token may not hold `.`, `*`, `>` or whitespace, so every byte outside `[A-Za-z0-9_:-]`
+/// becomes `=` and two upper-case hex digits (`=` itself included, so two ids never share a
+/// token). The empty id is `=`.
+pub fn subject_token(id: &str) -> String {
+    if id.is_empty() {
+        return "=".into();
+    }
+    let mut out = String::with_capacity(id.len());
+    for b in id.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'_' | b':' | b'-') {
+            out.push(b as char);
+        } else {
+            out.push('=');
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 15)]));
+        }
+    }
+    out
+}
+
+const HEX: &[u8; 16] = b"0123456789ABCDEF";
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::event::Priority;
+
+    #[test]
+    fn subject_tokens_are_single_safe_tokens_and_never_collide() {
+        assert_eq!(subject_token("conversation:42"), "conversation:42");
+        assert_eq!(subject_token("a.b c*>"), "a=2Eb=20c=2A=3E");
+        assert_eq!(subject_token("a=2E"), "a=3D2E");
+        assert_eq!(subject_token("é"), "=C3=A9");
+        assert_eq!(subject_token(""), "=");
+        let ids = ["a.b", "a=2Eb", "a_b", "a:b", "ab", "", "=", "=3D"];
+        let tokens: std::collections::HashSet<String> =
+            ids.iter().map(|i| subject_token(i)).collect();
+        assert_eq!(tokens.len(), ids.len());
+        for t in &tokens {
+            assert!(
+                !t.is_empty()
+                    && t.bytes()
+                        .all(|b| b.is_ascii_graphic() && !b".*>".contains(&b))
+            );
+        }
+    }
 
     #[test]
     fn round_trips() {
@@ -442,6 +494,21 @@ mod tests {
             draining: true,
         };
         assert_eq!(decode_node(&encode_node(&hb)), Ok(hb));
+        let ev = NodeMsg::TopicEvent {
+            topic: "conversation:1".into(),
+            event: Event {
+                id: "i".into(),
+                kind: "k".into(),
+                data: "[1]".into(),
+                priority: Priority::Normal,
+                persistent: true,
+                ttl: None,
+                timestamp: "ts".into(),
+                from: Some("c".into()),
+                idempotent: false,
+            },
+        };
+        assert_eq!(decode_node(&encode_node(&ev)), Ok(ev));
         let mut other = bytes.clone();
         other[2] = WIRE_VERSION + 1;
         assert_eq!(

@@ -84,6 +84,10 @@ codes! {
     ServerFull = "server_full",
     /// Another shard did not answer in time.
     ShardTimeout = "shard_timeout",
+    /// Cluster mode: the event store (JetStream) did not take the event, so it was not
+    /// published (or, with several topics, not to all of them). Retrying with a
+    /// publisher-chosen id is safe.
+    Unavailable = "unavailable",
     /// The customer has its `limits.connections_per_customer`.
     TooManyConnections = "too_many_connections",
     /// A missing or wrong API key.

@@ -353,7 +353,11 @@ async fn publish_one(shard: &Rc<Shard>, p: PublishIn) -> Result<PublishOut, ApiE
     let p = p
         .validate(|| shard.next_conn_id(), now)
         .map_err(|e| ApiError::new(400, e.code, e.message))?;
-    let outcome = shard.broker.publish(shard, &p, Some(wait)).await;
+    let outcome = shard
+        .broker
+        .publish(shard, &p, Some(wait))
+        .await
+        .map_err(|e| ApiError::new(503, Code::Unavailable, format!("not published: {}", e.0)))?;
     let c = outcome.counts;
     Ok(PublishOut {
         id: p.event.id,

@@ -24,6 +24,7 @@ mod sim_acks;
 #[cfg(test)]
 mod sim_presence;
 pub use route::Joined;
+pub(crate) mod relay;
 pub mod slab;
 pub mod streams;
 mod topic_owner;
@@ -610,6 +611,7 @@ pub fn start(config: Config) -> anyhow::Result<Server> {
             crate::config::BrokerKind::Nats => Some(crate::cluster::start(
                 &config,
                 config.node_id(listen.port()),
+                n_shards,
             )?),
         },
         config,
@@ -666,7 +668,12 @@ pub fn start(config: Config) -> anyhow::Result<Server> {
                     conns: RefCell::default(),
                     registry: RefCell::default(),
                     local: RefCell::default(),
-                    broker: broker::Broker::Local(broker::local::Local::new(&shared)),
+                    broker: match &shared.bus {
+                        None => broker::Broker::Local(broker::local::Local::new(&shared)),
+                        Some(bus) => {
+                            broker::Broker::Nats(broker::nats::Nats::new(&shared, bus.clone()))
+                        }
+                    },
                     dirty: RefCell::default(),
                     held: RefCell::default(),
                     scratch: RefCell::new(vec![0u8; 64 * 1024].into_boxed_slice()),
@@ -721,6 +728,23 @@ impl Shard {
     async fn run(self: Rc<Self>, listener: TcpListener, parked_keys: glommio::net::UnixStream) {
         use glommio::spawn_local;
         self.mesh.spawn_receivers(&self);
+        if let Some(mut inbound) = self
+            .shared
+            .bus
+            .as_ref()
+            .and_then(|b| b.take_inbound(self.id))
+        {
+            // What the cluster bus brings for topics this shard owns, in arrival order.
+            let shard = self.clone();
+            glommio::spawn_local(async move {
+                while let Some(msg) = inbound.recv().await {
+                    if let Some(cluster) = shard.broker.cluster() {
+                        cluster.on_bus(&shard, msg);
+                    }
+                }
+            })
+            .detach();
+        }
         spawn_local(self.clone().parking_task(parked_keys)).detach();
         spawn_local(self.clone().fanout_task()).detach();
         let ticker = spawn_local(self.clone().ticker_task());

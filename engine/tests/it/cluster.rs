@@ -15,18 +15,34 @@ use std::{
 
 use crate::util::*;
 
-/// A nats-server on a free loopback port, killed on drop.
+/// A nats-server with JetStream (file storage in its own directory) and its monitoring
+/// endpoint, on free loopback ports; killed on drop.
 struct Nats {
     child: Child,
     port: u16,
+    monitor: u16,
+    store: std::path::PathBuf,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 impl Nats {
-    fn start_on(port: u16) -> Nats {
+    /// Starts on `port`, keeping JetStream's files in `store` (the same directory again is a
+    /// restart that keeps the streams).
+    fn start_at(port: u16, store: std::path::PathBuf) -> Nats {
         let bin = std::env::var("RINGCAST_TEST_NATS_SERVER")
             .expect("RINGCAST_TEST_NATS_SERVER: the nats-server binary (bash .ci/cluster.sh)");
+        let monitor = free_port();
         let child = Command::new(bin)
             .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+            .args(["-m", &monitor.to_string(), "-js", "-sd"])
+            .arg(&store)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -36,16 +52,51 @@ impl Nats {
             assert!(Instant::now() < deadline, "nats-server did not listen");
             std::thread::sleep(Duration::from_millis(50));
         }
-        Nats { child, port }
+        Nats {
+            child,
+            port,
+            monitor,
+            store,
+        }
+    }
+
+    fn start_on(port: u16) -> Nats {
+        let store = std::env::temp_dir().join(format!("ringcast-js-{}-{port}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&store);
+        Nats::start_at(port, store)
     }
 
     fn start() -> Nats {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
+        Nats::start_on(free_port())
+    }
+
+    /// The subjects the client named `ringcast <node>` subscribes to, from the monitoring
+    /// endpoint (one entry per subscription).
+    fn subscriptions_of(&self, node: &str) -> Vec<String> {
+        let mut s = TcpStream::connect(("127.0.0.1", self.monitor)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        write!(
+            s,
+            "GET /connz?subs=1&limit=1000 HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n"
+        )
+        .unwrap();
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut s, &mut text).unwrap();
+        let body = &text[text.find("\r\n\r\n").expect("a body") + 4..];
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        v["connections"]
+            .as_array()
             .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        Nats::start_on(port)
+            .iter()
+            .filter(|c| c["name"] == format!("ringcast {node}").as_str())
+            .flat_map(|c| {
+                c["subscriptions_list"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+            })
+            .map(|s| s.as_str().unwrap().to_owned())
+            .collect()
     }
 
     fn url(&self) -> String {
@@ -75,12 +126,30 @@ impl Drop for Nats {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.store);
+    }
+}
+
+impl Nats {
+    /// Stops the server, runs `meanwhile`, and starts it again on the same port with the
+    /// same JetStream files.
+    fn restart(&mut self, meanwhile: impl FnOnce()) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        meanwhile();
+        let again = Nats::start_at(self.port, self.store.clone());
+        let old = std::mem::replace(self, again);
+        std::mem::forget(old); // its child is reaped, its files are ours now
     }
 }
 
 fn node(nats: &str, id: &str, timeout_ms: &str) -> Server {
+    node_with(nats, id, timeout_ms, 1)
+}
+
+fn node_with(nats: &str, id: &str, timeout_ms: &str, shards: usize) -> Server {
     Server::start_with(
-        1,
+        shards,
         &[
             ("RINGCAST_BROKER", "nats"),
             ("RINGCAST_NATS_URL", nats),
@@ -212,4 +281,234 @@ fn a_nats_node_that_cannot_reach_nats_is_alive_but_not_ready() {
         "{body}"
     );
     assert_eq!(a.metric("ringcast_nats_connected"), 0.0);
+}
+
+/// A customer allowed to read and publish every `room:` topic.
+fn room_token(customer: &str) -> String {
+    token(customer, |c| {
+        c.channels = vec!["room:*".into()];
+        c.publish = vec!["room:*".into()];
+    })
+}
+
+/// Topic events of `topic` among `msgs`: (offset, id).
+fn events_of(msgs: &[serde_json::Value], topic: &str) -> Vec<(u64, String)> {
+    msgs.iter()
+        .filter(|m| m["topic"] == topic)
+        .map(|m| {
+            (
+                m["offset"].as_u64().unwrap(),
+                m["id"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// Reads until `n` events of `topic` have come (or fails after 10 s).
+fn collect(c: &mut Client, topic: &str, n: usize) -> Vec<(u64, String)> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        let m = c.recv_json();
+        got.extend(events_of(&[m], topic));
+    }
+    got
+}
+
+#[test]
+#[ignore = "needs nats-server: bash .ci/cluster.sh"]
+fn a_topic_event_from_any_node_reaches_every_node_once_in_order_with_one_subscription_per_node() {
+    let nats = Nats::start();
+    let a = node_with(&nats.url(), "node-a", "3000", 2);
+    let b = node_with(&nats.url(), "node-b", "3000", 2);
+    let c = node_with(&nats.url(), "node-c", "3000", 2);
+    eventually(10, "three nodes", || {
+        a.metric("ringcast_cluster_nodes") == 3.0
+    });
+    // Two subscribers on node A (on whichever shards), one on node B.
+    let mut a1 = Client::connect(&a, &room_token("ann"));
+    let mut a2 = Client::connect(&a, &room_token("amy"));
+    let mut b1 = Client::connect(&b, &room_token("bob"));
+    let confirmed = a1.subscribe(&["room:1", "room:2"]);
+    assert!(
+        confirmed["data"]["topics"]["room:1"]["epoch"]
+            .as_str()
+            .unwrap()
+            .starts_with("js"),
+        "{confirmed}"
+    );
+    a2.subscribe(&["room:1"]);
+    b1.subscribe(&["room:1"]);
+    // Published through node B's API and by a client on node C, interleaved.
+    let mut cc = Client::connect(&c, &room_token("cat"));
+    let mut offsets = Vec::new();
+    for i in 0..20 {
+        if i % 2 == 0 {
+            let out = b.publish(serde_json::json!({
+                "topics": ["room:1"], "wait": "accepted",
+                "event": {"type": "api", "data": {"i": i}}}));
+            offsets.push(out["offsets"]["room:1"].as_u64().expect("an offset"));
+        } else {
+            cc.send_json(
+                serde_json::json!({"type": "publish", "requestId": format!("p{i}"),
+                "payload": {"topic": "room:1", "type": "client", "data": {"i": i}}}),
+            );
+            let reply = cc.recv_json();
+            assert_eq!(reply["type"], "published", "{reply}");
+        }
+    }
+    for client in [&mut a1, &mut a2, &mut b1] {
+        let got = collect(client, "room:1", 20);
+        let seqs: Vec<u64> = got.iter().map(|g| g.0).collect();
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "in order: {seqs:?}");
+        let ids: std::collections::HashSet<&String> = got.iter().map(|g| &g.1).collect();
+        assert_eq!(ids.len(), 20, "each once");
+        for o in &offsets {
+            assert!(seqs.contains(o), "the API's offset {o} delivered: {seqs:?}");
+        }
+        // Nothing more (no duplicate arrives late).
+        assert!(events_of(&client.drain_until_pong(), "room:1").is_empty());
+    }
+    // One subscription per topic on node A, although two of its clients follow room:1.
+    let subs = nats.subscriptions_of("node-a");
+    assert_eq!(
+        subs.iter().filter(|s| *s == "rc.t.room:1").count(),
+        1,
+        "{subs:?}"
+    );
+    assert_eq!(
+        subs.iter().filter(|s| *s == "rc.t.room:2").count(),
+        1,
+        "{subs:?}"
+    );
+    // Node C has no subscriber: no subscription, so no event crossed NATS to it.
+    assert!(!nats
+        .subscriptions_of("node-c")
+        .iter()
+        .any(|s| s.starts_with("rc.t.")));
+    eventually(5, "the gauge of watched topics", || {
+        a.metric("ringcast_cluster_topics_watched") == 2.0
+    });
+}
+
+#[test]
+#[ignore = "needs nats-server: bash .ci/cluster.sh"]
+fn a_subscriber_recovers_on_another_node_exactly_what_it_missed() {
+    let nats = Nats::start();
+    let a = node_with(&nats.url(), "node-a", "3000", 2);
+    let b = node_with(&nats.url(), "node-b", "3000", 2);
+    let c = node_with(&nats.url(), "node-c", "3000", 2);
+    let publish = |i: u32| {
+        b.publish(serde_json::json!({"topics": ["room:9"], "wait": "accepted",
+            "event": {"type": "t", "data": {"i": i}}}))["offsets"]["room:9"]
+            .as_u64()
+            .unwrap()
+    };
+    let mut sub = Client::connect(&a, &room_token("ann"));
+    let confirmed = sub.subscribe(&["room:9"]);
+    let epoch = confirmed["data"]["topics"]["room:9"]["epoch"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // Events on other topics interleave: offsets are the stream's, not contiguous.
+    for i in 0..3 {
+        publish(i);
+        b.publish(
+            serde_json::json!({"topics": ["room:other"], "wait": "accepted",
+            "event": {"type": "t", "data": {}}}),
+        );
+    }
+    let seen = collect(&mut sub, "room:9", 3);
+    let last = seen[2].0;
+    drop(sub); // its node could have died: it comes back elsewhere
+    let missed: Vec<u64> = (3..8).map(publish).collect();
+    // On node C, which has never served room:9 (nothing cached): read from the stream.
+    let mut again = Client::connect(&c, &room_token("ann"));
+    let replay = again.subscribe_collect(serde_json::json!({"topics": ["room:9"],
+        "since": {"room:9": {"offset": last, "epoch": epoch}}}));
+    let replayed: Vec<u64> = events_of(&replay, "room:9").iter().map(|e| e.0).collect();
+    assert_eq!(replayed, missed);
+    // Live after the replay, nothing twice.
+    let next = publish(8);
+    assert_eq!(collect(&mut again, "room:9", 1)[0].0, next);
+    // On node A again, now from its cache (it still serves the topic): the same answer.
+    let mut third = Client::connect(&a, &room_token("ann"));
+    let mut keep_a_subscriber = Client::connect(&a, &room_token("amy"));
+    keep_a_subscriber.subscribe(&["room:9"]);
+    let replay = third.subscribe_collect(serde_json::json!({"topics": ["room:9"],
+        "since": {"room:9": {"offset": last, "epoch": epoch}}}));
+    let mut want = missed.clone();
+    want.push(next);
+    assert_eq!(
+        events_of(&replay, "room:9")
+            .iter()
+            .map(|e| e.0)
+            .collect::<Vec<_>>(),
+        want
+    );
+    // Another epoch (another history stream): not recovered, nothing replayed.
+    let mut fourth = Client::connect(&c, &room_token("ann"));
+    fourth.send_json(
+        serde_json::json!({"type": "subscribe", "requestId": "x", "payload": {
+        "topics": ["room:9"], "since": {"room:9": {"offset": last, "epoch": "js0"}}}}),
+    );
+    let reply = fourth.recv_json();
+    assert_eq!(reply["type"], "subscription_confirmed", "{reply}");
+    assert_eq!(
+        reply["data"]["topics"]["room:9"]["recovered"], false,
+        "{reply}"
+    );
+}
+
+#[test]
+#[ignore = "needs nats-server: bash .ci/cluster.sh"]
+fn while_nats_is_down_publishes_get_503_and_live_delivery_resumes_after() {
+    let mut nats = Nats::start();
+    let a = node_with(&nats.url(), "node-a", "3000", 1);
+    let b = node_with(&nats.url(), "node-b", "3000", 1);
+    let mut sub = Client::connect(&a, &room_token("ann"));
+    sub.subscribe(&["room:5"]);
+    let publish = |i: u32| {
+        b.http(
+            "POST",
+            "/v1/publish",
+            &[("Authorization", &format!("Bearer {API_KEY}"))],
+            &serde_json::json!({"topics": ["room:5"], "event": {"type": "t", "data": {"i": i}}})
+                .to_string(),
+        )
+    };
+    assert_eq!(publish(0).0, 200);
+    collect(&mut sub, "room:5", 1);
+    nats.restart(|| {
+        eventually(10, "B sees NATS gone", || {
+            b.http("GET", "/readyz", &[], "").0 == 503
+        });
+        let (status, body) = publish(1);
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("\"unavailable\""), "{body}");
+        assert_eq!(a.http("GET", "/healthz", &[], "").0, 200);
+    });
+    eventually(30, "both ready again", || {
+        a.http("GET", "/readyz", &[], "").0 == 200 && b.http("GET", "/readyz", &[], "").0 == 200
+    });
+    // The first publishes after the restart may race the resubscription: the subscriber
+    // still gets every one that was accepted (gaps are fetched), in order.
+    let mut accepted = Vec::new();
+    for i in 2..12 {
+        let (status, body) = publish(i);
+        if status == 200 {
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            accepted.push(v["offsets"]["room:5"].as_u64().unwrap());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        accepted.len() >= 5,
+        "accepted after the restart: {accepted:?}"
+    );
+    let got: Vec<u64> = collect(&mut sub, "room:5", accepted.len())
+        .iter()
+        .map(|e| e.0)
+        .collect();
+    assert_eq!(got, accepted);
+    assert!(b.metric("ringcast_cluster_publish_failures_total") >= 1.0);
 }

@@ -406,7 +406,19 @@ impl Session {
                 ClientTarget::Customer(c) => SentTo::Customer(c.clone()),
             },
         );
-        shard.broker.publish(shard, &p, None).await;
+        if let Err(e) = shard.broker.publish(shard, &p, None).await {
+            let op = match &target {
+                ClientTarget::Topic(_) => "publish",
+                ClientTarget::Customer(_) => "send_message",
+            };
+            let e = ClientError {
+                code: Code::Unavailable,
+                message: format!("not published: {}", e.0),
+                received_type: Some(op.to_owned()),
+                request_id: rid.map(str::to_owned),
+            };
+            return self.reply(shard, &e.to_json());
+        }
         let reply = match &target {
             ClientTarget::Topic(topic) => client::Reply::Published { id: &id, topic },
             ClientTarget::Customer(to) => client::Reply::Sent { id: &id, to },

@@ -17,6 +17,7 @@
 //! talks to the other nodes.
 
 pub mod local;
+pub mod nats;
 
 use std::{rc::Rc, time::Instant};
 
@@ -49,6 +50,8 @@ pub enum Query {
 pub enum Broker {
     /// One process: owners are shards of this process, reached over the mesh.
     Local(local::Local),
+    /// A cluster: topics through NATS and JetStream, the rest as `Local` for now.
+    Nats(nats::Nats),
 }
 
 impl Broker {
@@ -56,19 +59,40 @@ impl Broker {
 
     /// Routes a publish to the owners of its targets. Resolves, after what `wait` asks for
     /// (or after 5 s, with what was reported by then), to the reported counts and topic
-    /// offsets; without `wait`, at once, once the event is handed on.
-    pub async fn publish(&self, shard: &Shard, p: &Publish, wait: Option<Wait>) -> Outcome {
+    /// offsets; without `wait`, at once, once the event is handed on. In a cluster, topic
+    /// events are first taken by the event store, which can refuse ([`nats::Unavailable`]).
+    pub async fn publish(
+        &self,
+        shard: &Shard,
+        p: &Publish,
+        wait: Option<Wait>,
+    ) -> Result<Outcome, nats::Unavailable> {
         match self {
-            Broker::Local(l) => l.publish(shard, p, wait).await,
+            Broker::Local(l) => Ok(l.publish(shard, p, wait).await),
+            Broker::Nats(n) => n.publish(shard, p, wait).await,
+        }
+    }
+
+    /// The cluster broker, if this is one.
+    pub fn cluster(&self) -> Option<&nats::Nats> {
+        match self {
+            Broker::Local(_) => None,
+            Broker::Nats(n) => Some(n),
+        }
+    }
+
+    /// The one-process half (all of the local broker; what the cluster broker keeps local).
+    fn local(&self) -> &local::Local {
+        match self {
+            Broker::Local(l) => l,
+            Broker::Nats(n) => &n.local,
         }
     }
 
     /// Closes every connection of `customers` with `code`, wherever they are; resolves to the
     /// connections closed.
     pub async fn disconnect(&self, shard: &Shard, customers: &[String], code: u16) -> Counts {
-        match self {
-            Broker::Local(l) => l.disconnect(shard, customers, code).await.counts,
-        }
+        self.local().disconnect(shard, customers, code).await.counts
     }
 
     /// Asks the owner of `topic` to count this shard's interest and answer subscription `req`
@@ -84,31 +108,24 @@ impl Broker {
         last: u32,
         member: &str,
     ) {
-        match self {
-            Broker::Local(l) => l.subscribe(shard, req, topic, since, last, member),
-        }
+        self.local()
+            .subscribe(shard, req, topic, since, last, member)
     }
 
     /// This shard's last subscriber of `topic` left.
     pub fn unsubscribe(&self, shard: &Shard, topic: &str) {
-        match self {
-            Broker::Local(l) => l.unsubscribe(shard, topic),
-        }
+        self.local().unsubscribe(shard, topic)
     }
 
     /// A member of a presence topic left it (joins are counted when the owner admits them).
     pub fn left(&self, shard: &Shard, topic: &str, customer: &str) {
-        match self {
-            Broker::Local(l) => l.left(shard, topic, customer),
-        }
+        self.local().left(shard, topic, customer)
     }
 
     /// An ephemeral event (typing, presence) for the subscribers of `topic` but the
     /// connections of `except`, in order with the topic's events.
     pub fn ephemeral(&self, shard: &Shard, topic: &str, except: &str, payload: Payload) {
-        match self {
-            Broker::Local(l) => l.ephemeral(shard, topic, except, payload),
-        }
+        self.local().ephemeral(shard, topic, except, payload)
     }
 
     /// A message to `to` allowed only if `to` follows one of `topics`: decided by `to`'s
@@ -120,9 +137,7 @@ impl Broker {
         topics: Vec<String>,
         event: Event,
     ) -> Counts {
-        match self {
-            Broker::Local(l) => l.direct(shard, to, topics, event).await.counts,
-        }
+        self.local().direct(shard, to, topics, event).await.counts
     }
 
     /// Receipts from `by` for client-sent events, to the shards that minted their ids.
@@ -134,17 +149,13 @@ impl Broker {
         status: ReceiptStatus,
         topics: Vec<String>,
     ) {
-        match self {
-            Broker::Local(l) => l.receipts(shard, ids, by, status, topics),
-        }
+        self.local().receipts(shard, ids, by, status, topics)
     }
 
     /// Asks the owner of a customer or topic what the API shows of it; the JSON body, or
     /// None after 5 s.
     pub async fn query(&self, shard: &Shard, query: Query, key: &str) -> Option<Vec<u8>> {
-        match self {
-            Broker::Local(l) => l.query(shard, query, key).await,
-        }
+        self.local().query(shard, query, key).await
     }
 
     // ---- customers: called on the customer's owner shard, where its connections are ----
@@ -161,9 +172,8 @@ impl Broker {
         customer: &str,
         since: Option<&str>,
     ) -> Resume {
-        match self {
-            Broker::Local(_) => shard.resume_customer(key, customer, since),
-        }
+        // Customers live on their owner shard under both brokers (not across nodes yet).
+        shard.resume_customer(key, customer, since)
     }
 
     /// Acknowledges stored events of `customer` by id, by cursor, or up to a cursor;
@@ -176,9 +186,8 @@ impl Broker {
         cursors: &[String],
         up_to: Option<&str>,
     ) -> u64 {
-        match self {
-            Broker::Local(_) => shard.ack(customer, ids, cursors, up_to),
-        }
+        // Customers live on their owner shard under both brokers (not across nodes yet).
+        shard.ack(customer, ids, cursors, up_to)
     }
 
     /// The stored events a long poll gets: after `since`, of the types `filters` take.
@@ -189,16 +198,14 @@ impl Broker {
         since: Option<&str>,
         filters: &[Box<str>],
     ) -> Missed {
-        match self {
-            Broker::Local(_) => shard.missed(customer, since, filters),
-        }
+        // Customers live on their owner shard under both brokers (not across nodes yet).
+        shard.missed(customer, since, filters)
     }
 
     /// A customer chose a presence status; announced to those who follow it.
     pub fn status(&self, shard: &Shard, customer: &Rc<str>, status: PresenceStatus) {
-        match self {
-            Broker::Local(_) => shard.set_status(customer, status),
-        }
+        // Customers live on their owner shard under both brokers (not across nodes yet).
+        shard.set_status(customer, status)
     }
 
     // ---- owner side: messages that reach a topic's owner shard ----
@@ -212,9 +219,7 @@ impl Broker {
         to: ReportTo,
         published: Option<Instant>,
     ) {
-        match self {
-            Broker::Local(l) => l.on_publish(shard, topic, event, to, published),
-        }
+        self.local().on_publish(shard, topic, event, to, published)
     }
 
     /// A shard gained or lost interest in a topic this shard owns.
@@ -224,6 +229,7 @@ impl Broker {
         }
         match self {
             Broker::Local(l) => l.on_interest(shard, i),
+            Broker::Nats(n) => n.on_interest(shard, i),
         }
     }
 
@@ -231,6 +237,7 @@ impl Broker {
     pub(super) fn on_ephemeral(&self, shard: &Shard, topic: &str, except: &str, payload: Payload) {
         match self {
             Broker::Local(l) => l.on_ephemeral(shard, topic, except, payload),
+            Broker::Nats(n) => n.on_ephemeral(shard, topic, except, payload),
         }
     }
 
@@ -239,6 +246,7 @@ impl Broker {
     pub(super) fn sweep(&self, shard: &Shard, budget: usize, shrink: bool) {
         match self {
             Broker::Local(l) => l.sweep(shard, budget, shrink),
+            Broker::Nats(n) => n.sweep(shard, budget, shrink),
         }
     }
 }

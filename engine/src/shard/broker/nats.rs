@@ -1,0 +1,238 @@
+//! The cluster broker (`broker.kind = "nats"`): topics reach every node through NATS.
+//!
+//! - A publish to a topic is written once to the JetStream history stream (through the bus
+//!   thread); the API answers once JetStream has it, with its sequence as the topic offset,
+//!   or 503 when JetStream does not take it.
+//! - On each node, the topic's owner shard (`topic_shard`, as on one node) holds the node's one
+//!   subscription to the topic while local shards have subscribers, and relays what the stream
+//!   republishes to them (`Relay`): one NATS message per event per interested node, encoded
+//!   once there for every local subscriber.
+//! - Subscriptions with `since` are answered from the owner's recent events or from the
+//!   stream, so a client recovers on any node.
+//!
+//! Not across nodes yet (each node serves its own clients, as the local broker does):
+//! customer, role and broadcast events, offline queues and acks, presence, typing, receipts
+//! and direct messages.
+
+use std::{cell::RefCell, sync::Arc, time::Instant};
+
+use proto::{
+    api::{Publish, Wait},
+    bus::{encode_node, NodeMsg, ShardMsg, Target, TopicOffset},
+};
+
+use super::local::Local;
+use crate::{
+    cluster::{BusCmd, BusIn, BusState},
+    shard::{
+        relay::{Action, Relay},
+        route::{Interest, Outcome},
+        streams::unix_now,
+        topic_owner::History,
+        Shard, Shared,
+    },
+};
+
+/// The event store did not take a publish: answered 503 (API) or `unavailable` (client).
+#[derive(Debug)]
+pub struct Unavailable(pub String);
+
+/// The cluster broker's state on one shard.
+pub struct Nats {
+    /// What stays on this node (see the module documentation).
+    pub(super) local: Local,
+    relay: RefCell<Relay>,
+    bus: Arc<BusState>,
+}
+
+impl Nats {
+    /// A shard's broker.
+    pub fn new(shared: &Arc<Shared>, bus: Arc<BusState>) -> Nats {
+        let config = shared.clone();
+        let relay = Relay::new(
+            move |topic| {
+                let (keep, age) = config.config.history_for(topic);
+                History { keep, age }
+            },
+            shared.config.nats.linger_secs,
+        );
+        Nats {
+            local: Local::new(shared),
+            relay: RefCell::new(relay),
+            bus,
+        }
+    }
+
+    pub(super) async fn publish(
+        &self,
+        shard: &Shard,
+        p: &Publish,
+        wait: Option<Wait>,
+    ) -> Result<Outcome, Unavailable> {
+        let mut out = Outcome::default();
+        let mut pending = Vec::with_capacity(p.topics.len());
+        for topic in &p.topics {
+            let body = encode_node(&NodeMsg::TopicEvent {
+                topic: topic.clone(),
+                event: p.event.clone(),
+            });
+            let (reply, rx) = tokio::sync::oneshot::channel();
+            self.bus.send(BusCmd::Publish {
+                topic: topic.clone(),
+                body,
+                msg_id: p.event.idempotent.then(|| p.event.id.clone()),
+                reply,
+            });
+            pending.push((topic, rx));
+        }
+        let rest = p.customers.len() + p.roles.len() + usize::from(p.broadcast);
+        if rest == 0 {
+            shard
+                .metrics()
+                .publishes
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        } else {
+            let rest = Publish {
+                topics: Vec::new(),
+                ..p.clone()
+            };
+            out = self.local.publish(shard, &rest, wait).await;
+        }
+        for (topic, rx) in pending {
+            match rx.await {
+                Ok(Ok(a)) if a.duplicate => out.counts.duplicates += 1,
+                Ok(Ok(a)) => out.offsets.push(TopicOffset {
+                    topic: topic.clone(),
+                    offset: a.seq,
+                }),
+                Ok(Err(e)) => return Err(Unavailable(e)),
+                Err(_) => return Err(Unavailable("the bus thread is gone".into())),
+            }
+        }
+        Ok(out)
+    }
+
+    pub(super) fn on_interest(&self, shard: &Shard, i: Interest<'_>) {
+        if i.on && i.req != 0 && !i.member.is_empty() && !shard.admit_member(i.topic, i.member) {
+            let msg = ShardMsg::InterestAck {
+                req: i.req,
+                offset: 0,
+                epoch: self.bus.epoch().to_owned(),
+                recovered: false,
+                replay: Vec::new(),
+                full: true,
+            };
+            shard.send_msg(i.from, &msg, None, None);
+            return;
+        }
+        let epoch = self.bus.epoch();
+        let since = i
+            .since
+            .map(|(offset, e)| (offset, !epoch.is_empty() && e == epoch));
+        let actions = self.relay.borrow_mut().interest(
+            i.topic,
+            i.from,
+            i.on,
+            i.req,
+            since,
+            i.last,
+            unix_now(),
+        );
+        self.run(shard, actions);
+    }
+
+    /// What the bus brought for topics this shard owns.
+    pub fn on_bus(&self, shard: &Shard, msg: BusIn) {
+        let now = unix_now();
+        let actions = {
+            let mut relay = self.relay.borrow_mut();
+            match msg {
+                BusIn::Synced { topic, position } => relay.synced(&topic, position, now),
+                BusIn::Live { topic, live } => relay.live(&topic, live, now),
+                BusIn::Fetched { topic, id, fetched } => relay.fetched(&topic, id, fetched, now),
+            }
+        };
+        self.run(shard, actions);
+    }
+
+    pub(super) fn sweep(&self, shard: &Shard, budget: usize, shrink: bool) {
+        self.local.sweep(shard, budget, shrink);
+        let actions = self.relay.borrow_mut().sweep(unix_now(), budget);
+        self.run(shard, actions);
+    }
+
+    fn run(&self, shard: &Shard, actions: Vec<Action>) {
+        for action in actions {
+            match action {
+                Action::Watch(topic) => self.bus.send(BusCmd::Watch {
+                    topic: topic.to_string(),
+                    shard: shard.id,
+                }),
+                Action::Unwatch(topic) => self.bus.send(BusCmd::Unwatch {
+                    topic: topic.to_string(),
+                }),
+                Action::Fetch {
+                    topic,
+                    id,
+                    after,
+                    max,
+                } => self.bus.send(BusCmd::Fetch {
+                    topic: topic.to_string(),
+                    shard: shard.id,
+                    id,
+                    after,
+                    max,
+                }),
+                Action::Forward {
+                    topic,
+                    kind,
+                    id,
+                    payload,
+                    shards,
+                } => {
+                    let arrived = Some(Instant::now());
+                    for to in shards {
+                        let msg = ShardMsg::Deliver {
+                            target: Target::Topic(topic.to_string()),
+                            kind: kind.clone(),
+                            id: id.clone(),
+                            idempotent: false,
+                            origin: shard.id as u32,
+                            req: 0,
+                        };
+                        shard.send_msg(to, &msg, Some(payload.clone()), arrived);
+                    }
+                }
+                Action::Answer { to, req, joined } => {
+                    let msg = ShardMsg::InterestAck {
+                        req,
+                        offset: joined.offset,
+                        epoch: self.bus.epoch().to_owned(),
+                        recovered: joined.recovered,
+                        replay: joined.replay,
+                        full: false,
+                    };
+                    shard.send_msg(to, &msg, None, None);
+                }
+            }
+        }
+        let m = shard.metrics();
+        let relay = self.relay.borrow();
+        m.topics_owned
+            .store(relay.len() as i64, std::sync::atomic::Ordering::Relaxed);
+        m.cluster_gaps
+            .store(relay.gaps(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// An ephemeral event reaches this node's subscribers (not other nodes' yet).
+    pub(super) fn on_ephemeral(
+        &self,
+        shard: &Shard,
+        topic: &str,
+        except: &str,
+        payload: crate::shard::Payload,
+    ) {
+        let shards = self.relay.borrow().interested(topic);
+        super::local::pass_ephemeral(shard, shards, topic, except, payload);
+    }
+}
