@@ -152,6 +152,10 @@ pub struct Server {
     /// so a load balancer can take the node out first. Default 0 (set it to a few health-check
     /// intervals behind a load balancer).
     pub drain_grace_secs: u64,
+    /// Seconds over which a drain closes its connections, evenly, after the grace period.
+    /// Default 5: the clients of a draining node reconnect to the others over that window
+    /// rather than all at once (at most half of `drain_timeout_secs`).
+    pub drain_spread_secs: u64,
     /// glommio's registered I/O memory per shard, KiB. ringcast does not use glommio's file
     /// I/O, so a small pool saves locked memory. Default 512 (the minimum glommio accepts).
     pub io_memory_kib: usize,
@@ -469,6 +473,7 @@ impl Default for Server {
             api_idle_secs: 60,
             drain_timeout_secs: 10,
             drain_grace_secs: 0,
+            drain_spread_secs: 5,
             io_memory_kib: 512,
             ring_depth: 1024,
             mesh_capacity: 4096,
@@ -623,6 +628,7 @@ impl Config {
             "server.api_idle_secs" => self.server.api_idle_secs = num(value)?,
             "server.drain_timeout_secs" => self.server.drain_timeout_secs = num(value)?,
             "server.drain_grace_secs" => self.server.drain_grace_secs = num(value)?,
+            "server.drain_spread_secs" => self.server.drain_spread_secs = num(value)?,
             "server.io_memory_kib" => self.server.io_memory_kib = num(value)?,
             "server.ring_depth" => self.server.ring_depth = num(value)?,
             "server.mesh_capacity" => self.server.mesh_capacity = num(value)?,

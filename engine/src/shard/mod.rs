@@ -756,21 +756,12 @@ impl Shard {
         // Draining: ask every connection to close with 1001 and wait for them (bounded).
         let deadline =
             Instant::now() + Duration::from_secs(self.shared.config.server.drain_timeout_secs);
-        {
-            let mut conns = self.conns.borrow_mut();
-            for idx in 0..conns.capacity() {
-                if let Some(key) = conns.key_at(idx) {
-                    let c = conns.get_mut(key).expect("key_at returned a live key");
-                    c.close_request.get_or_insert(proto::ws::close::GOING_AWAY);
-                    c.wake();
-                }
-            }
-        }
         for pollers in self.pollers.borrow().values() {
             for p in pollers {
                 p.notify.notify();
             }
         }
+        self.close_paced(deadline).await;
         while (!self.conns.borrow().is_empty()
             || self.metrics().api_connections.load(Relaxed) > 0
             || self.shared.heads.pending.load(Relaxed) > 0)
@@ -779,6 +770,33 @@ impl Shard {
             glommio::timer::sleep(Duration::from_millis(20)).await;
         }
         ticker.cancel().await;
+    }
+
+    /// Asks every connection to close with 1001, spread evenly over
+    /// `server.drain_spread_secs` (and before `deadline`), so that the clients of a draining
+    /// node do not all reconnect to the others at the same instant.
+    async fn close_paced(&self, deadline: Instant) {
+        let keys: Vec<ConnKey> = {
+            let conns = self.conns.borrow();
+            (0..conns.capacity())
+                .filter_map(|i| conns.key_at(i))
+                .collect()
+        };
+        let spread = Duration::from_secs(self.shared.config.server.drain_spread_secs)
+            .min(deadline.saturating_duration_since(Instant::now()) / 2);
+        let start = Instant::now();
+        let n = keys.len().max(1) as u32;
+        for (i, key) in keys.into_iter().enumerate() {
+            let due = start + spread * i as u32 / n;
+            let wait = due.saturating_duration_since(Instant::now());
+            if !wait.is_zero() {
+                glommio::timer::sleep(wait).await;
+            }
+            if let Some(c) = self.conns.borrow_mut().get_mut(key) {
+                c.close_request.get_or_insert(proto::ws::close::GOING_AWAY);
+                c.wake();
+            }
+        }
     }
 
     async fn accept_loop(self: Rc<Self>, listener: TcpListener) {

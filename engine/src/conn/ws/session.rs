@@ -401,9 +401,18 @@ impl Session {
             c.close_deadline = shard.clock.get() + 2;
             shard.schedule(self.key, c, shard.clock.get() + 1);
         }
+        let hint;
         let reason = match code {
             close::SLOW_CONSUMER => "slow consumer",
-            close::GOING_AWAY if shard.draining() => "server shutting down",
+            close::GOING_AWAY if shard.draining() => {
+                // A reconnect hint, jittered per connection, so that the connections closed
+                // in one batch do not all come back in the same instant.
+                hint = format!(
+                    "server shutting down; reconnect in {} ms",
+                    reconnect_hint_ms()
+                );
+                &hint
+            }
             close::GOING_AWAY => "idle timeout",
             _ => reason,
         };
@@ -479,4 +488,17 @@ pub(in crate::conn) fn write_blocked(
         c.dead = true;
     }
     ok
+}
+
+/// A reconnect delay in [100, 1100) ms, different for each call (the hint in a drain's close
+/// reason).
+fn reconnect_hint_ms() -> u64 {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    let mut h = ahash::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    100 + h.finish() % 1000
 }
