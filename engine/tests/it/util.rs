@@ -371,7 +371,16 @@ pub struct SseClient {
 impl SseClient {
     /// Opens `path` with optional extra headers; reads the response head.
     pub fn open(server: &Server, path: &str, headers: &[(&str, &str)]) -> SseClient {
-        let mut s = TcpStream::connect(server.addr).unwrap();
+        SseClient::open_with(server.addr, path, headers)
+    }
+
+    /// [`SseClient::open`] at any address (a load balancer in front of servers).
+    pub fn open_at(addr: std::net::SocketAddr, path: &str) -> SseClient {
+        SseClient::open_with(addr, path, &[])
+    }
+
+    fn open_with(addr: std::net::SocketAddr, path: &str, headers: &[(&str, &str)]) -> SseClient {
+        let mut s = TcpStream::connect(addr).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let mut req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n");
         for (k, v) in headers {
