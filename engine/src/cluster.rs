@@ -20,10 +20,10 @@
 //! one that fails validation, is counted and dropped.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
-        Arc, Mutex, OnceLock,
+        Arc, Mutex, OnceLock, RwLock,
     },
     time::{Duration, Instant},
 };
@@ -64,6 +64,12 @@ pub struct BusState {
     pub draining: AtomicBool,
     /// Topics this node holds a live subscription to.
     pub watched: AtomicU64,
+    /// First token of every subject.
+    pub prefix: String,
+    /// The customers connected to each other live node (from their presence messages).
+    remote: RwLock<HashMap<String, HashSet<String>>>,
+    /// The customers connected to this node (kept by their owner shards as they come and go).
+    here: Mutex<HashSet<String>>,
     /// Commands from the shards.
     cmd: Option<mpsc::UnboundedSender<BusCmd>>,
     /// Each shard's inbound channel, taken by the shard when it starts.
@@ -86,6 +92,38 @@ impl BusState {
     /// The epoch of topic offsets ("" until the history stream has answered).
     pub fn epoch(&self) -> &str {
         self.epoch.get().map_or("", String::as_str)
+    }
+
+    /// Whether `customer` has a connection on another live node (as its presence messages
+    /// said; a node that stops heartbeating is forgotten with its customers).
+    pub fn online_elsewhere(&self, customer: &str) -> bool {
+        self.remote
+            .read()
+            .is_ok_and(|r| r.values().any(|set| set.contains(customer)))
+    }
+
+    /// Whether `customer` has a connection on this node.
+    pub fn online_here(&self, customer: &str) -> bool {
+        self.here.lock().is_ok_and(|h| h.contains(customer))
+    }
+
+    /// Notes that `customer` now has (`up`) or no longer has connections on this node.
+    pub fn set_here(&self, customer: &str, up: bool) {
+        if let Ok(mut h) = self.here.lock() {
+            if up {
+                h.insert(customer.to_owned());
+            } else {
+                h.remove(customer);
+            }
+        }
+    }
+
+    /// A subject of this cluster: `<prefix>.<kind>[.<id as a token>]`.
+    pub fn subject(&self, kind: &str, id: Option<&str>) -> String {
+        match id {
+            Some(id) => format!("{}.{kind}.{}", self.prefix, subject_token(id)),
+            None => format!("{}.{kind}", self.prefix),
+        }
     }
 }
 
@@ -116,6 +154,25 @@ pub enum BusCmd {
     Unwatch {
         /// The topic.
         topic: String,
+    },
+    /// Publish a node message on a core subject (no store, no acknowledgement).
+    Core {
+        /// The subject (see [`BusState::subject`]).
+        subject: String,
+        /// The encoded `NodeMsg`.
+        body: Vec<u8>,
+    },
+    /// Subscribe to a customer's subject for its owner shard `shard`: it has connections here.
+    WatchCustomer {
+        /// The customer.
+        customer: String,
+        /// Its owner shard.
+        shard: usize,
+    },
+    /// The customer's last connection here closed.
+    UnwatchCustomer {
+        /// The customer.
+        customer: String,
     },
     /// Read a topic's stored events after `after` (at most `max`) for shard `shard`.
     Fetch {
@@ -158,6 +215,24 @@ pub enum BusIn {
         /// The event.
         live: Live,
     },
+    /// A node message for the whole node (roles, broadcast, disconnect), from another node.
+    Node(NodeMsg),
+    /// An ephemeral event of a topic watched here, from another node.
+    Ephemeral {
+        /// The topic.
+        topic: String,
+        /// The customer whose connections skip it.
+        except: String,
+        /// The WebSocket frame and the SSE record.
+        frames: (Vec<u8>, Vec<u8>),
+    },
+    /// An event for a customer connected here, from another node.
+    Customer {
+        /// The customer.
+        customer: String,
+        /// The event.
+        event: proto::event::Event,
+    },
     /// A fetch's answer.
     Fetched {
         /// The topic.
@@ -176,6 +251,7 @@ pub fn start(config: &Config, node_id: String, shards: usize) -> anyhow::Result<
     let (senders, receivers): (Vec<_>, Vec<_>) = (0..shards).map(|_| mpsc::channel(65_536)).unzip();
     let state = Arc::new(BusState {
         node_id,
+        prefix: config.nats.prefix.clone(),
         cmd: Some(cmd_tx),
         inbound: Mutex::new(receivers.into_iter().map(Some).collect()),
         ..BusState::default()
@@ -259,6 +335,22 @@ async fn run(
             return;
         }
     };
+    let all_subject = format!("{prefix}.all");
+    let presence_subject = format!("{prefix}.presence");
+    let (Ok(mut all), Ok(mut presence)) = (
+        client.subscribe(all_subject.clone()).await,
+        client.subscribe(presence_subject.clone()).await,
+    ) else {
+        tracing::error!(
+            "cannot subscribe to {all_subject} and {presence_subject}; cluster mode is off"
+        );
+        return;
+    };
+    // Customers connected here, and the changes not yet told.
+    let mut mine: HashSet<String> = HashSet::new();
+    let (mut came, mut went): (Vec<String>, Vec<String>) = (Vec::new(), Vec::new());
+    let mut presence_tick = tokio::time::interval(Duration::from_millis(100));
+    let mut customers: HashMap<String, tokio::task::AbortHandle> = HashMap::new();
     let timeout = Duration::from_millis(setup.nats.node_timeout_ms);
     let mut tick = tokio::time::interval(Duration::from_millis(setup.nats.heartbeat_ms));
     let mut nodes: HashMap<String, Instant> = HashMap::new();
@@ -318,6 +410,35 @@ async fn run(
                         task.abort(); // drops the subscription: NATS gets the UNSUB
                     }
                 }
+                BusCmd::Core { subject, body } => {
+                    let _ = client.publish(subject, body.into()).await;
+                }
+                BusCmd::WatchCustomer { customer, shard } => {
+                    let Some(tx) = shards.get(shard).cloned() else { continue };
+                    if mine.insert(customer.clone()) {
+                        went.retain(|c| *c != customer);
+                        came.push(customer.clone());
+                    }
+                    let task = tokio::spawn(watch_customer(
+                        client.clone(),
+                        format!("{prefix}.c.{}", subject_token(&customer)),
+                        customer.clone(),
+                        tx,
+                        state.clone(),
+                    ));
+                    if let Some(old) = customers.insert(customer, task.abort_handle()) {
+                        old.abort();
+                    }
+                }
+                BusCmd::UnwatchCustomer { customer } => {
+                    if let Some(task) = customers.remove(&customer) {
+                        task.abort();
+                    }
+                    if mine.remove(&customer) {
+                        came.retain(|c| *c != customer);
+                        went.push(customer);
+                    }
+                }
                 BusCmd::Fetch { topic, shard, id, after, max } => {
                     let Some(tx) = shards.get(shard).cloned() else { continue };
                     let (client, history, state) = (client.clone(), history.clone(), state.clone());
@@ -335,6 +456,9 @@ async fn run(
                     state.heartbeats_sent.fetch_add(1, Relaxed);
                 }
                 nodes.retain(|_, seen| seen.elapsed() < timeout);
+                if let Ok(mut remote) = state.remote.write() {
+                    remote.retain(|node, _| nodes.contains_key(node));
+                }
                 state.nodes.store(nodes.len() as u64, Relaxed);
                 state.watched.store(watches.len() as u64, Relaxed);
                 if draining && !left {
@@ -349,15 +473,66 @@ async fn run(
             Some(message) = heard.next() => {
                 match decode_node(&message.payload) {
                     Ok(NodeMsg::Heartbeat { node, .. }) => {
-                        nodes.insert(node, Instant::now());
+                        let new = nodes.insert(node.clone(), Instant::now()).is_none();
+                        if new && node != state.node_id {
+                            // A node we did not know (or had forgotten): it learns who is
+                            // connected here from the whole set.
+                            tell_presence(&client, &presence_subject, &state.node_id, &mine).await;
+                        }
                     }
                     Ok(NodeMsg::Leaving { node }) => {
                         nodes.remove(&node);
+                        if let Ok(mut remote) = state.remote.write() {
+                            remote.remove(&node);
+                        }
                     }
-                    Ok(NodeMsg::Shard(_) | NodeMsg::TopicEvent { .. }) => {} // not on this subject
+                    Ok(_) => {} // not on this subject
                     Err(e) => refused(&state, &e),
                 }
                 state.nodes.store(nodes.len() as u64, Relaxed);
+            }
+            _ = presence_tick.tick(), if !came.is_empty() || !went.is_empty() => {
+                let msg = NodeMsg::Presence {
+                    node: state.node_id.clone(),
+                    full: false,
+                    online: std::mem::take(&mut came),
+                    offline: std::mem::take(&mut went),
+                };
+                let _ = client.publish(presence_subject.clone(), encode_node(&msg).into()).await;
+            }
+            Some(message) = presence.next() => {
+                match decode_node(&message.payload) {
+                    Ok(NodeMsg::Presence { node, full, online, offline }) if node != state.node_id => {
+                        if let Ok(mut remote) = state.remote.write() {
+                            let set = remote.entry(node).or_default();
+                            if full {
+                                set.clear();
+                            }
+                            set.extend(online);
+                            for c in &offline {
+                                set.remove(c);
+                            }
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => refused(&state, &e),
+                }
+            }
+            Some(message) = all.next() => {
+                match decode_node(&message.payload) {
+                    Ok(msg @ (NodeMsg::Fanout { .. } | NodeMsg::Disconnect { .. })) => {
+                        let (NodeMsg::Fanout { origin, .. } | NodeMsg::Disconnect { origin, .. }) = &msg else {
+                            unreachable!()
+                        };
+                        if *origin != state.node_id {
+                            if let Some(tx) = shards.first() {
+                                let _ = tx.send(BusIn::Node(msg)).await;
+                            }
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => refused(&state, &e),
+                }
             }
         }
     }
@@ -494,6 +669,39 @@ async fn watch(
         return;
     }
     while let Some(m) = sub.next().await {
+        if m.headers
+            .as_ref()
+            .and_then(|h| h.get("Nats-Sequence"))
+            .is_none()
+        {
+            // Not from the stream: an ephemeral event another node sent.
+            match decode_node(&m.payload) {
+                Ok(NodeMsg::Ephemeral {
+                    origin,
+                    topic: t,
+                    except,
+                    ws,
+                    sse,
+                }) if t == topic => {
+                    if origin != state.node_id {
+                        let msg = BusIn::Ephemeral {
+                            topic: t,
+                            except,
+                            frames: (ws, sse),
+                        };
+                        if tx.send(msg).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                Ok(_) => refused(
+                    &state,
+                    &NodeError::Invalid("not an event of this topic".into()),
+                ),
+                Err(e) => refused(&state, &e),
+            }
+            continue;
+        }
         match read_event(&m, &topic) {
             Ok(live) => {
                 let live = BusIn::Live {
@@ -605,6 +813,82 @@ async fn fetch(
         Err(e) => {
             tracing::warn!(error = %e, topic, "reading the history stream");
             Fetched::default()
+        }
+    }
+}
+
+/// Publishes the whole set of customers connected here, in chunks.
+async fn tell_presence(
+    client: &async_nats::Client,
+    subject: &str,
+    node: &str,
+    mine: &HashSet<String>,
+) {
+    let all: Vec<String> = mine.iter().cloned().collect();
+    let mut chunks = all.chunks(2000);
+    let first = chunks.next().unwrap_or(&[]).to_vec();
+    let msg = NodeMsg::Presence {
+        node: node.to_owned(),
+        full: true,
+        online: first,
+        offline: Vec::new(),
+    };
+    let _ = client
+        .publish(subject.to_owned(), encode_node(&msg).into())
+        .await;
+    for chunk in chunks {
+        let msg = NodeMsg::Presence {
+            node: node.to_owned(),
+            full: false,
+            online: chunk.to_vec(),
+            offline: Vec::new(),
+        };
+        let _ = client
+            .publish(subject.to_owned(), encode_node(&msg).into())
+            .await;
+    }
+}
+
+/// Holds this node's subscription to a customer's subject and passes the events other nodes
+/// send it to the customer's owner shard.
+async fn watch_customer(
+    client: async_nats::Client,
+    subject: String,
+    customer: String,
+    tx: mpsc::Sender<BusIn>,
+    state: Arc<BusState>,
+) {
+    let mut sub = loop {
+        match client.subscribe(subject.clone()).await {
+            Ok(s) => break s,
+            Err(e) => {
+                tracing::warn!(error = %e, %subject, "subscribe");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    };
+    while let Some(m) = sub.next().await {
+        match decode_node(&m.payload) {
+            Ok(NodeMsg::Customer {
+                origin,
+                customer: c,
+                event,
+            }) if c == customer => {
+                if origin != state.node_id {
+                    let msg = BusIn::Customer {
+                        customer: customer.clone(),
+                        event,
+                    };
+                    if tx.send(msg).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            Ok(_) => refused(
+                &state,
+                &NodeError::Invalid("not an event of this customer".into()),
+            ),
+            Err(e) => refused(&state, &e),
         }
     }
 }

@@ -284,6 +284,60 @@ pub enum NodeMsg {
         /// The event.
         event: Event,
     },
+    /// An event for role members or everyone, to every node (`<prefix>.all`).
+    Fanout {
+        /// The node that took the publish (it has delivered to its own clients).
+        origin: String,
+        /// Roles and/or broadcast.
+        targets: Vec<Target>,
+        /// The event.
+        event: Event,
+    },
+    /// An event for a customer, to the nodes where it has connections
+    /// (`<prefix>.c.<customer>`).
+    Customer {
+        /// The node that took the publish.
+        origin: String,
+        /// The customer.
+        customer: String,
+        /// The event.
+        event: Event,
+    },
+    /// Close every connection of `customers` (`POST /v1/disconnect`), to every node.
+    Disconnect {
+        /// The node that took the request.
+        origin: String,
+        /// The customers.
+        customers: Vec<String>,
+        /// The close code.
+        code: u16,
+    },
+    /// An ephemeral event (typing, presence) for a topic's subscribers on other nodes, on the
+    /// topic's live subject (without a stream sequence: never stored).
+    Ephemeral {
+        /// The node it comes from (its own subscribers have it).
+        origin: String,
+        /// The topic.
+        topic: String,
+        /// The customer whose connections skip it (the typist).
+        except: String,
+        /// The WebSocket frame.
+        ws: Vec<u8>,
+        /// The SSE record.
+        sse: Vec<u8>,
+    },
+    /// Which customers have connections on `node` (`<prefix>.presence`): a change, or the
+    /// whole set (`full`) when the node sees another node for the first time.
+    Presence {
+        /// The node.
+        node: String,
+        /// The whole set: forget what was known of the node before.
+        full: bool,
+        /// Customers now connected there.
+        online: Vec<String>,
+        /// Customers no longer connected there.
+        offline: Vec<String>,
+    },
 }
 
 /// The wire-format version of [`NodeMsg`] between nodes. rkyv archives have no schema
@@ -509,6 +563,19 @@ mod tests {
             },
         };
         assert_eq!(decode_node(&encode_node(&ev)), Ok(ev));
+        let presence = NodeMsg::Presence {
+            node: "n1".into(),
+            full: true,
+            online: vec!["a".into(), "b".into()],
+            offline: vec![],
+        };
+        assert_eq!(decode_node(&encode_node(&presence)), Ok(presence));
+        let gone = NodeMsg::Disconnect {
+            origin: "n2".into(),
+            customers: vec!["a".into()],
+            code: 4003,
+        };
+        assert_eq!(decode_node(&encode_node(&gone)), Ok(gone));
         let mut other = bytes.clone();
         other[2] = WIRE_VERSION + 1;
         assert_eq!(

@@ -293,6 +293,9 @@ impl Shard {
             }
         };
         if announce {
+            if let Some(cluster) = self.broker.cluster() {
+                cluster.customer_here(self, customer, up);
+            }
             self.announce_status(customer, false);
         }
     }
@@ -327,7 +330,14 @@ impl Shard {
             .collect();
         platforms.sort_unstable();
         platforms.dedup();
-        let status = if keys.is_empty() {
+        // In a cluster the customer may be connected to another node only: online, with
+        // what this node knows of it (its connections and platforms here).
+        let elsewhere = keys.is_empty()
+            && self
+                .broker
+                .cluster()
+                .is_some_and(|c| c.online_elsewhere(customer));
+        let status = if keys.is_empty() && !elsewhere {
             "offline"
         } else {
             p.status.get(customer).copied().unwrap_or_default().as_str()
@@ -337,7 +347,7 @@ impl Shard {
             status,
             keys.len(),
             &platforms,
-            p.last_seen.get(customer).copied(),
+            p.last_seen.get(customer).copied().filter(|_| !elsewhere),
         )
     }
 

@@ -1005,3 +1005,122 @@ fn nginx_keeps_a_customer_on_one_node_and_passes_websocket_and_sse() {
         }
     }
 }
+
+fn presence_of(server: &Server, customer: &str) -> String {
+    let (_, body) = server.http(
+        "GET",
+        &format!("/v1/presence/customers/{customer}"),
+        &[("Authorization", &format!("Bearer {API_KEY}"))],
+        "",
+    );
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v["status"].as_str().unwrap_or_default().to_owned()
+}
+
+/// Events of type `kind` among what arrives before a pong.
+fn of_type(c: &mut Client, kind: &str) -> Vec<serde_json::Value> {
+    c.drain_until_pong()
+        .into_iter()
+        .filter(|m| m["type"] == kind)
+        .collect()
+}
+
+#[test]
+#[ignore = "needs nats-server: bash .ci/cluster.sh"]
+fn customer_role_broadcast_and_disconnect_reach_clients_on_other_nodes() {
+    let nats = Nats::start();
+    let a = node_with(&nats.url(), "node-a", "3000", 2);
+    let b = node_with(&nats.url(), "node-b", "3000", 2);
+    let c = node_with(&nats.url(), "node-c", "3000", 2);
+    eventually(10, "three nodes", || {
+        b.metric("ringcast_cluster_nodes") == 3.0
+    });
+    let mut dora = Client::connect(&a, &token("dora", |c| c.roles = vec!["nurse".into()]));
+    let mut ed = Client::connect(&c, &sub_token("ed"));
+    let mut ed_here = Client::connect(&b, &sub_token("ed"));
+    eventually(5, "B knows dora and ed are connected elsewhere", || {
+        presence_of(&b, "dora") == "online" && presence_of(&c, "dora") == "online"
+    });
+    // Through B's API: a role, everyone, a customer connected on C and on B itself.
+    b.publish(serde_json::json!({"roles": ["nurse"], "wait": "accepted",
+        "event": {"type": "ward_alert", "data": {}}}));
+    b.publish(serde_json::json!({"broadcast": true, "wait": "accepted",
+        "event": {"type": "maintenance", "data": {}}}));
+    let out = b.publish(serde_json::json!({"customers": ["ed"], "wait": "accepted",
+        "event": {"type": "note", "persistent": true, "data": {}}}));
+    assert_eq!(out["dropped"], 0, "{out}");
+    // Reads until every type in `kinds` has come (in any order: they travel different
+    // subjects and shards); the read times out after 10 s.
+    let expect = |c: &mut Client, kinds: &[&str]| {
+        let mut missing: Vec<&str> = kinds.to_vec();
+        while !missing.is_empty() {
+            let m = c.recv_json();
+            missing.retain(|k| m["type"] != *k);
+        }
+    };
+    expect(&mut dora, &["ward_alert", "maintenance"]);
+    expect(&mut ed, &["maintenance", "note"]);
+    expect(&mut ed_here, &["maintenance", "note"]);
+    // Each once: nothing more comes.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(of_type(&mut dora, "ward_alert").is_empty());
+    assert!(of_type(&mut dora, "maintenance").is_empty());
+    assert!(of_type(&mut ed, "note").is_empty());
+    assert!(of_type(&mut ed_here, "note").is_empty());
+    // Disconnect through C closes dora on A.
+    let (status, body) = c.http(
+        "POST",
+        "/v1/disconnect",
+        &[("Authorization", &format!("Bearer {API_KEY}"))],
+        r#"{"customers": ["dora"], "code": 4003}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(dora.recv_close().map(|f| u16::from(f.code)), Some(4003));
+    eventually(5, "dora offline everywhere", || {
+        presence_of(&b, "dora") == "offline" && presence_of(&a, "dora") == "offline"
+    });
+}
+
+#[test]
+#[ignore = "needs nats-server: bash .ci/cluster.sh"]
+fn a_killed_nodes_customers_go_offline_on_the_others_within_the_node_timeout() {
+    let nats = Nats::start();
+    let mut a = node_with(&nats.url(), "node-a", "1500", 1);
+    let b = node_with(&nats.url(), "node-b", "1500", 1);
+    let _ann = Client::connect(&a, &sub_token("ann"));
+    eventually(5, "B sees ann", || presence_of(&b, "ann") == "online");
+    // A node that starts later learns who is connected from the whole set.
+    let c = node_with(&nats.url(), "node-c", "1500", 1);
+    eventually(5, "C sees ann", || presence_of(&c, "ann") == "online");
+    let _ = a.child.kill();
+    let took = eventually(10, "ann gone from B and C", || {
+        presence_of(&b, "ann") == "offline" && presence_of(&c, "ann") == "offline"
+    });
+    assert!(
+        took <= Duration::from_millis(2500),
+        "took {took:?} (timeout 1.5 s)"
+    );
+}
+
+#[test]
+#[ignore = "needs nats-server: bash .ci/cluster.sh"]
+fn typing_reaches_a_topic_member_on_another_node() {
+    let nats = Nats::start();
+    let a = node_with(&nats.url(), "node-a", "3000", 2);
+    let b = node_with(&nats.url(), "node-b", "3000", 2);
+    let mut ann = Client::connect(&a, &room_token("ann"));
+    let mut bob = Client::connect(&b, &room_token("bob"));
+    ann.subscribe(&["room:t"]);
+    bob.subscribe(&["room:t"]);
+    ann.send_json(serde_json::json!({"type": "typing",
+        "payload": {"topic": "room:t", "state": "start"}}));
+    let typing = loop {
+        let m = bob.recv_json();
+        if m["type"] == "typing" {
+            break m;
+        }
+    };
+    assert_eq!(typing["topic"], "room:t", "{typing}");
+    // The typist's own connections skip it, here and there.
+    assert!(of_type(&mut ann, "typing").is_empty());
+}

@@ -92,7 +92,10 @@ impl Broker {
     /// Closes every connection of `customers` with `code`, wherever they are; resolves to the
     /// connections closed.
     pub async fn disconnect(&self, shard: &Shard, customers: &[String], code: u16) -> Counts {
-        self.local().disconnect(shard, customers, code).await.counts
+        match self {
+            Broker::Local(l) => l.disconnect(shard, customers, code).await.counts,
+            Broker::Nats(n) => n.disconnect(shard, customers, code).await,
+        }
     }
 
     /// Asks the owner of `topic` to count this shard's interest and answer subscription `req`
@@ -125,7 +128,10 @@ impl Broker {
     /// An ephemeral event (typing, presence) for the subscribers of `topic` but the
     /// connections of `except`, in order with the topic's events.
     pub fn ephemeral(&self, shard: &Shard, topic: &str, except: &str, payload: Payload) {
-        self.local().ephemeral(shard, topic, except, payload)
+        match self {
+            Broker::Local(l) => l.ephemeral(shard, topic, except, payload),
+            Broker::Nats(n) => n.ephemeral(shard, topic, except, payload),
+        }
     }
 
     /// A message to `to` allowed only if `to` follows one of `topics`: decided by `to`'s

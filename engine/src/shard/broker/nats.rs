@@ -10,15 +10,21 @@
 //! - Subscriptions with `since` are answered from the owner's recent events or from the
 //!   stream, so a client recovers on any node.
 //!
-//! Not across nodes yet (each node serves its own clients, as the local broker does):
-//! customer, role and broadcast events, offline queues and acks, presence, typing, receipts
-//! and direct messages.
+//! - Roles and broadcast go to every node, customer events to the nodes where the customer
+//!   is connected (each node subscribes to a customer's subject while it has connections),
+//!   disconnects to every node, ephemeral events on the topic's live subject; core NATS, at
+//!   most once. Which customers each node has is shared by the bus (`online_elsewhere`).
+//!
+//! Not across nodes yet: the offline queue (stored customer events stay on one node), acks,
+//! direct messages, receipts, topic member lists, chosen presence statuses.
 
 use std::{cell::RefCell, sync::Arc, time::Instant};
 
 use proto::{
     api::{Publish, Wait},
     bus::{encode_node, NodeMsg, ShardMsg, Target, TopicOffset},
+    event::Via,
+    placement::owner_shard,
 };
 
 use super::local::Local;
@@ -29,7 +35,7 @@ use crate::{
         route::{Interest, Outcome},
         streams::unix_now,
         topic_owner::History,
-        Shard, Shared,
+        Payload, Shard, Shared,
     },
 };
 
@@ -85,7 +91,43 @@ impl Nats {
             });
             pending.push((topic, rx));
         }
-        let rest = p.customers.len() + p.roles.len() + usize::from(p.broadcast);
+        // Roles and broadcast: every other node delivers to its own clients.
+        let mut targets: Vec<Target> = p.roles.iter().map(|r| Target::Role(r.clone())).collect();
+        if p.broadcast {
+            targets.push(Target::Broadcast);
+        }
+        if !targets.is_empty() {
+            let msg = NodeMsg::Fanout {
+                origin: self.bus.node_id.clone(),
+                targets,
+                event: p.event.clone(),
+            };
+            self.bus.send(BusCmd::Core {
+                subject: self.bus.subject("all", None),
+                body: encode_node(&msg),
+            });
+        }
+        // Customers: to the nodes where they are connected. A customer connected only
+        // elsewhere is not stored here (the node that delivers keeps it until acked).
+        let mut local_customers = Vec::with_capacity(p.customers.len());
+        for c in &p.customers {
+            let elsewhere = self.bus.online_elsewhere(c);
+            if elsewhere {
+                let msg = NodeMsg::Customer {
+                    origin: self.bus.node_id.clone(),
+                    customer: c.clone(),
+                    event: p.event.clone(),
+                };
+                self.bus.send(BusCmd::Core {
+                    subject: self.bus.subject("c", Some(c)),
+                    body: encode_node(&msg),
+                });
+            }
+            if !elsewhere || self.bus.online_here(c) {
+                local_customers.push(c.clone());
+            }
+        }
+        let rest = local_customers.len() + p.roles.len() + usize::from(p.broadcast);
         if rest == 0 {
             shard
                 .metrics()
@@ -94,6 +136,7 @@ impl Nats {
         } else {
             let rest = Publish {
                 topics: Vec::new(),
+                customers: local_customers,
                 ..p.clone()
             };
             out = self.local.publish(shard, &rest, wait).await;
@@ -150,9 +193,122 @@ impl Nats {
                 BusIn::Synced { topic, position } => relay.synced(&topic, position, now),
                 BusIn::Live { topic, live } => relay.live(&topic, live, now),
                 BusIn::Fetched { topic, id, fetched } => relay.fetched(&topic, id, fetched, now),
+                BusIn::Node(msg) => {
+                    drop(relay);
+                    return self.on_node(shard, msg);
+                }
+                BusIn::Ephemeral {
+                    topic,
+                    except,
+                    frames: (ws, sse),
+                } => {
+                    drop(relay);
+                    let payload = Payload {
+                        ws: ws.into(),
+                        sse: sse.into(),
+                    };
+                    return self.on_ephemeral(shard, &topic, &except, payload);
+                }
+                BusIn::Customer { customer, event } => {
+                    drop(relay);
+                    // Delivered on its owner shard as if published here (not counted back).
+                    let msg = ShardMsg::DeliverCustomers {
+                        customers: vec![customer.clone()],
+                        event,
+                        origin: shard.id as u32,
+                        req: 0,
+                    };
+                    let owner = owner_shard(&customer, shard.shared.n_shards);
+                    shard.send_msg(owner, &msg, None, Some(Instant::now()));
+                    return;
+                }
             }
         };
         self.run(shard, actions);
+    }
+
+    /// A role, broadcast or disconnect message another node took.
+    fn on_node(&self, shard: &Shard, msg: NodeMsg) {
+        let n = shard.shared.n_shards;
+        match msg {
+            NodeMsg::Fanout { targets, event, .. } => {
+                // Encoded once here for every role member and broadcast receiver.
+                let payload = Payload::of(&event, Via::default());
+                let arrived = Some(Instant::now());
+                for target in targets {
+                    for to in 0..n {
+                        let msg = ShardMsg::Deliver {
+                            target: target.clone(),
+                            kind: event.kind.clone(),
+                            id: event.id.clone(),
+                            idempotent: event.idempotent,
+                            origin: shard.id as u32,
+                            req: 0,
+                        };
+                        shard.send_msg(to, &msg, Some(payload.clone()), arrived);
+                    }
+                }
+            }
+            NodeMsg::Disconnect {
+                customers, code, ..
+            } => {
+                let mut by_owner: std::collections::BTreeMap<usize, Vec<String>> =
+                    Default::default();
+                for c in customers {
+                    by_owner.entry(owner_shard(&c, n)).or_default().push(c);
+                }
+                for (to, customers) in by_owner {
+                    let msg = ShardMsg::Disconnect {
+                        customers,
+                        code,
+                        origin: shard.id as u32,
+                        req: 0,
+                    };
+                    shard.send_msg(to, &msg, None, None);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Closes `customers`' connections here and on the other nodes (theirs are not counted).
+    pub(super) async fn disconnect(
+        &self,
+        shard: &Shard,
+        customers: &[String],
+        code: u16,
+    ) -> proto::bus::Counts {
+        let msg = NodeMsg::Disconnect {
+            origin: self.bus.node_id.clone(),
+            customers: customers.to_vec(),
+            code,
+        };
+        self.bus.send(BusCmd::Core {
+            subject: self.bus.subject("all", None),
+            body: encode_node(&msg),
+        });
+        self.local.disconnect(shard, customers, code).await.counts
+    }
+
+    /// The first connection of `customer` on this node opened (`up`), or its last closed:
+    /// the node subscribes to the customer's events and tells the others it has it.
+    pub fn customer_here(&self, shard: &Shard, customer: &str, up: bool) {
+        self.bus.set_here(customer, up);
+        self.bus.send(if up {
+            BusCmd::WatchCustomer {
+                customer: customer.to_owned(),
+                shard: shard.id,
+            }
+        } else {
+            BusCmd::UnwatchCustomer {
+                customer: customer.to_owned(),
+            }
+        });
+    }
+
+    /// Whether `customer` has connections on another node.
+    pub fn online_elsewhere(&self, customer: &str) -> bool {
+        self.bus.online_elsewhere(customer)
     }
 
     pub(super) fn sweep(&self, shard: &Shard, budget: usize, shrink: bool) {
@@ -224,7 +380,25 @@ impl Nats {
             .store(relay.gaps(), std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// An ephemeral event reaches this node's subscribers (not other nodes' yet).
+    /// An ephemeral event: to this node's subscribers through the topic's owner here, and to
+    /// the other nodes' on the topic's live subject (at most once; not ordered against the
+    /// topic's stored events, which come through the stream).
+    pub(super) fn ephemeral(&self, shard: &Shard, topic: &str, except: &str, payload: Payload) {
+        let msg = NodeMsg::Ephemeral {
+            origin: self.bus.node_id.clone(),
+            topic: topic.to_owned(),
+            except: except.to_owned(),
+            ws: payload.ws.to_vec(),
+            sse: payload.sse.to_vec(),
+        };
+        self.bus.send(BusCmd::Core {
+            subject: self.bus.subject("t", Some(topic)),
+            body: encode_node(&msg),
+        });
+        self.local.ephemeral(shard, topic, except, payload);
+    }
+
+    /// An ephemeral event reaches this node's subscribers.
     pub(super) fn on_ephemeral(
         &self,
         shard: &Shard,
