@@ -50,6 +50,8 @@ pub struct BusState {
     /// The history stream's identity (its creation time): the epoch of topic offsets. A
     /// stream deleted and created again numbers from 1 again, under a new epoch.
     pub epoch: OnceLock<String>,
+    /// The queue stream's identity: the epoch of customer cursors.
+    pub queue_epoch: OnceLock<String>,
     /// Nodes alive, this one included once its own heartbeat has come back through NATS.
     pub nodes: AtomicU64,
     /// Heartbeats sent.
@@ -94,6 +96,11 @@ impl BusState {
         self.epoch.get().map_or("", String::as_str)
     }
 
+    /// The epoch of customer cursors ("" until the queue stream has answered).
+    pub fn queue_epoch(&self) -> &str {
+        self.queue_epoch.get().map_or("", String::as_str)
+    }
+
     /// Whether `customer` has a connection on another live node (as its presence messages
     /// said; a node that stops heartbeating is forgotten with its customers).
     pub fn online_elsewhere(&self, customer: &str) -> bool {
@@ -130,17 +137,38 @@ impl BusState {
 /// What a shard asks of the bus.
 #[derive(Debug)]
 pub enum BusCmd {
-    /// Write a topic event to the history stream; answers with its sequence once JetStream
-    /// has it.
+    /// Write an event to a stream (a topic's history subject, a customer's queue subject);
+    /// answers with its sequence once JetStream has it.
     Publish {
-        /// The topic.
-        topic: String,
-        /// The encoded `NodeMsg::TopicEvent`.
+        /// The subject (see [`BusState::subject`]).
+        subject: String,
+        /// The encoded `NodeMsg::TopicEvent` or `NodeMsg::Customer`.
         body: Vec<u8>,
         /// A publisher-chosen id: JetStream drops a repeat within the dedupe window.
         msg_id: Option<String>,
         /// The answer.
-        reply: oneshot::Sender<Result<Accepted, String>>,
+        reply: oneshot::Sender<Result<Accepted, Refused>>,
+    },
+    /// Read a customer's stored events after `after` (at most `max`) from the queue stream.
+    FetchQueue {
+        /// The customer.
+        customer: String,
+        /// The last sequence not wanted (0: all).
+        after: u64,
+        /// At most this many.
+        max: usize,
+        /// The answer.
+        reply: oneshot::Sender<Fetched>,
+    },
+    /// Remove acknowledged events from a customer's queue: these sequences, and every one up
+    /// to `up_to`.
+    AckQueue {
+        /// The customer.
+        customer: String,
+        /// Sequences acknowledged one by one.
+        seqs: Vec<u64>,
+        /// Everything up to this sequence is acknowledged.
+        up_to: Option<u64>,
     },
     /// Subscribe to a topic's live subject for shard `shard` (its owner here), then tell it
     /// the stream's position (`BusIn::Synced`).
@@ -189,6 +217,15 @@ pub enum BusCmd {
     },
 }
 
+/// Why JetStream did not take an event.
+#[derive(Debug, Clone)]
+pub enum Refused {
+    /// The customer's queue holds `delivery.offline_queue` events: the newest is refused.
+    Full,
+    /// NATS or JetStream could not be reached, or did not answer.
+    Unavailable(String),
+}
+
 /// JetStream took an event.
 #[derive(Debug, Clone, Copy)]
 pub struct Accepted {
@@ -226,12 +263,15 @@ pub enum BusIn {
         /// The WebSocket frame and the SSE record.
         frames: (Vec<u8>, Vec<u8>),
     },
-    /// An event for a customer connected here, from another node.
+    /// An event for a customer connected here: from another node, or from the queue stream
+    /// (with its sequence).
     Customer {
         /// The customer.
         customer: String,
         /// The event.
         event: proto::event::Event,
+        /// Its sequence in the queue stream (0: not stored, from another node's core publish).
+        seq: u64,
     },
     /// A fetch's answer.
     Fetched {
@@ -264,6 +304,8 @@ pub fn start(config: &Config, node_id: String, shards: usize) -> anyhow::Result<
         nats: config.nats.clone(),
         max_age: Duration::from_secs(config.history_max_age().max(1)),
         dedupe_window: Duration::from_secs(config.delivery.dedupe_window_secs.max(1)),
+        queue_cap: config.delivery.offline_queue.max(1) as i64,
+        queue_age: Duration::from_secs(config.delivery.offline_ttl_secs.max(1)),
     };
     let thread_state = state.clone();
     std::thread::Builder::new()
@@ -278,6 +320,8 @@ struct Setup {
     nats: crate::config::Nats,
     max_age: Duration,
     dedupe_window: Duration,
+    queue_cap: i64,
+    queue_age: Duration,
 }
 
 async fn run(
@@ -321,11 +365,20 @@ async fn run(
     let prefix = setup.nats.prefix.clone();
     let js = jetstream::new(client.clone());
     let history = Arc::new(tokio::sync::OnceCell::new());
+    let queue = Arc::new(tokio::sync::OnceCell::new());
     tokio::spawn(keep_stream(
         js.clone(),
         stream_config(&setup),
         history.clone(),
         state.clone(),
+        false,
+    ));
+    tokio::spawn(keep_stream(
+        js.clone(),
+        queue_config(&setup),
+        queue.clone(),
+        state.clone(),
+        true,
     ));
     let subject = format!("{prefix}.node.hb");
     let mut heard = match client.subscribe(subject.clone()).await {
@@ -359,13 +412,12 @@ async fn run(
     loop {
         tokio::select! {
             Some(cmd) = cmds.recv() => match cmd {
-                BusCmd::Publish { topic, body, msg_id, reply } => {
+                BusCmd::Publish { subject, body, msg_id, reply } => {
                     if !state.connected.load(Relaxed) {
                         state.publish_failures.fetch_add(1, Relaxed);
-                        let _ = reply.send(Err("NATS is unreachable".into()));
+                        let _ = reply.send(Err(Refused::Unavailable("NATS is unreachable".into())));
                         continue;
                     }
-                    let subject = format!("{prefix}.h.{}", subject_token(&topic));
                     let mut headers = HeaderMap::new();
                     if let Some(id) = msg_id {
                         headers.insert("Nats-Msg-Id", id.as_str());
@@ -378,8 +430,15 @@ async fn run(
                                 let r = ack
                                     .await
                                     .map(|a| Accepted { seq: a.sequence, duplicate: a.duplicate })
-                                    .map_err(|e| e.to_string());
-                                if r.is_err() {
+                                    .map_err(|e| {
+                                        let e = e.to_string();
+                                        if e.contains("per subject") {
+                                            Refused::Full
+                                        } else {
+                                            Refused::Unavailable(e)
+                                        }
+                                    });
+                                if matches!(r, Err(Refused::Unavailable(_))) {
                                     state.publish_failures.fetch_add(1, Relaxed);
                                 }
                                 let _ = reply.send(r);
@@ -387,7 +446,7 @@ async fn run(
                         }
                         Err(e) => {
                             state.publish_failures.fetch_add(1, Relaxed);
-                            let _ = reply.send(Err(e.to_string()));
+                            let _ = reply.send(Err(Refused::Unavailable(e.to_string())));
                         }
                     }
                 }
@@ -419,13 +478,17 @@ async fn run(
                         went.retain(|c| *c != customer);
                         came.push(customer.clone());
                     }
-                    let task = tokio::spawn(watch_customer(
-                        client.clone(),
-                        format!("{prefix}.c.{}", subject_token(&customer)),
-                        customer.clone(),
-                        tx,
-                        state.clone(),
-                    ));
+                    // Subscribed here, before any later command: a resume's read of the queue
+                    // (the next command) then misses nothing stored after it.
+                    let subject = format!("{prefix}.c.{}", subject_token(&customer));
+                    let sub = match client.subscribe(subject.clone()).await {
+                        Ok(sub) => sub,
+                        Err(e) => {
+                            tracing::warn!(error = %e, %subject, "subscribe");
+                            continue;
+                        }
+                    };
+                    let task = tokio::spawn(watch_customer(sub, customer.clone(), tx, state.clone()));
                     if let Some(old) = customers.insert(customer, task.abort_handle()) {
                         old.abort();
                     }
@@ -444,8 +507,34 @@ async fn run(
                     let (client, history, state) = (client.clone(), history.clone(), state.clone());
                     let subject = format!("{prefix}.h.{}", subject_token(&topic));
                     tokio::spawn(async move {
-                        let fetched = fetch(&client, &history, &subject, &topic, after, max, &state).await;
+                        let read = |m: &async_nats::Message| read_event(m, &topic);
+                        let fetched = fetch(&client, &history, &subject, after, max, &state, read).await;
                         let _ = tx.send(BusIn::Fetched { topic, id, fetched }).await;
+                    });
+                }
+                BusCmd::FetchQueue { customer, after, max, reply } => {
+                    let (client, queue, state) = (client.clone(), queue.clone(), state.clone());
+                    let subject = format!("{prefix}.q.{}", subject_token(&customer));
+                    tokio::spawn(async move {
+                        let read = |m: &async_nats::Message| read_stored(m, &customer);
+                        let fetched = fetch(&client, &queue, &subject, after, max, &state, read).await;
+                        let _ = reply.send(fetched);
+                    });
+                }
+                BusCmd::AckQueue { customer, seqs, up_to } => {
+                    let queue = queue.clone();
+                    let subject = format!("{prefix}.q.{}", subject_token(&customer));
+                    tokio::spawn(async move {
+                        let Some(stream) = queue.get() else { return };
+                        if let Some(n) = up_to {
+                            if let Err(e) = stream.purge().filter(subject).sequence(n + 1).await {
+                                tracing::warn!(error = %e, "acknowledging queued events");
+                            }
+                        }
+                        for seq in seqs {
+                            // Already gone (acked twice, expired) is fine.
+                            let _ = stream.delete_message(seq).await;
+                        }
                     });
                 }
             },
@@ -581,6 +670,37 @@ fn stream_config(setup: &Setup) -> jetstream::stream::Config {
     }
 }
 
+/// The queue stream: each customer's stored (persistent) events under `<prefix>.q.<customer>`,
+/// at most `delivery.offline_queue` per customer (the newest refused beyond: the publisher
+/// is told, nothing already stored is pushed out silently), for `delivery.offline_ttl_secs`.
+/// Republished to `<prefix>.c.>`, the subjects of the nodes where the customer is connected.
+fn queue_config(setup: &Setup) -> jetstream::stream::Config {
+    let prefix = &setup.nats.prefix;
+    jetstream::stream::Config {
+        name: format!("{}_Q", prefix.to_uppercase()),
+        subjects: vec![format!("{prefix}.q.>")],
+        max_age: setup.queue_age,
+        max_bytes: setup.nats.history_max_bytes,
+        max_messages_per_subject: setup.queue_cap,
+        discard: jetstream::stream::DiscardPolicy::New,
+        discard_new_per_subject: true,
+        storage: if setup.nats.storage == "memory" {
+            jetstream::stream::StorageType::Memory
+        } else {
+            jetstream::stream::StorageType::File
+        },
+        num_replicas: setup.nats.replicas,
+        allow_direct: true,
+        duplicate_window: setup.dedupe_window,
+        republish: Some(jetstream::stream::Republish {
+            source: format!("{prefix}.q.>"),
+            destination: format!("{prefix}.c.>"),
+            headers_only: false,
+        }),
+        ..Default::default()
+    }
+}
+
 /// The history stream's name: `<PREFIX>_H`.
 pub fn stream_name(prefix: &str) -> String {
     format!("{}_H", prefix.to_uppercase())
@@ -592,6 +712,7 @@ async fn keep_stream(
     config: jetstream::stream::Config,
     cell: Arc<tokio::sync::OnceCell<jetstream::stream::Stream>>,
     state: Arc<BusState>,
+    queue: bool,
 ) {
     loop {
         match js.get_or_create_stream(config.clone()).await {
@@ -604,9 +725,13 @@ async fn keep_stream(
                         continue;
                     }
                 };
-                let _ = state.epoch.set(format!("js{created:x}"));
                 let _ = cell.set(stream);
-                state.stream_ready.store(true, Relaxed);
+                if queue {
+                    let _ = state.queue_epoch.set(format!("jq{created:x}"));
+                } else {
+                    let _ = state.epoch.set(format!("js{created:x}"));
+                    state.stream_ready.store(true, Relaxed);
+                }
                 tracing::info!(stream = %config.name, "history stream ready");
                 return;
             }
@@ -720,6 +845,28 @@ async fn watch(
 /// Reads a stored or republished topic event: sequence, previous sequence of the topic,
 /// store time, and the `NodeMsg::TopicEvent` body (of this very topic).
 fn read_event(m: &async_nats::Message, topic: &str) -> Result<Live, NodeError> {
+    read_stream_message(m, |msg| match msg {
+        NodeMsg::TopicEvent { topic: t, event } if t == topic => Some(event),
+        _ => None,
+    })
+}
+
+/// Reads a stored customer event (queue stream) of `customer`.
+fn read_stored(m: &async_nats::Message, customer: &str) -> Result<Live, NodeError> {
+    read_stream_message(m, |msg| match msg {
+        NodeMsg::Customer {
+            customer: c, event, ..
+        } if c == customer => Some(event),
+        _ => None,
+    })
+}
+
+/// A stream message's sequence, previous sequence of its subject, store time, and the event
+/// `pick` takes from its body.
+fn read_stream_message(
+    m: &async_nats::Message,
+    pick: impl FnOnce(NodeMsg) -> Option<proto::event::Event>,
+) -> Result<Live, NodeError> {
     let header = |name: &str| {
         m.headers
             .as_ref()
@@ -734,16 +881,14 @@ fn read_event(m: &async_nats::Message, topic: &str) -> Result<Live, NodeError> {
         .and_then(|t| humantime::parse_rfc3339(&t).ok())
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .map_or(0, |d| d.as_secs());
-    match decode_node(&m.payload)? {
-        NodeMsg::TopicEvent { topic: t, event } if t == topic => Ok(Live {
+    match pick(decode_node(&m.payload)?) {
+        Some(event) => Ok(Live {
             seq,
             prev,
             stored,
             event,
         }),
-        _ => Err(NodeError::Invalid(format!(
-            "not an event of topic {topic:?}"
-        ))),
+        None => Err(NodeError::Invalid("not an event of this subject".into())),
     }
 }
 
@@ -753,10 +898,10 @@ async fn fetch(
     client: &async_nats::Client,
     history: &tokio::sync::OnceCell<jetstream::stream::Stream>,
     subject: &str,
-    topic: &str,
     after: u64,
     max: usize,
     state: &BusState,
+    read: impl Fn(&async_nats::Message) -> Result<Live, NodeError>,
 ) -> Fetched {
     let stream = history_stream(history).await;
     let run = async {
@@ -793,7 +938,7 @@ async fn fetch(
             if m.status.is_some() {
                 break; // 204 end of batch, 404 nothing stored after `after`
             }
-            match read_event(&m, topic) {
+            match read(&m) {
                 Ok(mut live) => {
                     live.prev = prev;
                     prev = live.seq;
@@ -811,7 +956,7 @@ async fn fetch(
     match run.await {
         Ok(f) => f,
         Err(e) => {
-            tracing::warn!(error = %e, topic, "reading the history stream");
+            tracing::warn!(error = %e, subject, "reading a stream");
             Fetched::default()
         }
     }
@@ -852,22 +997,34 @@ async fn tell_presence(
 /// Holds this node's subscription to a customer's subject and passes the events other nodes
 /// send it to the customer's owner shard.
 async fn watch_customer(
-    client: async_nats::Client,
-    subject: String,
+    mut sub: async_nats::Subscriber,
     customer: String,
     tx: mpsc::Sender<BusIn>,
     state: Arc<BusState>,
 ) {
-    let mut sub = loop {
-        match client.subscribe(subject.clone()).await {
-            Ok(s) => break s,
-            Err(e) => {
-                tracing::warn!(error = %e, %subject, "subscribe");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        }
-    };
     while let Some(m) = sub.next().await {
+        if m.headers
+            .as_ref()
+            .and_then(|h| h.get("Nats-Sequence"))
+            .is_some()
+        {
+            // Stored in the queue stream and republished: every node with the customer
+            // delivers it, this one included.
+            match read_stored(&m, &customer) {
+                Ok(live) => {
+                    let msg = BusIn::Customer {
+                        customer: customer.clone(),
+                        event: live.event,
+                        seq: live.seq,
+                    };
+                    if tx.send(msg).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => refused(&state, &e),
+            }
+            continue;
+        }
         match decode_node(&m.payload) {
             Ok(NodeMsg::Customer {
                 origin,
@@ -878,6 +1035,7 @@ async fn watch_customer(
                     let msg = BusIn::Customer {
                         customer: customer.clone(),
                         event,
+                        seq: 0,
                     };
                     if tx.send(msg).await.is_err() {
                         return;

@@ -77,6 +77,9 @@ pub enum ShardMsg {
         origin: u32,
         /// Request id of the report.
         req: u64,
+        /// Cluster mode: the event's sequence in the offline-queue stream (its offset in
+        /// the customer's stream); 0 when it has none (one process, or not persistent).
+        seq: u64,
     },
     /// Deliver the frames sent beside this message to local receivers.
     Deliver {

@@ -176,6 +176,7 @@ impl Shard {
         };
         if shares {
             self.queue_job(Job::Customers {
+                seq: 0,
                 customers: vec![to],
                 event,
                 origin,

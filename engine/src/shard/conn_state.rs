@@ -66,6 +66,9 @@ pub struct Conn {
     pub dirty: bool,
     /// Joining topics: fanned-out frames wait in the shard's held list (`Shard::hold`).
     pub holding: bool,
+    /// Cluster mode: reading the customer's stored events from the queue stream at connect;
+    /// customer events meanwhile are stored, not queued (the replay brings them in order).
+    pub resuming: bool,
     /// Shard clock (seconds) of the last frame from the client.
     pub last_rx: u32,
     /// Shard clock of this connection's pending timer-wheel check (`u32::MAX`: none).
@@ -140,6 +143,7 @@ impl Conn {
             write_blocked: false,
             dirty: false,
             holding: false,
+            resuming: false,
             last_rx: now,
             wheel_at: u32::MAX,
             // Full: the first take caps it at the configured size.

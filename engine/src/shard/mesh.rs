@@ -321,6 +321,7 @@ impl Shard {
                     event,
                     origin,
                     req,
+                    seq,
                 } = bus::to_owned(msg)
                 else {
                     unreachable!()
@@ -331,6 +332,7 @@ impl Shard {
                     origin: origin as usize,
                     req,
                     published,
+                    seq,
                 });
             }
             ArchivedShardMsg::Deliver { .. } => {

@@ -74,6 +74,9 @@ pub enum Job {
         req: u64,
         /// When the publish was accepted.
         published: Option<Instant>,
+        /// Its offset in the customers' streams when the cluster's queue gave it one (0:
+        /// this shard numbers it).
+        seq: u64,
     },
     /// A topic owner's answer to a subscription: replay, then add the subscriber.
     Subscribed {
@@ -466,8 +469,9 @@ impl Shard {
                         origin,
                         req,
                         published,
+                        seq,
                     } => {
-                        let counts = self.deliver_customers(&customers, &event, published);
+                        let counts = self.deliver_customers(&customers, &event, published, seq);
                         if req != 0 {
                             self.report(origin, req, counts, None);
                         }

@@ -55,6 +55,9 @@ pub struct CustomerStream {
     pub lost_upto: u64,
     /// Unix seconds of the last loss (an empty stream is kept a while to remember it).
     pub lost_at: u64,
+    /// Highest offset stored (cluster mode: an event the queue stream republishes after a
+    /// resume already read it is not delivered twice).
+    pub seen_upto: u64,
 }
 
 impl CustomerStream {
@@ -96,6 +99,9 @@ pub struct Streams {
     /// Last offset handed out.
     offset: u64,
     by_customer: AHashMap<Rc<str>, CustomerStream>,
+    /// Cluster mode: offsets of persistent events are given by the cluster's queue stream
+    /// (its sequences, under its epoch), not by this counter.
+    external: bool,
 }
 
 /// What one reading of a customer's stored events found (see [`Streams::stored_after`]).
@@ -119,7 +125,44 @@ impl Streams {
             epoch,
             offset: 0,
             by_customer: AHashMap::default(),
+            external: false,
         }
+    }
+
+    /// Cluster mode: from now on offsets are the queue stream's sequences, under `epoch`.
+    /// What was stored under the process epoch is kept (its cursors stop resolving).
+    pub fn adopt(&mut self, epoch: &str) {
+        if !self.external || self.epoch != epoch {
+            self.epoch = epoch.to_owned();
+            self.external = true;
+        }
+    }
+
+    /// Whether offsets come from the cluster's queue stream.
+    pub fn is_external(&self) -> bool {
+        self.external
+    }
+
+    /// Cluster mode: the offset (and cursor) of an event the queue stream numbered `seq`.
+    pub fn observe(&mut self, seq: u64) -> (u64, String) {
+        self.offset = self.offset.max(seq);
+        (seq, cursor(&self.epoch, seq))
+    }
+
+    /// Highest offset ever stored for `customer` (0: none).
+    pub fn seen_upto(&self, customer: &str) -> u64 {
+        self.by_customer.get(customer).map_or(0, |s| s.seen_upto)
+    }
+
+    /// The offsets of the stored events of `customer` with these ids.
+    pub fn offsets_of(&self, customer: &str, ids: &[String]) -> Vec<u64> {
+        self.by_customer.get(customer).map_or_else(Vec::new, |s| {
+            s.log
+                .iter()
+                .filter(|e| ids.iter().any(|i| **i == *e.id))
+                .map(|e| e.offset)
+                .collect()
+        })
     }
 
     /// The epoch of this shard's cursors.
@@ -142,7 +185,8 @@ impl Streams {
     /// ahead of it, `None` when it cannot be interpreted here (older epoch, garbage).
     pub fn cursor_offset(&self, c: &str) -> Option<u64> {
         let (epoch, offset) = parse_cursor(c)?;
-        (epoch == self.epoch && offset <= self.offset).then_some(offset)
+        // In a cluster another node may have handed out offsets this shard has not seen.
+        (epoch == self.epoch && (offset <= self.offset || self.external)).then_some(offset)
     }
 
     /// Stores a persistent event for `customer` (its offset from [`Streams::next_offset`]); beyond
@@ -152,7 +196,18 @@ impl Streams {
             Some(s) => s,
             None => self.by_customer.entry(Rc::from(customer)).or_default(),
         };
-        stream.log.push_back(event);
+        stream.seen_upto = stream.seen_upto.max(event.offset);
+        // Offsets arrive in order, except (cluster mode) events read back from the queue
+        // stream at a resume, which may also be here already.
+        match stream.log.back() {
+            Some(last) if last.offset >= event.offset => {
+                let at = stream.log.partition_point(|s| s.offset < event.offset);
+                if stream.log.get(at).is_none_or(|s| s.offset != event.offset) {
+                    stream.log.insert(at, event);
+                }
+            }
+            _ => stream.log.push_back(event),
+        }
         let mut lost = 0;
         while stream.log.len() > cap {
             let gone = stream.log.pop_front().expect("over cap");
@@ -376,6 +431,7 @@ impl Shard {
         customers: &[String],
         event: &Event,
         published: Option<Instant>,
+        seq: u64,
     ) -> Counts {
         let mut counts = Counts::default();
         let m = self.metrics();
@@ -392,6 +448,10 @@ impl Shard {
                 m.duplicates.fetch_add(1, Relaxed);
                 continue;
             }
+            if seq != 0 && seq <= self.streams.borrow().seen_upto(id) {
+                // Cluster mode: read from the queue stream by a resume already (replayed).
+                continue;
+            }
             if !self.wants(id, &event.kind) {
                 // Neither delivered nor stored: the customer switched this type off.
                 counts.declined += 1;
@@ -404,7 +464,13 @@ impl Shard {
                     .of_customer(id)
                     .iter()
                     .copied()
-                    .filter(|k| conns.get(*k).is_some_and(|c| c.accepts(&event.kind)))
+                    // A connection still reading its stored events (cluster resume) gets
+                    // this one from the store, after them.
+                    .filter(|k| {
+                        conns
+                            .get(*k)
+                            .is_some_and(|c| c.accepts(&event.kind) && !c.resuming)
+                    })
                     .collect()
             };
             let pollers: Vec<Rc<Poller>> = self
@@ -424,7 +490,17 @@ impl Shard {
                 m.drops.fetch_add(1, Relaxed);
                 continue;
             }
-            let (offset, cur) = self.streams.borrow_mut().next_offset();
+            let (offset, cur) = {
+                let mut streams = self.streams.borrow_mut();
+                if seq != 0 {
+                    streams.observe(seq)
+                } else if streams.is_external() {
+                    // Not stored, not numbered: it carries the stream's position.
+                    (streams.offset, streams.current_cursor())
+                } else {
+                    streams.next_offset()
+                }
+            };
             let json = Bytes::from(event.to_client_json(Via {
                 cursor: Some(&cur),
                 ..Via::default()
@@ -483,6 +559,36 @@ impl Shard {
             }
         }
         counts
+    }
+
+    /// Cluster mode: keeps events read back from the queue stream (numbered by it) in the
+    /// customer's store, beside those already here, so a resume replays them in order.
+    pub fn store_fetched(&self, customer: &str, events: &[crate::shard::relay::Live]) {
+        let now = unix_now();
+        let cap = self.shared.config.delivery.offline_queue;
+        let max_ttl = self.shared.config.delivery.offline_ttl_secs;
+        for live in events {
+            let e = &live.event;
+            if !e.persistent || !self.wants(customer, &e.kind) {
+                continue;
+            }
+            let (offset, cur) = self.streams.borrow_mut().observe(live.seq);
+            let ttl = e.ttl.unwrap_or(u64::MAX).min(max_ttl);
+            let stored = Stored {
+                offset,
+                id: e.id.as_str().into(),
+                kind: e.kind.as_str().into(),
+                json: Bytes::from(e.to_client_json(Via {
+                    cursor: Some(&cur),
+                    ..Via::default()
+                })),
+                sse: Bytes::from(e.to_sse(Some(&cur))),
+                expires: live.stored.saturating_add(ttl),
+            };
+            if stored.expires > now {
+                self.streams.borrow_mut().store(customer, stored, cap, now);
+            }
+        }
     }
 
     /// At registration of a customer's connection: acknowledges what the client's cursor
@@ -587,7 +693,41 @@ impl Shard {
 
 #[cfg(test)]
 mod tests {
-    use super::{Dedupe, Scope};
+    use super::{Dedupe, Scope, Stored, Streams};
+
+    fn stored(offset: u64) -> Stored {
+        Stored {
+            offset,
+            id: format!("e{offset}").into(),
+            kind: "t".into(),
+            json: bytes::Bytes::new(),
+            sse: bytes::Bytes::new(),
+            expires: u64::MAX,
+        }
+    }
+
+    #[test]
+    fn cluster_offsets_come_from_the_queue_and_reads_merge_in_order_once() {
+        let mut s = Streams::new("p.0".into());
+        s.adopt("jq1");
+        assert!(s.is_external());
+        // Live events, then a resume's read that overlaps and precedes them.
+        for seq in [10, 14] {
+            let (offset, cursor) = s.observe(seq);
+            assert_eq!(cursor, format!("jq1-{seq}"));
+            s.store("c", stored(offset), 50, 0);
+        }
+        for seq in [3, 10, 12] {
+            s.store("c", stored(seq), 50, 0);
+        }
+        let after = s.stored_after("c", None, &[], 0, |e| e.offset);
+        assert_eq!(after.items, [3, 10, 12, 14]);
+        assert_eq!(s.seen_upto("c"), 14);
+        // Another node may have numbered further than this shard has seen: still ours.
+        assert_eq!(s.cursor_offset("jq1-99"), Some(99));
+        assert_eq!(s.cursor_offset("p.0-1"), None);
+        assert_eq!(s.offsets_of("c", &["e12".into(), "e7".into()]), [12]);
+    }
 
     #[test]
     fn an_id_is_unique_within_its_kind_of_target_and_name() {

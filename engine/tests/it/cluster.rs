@@ -1124,3 +1124,164 @@ fn typing_reaches_a_topic_member_on_another_node() {
     // The typist's own connections skip it, here and there.
     assert!(of_type(&mut ann, "typing").is_empty());
 }
+
+/// Connects `customer` to `server` (with `?since=` when given); returns the client, the
+/// welcome's cursor and recovered flag, and the events replayed right after the welcome (up to
+/// the first pong).
+fn connect_customer(
+    server: &Server,
+    customer: &str,
+    since: Option<&str>,
+) -> (Client, String, bool, Vec<serde_json::Value>) {
+    let token = sub_token(customer);
+    let path = match since {
+        Some(s) => format!("/v1/ws?token={token}&since={s}"),
+        None => format!("/v1/ws?token={token}"),
+    };
+    let mut c = Client::connect_raw(server, &path).expect("upgrade");
+    let welcome = c.recv_json();
+    assert_eq!(welcome["type"], "welcome", "{welcome}");
+    let replay = c.drain_until_pong();
+    (
+        c,
+        welcome["data"]["cursor"].as_str().unwrap().to_owned(),
+        welcome["data"]["recovered"].as_bool().unwrap(),
+        replay,
+    )
+}
+
+fn kinds(events: &[serde_json::Value]) -> Vec<String> {
+    events
+        .iter()
+        .map(|e| e["type"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+#[ignore = "needs nats-server: bash .ci/cluster.sh"]
+fn a_customers_stored_events_follow_it_to_any_node_and_acks_hold_everywhere() {
+    let nats = Nats::start();
+    let env = |id| {
+        Server::start_with(
+            2,
+            &[
+                ("RINGCAST_BROKER", "nats"),
+                ("RINGCAST_NATS_URL", &nats.url()),
+                ("RINGCAST_NODE_ID", id),
+                ("RINGCAST_NATS_HEARTBEAT_MS", "200"),
+                ("RINGCAST_DELIVERY_OFFLINE_QUEUE", "4"),
+            ],
+        )
+    };
+    let (a, b, c) = (env("node-a"), env("node-b"), env("node-c"));
+    let store = |via: &Server, kind: &str| {
+        via.publish(serde_json::json!({"customers": ["gus"], "wait": "accepted",
+            "event": {"type": kind, "persistent": true, "data": {}}}))
+    };
+    // Gus is connected nowhere: his queue is the cluster's, not the taking node's.
+    for k in ["e1", "e2", "e3"] {
+        assert_eq!(store(&b, k)["queued"], 1);
+    }
+    let (mut on_a, _, recovered, replay) = connect_customer(&a, "gus", None);
+    assert!(recovered);
+    assert_eq!(kinds(&replay), ["e1", "e2", "e3"]);
+    let cursor_of = |e: &serde_json::Value| e["cursor"].as_str().unwrap().to_owned();
+    // Acked on A: e1 by id, e2 by cursor.
+    on_a.send_json(serde_json::json!({"type": "ack", "requestId": "k",
+        "payload": {"ids": [replay[0]["id"]], "cursors": [cursor_of(&replay[1])]}}));
+    let acked = loop {
+        let m = on_a.recv_json();
+        if m["type"] == "acked" {
+            break m;
+        }
+    };
+    assert_eq!(acked["data"]["acked"], 2, "{acked}");
+    drop(on_a);
+    store(&c, "e4");
+    // On C, without a cursor: what is not acked, in order.
+    let (mut on_c, _, _, replay) = connect_customer(&c, "gus", None);
+    assert_eq!(kinds(&replay), ["e3", "e4"]);
+    // Live on C from a publish through A, once.
+    store(&a, "e5");
+    let e5 = loop {
+        let m = on_c.recv_json();
+        if m["type"] == "e5" {
+            break m;
+        }
+    };
+    assert!(on_c.drain_until_pong().iter().all(|m| m["type"] != "e5"));
+    drop(on_c);
+    // On B with the last cursor: nothing again (the cursor acknowledges all before it).
+    let (_on_b, _, recovered, replay) = connect_customer(&b, "gus", Some(&cursor_of(&e5)));
+    assert!(recovered);
+    assert!(kinds(&replay).is_empty(), "{replay:?}");
+    // The queue holds 4 per customer: the fifth is refused and said so, none pushed out.
+    for k in ["f1", "f2", "f3", "f4"] {
+        assert_eq!(store(&a, k)["queued"], 1, "{k}");
+    }
+    let out = store(&a, "f5");
+    assert_eq!(
+        (out["queued"].as_u64(), out["dropped"].as_u64()),
+        (Some(0), Some(1)),
+        "{out}"
+    );
+}
+
+#[test]
+#[ignore = "needs nats-server: bash .ci/cluster.sh"]
+fn when_a_customers_node_is_killed_it_resumes_elsewhere_with_every_persistent_event_once() {
+    for seed in [11u64, 12, 13] {
+        let mut rng = Lcg(seed);
+        let nats = Nats::start();
+        let mut a = node_with(&nats.url(), "node-a", "3000", 2);
+        let b = node_with(&nats.url(), "node-b", "3000", 2);
+        let c = node_with(&nats.url(), "node-c", "3000", 2);
+        let customer = format!("kim{seed}");
+        let (mut on_a, mut cursor, _, replay) = connect_customer(&a, &customer, None);
+        assert!(replay.is_empty());
+        let kill_at = 5 + rng.next(15);
+        let mut sent = Vec::new();
+        let mut got: Vec<String> = Vec::new();
+        for i in 0..30u64 {
+            if i == kill_at {
+                let _ = a.child.kill();
+                let _ = a.child.wait();
+            }
+            let via = if rng.next(2) == 0 { &b } else { &c };
+            let id = format!("{customer}-{i}");
+            via.publish(
+                serde_json::json!({"customers": [customer], "wait": "accepted",
+                "event": {"type": "t", "id": id, "persistent": true, "data": {}}}),
+            );
+            sent.push(id);
+            if i < kill_at {
+                // Read and ack each one on A, as an app does.
+                let m = loop {
+                    let m = on_a.recv_json();
+                    if m["type"] == "t" {
+                        break m;
+                    }
+                };
+                got.push(m["id"].as_str().unwrap().to_owned());
+                cursor = m["cursor"].as_str().unwrap().to_owned();
+                on_a.send_json(serde_json::json!({"type": "ack", "payload": {"ids": [m["id"]]}}));
+            }
+        }
+        drop(on_a);
+        // Back on a node the seed picks, with the last cursor seen.
+        let again = if rng.next(2) == 0 { &b } else { &c };
+        let (mut on, _, recovered, replay) = connect_customer(again, &customer, Some(&cursor));
+        assert!(recovered, "seed {seed}");
+        got.extend(
+            replay
+                .iter()
+                .filter(|m| m["type"] == "t")
+                .map(|m| m["id"].as_str().unwrap().to_owned()),
+        );
+        assert_eq!(
+            got, sent,
+            "seed {seed}: each persistent event once, in order"
+        );
+        assert!(on.drain_until_pong().iter().all(|m| m["type"] != "t"));
+    }
+}

@@ -86,6 +86,7 @@ impl Local {
                 event: p.event.clone(),
                 origin,
                 req,
+                seq: 0,
             };
             shard.send_msg(to, &msg, None, published);
         }

@@ -178,8 +178,10 @@ impl Broker {
         customer: &str,
         since: Option<&str>,
     ) -> Resume {
-        // Customers live on their owner shard under both brokers (not across nodes yet).
-        shard.resume_customer(key, customer, since)
+        match self {
+            Broker::Local(_) => shard.resume_customer(key, customer, since),
+            Broker::Nats(n) => n.resume(shard, key, customer, since).await,
+        }
     }
 
     /// Acknowledges stored events of `customer` by id, by cursor, or up to a cursor;
@@ -192,8 +194,10 @@ impl Broker {
         cursors: &[String],
         up_to: Option<&str>,
     ) -> u64 {
-        // Customers live on their owner shard under both brokers (not across nodes yet).
-        shard.ack(customer, ids, cursors, up_to)
+        match self {
+            Broker::Local(_) => shard.ack(customer, ids, cursors, up_to),
+            Broker::Nats(n) => n.ack(shard, customer, ids, cursors, up_to).await,
+        }
     }
 
     /// The stored events a long poll gets: after `since`, of the types `filters` take.
@@ -204,7 +208,9 @@ impl Broker {
         since: Option<&str>,
         filters: &[Box<str>],
     ) -> Missed {
-        // Customers live on their owner shard under both brokers (not across nodes yet).
+        if let Broker::Nats(n) = self {
+            n.read_queue(shard, customer, since).await;
+        }
         shard.missed(customer, since, filters)
     }
 

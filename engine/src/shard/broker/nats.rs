@@ -15,25 +15,31 @@
 //!   disconnects to every node, ephemeral events on the topic's live subject; core NATS, at
 //!   most once. Which customers each node has is shared by the bus (`online_elsewhere`).
 //!
-//! Not across nodes yet: the offline queue (stored customer events stay on one node), acks,
-//! direct messages, receipts, topic member lists, chosen presence statuses.
+//! - Persistent customer events go to the JetStream queue stream (the customer's offline
+//!   queue, numbered by it); nodes where the customer is connected get them republished, and
+//!   a resume on any node reads the queue after the client's cursor. Acks remove events from
+//!   the stream.
+//!
+//! Not across nodes yet: direct messages, receipts, topic member lists, chosen presence
+//! statuses.
 
 use std::{cell::RefCell, sync::Arc, time::Instant};
 
 use proto::{
     api::{Publish, Wait},
     bus::{encode_node, NodeMsg, ShardMsg, Target, TopicOffset},
-    event::Via,
+    event::{parse_cursor, Via},
     placement::owner_shard,
 };
 
 use super::local::Local;
 use crate::{
-    cluster::{BusCmd, BusIn, BusState},
+    cluster::{BusCmd, BusIn, BusState, Refused},
     shard::{
         relay::{Action, Relay},
         route::{Interest, Outcome},
-        streams::unix_now,
+        slab::ConnKey,
+        streams::{unix_now, Resume},
         topic_owner::History,
         Payload, Shard, Shared,
     },
@@ -76,6 +82,7 @@ impl Nats {
         wait: Option<Wait>,
     ) -> Result<Outcome, Unavailable> {
         let mut out = Outcome::default();
+        let msg_id = p.event.idempotent.then(|| p.event.id.clone());
         let mut pending = Vec::with_capacity(p.topics.len());
         for topic in &p.topics {
             let body = encode_node(&NodeMsg::TopicEvent {
@@ -84,12 +91,32 @@ impl Nats {
             });
             let (reply, rx) = tokio::sync::oneshot::channel();
             self.bus.send(BusCmd::Publish {
-                topic: topic.clone(),
+                subject: self.bus.subject("h", Some(topic)),
                 body,
-                msg_id: p.event.idempotent.then(|| p.event.id.clone()),
+                msg_id: msg_id.clone(),
                 reply,
             });
             pending.push((topic, rx));
+        }
+        // Persistent customer events: into each customer's queue, from which every node
+        // where the customer is connected delivers them (numbered by the queue stream).
+        let mut stored = Vec::new();
+        if p.event.persistent {
+            for c in &p.customers {
+                let body = encode_node(&NodeMsg::Customer {
+                    origin: self.bus.node_id.clone(),
+                    customer: c.clone(),
+                    event: p.event.clone(),
+                });
+                let (reply, rx) = tokio::sync::oneshot::channel();
+                self.bus.send(BusCmd::Publish {
+                    subject: self.bus.subject("q", Some(c)),
+                    body,
+                    msg_id: msg_id.clone(),
+                    reply,
+                });
+                stored.push(rx);
+            }
         }
         // Roles and broadcast: every other node delivers to its own clients.
         let mut targets: Vec<Target> = p.roles.iter().map(|r| Target::Role(r.clone())).collect();
@@ -110,7 +137,12 @@ impl Nats {
         // Customers: to the nodes where they are connected. A customer connected only
         // elsewhere is not stored here (the node that delivers keeps it until acked).
         let mut local_customers = Vec::with_capacity(p.customers.len());
-        for c in &p.customers {
+        let live_customers = if p.event.persistent {
+            &[][..]
+        } else {
+            &p.customers[..]
+        };
+        for c in live_customers {
             let elsewhere = self.bus.online_elsewhere(c);
             if elsewhere {
                 let msg = NodeMsg::Customer {
@@ -148,7 +180,18 @@ impl Nats {
                     topic: topic.clone(),
                     offset: a.seq,
                 }),
-                Ok(Err(e)) => return Err(Unavailable(e)),
+                Ok(Err(Refused::Unavailable(e))) => return Err(Unavailable(e)),
+                Ok(Err(Refused::Full)) => out.counts.dropped += 1,
+                Err(_) => return Err(Unavailable("the bus thread is gone".into())),
+            }
+        }
+        for rx in stored {
+            match rx.await {
+                Ok(Ok(a)) if a.duplicate => out.counts.duplicates += 1,
+                Ok(Ok(_)) => out.counts.queued += 1,
+                // The customer's queue is full: this event is refused, none is pushed out.
+                Ok(Err(Refused::Full)) => out.counts.dropped += 1,
+                Ok(Err(Refused::Unavailable(e))) => return Err(Unavailable(e)),
                 Err(_) => return Err(Unavailable("the bus thread is gone".into())),
             }
         }
@@ -209,14 +252,22 @@ impl Nats {
                     };
                     return self.on_ephemeral(shard, &topic, &except, payload);
                 }
-                BusIn::Customer { customer, event } => {
+                BusIn::Customer {
+                    customer,
+                    event,
+                    seq,
+                } => {
                     drop(relay);
                     // Delivered on its owner shard as if published here (not counted back).
+                    if seq != 0 {
+                        self.adopt_queue_epoch(shard);
+                    }
                     let msg = ShardMsg::DeliverCustomers {
                         customers: vec![customer.clone()],
                         event,
                         origin: shard.id as u32,
                         req: 0,
+                        seq,
                     };
                     let owner = owner_shard(&customer, shard.shared.n_shards);
                     shard.send_msg(owner, &msg, None, Some(Instant::now()));
@@ -304,6 +355,117 @@ impl Nats {
                 customer: customer.to_owned(),
             }
         });
+    }
+
+    /// Cursors are the queue stream's from the moment it is known.
+    fn adopt_queue_epoch(&self, shard: &Shard) {
+        let epoch = self.bus.queue_epoch();
+        if !epoch.is_empty() {
+            shard.streams.borrow_mut().adopt(epoch);
+        }
+    }
+
+    /// A customer connection's start: reads the customer's stored events after `since` from
+    /// the queue stream (the connection takes no live customer event meanwhile; those are
+    /// stored and come in the replay), merges them into the shard's store, and resumes from
+    /// there as one process does. Complete only when the stream dropped nothing after
+    /// `since` (an expired event is a loss).
+    pub(super) async fn resume(
+        &self,
+        shard: &Shard,
+        key: ConnKey,
+        customer: &str,
+        since: Option<&str>,
+    ) -> Resume {
+        self.adopt_queue_epoch(shard);
+        let epoch = self.bus.queue_epoch().to_owned();
+        if epoch.is_empty() {
+            return shard.resume_customer(key, customer, since);
+        }
+        let after = since
+            .and_then(parse_cursor)
+            .filter(|(e, _)| *e == epoch)
+            .map(|(_, o)| o);
+        if let Some(c) = shard.conns.borrow_mut().get_mut(key) {
+            c.resuming = true;
+        }
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let cap = shard.shared.config.delivery.offline_queue;
+        self.bus.send(BusCmd::FetchQueue {
+            customer: customer.to_owned(),
+            after: after.unwrap_or(0),
+            max: cap,
+            reply,
+        });
+        let fetched = rx.await.unwrap_or_default();
+        if let Some(c) = shard.conns.borrow_mut().get_mut(key) {
+            c.resuming = false;
+        }
+        shard.store_fetched(customer, &fetched.events);
+        let mut resume = shard.resume_customer(key, customer, since);
+        if after.is_some() {
+            resume.recovered &= fetched.complete;
+            // The cursor acknowledges everything up to it, on every node.
+            self.bus.send(BusCmd::AckQueue {
+                customer: customer.to_owned(),
+                seqs: Vec::new(),
+                up_to: after,
+            });
+        }
+        resume
+    }
+
+    /// A long poll's read: the customer's stored events after `since` from the queue stream
+    /// into the shard's store (the poll then answers from it as one process does).
+    pub(super) async fn read_queue(&self, shard: &Shard, customer: &str, since: Option<&str>) {
+        self.adopt_queue_epoch(shard);
+        let epoch = self.bus.queue_epoch().to_owned();
+        if epoch.is_empty() {
+            return;
+        }
+        let after = since
+            .and_then(parse_cursor)
+            .filter(|(e, _)| *e == epoch)
+            .map_or(0, |(_, o)| o);
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.bus.send(BusCmd::FetchQueue {
+            customer: customer.to_owned(),
+            after,
+            max: shard.shared.config.delivery.offline_queue,
+            reply,
+        });
+        let fetched = rx.await.unwrap_or_default();
+        shard.store_fetched(customer, &fetched.events);
+    }
+
+    /// Acknowledges stored events here and in the queue stream; resolves to how many were
+    /// removed here.
+    pub(super) async fn ack(
+        &self,
+        shard: &Shard,
+        customer: &str,
+        ids: &[String],
+        cursors: &[String],
+        up_to: Option<&str>,
+    ) -> u64 {
+        let epoch = self.bus.queue_epoch().to_owned();
+        let ours = |c: &str| {
+            parse_cursor(c)
+                .filter(|(e, _)| !epoch.is_empty() && *e == epoch)
+                .map(|(_, o)| o)
+        };
+        let mut seqs = shard.streams.borrow().offsets_of(customer, ids);
+        seqs.extend(cursors.iter().filter_map(|c| ours(c)));
+        let up_to_seq = up_to.and_then(ours);
+        let acked = shard.ack(customer, ids, cursors, up_to);
+        if !seqs.is_empty() || up_to_seq.is_some() {
+            self.bus.send(BusCmd::AckQueue {
+                customer: customer.to_owned(),
+                seqs,
+                up_to: up_to_seq,
+            });
+        }
+        acked
     }
 
     /// Whether `customer` has connections on another node.
