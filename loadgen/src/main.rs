@@ -33,7 +33,8 @@ struct Cli {
 
 #[derive(Args)]
 pub(crate) struct TargetArgs {
-    /// WebSocket endpoint.
+    /// WebSocket endpoint; several, comma-separated, for the nodes of a cluster (the same
+    /// path on each): connections are spread over them in turn.
     #[arg(long, global = true, default_value = "ws://127.0.0.1:8080/v1/ws")]
     url: String,
     /// HS256 secret to mint tokens (default: $RINGCAST_JWT_SECRET, else the development secret).
@@ -210,7 +211,16 @@ fn run() -> anyhow::Result<()> {
     let threads = t
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let (addr, host, mut path) = Target::parse_url(&t.url)?;
+    let mut nodes = Vec::new();
+    for url in t.url.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+        let (addr, host, path) = Target::parse_url(url)?;
+        nodes.push((addr, host, path));
+    }
+    let (addr, host, mut path) = nodes.first().cloned().context("--url is empty")?;
+    anyhow::ensure!(
+        nodes.iter().all(|n| n.2 == path),
+        "every --url must have the same path"
+    );
     let ringcast = !t.generic;
     let framing = if t.transport == "sse" {
         net::Framing::Sse
@@ -226,6 +236,7 @@ fn run() -> anyhow::Result<()> {
     let target = Target {
         addr,
         host: host.clone(),
+        nodes: nodes.into_iter().map(|(a, h, _)| (a, h)).collect(),
         path,
         secret: ringcast.then(|| {
             t.secret

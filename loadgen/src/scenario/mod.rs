@@ -24,10 +24,13 @@ use crate::{
 /// The server under test.
 #[derive(Clone, Debug)]
 pub struct Target {
-    /// Address of the WebSocket endpoint.
+    /// Address of the WebSocket endpoint (the first node's).
     pub addr: SocketAddr,
-    /// `Host` header value.
+    /// `Host` header value (the first node's).
     pub host: String,
+    /// Every node given (`--url` with several, comma-separated): connection `i` goes to node
+    /// `i % nodes.len()`, so subscribers spread evenly over a cluster.
+    pub nodes: Vec<(SocketAddr, String)>,
     /// Request path (and query) of the WebSocket endpoint, without the token.
     pub path: String,
     /// HS256 secret to mint a token per customer (`c-<i>`); none for generic servers.
@@ -76,7 +79,11 @@ impl Target {
         } else {
             Some(self.sources[i % self.sources.len()])
         };
-        let (stream, dup) = connect_from(source, self.addr, self.keep_dup)?;
+        let (addr, host) = match self.nodes.len() {
+            0 => (self.addr, &self.host),
+            n => (self.nodes[i % n].0, &self.nodes[i % n].1),
+        };
+        let (stream, dup) = connect_from(source, addr, self.keep_dup)?;
         let mut path = self.path.clone();
         if let Some(secret) = &self.secret {
             let now = crate::stats::unix_us() / 1_000_000;
@@ -104,8 +111,7 @@ impl Target {
                 .record((t0.elapsed().as_micros() as u64).max(1));
             return Ok(client);
         }
-        let mut client =
-            Client::handshake(stream, &self.host, &path, Duration::from_secs(30)).await?;
+        let mut client = Client::handshake(stream, host, &path, Duration::from_secs(30)).await?;
         if let Some(frame) = &self.subscribe_frame {
             client
                 .send(OpCode::Text, frame.replace("{topic}", topic).as_bytes())
