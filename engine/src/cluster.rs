@@ -190,6 +190,16 @@ pub enum BusCmd {
         /// The encoded `NodeMsg`.
         body: Vec<u8>,
     },
+    /// A request on a core subject; answers with the reply's payload, or None after 5 s or
+    /// when nobody listens.
+    Request {
+        /// The subject.
+        subject: String,
+        /// The encoded `NodeMsg`.
+        body: Vec<u8>,
+        /// The answer.
+        reply: oneshot::Sender<Option<Vec<u8>>>,
+    },
     /// Subscribe to a customer's subject for its owner shard `shard`: it has connections here.
     WatchCustomer {
         /// The customer.
@@ -262,6 +272,18 @@ pub enum BusIn {
         except: String,
         /// The WebSocket frame and the SSE record.
         frames: (Vec<u8>, Vec<u8>),
+    },
+    /// A client's message to a customer connected here, from another node, allowed only if
+    /// the customer follows one of `topics`; the answer goes to `reply`.
+    Direct {
+        /// The recipient.
+        to: String,
+        /// The sender's topics.
+        topics: Vec<String>,
+        /// The event.
+        event: proto::event::Event,
+        /// Where to answer.
+        reply: String,
     },
     /// An event for a customer connected here: from another node, or from the queue stream
     /// (with its sequence).
@@ -472,6 +494,20 @@ async fn run(
                 BusCmd::Core { subject, body } => {
                     let _ = client.publish(subject, body.into()).await;
                 }
+                BusCmd::Request { subject, body, reply } => {
+                    let client = client.clone();
+                    tokio::spawn(async move {
+                        let answer = tokio::time::timeout(
+                            Duration::from_secs(5),
+                            client.request(subject, body.into()),
+                        )
+                        .await;
+                        let _ = reply.send(match answer {
+                            Ok(Ok(m)) => Some(m.payload.to_vec()),
+                            _ => None,
+                        });
+                    });
+                }
                 BusCmd::WatchCustomer { customer, shard } => {
                     let Some(tx) = shards.get(shard).cloned() else { continue };
                     if mine.insert(customer.clone()) {
@@ -609,8 +645,11 @@ async fn run(
             }
             Some(message) = all.next() => {
                 match decode_node(&message.payload) {
-                    Ok(msg @ (NodeMsg::Fanout { .. } | NodeMsg::Disconnect { .. })) => {
-                        let (NodeMsg::Fanout { origin, .. } | NodeMsg::Disconnect { origin, .. }) = &msg else {
+                    Ok(msg @ (NodeMsg::Fanout { .. } | NodeMsg::Disconnect { .. } | NodeMsg::Receipts { .. })) => {
+                        let (NodeMsg::Fanout { origin, .. }
+                        | NodeMsg::Disconnect { origin, .. }
+                        | NodeMsg::Receipts { origin, .. }) = &msg
+                        else {
                             unreachable!()
                         };
                         if *origin != state.node_id {
@@ -1021,6 +1060,28 @@ async fn watch_customer(
                         return;
                     }
                 }
+                Err(e) => refused(&state, &e),
+            }
+            continue;
+        }
+        if let Some(reply) = &m.reply {
+            // A request: a direct message another node asks this one to check and deliver.
+            match decode_node(&m.payload) {
+                Ok(NodeMsg::Direct { to, topics, event }) if to == customer => {
+                    let msg = BusIn::Direct {
+                        to,
+                        topics,
+                        event,
+                        reply: reply.to_string(),
+                    };
+                    if tx.send(msg).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => refused(
+                    &state,
+                    &NodeError::Invalid("not a request for this customer".into()),
+                ),
                 Err(e) => refused(&state, &e),
             }
             continue;

@@ -329,6 +329,35 @@ pub enum NodeMsg {
         /// The SSE record.
         sse: Vec<u8>,
     },
+    /// A client's message to `to` allowed only if `to` follows one of `topics` (no token
+    /// grant): a request on `<prefix>.c.<to>`, answered by a node where `to` is connected.
+    Direct {
+        /// The recipient.
+        to: String,
+        /// The sender's topics.
+        topics: Vec<String>,
+        /// The event.
+        event: Event,
+    },
+    /// The answer to a [`NodeMsg::Direct`].
+    DirectAnswer {
+        /// The recipient follows one of the topics: the message was delivered.
+        allowed: bool,
+    },
+    /// Receipts for client-sent events, to every node (`<prefix>.all`): the node that minted
+    /// an id (its epoch starts the id) tells the sender.
+    Receipts {
+        /// The node that took the receipt.
+        origin: String,
+        /// Event ids.
+        ids: Vec<String>,
+        /// The customer acknowledging.
+        by: String,
+        /// Delivered or read.
+        status: crate::client::ReceiptStatus,
+        /// The topics the acknowledging connection follows.
+        topics: Vec<String>,
+    },
     /// Which customers have connections on `node` (`<prefix>.presence`): a change, or the
     /// whole set (`full`) when the node sees another node for the first time.
     Presence {

@@ -164,17 +164,7 @@ impl Shard {
         req: u64,
         published: Option<Instant>,
     ) {
-        let shares = {
-            let conns = self.conns.borrow();
-            let local = self.local.borrow();
-            topics.iter().any(|t| {
-                local.subscribers(t).is_some_and(|subs| {
-                    subs.iter()
-                        .any(|k| conns.get(*k).is_some_and(|c| *c.customer == *to))
-                })
-            })
-        };
-        if shares {
+        if self.follows_any(&to, topics) {
             self.queue_job(Job::Customers {
                 seq: 0,
                 customers: vec![to],
@@ -190,6 +180,18 @@ impl Shard {
             };
             self.report(origin, req, counts, None);
         }
+    }
+
+    /// Whether a connection of `customer` (owned here) follows one of `topics`.
+    pub(crate) fn follows_any(&self, customer: &str, topics: &[String]) -> bool {
+        let conns = self.conns.borrow();
+        let local = self.local.borrow();
+        topics.iter().any(|t| {
+            local.subscribers(t).is_some_and(|subs| {
+                subs.iter()
+                    .any(|k| conns.get(*k).is_some_and(|c| *c.customer == *customer))
+            })
+        })
     }
 
     /// Tells the senders: `message_delivered` / `message_read` with `{id, by}` (and the topic

@@ -1285,3 +1285,50 @@ fn when_a_customers_node_is_killed_it_resumes_elsewhere_with_every_persistent_ev
         assert!(on.drain_until_pong().iter().all(|m| m["type"] != "t"));
     }
 }
+
+/// Reads until a message of type `kind`; returns it.
+fn until(c: &mut Client, kind: &str) -> serde_json::Value {
+    loop {
+        let m = c.recv_json();
+        if m["type"] == kind {
+            return m;
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs nats-server: bash .ci/cluster.sh"]
+fn direct_messages_and_read_receipts_cross_nodes_between_topic_members_only() {
+    let nats = Nats::start();
+    let a = node_with(&nats.url(), "node-a", "3000", 2);
+    let b = node_with(&nats.url(), "node-b", "3000", 2);
+    let c = node_with(&nats.url(), "node-c", "3000", 2);
+    let mut ann = Client::connect(&a, &room_token("ann"));
+    let mut bob = Client::connect(&b, &room_token("bob"));
+    let mut cid = Client::connect(&c, &room_token("cid"));
+    ann.subscribe(&["room:x"]);
+    bob.subscribe(&["room:x"]);
+    cid.subscribe(&["room:y"]);
+    eventually(5, "A knows bob and cid are on other nodes", || {
+        presence_of(&a, "bob") == "online" && presence_of(&a, "cid") == "online"
+    });
+    // No message grant: allowed because bob, on B, follows room:x as ann does.
+    ann.send_json(serde_json::json!({"type": "send_message", "requestId": "o",
+        "payload": {"to": "bob", "type": "webrtc_offer", "data": {"sdp": "v=0"}}}));
+    let sent = until(&mut ann, "sent");
+    assert_eq!(sent["requestId"], "o", "{sent}");
+    let offer = until(&mut bob, "webrtc_offer");
+    assert_eq!(offer["from"], "ann");
+    // Bob's read receipt, taken by B, reaches ann on A.
+    bob.send_json(serde_json::json!({"type": "ack",
+        "payload": {"ids": [offer["id"]], "status": "read"}}));
+    let receipt = until(&mut ann, "message_read");
+    assert_eq!(receipt["data"]["id"], offer["id"], "{receipt}");
+    assert_eq!(receipt["data"]["by"], "bob", "{receipt}");
+    // Cid, on C, shares no topic with ann: refused, nothing delivered.
+    ann.send_json(serde_json::json!({"type": "send_message", "requestId": "x",
+        "payload": {"to": "cid", "type": "webrtc_offer", "data": {}}}));
+    let refused = until(&mut ann, "error");
+    assert_eq!(refused["code"], "forbidden", "{refused}");
+    assert!(of_type(&mut cid, "webrtc_offer").is_empty());
+}

@@ -143,7 +143,10 @@ impl Broker {
         topics: Vec<String>,
         event: Event,
     ) -> Counts {
-        self.local().direct(shard, to, topics, event).await.counts
+        match self {
+            Broker::Local(l) => l.direct(shard, to, topics, event).await.counts,
+            Broker::Nats(n) => n.direct(shard, to, topics, event).await,
+        }
     }
 
     /// Receipts from `by` for client-sent events, to the shards that minted their ids.
@@ -155,7 +158,10 @@ impl Broker {
         status: ReceiptStatus,
         topics: Vec<String>,
     ) {
-        self.local().receipts(shard, ids, by, status, topics)
+        match self {
+            Broker::Local(l) => l.receipts(shard, ids, by, status, topics),
+            Broker::Nats(n) => n.receipts(shard, ids, by, status, topics),
+        }
     }
 
     /// Asks the owner of a customer or topic what the API shows of it; the JSON body, or

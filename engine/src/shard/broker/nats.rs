@@ -20,8 +20,10 @@
 //!   a resume on any node reads the queue after the client's cursor. Acks remove events from
 //!   the stream.
 //!
-//! Not across nodes yet: direct messages, receipts, topic member lists, chosen presence
-//! statuses.
+//! - A direct message without a grant is checked and delivered on the recipient's node (a
+//!   NATS request); receipts go to every node, and the one that minted the id tells its sender.
+//!
+//! Not across nodes yet: topic member lists, chosen presence statuses, per-customer limits.
 
 use std::{cell::RefCell, sync::Arc, time::Instant};
 
@@ -252,6 +254,31 @@ impl Nats {
                     };
                     return self.on_ephemeral(shard, &topic, &except, payload);
                 }
+                BusIn::Direct {
+                    to,
+                    topics,
+                    event,
+                    reply,
+                } => {
+                    drop(relay);
+                    // Here, on `to`'s owner shard: the check the local broker makes.
+                    let allowed = shard.follows_any(&to, &topics);
+                    if allowed {
+                        let msg = ShardMsg::DeliverCustomers {
+                            customers: vec![to],
+                            event,
+                            origin: shard.id as u32,
+                            req: 0,
+                            seq: 0,
+                        };
+                        shard.send_msg(shard.id, &msg, None, Some(Instant::now()));
+                    }
+                    self.bus.send(BusCmd::Core {
+                        subject: reply,
+                        body: encode_node(&NodeMsg::DirectAnswer { allowed }),
+                    });
+                    return;
+                }
                 BusIn::Customer {
                     customer,
                     event,
@@ -298,6 +325,20 @@ impl Nats {
                         };
                         shard.send_msg(to, &msg, Some(payload.clone()), arrived);
                     }
+                }
+            }
+            NodeMsg::Receipts {
+                ids,
+                by,
+                status,
+                topics,
+                ..
+            } => {
+                // Only the ids this process minted: their senders are here.
+                let mine = format!("{}-", shard.shared.epoch);
+                let ids: Vec<String> = ids.into_iter().filter(|i| i.starts_with(&mine)).collect();
+                if !ids.is_empty() {
+                    self.local.receipts(shard, &ids, &by, status, topics);
                 }
             }
             NodeMsg::Disconnect {
@@ -466,6 +507,73 @@ impl Nats {
             });
         }
         acked
+    }
+
+    /// A message to `to` allowed only if `to` follows one of `topics`: checked where `to` is
+    /// connected, here or (by a request) on another node.
+    pub(super) async fn direct(
+        &self,
+        shard: &Shard,
+        to: &str,
+        topics: Vec<String>,
+        event: proto::event::Event,
+    ) -> proto::bus::Counts {
+        if self.bus.online_here(to) || !self.bus.online_elsewhere(to) {
+            return self.local.direct(shard, to, topics, event).await.counts;
+        }
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.bus.send(BusCmd::Request {
+            subject: self.bus.subject("c", Some(to)),
+            body: encode_node(&NodeMsg::Direct {
+                to: to.to_owned(),
+                topics,
+                event,
+            }),
+            reply,
+        });
+        let answer = rx.await.ok().flatten().map(|b| proto::bus::decode_node(&b));
+        match answer {
+            Some(Ok(NodeMsg::DirectAnswer { allowed: true })) => proto::bus::Counts {
+                websocket: 1,
+                ..Default::default()
+            },
+            // Refused, or no node answered (it left): not delivered.
+            _ => proto::bus::Counts {
+                forbidden: 1,
+                ..Default::default()
+            },
+        }
+    }
+
+    /// Receipts: to the shards here that minted the ids, and to every other node for the
+    /// ids minted elsewhere.
+    pub(super) fn receipts(
+        &self,
+        shard: &Shard,
+        ids: &[String],
+        by: &str,
+        status: proto::client::ReceiptStatus,
+        topics: Vec<String>,
+    ) {
+        let mine = format!("{}-", shard.shared.epoch);
+        let (here, elsewhere): (Vec<String>, Vec<String>) =
+            ids.iter().cloned().partition(|i| i.starts_with(&mine));
+        if !elsewhere.is_empty() {
+            let msg = NodeMsg::Receipts {
+                origin: self.bus.node_id.clone(),
+                ids: elsewhere,
+                by: by.to_owned(),
+                status,
+                topics: topics.clone(),
+            };
+            self.bus.send(BusCmd::Core {
+                subject: self.bus.subject("all", None),
+                body: encode_node(&msg),
+            });
+        }
+        if !here.is_empty() {
+            self.local.receipts(shard, &here, by, status, topics);
+        }
     }
 
     /// Whether `customer` has connections on another node.
