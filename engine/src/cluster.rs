@@ -109,6 +109,19 @@ impl BusState {
             .is_ok_and(|r| r.values().any(|set| set.contains(customer)))
     }
 
+    /// The other live nodes where `customer` has connections.
+    pub fn nodes_of(&self, customer: &str) -> Vec<String> {
+        self.remote.read().map_or_else(
+            |_| Vec::new(),
+            |r| {
+                r.iter()
+                    .filter(|(_, set)| set.contains(customer))
+                    .map(|(node, _)| node.clone())
+                    .collect()
+            },
+        )
+    }
+
     /// Whether `customer` has a connection on this node.
     pub fn online_here(&self, customer: &str) -> bool {
         self.here.lock().is_ok_and(|h| h.contains(customer))
@@ -200,17 +213,13 @@ pub enum BusCmd {
         /// The answer.
         reply: oneshot::Sender<Option<Vec<u8>>>,
     },
-    /// Subscribe to a customer's subject for its owner shard `shard`: it has connections here.
-    WatchCustomer {
+    /// `customer` now has (`up`) or no longer has connections on this node: the other
+    /// nodes are told (presence), and route its events to this node's inbox.
+    Here {
         /// The customer.
         customer: String,
-        /// Its owner shard.
-        shard: usize,
-    },
-    /// The customer's last connection here closed.
-    UnwatchCustomer {
-        /// The customer.
-        customer: String,
+        /// Connected here now.
+        up: bool,
     },
     /// Read a topic's stored events after `after` (at most `max`) for shard `shard`.
     Fetch {
@@ -412,9 +421,11 @@ async fn run(
     };
     let all_subject = format!("{prefix}.all");
     let presence_subject = format!("{prefix}.presence");
-    let (Ok(mut all), Ok(mut presence)) = (
+    let inbox_subject = format!("{prefix}.n.{}", state.node_id);
+    let (Ok(mut all), Ok(mut presence), Ok(mut inbox)) = (
         client.subscribe(all_subject.clone()).await,
         client.subscribe(presence_subject.clone()).await,
+        client.subscribe(inbox_subject.clone()).await,
     ) else {
         tracing::error!(
             "cannot subscribe to {all_subject} and {presence_subject}; cluster mode is off"
@@ -425,7 +436,6 @@ async fn run(
     let mut mine: HashSet<String> = HashSet::new();
     let (mut came, mut went): (Vec<String>, Vec<String>) = (Vec::new(), Vec::new());
     let mut presence_tick = tokio::time::interval(Duration::from_millis(100));
-    let mut customers: HashMap<String, tokio::task::AbortHandle> = HashMap::new();
     let timeout = Duration::from_millis(setup.nats.node_timeout_ms);
     let mut tick = tokio::time::interval(Duration::from_millis(setup.nats.heartbeat_ms));
     let mut nodes: HashMap<String, Instant> = HashMap::new();
@@ -508,31 +518,13 @@ async fn run(
                         });
                     });
                 }
-                BusCmd::WatchCustomer { customer, shard } => {
-                    let Some(tx) = shards.get(shard).cloned() else { continue };
+                BusCmd::Here { customer, up: true } => {
                     if mine.insert(customer.clone()) {
                         went.retain(|c| *c != customer);
-                        came.push(customer.clone());
-                    }
-                    // Subscribed here, before any later command: a resume's read of the queue
-                    // (the next command) then misses nothing stored after it.
-                    let subject = format!("{prefix}.c.{}", subject_token(&customer));
-                    let sub = match client.subscribe(subject.clone()).await {
-                        Ok(sub) => sub,
-                        Err(e) => {
-                            tracing::warn!(error = %e, %subject, "subscribe");
-                            continue;
-                        }
-                    };
-                    let task = tokio::spawn(watch_customer(sub, customer.clone(), tx, state.clone()));
-                    if let Some(old) = customers.insert(customer, task.abort_handle()) {
-                        old.abort();
+                        came.push(customer);
                     }
                 }
-                BusCmd::UnwatchCustomer { customer } => {
-                    if let Some(task) = customers.remove(&customer) {
-                        task.abort();
-                    }
+                BusCmd::Here { customer, up: false } => {
                     if mine.remove(&customer) {
                         came.retain(|c| *c != customer);
                         went.push(customer);
@@ -643,6 +635,13 @@ async fn run(
                     Err(e) => refused(&state, &e),
                 }
             }
+            Some(message) = inbox.next() => {
+                if let Some((shard, msg)) = from_inbox(&message, &state, shards.len()) {
+                    if let Some(tx) = shards.get(shard) {
+                        let _ = tx.send(msg).await;
+                    }
+                }
+            }
             Some(message) = all.next() => {
                 match decode_node(&message.payload) {
                     Ok(msg @ (NodeMsg::Fanout { .. } | NodeMsg::Disconnect { .. } | NodeMsg::Receipts { .. })) => {
@@ -712,7 +711,9 @@ fn stream_config(setup: &Setup) -> jetstream::stream::Config {
 /// The queue stream: each customer's stored (persistent) events under `<prefix>.q.<customer>`,
 /// at most `delivery.offline_queue` per customer (the newest refused beyond: the publisher
 /// is told, nothing already stored is pushed out silently), for `delivery.offline_ttl_secs`.
-/// Republished to `<prefix>.c.>`, the subjects of the nodes where the customer is connected.
+/// Not republished: the node that stores an event sends it, with its sequence, to the inboxes
+/// of the nodes where the customer is connected (one subscription per node, not one per
+/// customer).
 fn queue_config(setup: &Setup) -> jetstream::stream::Config {
     let prefix = &setup.nats.prefix;
     jetstream::stream::Config {
@@ -731,11 +732,6 @@ fn queue_config(setup: &Setup) -> jetstream::stream::Config {
         num_replicas: setup.nats.replicas,
         allow_direct: true,
         duplicate_window: setup.dedupe_window,
-        republish: Some(jetstream::stream::Republish {
-            source: format!("{prefix}.q.>"),
-            destination: format!("{prefix}.c.>"),
-            headers_only: false,
-        }),
         ..Default::default()
     }
 }
@@ -1033,81 +1029,43 @@ async fn tell_presence(
     }
 }
 
-/// Holds this node's subscription to a customer's subject and passes the events other nodes
-/// send it to the customer's owner shard.
-async fn watch_customer(
-    mut sub: async_nats::Subscriber,
-    customer: String,
-    tx: mpsc::Sender<BusIn>,
-    state: Arc<BusState>,
-) {
-    while let Some(m) = sub.next().await {
-        if m.headers
-            .as_ref()
-            .and_then(|h| h.get("Nats-Sequence"))
-            .is_some()
-        {
-            // Stored in the queue stream and republished: every node with the customer
-            // delivers it, this one included.
-            match read_stored(&m, &customer) {
-                Ok(live) => {
-                    let msg = BusIn::Customer {
-                        customer: customer.clone(),
-                        event: live.event,
-                        seq: live.seq,
-                    };
-                    if tx.send(msg).await.is_err() {
-                        return;
-                    }
-                }
-                Err(e) => refused(&state, &e),
-            }
-            continue;
-        }
-        if let Some(reply) = &m.reply {
-            // A request: a direct message another node asks this one to check and deliver.
-            match decode_node(&m.payload) {
-                Ok(NodeMsg::Direct { to, topics, event }) if to == customer => {
-                    let msg = BusIn::Direct {
-                        to,
-                        topics,
-                        event,
-                        reply: reply.to_string(),
-                    };
-                    if tx.send(msg).await.is_err() {
-                        return;
-                    }
-                }
-                Ok(_) => refused(
-                    &state,
-                    &NodeError::Invalid("not a request for this customer".into()),
-                ),
-                Err(e) => refused(&state, &e),
-            }
-            continue;
-        }
-        match decode_node(&m.payload) {
-            Ok(NodeMsg::Customer {
-                origin,
-                customer: c,
+/// What arrived in this node's inbox, for the owner shard of the customer it is about: an
+/// event for a customer connected here, or a direct message to check and deliver (a request).
+fn from_inbox(m: &async_nats::Message, state: &BusState, shards: usize) -> Option<(usize, BusIn)> {
+    let owner = |c: &str| proto::placement::owner_shard(c, shards.max(1));
+    match decode_node(&m.payload) {
+        Ok(NodeMsg::Customer {
+            customer,
+            event,
+            seq,
+            ..
+        }) => Some((
+            owner(&customer),
+            BusIn::Customer {
+                customer,
                 event,
-            }) if c == customer => {
-                if origin != state.node_id {
-                    let msg = BusIn::Customer {
-                        customer: customer.clone(),
-                        event,
-                        seq: 0,
-                    };
-                    if tx.send(msg).await.is_err() {
-                        return;
-                    }
-                }
-            }
-            Ok(_) => refused(
-                &state,
-                &NodeError::Invalid("not an event of this customer".into()),
-            ),
-            Err(e) => refused(&state, &e),
+                seq,
+            },
+        )),
+        Ok(NodeMsg::Direct { to, topics, event }) => {
+            let reply = m.reply.as_ref()?.to_string();
+            Some((
+                owner(&to),
+                BusIn::Direct {
+                    to,
+                    topics,
+                    event,
+                    reply,
+                },
+            ))
+        }
+        Ok(_) => {
+            refused(state, &NodeError::Invalid("not an inbox message".into()));
+            None
+        }
+        Err(e) => {
+            refused(state, &e);
+            None
         }
     }
 }

@@ -296,8 +296,8 @@ pub enum NodeMsg {
         /// The event.
         event: Event,
     },
-    /// An event for a customer, to the nodes where it has connections
-    /// (`<prefix>.c.<customer>`).
+    /// An event for a customer: stored in the queue stream (`<prefix>.q.<customer>`), and
+    /// sent to the inbox (`<prefix>.n.<node>`) of each node where the customer is connected.
     Customer {
         /// The node that took the publish.
         origin: String,
@@ -305,6 +305,8 @@ pub enum NodeMsg {
         customer: String,
         /// The event.
         event: Event,
+        /// Its sequence in the queue stream (0: not persistent, not stored).
+        seq: u64,
     },
     /// Close every connection of `customers` (`POST /v1/disconnect`), to every node.
     Disconnect {
@@ -330,7 +332,7 @@ pub enum NodeMsg {
         sse: Vec<u8>,
     },
     /// A client's message to `to` allowed only if `to` follows one of `topics` (no token
-    /// grant): a request on `<prefix>.c.<to>`, answered by a node where `to` is connected.
+    /// grant): a request to the inbox of a node where `to` is connected, answered by it.
     Direct {
         /// The recipient.
         to: String,

@@ -403,9 +403,16 @@ impl Shard {
     /// Queues a connection's confirmation (or its last reply to a subscribe), then the frames
     /// held since [`Shard::hold`], and flushes.
     pub fn confirm(&self, key: ConnKey, frame: &Frame) {
+        self.release(key, std::slice::from_ref(frame));
+    }
+
+    /// Queues `first`, then the frames held since [`Shard::hold`], and flushes.
+    pub fn release(&self, key: ConnKey, first: &[Frame]) {
         let held = self.held.borrow_mut().remove(&key).unwrap_or_default();
         let mut conns = self.conns.borrow_mut();
-        self.enqueue_to(&mut conns, key, frame, None, false);
+        for frame in first {
+            self.enqueue_to(&mut conns, key, frame, None, false);
+        }
         let Some(c) = conns.get_mut(key) else {
             return;
         };
@@ -841,6 +848,9 @@ impl Shard {
                 }
             }
             self.flush_presence();
+            if let Some(cluster) = self.broker.cluster() {
+                cluster.tick(&self);
+            }
             let now = start.elapsed().as_secs() as u32;
             while self.clock.get() < now {
                 self.clock.set(self.clock.get() + 1);

@@ -149,6 +149,15 @@ impl Streams {
         (seq, cursor(&self.epoch, seq))
     }
 
+    /// The stored events of `customer` after `offset`, in order.
+    pub fn log_after(&self, customer: &str, offset: u64) -> impl Iterator<Item = &Stored> {
+        self.by_customer
+            .get(customer)
+            .into_iter()
+            .flat_map(|s| s.log.iter())
+            .filter(move |s| s.offset > offset)
+    }
+
     /// Highest offset ever stored for `customer` (0: none).
     pub fn seen_upto(&self, customer: &str) -> u64 {
         self.by_customer.get(customer).map_or(0, |s| s.seen_upto)
@@ -464,12 +473,12 @@ impl Shard {
                     .of_customer(id)
                     .iter()
                     .copied()
-                    // A connection still reading its stored events (cluster resume) gets
-                    // this one from the store, after them.
+                    // A connection still reading its stored events (cluster resume) gets a
+                    // persistent one from the store, after them (others wait, held).
                     .filter(|k| {
-                        conns
-                            .get(*k)
-                            .is_some_and(|c| c.accepts(&event.kind) && !c.resuming)
+                        conns.get(*k).is_some_and(|c| {
+                            c.accepts(&event.kind) && !(c.resuming && event.persistent)
+                        })
                     })
                     .collect()
             };
@@ -644,11 +653,33 @@ impl Shard {
         found
     }
 
-    /// Queues frames on one connection (a replay) and flushes it.
+    /// The stored events of `customer` after `offset` that connection `key` takes, encoded
+    /// for its transport (nothing is acknowledged).
+    pub fn stored_frames_after(&self, key: ConnKey, customer: &str, offset: u64) -> Vec<Bytes> {
+        let conns = self.conns.borrow();
+        let Some(c) = conns.get(key) else {
+            return Vec::new();
+        };
+        self.streams
+            .borrow()
+            .log_after(customer, offset)
+            .filter(|s| accepts(&c.filters, &s.kind))
+            .map(|s| {
+                if c.sse {
+                    s.sse.clone()
+                } else {
+                    server_frame(OpCode::Text, &s.json)
+                }
+            })
+            .collect()
+    }
+
+    /// Queues frames on one connection (a replay: never held behind live frames) and
+    /// flushes it.
     pub fn replay(&self, key: ConnKey, frames: &[Bytes]) {
         let mut conns = self.conns.borrow_mut();
         for f in frames {
-            self.enqueue(&mut conns, key, f, None);
+            self.enqueue_to(&mut conns, key, f, None, false);
         }
         if let Some(c) = conns.get_mut(key) {
             self.flush_conn(c);

@@ -47,6 +47,19 @@ use crate::{
     },
 };
 
+/// How long after a customer connection's first read of its queue the second one runs:
+/// longer than the other nodes take to learn that this node has the customer.
+const CATCH_UP_AFTER: std::time::Duration = std::time::Duration::from_millis(300);
+
+/// A second read of a customer's queue for a connection that just started (see `resume`).
+struct Catchup {
+    key: ConnKey,
+    customer: String,
+    /// Everything stored here up to this offset has been replayed (or acknowledged).
+    upto: u64,
+    due: Instant,
+}
+
 /// The event store did not take a publish: answered 503 (API) or `unavailable` (client).
 #[derive(Debug)]
 pub struct Unavailable(pub String);
@@ -57,6 +70,8 @@ pub struct Nats {
     pub(super) local: Local,
     relay: RefCell<Relay>,
     bus: Arc<BusState>,
+    /// Customer connections waiting for their catch-up read.
+    catchups: RefCell<Vec<Catchup>>,
 }
 
 impl Nats {
@@ -74,6 +89,7 @@ impl Nats {
             local: Local::new(shared),
             relay: RefCell::new(relay),
             bus,
+            catchups: RefCell::new(Vec::new()),
         }
     }
 
@@ -100,8 +116,8 @@ impl Nats {
             });
             pending.push((topic, rx));
         }
-        // Persistent customer events: into each customer's queue, from which every node
-        // where the customer is connected delivers them (numbered by the queue stream).
+        // Persistent customer events: into each customer's queue first; once stored (numbered
+        // by the queue stream) they go to the nodes where the customer is connected.
         let mut stored = Vec::new();
         if p.event.persistent {
             for c in &p.customers {
@@ -109,6 +125,7 @@ impl Nats {
                     origin: self.bus.node_id.clone(),
                     customer: c.clone(),
                     event: p.event.clone(),
+                    seq: 0,
                 });
                 let (reply, rx) = tokio::sync::oneshot::channel();
                 self.bus.send(BusCmd::Publish {
@@ -117,7 +134,7 @@ impl Nats {
                     msg_id: msg_id.clone(),
                     reply,
                 });
-                stored.push(rx);
+                stored.push((c, rx));
             }
         }
         // Roles and broadcast: every other node delivers to its own clients.
@@ -136,8 +153,7 @@ impl Nats {
                 body: encode_node(&msg),
             });
         }
-        // Customers: to the nodes where they are connected. A customer connected only
-        // elsewhere is not stored here (the node that delivers keeps it until acked).
+        // Not persistent: to the nodes where the customer is connected, and here.
         let mut local_customers = Vec::with_capacity(p.customers.len());
         let live_customers = if p.event.persistent {
             &[][..]
@@ -145,18 +161,7 @@ impl Nats {
             &p.customers[..]
         };
         for c in live_customers {
-            let elsewhere = self.bus.online_elsewhere(c);
-            if elsewhere {
-                let msg = NodeMsg::Customer {
-                    origin: self.bus.node_id.clone(),
-                    customer: c.clone(),
-                    event: p.event.clone(),
-                };
-                self.bus.send(BusCmd::Core {
-                    subject: self.bus.subject("c", Some(c)),
-                    body: encode_node(&msg),
-                });
-            }
+            let elsewhere = self.send_to_nodes(c, &p.event, 0);
             if !elsewhere || self.bus.online_here(c) {
                 local_customers.push(c.clone());
             }
@@ -187,10 +192,19 @@ impl Nats {
                 Err(_) => return Err(Unavailable("the bus thread is gone".into())),
             }
         }
-        for rx in stored {
+        for (c, rx) in stored {
             match rx.await {
-                Ok(Ok(a)) if a.duplicate => out.counts.duplicates += 1,
-                Ok(Ok(_)) => out.counts.queued += 1,
+                // A repeat of a publisher-chosen id: sent again with the first one's sequence
+                // (its first sending may have been lost with the node that took it); nodes
+                // that have it skip it.
+                Ok(Ok(a)) if a.duplicate => {
+                    out.counts.duplicates += 1;
+                    self.deliver_stored(shard, c, &p.event, a.seq);
+                }
+                Ok(Ok(a)) => {
+                    out.counts.queued += 1;
+                    self.deliver_stored(shard, c, &p.event, a.seq);
+                }
                 // The customer's queue is full: this event is refused, none is pushed out.
                 Ok(Err(Refused::Full)) => out.counts.dropped += 1,
                 Ok(Err(Refused::Unavailable(e))) => return Err(Unavailable(e)),
@@ -198,6 +212,46 @@ impl Nats {
             }
         }
         Ok(out)
+    }
+
+    /// Sends a customer event to the inboxes of the other nodes where the customer is
+    /// connected; whether there were any.
+    fn send_to_nodes(&self, customer: &str, event: &proto::event::Event, seq: u64) -> bool {
+        let nodes = self.bus.nodes_of(customer);
+        if nodes.is_empty() {
+            return false;
+        }
+        let body = encode_node(&NodeMsg::Customer {
+            origin: self.bus.node_id.clone(),
+            customer: customer.to_owned(),
+            event: event.clone(),
+            seq,
+        });
+        for node in nodes {
+            self.bus.send(BusCmd::Core {
+                subject: format!("{}.n.{node}", self.bus.prefix),
+                body: body.clone(),
+            });
+        }
+        true
+    }
+
+    /// A customer event the queue stream has stored as `seq`: to the nodes where the customer
+    /// is connected, this one included.
+    fn deliver_stored(&self, shard: &Shard, customer: &str, event: &proto::event::Event, seq: u64) {
+        self.send_to_nodes(customer, event, seq);
+        if self.bus.online_here(customer) {
+            self.adopt_queue_epoch(shard);
+            let msg = ShardMsg::DeliverCustomers {
+                customers: vec![customer.to_owned()],
+                event: event.clone(),
+                origin: shard.id as u32,
+                req: 0,
+                seq,
+            };
+            let owner = owner_shard(customer, shard.shared.n_shards);
+            shard.send_msg(owner, &msg, None, Some(Instant::now()));
+        }
     }
 
     pub(super) fn on_interest(&self, shard: &Shard, i: Interest<'_>) {
@@ -385,16 +439,11 @@ impl Nats {
     /// The first connection of `customer` on this node opened (`up`), or its last closed:
     /// the node subscribes to the customer's events and tells the others it has it.
     pub fn customer_here(&self, shard: &Shard, customer: &str, up: bool) {
+        let _ = shard;
         self.bus.set_here(customer, up);
-        self.bus.send(if up {
-            BusCmd::WatchCustomer {
-                customer: customer.to_owned(),
-                shard: shard.id,
-            }
-        } else {
-            BusCmd::UnwatchCustomer {
-                customer: customer.to_owned(),
-            }
+        self.bus.send(BusCmd::Here {
+            customer: customer.to_owned(),
+            up,
         });
     }
 
@@ -430,6 +479,7 @@ impl Nats {
         if let Some(c) = shard.conns.borrow_mut().get_mut(key) {
             c.resuming = true;
         }
+        shard.hold(key);
         let (reply, rx) = tokio::sync::oneshot::channel();
         let cap = shard.shared.config.delivery.offline_queue;
         self.bus.send(BusCmd::FetchQueue {
@@ -439,11 +489,20 @@ impl Nats {
             reply,
         });
         let fetched = rx.await.unwrap_or_default();
-        if let Some(c) = shard.conns.borrow_mut().get_mut(key) {
-            c.resuming = false;
-        }
         shard.store_fetched(customer, &fetched.events);
         let mut resume = shard.resume_customer(key, customer, since);
+        // The other nodes learn within ~100 ms (presence) that this one has the customer;
+        // an event stored meanwhile is not sent here. The connection stays `resuming` (live
+        // persistent customer events stored, not queued; other frames held) until a second
+        // read of the queue, a little later, has brought those; they go out in order, then
+        // the held frames.
+        let upto = shard.streams.borrow().seen_upto(customer);
+        self.catchups.borrow_mut().push(Catchup {
+            key,
+            customer: customer.to_owned(),
+            upto,
+            due: Instant::now() + CATCH_UP_AFTER,
+        });
         if after.is_some() {
             resume.recovered &= fetched.complete;
             // The cursor acknowledges everything up to it, on every node.
@@ -454,6 +513,43 @@ impl Nats {
             });
         }
         resume
+    }
+
+    /// Runs the catch-up reads that are due (from the shard's ticker, every 100 ms).
+    pub fn tick(&self, shard: &std::rc::Rc<Shard>) {
+        let now = Instant::now();
+        let due: Vec<Catchup> = {
+            let mut all = self.catchups.borrow_mut();
+            if all.iter().all(|c| c.due > now) {
+                return;
+            }
+            let (due, later) = std::mem::take(&mut *all)
+                .into_iter()
+                .partition(|c| c.due <= now);
+            *all = later;
+            due
+        };
+        for c in due {
+            let (reply, rx) = tokio::sync::oneshot::channel();
+            self.bus.send(BusCmd::FetchQueue {
+                customer: c.customer.clone(),
+                after: c.upto,
+                max: shard.shared.config.delivery.offline_queue,
+                reply,
+            });
+            let shard = shard.clone();
+            glommio::spawn_local(async move {
+                let fetched = rx.await.unwrap_or_default();
+                shard.store_fetched(&c.customer, &fetched.events);
+                let frames = shard.stored_frames_after(c.key, &c.customer, c.upto);
+                if let Some(conn) = shard.conns.borrow_mut().get_mut(c.key) {
+                    conn.resuming = false;
+                }
+                // The stored events it missed, then what was held meanwhile (not stored).
+                shard.release(c.key, &frames);
+            })
+            .detach();
+        }
     }
 
     /// A long poll's read: the customer's stored events after `since` from the queue stream
@@ -521,9 +617,15 @@ impl Nats {
         if self.bus.online_here(to) || !self.bus.online_elsewhere(to) {
             return self.local.direct(shard, to, topics, event).await.counts;
         }
+        let Some(node) = self.bus.nodes_of(to).into_iter().next() else {
+            return proto::bus::Counts {
+                forbidden: 1,
+                ..Default::default()
+            };
+        };
         let (reply, rx) = tokio::sync::oneshot::channel();
         self.bus.send(BusCmd::Request {
-            subject: self.bus.subject("c", Some(to)),
+            subject: format!("{}.n.{node}", self.bus.prefix),
             body: encode_node(&NodeMsg::Direct {
                 to: to.to_owned(),
                 topics,
