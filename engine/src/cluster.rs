@@ -14,7 +14,13 @@
 //!   topic event is written there once, and the stream numbers it (the topic offset) and
 //!   republishes it on `<prefix>.t.<topic>`, to which each node serving the topic holds one
 //!   subscription (`Watch`, asked by the topic's owner shard);
-//! - reads the stream back for recovery and to fill gaps (batch Direct Get, no consumers).
+//! - reads the stream back for recovery and to fill gaps (batch Direct Get, no consumers);
+//! - keeps the queue stream (`<PREFIX>_Q`, subjects `<prefix>.q.<customer>`): customers'
+//!   stored events, read back by a connection's resume, deleted by acks;
+//! - keeps this node's inbox (`<prefix>.n.<node>`: customer events and direct-message
+//!   requests for customers connected here) and the presence table (which customers each
+//!   node has, `<prefix>.presence`), and passes `<prefix>.all` (roles, broadcast, disconnects,
+//!   receipts) to the shards.
 //!
 //! Every message is a versioned `proto::bus::NodeMsg`; one of another wire-format version, or
 //! one that fails validation, is counted and dropped.

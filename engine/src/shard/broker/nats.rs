@@ -1,27 +1,22 @@
-//! The cluster broker (`broker.kind = "nats"`): topics reach every node through NATS.
+//! The cluster broker (`broker.kind = "nats"`): what one node's shards do so that any node
+//! serves any customer and any topic.
 //!
-//! - A publish to a topic is written once to the JetStream history stream (through the bus
-//!   thread); the API answers once JetStream has it, with its sequence as the topic offset,
-//!   or 503 when JetStream does not take it.
-//! - On each node, the topic's owner shard (`topic_shard`, as on one node) holds the node's one
-//!   subscription to the topic while local shards have subscribers, and relays what the stream
-//!   republishes to them (`Relay`): one NATS message per event per interested node, encoded
-//!   once there for every local subscriber.
-//! - Subscriptions with `since` are answered from the owner's recent events or from the
-//!   stream, so a client recovers on any node.
-//!
-//! - Roles and broadcast go to every node, customer events to the nodes where the customer
-//!   is connected (each node subscribes to a customer's subject while it has connections),
-//!   disconnects to every node, ephemeral events on the topic's live subject; core NATS, at
-//!   most once. Which customers each node has is shared by the bus (`online_elsewhere`).
-//!
-//! - Persistent customer events go to the JetStream queue stream (the customer's offline
-//!   queue, numbered by it); nodes where the customer is connected get them republished, and
-//!   a resume on any node reads the queue after the client's cursor. Acks remove events from
-//!   the stream.
-//!
-//! - A direct message without a grant is checked and delivered on the recipient's node (a
-//!   NATS request); receipts go to every node, and the one that minted the id tells its sender.
+//! - Topics: a publish is written once to the JetStream history stream (through the bus
+//!   thread); the API answers once JetStream has it, with its sequence as the topic offset, or
+//!   503 when JetStream does not take it. On each node the topic's owner shard (`topic_shard`,
+//!   as on one node) holds the node's one subscription to the topic while local shards have
+//!   subscribers, and relays what the stream republishes (`Relay`): one NATS message per event
+//!   per interested node. Subscriptions with `since` are answered from the owner's recent
+//!   events or from the stream, so a client recovers on any node.
+//! - Customers: a persistent event goes to the JetStream queue stream (the offline queue,
+//!   numbered by it), then to the inboxes of the nodes where the customer is connected (the
+//!   presence table the bus keeps says which); a connection on any node reads the queue after
+//!   its cursor, and acks remove events from the stream. Non-persistent events go to those
+//!   inboxes only.
+//! - Roles, broadcast and disconnects go to every node; ephemeral events on the topic's live
+//!   subject; a direct message without a grant is checked and delivered on the recipient's
+//!   node (a request to its inbox); receipts go to every node, and the one that minted the id
+//!   tells its sender. Core NATS, at most once.
 //!
 //! Not across nodes yet: topic member lists, chosen presence statuses, per-customer limits.
 
