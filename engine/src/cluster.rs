@@ -368,7 +368,14 @@ async fn run(
     shards: Vec<mpsc::Sender<BusIn>>,
 ) {
     let events = state.clone();
-    let options = async_nats::ConnectOptions::new()
+    let options = match authenticated(&setup.nats).await {
+        Ok(o) => o,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read the NATS credentials; cluster mode is off");
+            return;
+        }
+    };
+    let options = options
         .name(format!("ringcast {}", state.node_id))
         .retry_on_initial_connect()
         .event_callback(move |event| {
@@ -669,6 +676,32 @@ async fn run(
             }
         }
     }
+}
+
+/// Connection options with the configured credentials and TLS settings (checked at start).
+async fn authenticated(nats: &crate::config::Nats) -> std::io::Result<async_nats::ConnectOptions> {
+    let mut o = if !nats.credentials_file.is_empty() {
+        async_nats::ConnectOptions::with_credentials_file(&nats.credentials_file).await?
+    } else if !nats.token.is_empty() {
+        async_nats::ConnectOptions::with_token(nats.token.clone())
+    } else if !nats.user.is_empty() {
+        async_nats::ConnectOptions::with_user_and_password(nats.user.clone(), nats.password.clone())
+    } else {
+        async_nats::ConnectOptions::new()
+    };
+    if nats.tls_required {
+        o = o.require_tls(true);
+    }
+    if !nats.tls_ca_file.is_empty() {
+        o = o.add_root_certificates(nats.tls_ca_file.clone().into());
+    }
+    if !nats.tls_cert_file.is_empty() {
+        o = o.add_client_certificate(
+            nats.tls_cert_file.clone().into(),
+            nats.tls_key_file.clone().into(),
+        );
+    }
+    Ok(o)
 }
 
 /// Counts and logs a node message that cannot be read.

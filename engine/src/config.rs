@@ -102,6 +102,22 @@ pub struct Nats {
     pub storage: String,
     /// Bytes the history stream keeps at most, oldest events dropped first. Default 1 GiB.
     pub history_max_bytes: i64,
+    /// A NATS credentials file (`.creds`: user JWT and NKey seed), for NATS accounts.
+    pub credentials_file: String,
+    /// A token, or a user and password, for servers that use those instead.
+    pub token: String,
+    /// User name (with `password`).
+    pub user: String,
+    /// Password (with `user`).
+    pub password: String,
+    /// Require TLS to the NATS servers (`tls://` URLs require it too).
+    pub tls_required: bool,
+    /// PEM file of the CA that signed the NATS servers' certificates (default: the system's).
+    pub tls_ca_file: String,
+    /// Client certificate and key (PEM) when the NATS servers verify clients.
+    pub tls_cert_file: String,
+    /// See `tls_cert_file`.
+    pub tls_key_file: String,
 }
 
 impl Default for Nats {
@@ -115,6 +131,14 @@ impl Default for Nats {
             replicas: 1,
             storage: "file".into(),
             history_max_bytes: 1 << 30,
+            credentials_file: String::new(),
+            token: String::new(),
+            user: String::new(),
+            password: String::new(),
+            tls_required: false,
+            tls_ca_file: String::new(),
+            tls_cert_file: String::new(),
+            tls_key_file: String::new(),
         }
     }
 }
@@ -698,6 +722,14 @@ impl Config {
             "nats.replicas" => self.nats.replicas = num(value)?,
             "nats.storage" => self.nats.storage = value.into(),
             "nats.history_max_bytes" => self.nats.history_max_bytes = num(value)?,
+            "nats.credentials_file" => self.nats.credentials_file = value.into(),
+            "nats.token" => self.nats.token = value.into(),
+            "nats.user" => self.nats.user = value.into(),
+            "nats.password" => self.nats.password = value.into(),
+            "nats.tls_required" => self.nats.tls_required = flag(value)?,
+            "nats.tls_ca_file" => self.nats.tls_ca_file = value.into(),
+            "nats.tls_cert_file" => self.nats.tls_cert_file = value.into(),
+            "nats.tls_key_file" => self.nats.tls_key_file = value.into(),
             _ => bail!("unknown setting {key}"),
         }
         Ok(())
@@ -761,6 +793,31 @@ impl Config {
             }
             if self.nats.history_max_bytes < 1 << 20 {
                 bail!("nats.history_max_bytes must be at least 1 MiB");
+            }
+            let n = &self.nats;
+            let ways = [
+                !n.credentials_file.is_empty(),
+                !n.token.is_empty(),
+                !n.user.is_empty() || !n.password.is_empty(),
+            ];
+            if ways.iter().filter(|w| **w).count() > 1 {
+                bail!("nats: give one of credentials_file, token, or user and password");
+            }
+            if n.user.is_empty() != n.password.is_empty() {
+                bail!("nats.user and nats.password go together");
+            }
+            if n.tls_cert_file.is_empty() != n.tls_key_file.is_empty() {
+                bail!("nats.tls_cert_file and nats.tls_key_file go together");
+            }
+            for (key, path) in [
+                ("nats.credentials_file", &n.credentials_file),
+                ("nats.tls_ca_file", &n.tls_ca_file),
+                ("nats.tls_cert_file", &n.tls_cert_file),
+                ("nats.tls_key_file", &n.tls_key_file),
+            ] {
+                if !path.is_empty() && std::fs::metadata(path).is_err() {
+                    bail!("{key}: cannot read {path:?}");
+                }
             }
         }
         Ok(())
@@ -977,10 +1034,35 @@ mod tests {
             ("RINGCAST_NATS_PREFIX", "a.b", "nats.prefix"),
             ("RINGCAST_NODE_ID", "a b", "broker.node_id"),
             ("RINGCAST_NATS_NODE_TIMEOUT_MS", "500", "node_timeout_ms"),
+            ("RINGCAST_NATS_REPLICAS", "2", "nats.replicas"),
+            ("RINGCAST_NATS_STORAGE", "disk", "nats.storage"),
+            ("RINGCAST_NATS_USER", "u", "go together"),
+            (
+                "RINGCAST_NATS_CREDENTIALS_FILE",
+                "/nonexistent.creds",
+                "cannot read",
+            ),
+            (
+                "RINGCAST_NATS_TLS_CERT_FILE",
+                "/etc/hostname",
+                "go together",
+            ),
         ] {
             let e = nats(&[(key, value)]).unwrap_err();
             assert!(format!("{e:#}").contains(says), "{key}={value}: {e:#}");
         }
+        let both = nats(&[
+            ("RINGCAST_NATS_TOKEN", "t"),
+            ("RINGCAST_NATS_USER", "u"),
+            ("RINGCAST_NATS_PASSWORD", "p"),
+        ]);
+        assert!(format!("{:#}", both.unwrap_err()).contains("one of"));
+        let tls = nats(&[
+            ("RINGCAST_NATS_TLS_REQUIRED", "true"),
+            ("RINGCAST_NATS_TOKEN", "t"),
+        ])
+        .unwrap();
+        assert!(tls.nats.tls_required);
         let e = Config::load(None, env(&[("RINGCAST_BROKER", "redis")])).unwrap_err();
         assert!(format!("{e:#}").contains("local or nats"), "{e:#}");
         // Unset, the node id comes from the host and the bound port.

@@ -36,6 +36,10 @@ impl Nats {
     /// Starts on `port`, keeping JetStream's files in `store` (the same directory again is a
     /// restart that keeps the streams).
     fn start_at(port: u16, store: std::path::PathBuf) -> Nats {
+        Nats::start_with(port, store, &[])
+    }
+
+    fn start_with(port: u16, store: std::path::PathBuf, extra: &[&str]) -> Nats {
         let bin = std::env::var("RINGCAST_TEST_NATS_SERVER")
             .expect("RINGCAST_TEST_NATS_SERVER: the nats-server binary (bash .ci/cluster.sh)");
         let monitor = free_port();
@@ -43,6 +47,7 @@ impl Nats {
             .args(["-a", "127.0.0.1", "-p", &port.to_string()])
             .args(["-m", &monitor.to_string(), "-js", "-sd"])
             .arg(&store)
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -1331,4 +1336,32 @@ fn direct_messages_and_read_receipts_cross_nodes_between_topic_members_only() {
     let refused = until(&mut ann, "error");
     assert_eq!(refused["code"], "forbidden", "{refused}");
     assert!(of_type(&mut cid, "webrtc_offer").is_empty());
+}
+
+#[test]
+#[ignore = "needs nats-server: bash .ci/cluster.sh"]
+fn a_node_authenticates_to_nats_with_the_configured_token() {
+    let port = free_port();
+    let store =
+        std::env::temp_dir().join(format!("ringcast-js-auth-{}-{port}", std::process::id()));
+    let nats = Nats::start_with(port, store, &["--auth", "s3cret-token"]);
+    let with = |token: &str| {
+        Server::start_with(
+            1,
+            &[
+                ("RINGCAST_BROKER", "nats"),
+                ("RINGCAST_NATS_URL", &nats.url()),
+                ("RINGCAST_NATS_TOKEN", token),
+            ],
+        )
+    };
+    let good = with("s3cret-token");
+    eventually(10, "ready with the right token", || {
+        good.http("GET", "/readyz", &[], "").0 == 200
+    });
+    let bad = with("wrong");
+    std::thread::sleep(Duration::from_secs(2));
+    let (status, body) = bad.http("GET", "/readyz", &[], "");
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(bad.http("GET", "/healthz", &[], "").0, 200);
 }
