@@ -74,8 +74,9 @@ pub struct BusState {
     pub watched: AtomicU64,
     /// First token of every subject.
     pub prefix: String,
-    /// The customers connected to each other live node (from their presence messages).
-    remote: RwLock<HashMap<String, HashSet<String>>>,
+    /// The customers connected to each other live node and their connection counts there
+    /// (from their presence messages).
+    remote: RwLock<HashMap<String, HashMap<String, u32>>>,
     /// The customers connected to this node (kept by their owner shards as they come and go).
     here: Mutex<HashSet<String>>,
     /// Commands from the shards.
@@ -112,7 +113,7 @@ impl BusState {
     pub fn online_elsewhere(&self, customer: &str) -> bool {
         self.remote
             .read()
-            .is_ok_and(|r| r.values().any(|set| set.contains(customer)))
+            .is_ok_and(|r| r.values().any(|set| set.contains_key(customer)))
     }
 
     /// The other live nodes where `customer` has connections.
@@ -121,11 +122,22 @@ impl BusState {
             |_| Vec::new(),
             |r| {
                 r.iter()
-                    .filter(|(_, set)| set.contains(customer))
+                    .filter(|(_, set)| set.contains_key(customer))
                     .map(|(node, _)| node.clone())
                     .collect()
             },
         )
+    }
+
+    /// The customer's connections on the other live nodes (as of their last presence
+    /// message: up to ~100 ms behind).
+    pub fn connections_elsewhere(&self, customer: &str) -> usize {
+        self.remote.read().map_or(0, |r| {
+            r.values()
+                .filter_map(|set| set.get(customer))
+                .map(|n| *n as usize)
+                .sum()
+        })
     }
 
     /// Whether `customer` has a connection on this node.
@@ -219,13 +231,13 @@ pub enum BusCmd {
         /// The answer.
         reply: oneshot::Sender<Option<Vec<u8>>>,
     },
-    /// `customer` now has (`up`) or no longer has connections on this node: the other
-    /// nodes are told (presence), and route its events to this node's inbox.
+    /// `customer` now has `open` connections on this node: the other nodes are told
+    /// (presence: where to route its events, how many it has for its limit).
     Here {
         /// The customer.
         customer: String,
-        /// Connected here now.
-        up: bool,
+        /// Its connections here.
+        open: u32,
     },
     /// Read a topic's stored events after `after` (at most `max`) for shard `shard`.
     Fetch {
@@ -445,9 +457,9 @@ async fn run(
         );
         return;
     };
-    // Customers connected here, and the changes not yet told.
-    let mut mine: HashSet<String> = HashSet::new();
-    let (mut came, mut went): (Vec<String>, Vec<String>) = (Vec::new(), Vec::new());
+    // Customers connected here with their counts, and the changes not yet told.
+    let mut mine: HashMap<String, u32> = HashMap::new();
+    let mut changed: HashMap<String, u32> = HashMap::new();
     let mut presence_tick = tokio::time::interval(Duration::from_millis(100));
     let timeout = Duration::from_millis(setup.nats.node_timeout_ms);
     let mut tick = tokio::time::interval(Duration::from_millis(setup.nats.heartbeat_ms));
@@ -531,17 +543,13 @@ async fn run(
                         });
                     });
                 }
-                BusCmd::Here { customer, up: true } => {
-                    if mine.insert(customer.clone()) {
-                        went.retain(|c| *c != customer);
-                        came.push(customer);
+                BusCmd::Here { customer, open } => {
+                    if open == 0 {
+                        mine.remove(&customer);
+                    } else {
+                        mine.insert(customer.clone(), open);
                     }
-                }
-                BusCmd::Here { customer, up: false } => {
-                    if mine.remove(&customer) {
-                        came.retain(|c| *c != customer);
-                        went.push(customer);
-                    }
+                    changed.insert(customer, open);
                 }
                 BusCmd::Fetch { topic, shard, id, after, max } => {
                     let Some(tx) = shards.get(shard).cloned() else { continue };
@@ -621,26 +629,28 @@ async fn run(
                 }
                 state.nodes.store(nodes.len() as u64, Relaxed);
             }
-            _ = presence_tick.tick(), if !came.is_empty() || !went.is_empty() => {
+            _ = presence_tick.tick(), if !changed.is_empty() => {
                 let msg = NodeMsg::Presence {
                     node: state.node_id.clone(),
                     full: false,
-                    online: std::mem::take(&mut came),
-                    offline: std::mem::take(&mut went),
+                    counts: std::mem::take(&mut changed).into_iter().collect(),
                 };
                 let _ = client.publish(presence_subject.clone(), encode_node(&msg).into()).await;
             }
             Some(message) = presence.next() => {
                 match decode_node(&message.payload) {
-                    Ok(NodeMsg::Presence { node, full, online, offline }) if node != state.node_id => {
+                    Ok(NodeMsg::Presence { node, full, counts }) if node != state.node_id => {
                         if let Ok(mut remote) = state.remote.write() {
-                            let set = remote.entry(node).or_default();
+                            let table = remote.entry(node).or_default();
                             if full {
-                                set.clear();
+                                table.clear();
                             }
-                            set.extend(online);
-                            for c in &offline {
-                                set.remove(c);
+                            for (customer, n) in counts {
+                                if n == 0 {
+                                    table.remove(&customer);
+                                } else {
+                                    table.insert(customer, n);
+                                }
                             }
                         }
                     }
@@ -1036,21 +1046,20 @@ async fn fetch(
     }
 }
 
-/// Publishes the whole set of customers connected here, in chunks.
+/// Publishes the whole table of customers connected here, in chunks.
 async fn tell_presence(
     client: &async_nats::Client,
     subject: &str,
     node: &str,
-    mine: &HashSet<String>,
+    mine: &HashMap<String, u32>,
 ) {
-    let all: Vec<String> = mine.iter().cloned().collect();
+    let all: Vec<(String, u32)> = mine.iter().map(|(c, n)| (c.clone(), *n)).collect();
     let mut chunks = all.chunks(2000);
     let first = chunks.next().unwrap_or(&[]).to_vec();
     let msg = NodeMsg::Presence {
         node: node.to_owned(),
         full: true,
-        online: first,
-        offline: Vec::new(),
+        counts: first,
     };
     let _ = client
         .publish(subject.to_owned(), encode_node(&msg).into())
@@ -1059,8 +1068,7 @@ async fn tell_presence(
         let msg = NodeMsg::Presence {
             node: node.to_owned(),
             full: false,
-            online: chunk.to_vec(),
-            offline: Vec::new(),
+            counts: chunk.to_vec(),
         };
         let _ = client
             .publish(subject.to_owned(), encode_node(&msg).into())

@@ -360,17 +360,15 @@ pub enum NodeMsg {
         /// The topics the acknowledging connection follows.
         topics: Vec<String>,
     },
-    /// Which customers have connections on `node` (`<prefix>.presence`): a change, or the
-    /// whole set (`full`) when the node sees another node for the first time.
+    /// How many connections customers have on `node` (`<prefix>.presence`): changes, or the
+    /// whole table (`full`) when the node sees another node for the first time.
     Presence {
         /// The node.
         node: String,
-        /// The whole set: forget what was known of the node before.
+        /// The whole table: forget what was known of the node before.
         full: bool,
-        /// Customers now connected there.
-        online: Vec<String>,
-        /// Customers no longer connected there.
-        offline: Vec<String>,
+        /// Customers and their connection counts there now (0: none left).
+        counts: Vec<(String, u32)>,
     },
 }
 
@@ -600,8 +598,7 @@ mod tests {
         let presence = NodeMsg::Presence {
             node: "n1".into(),
             full: true,
-            online: vec!["a".into(), "b".into()],
-            offline: vec![],
+            counts: vec![("a".into(), 2), ("b".into(), 0)],
         };
         assert_eq!(decode_node(&encode_node(&presence)), Ok(presence));
         let gone = NodeMsg::Disconnect {

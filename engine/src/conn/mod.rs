@@ -201,7 +201,12 @@ fn admit(shard: &Shard, client: IpAddr) -> Option<Response> {
 /// connection is accepted (WebSocket 101, SSE 200).
 pub(crate) fn customer_full(shard: &Shard, customer: &str, client: IpAddr) -> Option<Response> {
     let limit = shard.shared.config.limits.connections_per_customer;
-    let open = shard.registry.borrow().of_customer(customer).len();
+    // In a cluster, with the customer's connections on the other nodes as they last said.
+    let elsewhere = shard
+        .broker
+        .cluster()
+        .map_or(0, |c| c.connections_elsewhere(customer));
+    let open = shard.registry.borrow().of_customer(customer).len() + elsewhere;
     if limit == 0 || open < limit {
         return None;
     }

@@ -292,10 +292,10 @@ impl Shard {
                 false
             }
         };
+        if let Some(cluster) = self.broker.cluster() {
+            cluster.customer_count(customer, open);
+        }
         if announce {
-            if let Some(cluster) = self.broker.cluster() {
-                cluster.customer_here(self, customer, up);
-            }
             self.announce_status(customer, false);
         }
     }

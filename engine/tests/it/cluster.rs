@@ -1365,3 +1365,41 @@ fn a_node_authenticates_to_nats_with_the_configured_token() {
     assert_eq!(status, 503, "{body}");
     assert_eq!(bad.http("GET", "/healthz", &[], "").0, 200);
 }
+
+#[test]
+#[ignore = "needs nats-server: bash .ci/cluster.sh"]
+fn the_per_customer_connection_limit_counts_every_node() {
+    let nats = Nats::start();
+    let node = |id: &str| {
+        Server::start_with(
+            1,
+            &[
+                ("RINGCAST_BROKER", "nats"),
+                ("RINGCAST_NATS_URL", &nats.url()),
+                ("RINGCAST_NODE_ID", id),
+                ("RINGCAST_NATS_HEARTBEAT_MS", "200"),
+                ("RINGCAST_LIMITS_CONNECTIONS_PER_CUSTOMER", "2"),
+            ],
+        )
+    };
+    let (a, b) = (node("node-a"), node("node-b"));
+    eventually(10, "two nodes", || {
+        b.metric("ringcast_cluster_nodes") == 2.0
+    });
+    let token = sub_token("lim");
+    let _one = Client::connect(&a, &token);
+    let _two = Client::connect(&a, &token);
+    // B learns A's count (presence, within ~100 ms): a third connection there is refused.
+    eventually(5, "refused on B", || {
+        matches!(
+            Client::connect_raw(&b, &format!("/v1/ws?token={token}")),
+            Err(tungstenite::Error::Http(r)) if r.status() == 429
+                && String::from_utf8_lossy(r.body().as_deref().unwrap_or_default())
+                    .contains("too_many_connections")
+        )
+    });
+    drop(_one);
+    eventually(5, "accepted on B once one closed on A", || {
+        Client::connect_raw(&b, &format!("/v1/ws?token={token}")).is_ok()
+    });
+}

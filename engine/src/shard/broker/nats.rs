@@ -18,7 +18,10 @@
 //!   node (a request to its inbox); receipts go to every node, and the one that minted the id
 //!   tells its sender. Core NATS, at most once.
 //!
-//! Not across nodes yet: topic member lists, chosen presence statuses, per-customer limits.
+//! - Per-customer connection limits count the customer's connections on every node (from
+//!   the presence table, ~100 ms behind).
+//!
+//! Not across nodes yet: topic member lists, chosen presence statuses.
 
 use std::{cell::RefCell, sync::Arc, time::Instant};
 
@@ -431,15 +434,20 @@ impl Nats {
         self.local.disconnect(shard, customers, code).await.counts
     }
 
-    /// The first connection of `customer` on this node opened (`up`), or its last closed:
-    /// the node subscribes to the customer's events and tells the others it has it.
-    pub fn customer_here(&self, shard: &Shard, customer: &str, up: bool) {
-        let _ = shard;
-        self.bus.set_here(customer, up);
+    /// `customer` now has `open` connections on this node (its owner shard says so at each
+    /// change): the other nodes route its events here while it has any, and count them
+    /// against its limit.
+    pub fn customer_count(&self, customer: &str, open: usize) {
+        self.bus.set_here(customer, open > 0);
         self.bus.send(BusCmd::Here {
             customer: customer.to_owned(),
-            up,
+            open: open as u32,
         });
+    }
+
+    /// The customer's connections on the other nodes (up to ~100 ms behind).
+    pub fn connections_elsewhere(&self, customer: &str) -> usize {
+        self.bus.connections_elsewhere(customer)
     }
 
     /// Cursors are the queue stream's from the moment it is known.
