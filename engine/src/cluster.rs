@@ -77,6 +77,8 @@ pub struct BusState {
     /// The customers connected to each other live node and their connection counts there
     /// (from their presence messages).
     remote: RwLock<HashMap<String, HashMap<String, u32>>>,
+    /// Members of presence topics on each other live node: node -> topic -> customers.
+    remote_members: RwLock<HashMap<String, HashMap<String, HashSet<String>>>>,
     /// The customers connected to this node (kept by their owner shards as they come and go).
     here: Mutex<HashSet<String>>,
     /// Commands from the shards.
@@ -138,6 +140,22 @@ impl BusState {
                 .map(|n| *n as usize)
                 .sum()
         })
+    }
+
+    /// The members of a presence topic on the other live nodes.
+    pub fn remote_members(&self, topic: &str) -> Vec<String> {
+        let mut all: Vec<String> = self.remote_members.read().map_or_else(
+            |_| Vec::new(),
+            |r| {
+                r.values()
+                    .filter_map(|t| t.get(topic))
+                    .flat_map(|set| set.iter().cloned())
+                    .collect()
+            },
+        );
+        all.sort_unstable();
+        all.dedup();
+        all
     }
 
     /// Whether `customer` has a connection on this node.
@@ -239,6 +257,16 @@ pub enum BusCmd {
         /// Its connections here.
         open: u32,
     },
+    /// `customer` became (`joined`) or stopped being a member of presence topic `topic` on
+    /// this node: the other nodes are told.
+    Member {
+        /// The topic.
+        topic: String,
+        /// The customer.
+        customer: String,
+        /// Member now.
+        joined: bool,
+    },
     /// Read a topic's stored events after `after` (at most `max`) for shard `shard`.
     Fetch {
         /// The topic.
@@ -311,6 +339,14 @@ pub enum BusIn {
         event: proto::event::Event,
         /// Where to answer.
         reply: String,
+    },
+    /// Members of presence topics that were on a node now gone (its heartbeats stopped or it
+    /// left), for the topic's owner shard here.
+    MembersGone {
+        /// The topic.
+        topic: String,
+        /// Its members that were on that node.
+        customers: Vec<String>,
     },
     /// An event for a customer connected here: from another node, or from the queue stream
     /// (with its sequence).
@@ -460,6 +496,9 @@ async fn run(
     // Customers connected here with their counts, and the changes not yet told.
     let mut mine: HashMap<String, u32> = HashMap::new();
     let mut changed: HashMap<String, u32> = HashMap::new();
+    // Members of presence topics here, and the changes not yet told.
+    let mut my_members: HashSet<(String, String)> = HashSet::new();
+    let mut member_changes: Vec<(String, String, bool)> = Vec::new();
     let mut presence_tick = tokio::time::interval(Duration::from_millis(100));
     let timeout = Duration::from_millis(setup.nats.node_timeout_ms);
     let mut tick = tokio::time::interval(Duration::from_millis(setup.nats.heartbeat_ms));
@@ -543,6 +582,15 @@ async fn run(
                         });
                     });
                 }
+                BusCmd::Member { topic, customer, joined } => {
+                    let key = (topic, customer);
+                    if joined {
+                        my_members.insert(key.clone());
+                    } else {
+                        my_members.remove(&key);
+                    }
+                    member_changes.push((key.0, key.1, joined));
+                }
                 BusCmd::Here { customer, open } => {
                     if open == 0 {
                         mine.remove(&customer);
@@ -597,6 +645,14 @@ async fn run(
                 if let Ok(mut remote) = state.remote.write() {
                     remote.retain(|node, _| nodes.contains_key(node));
                 }
+                let gone: Vec<String> = state
+                    .remote_members
+                    .read()
+                    .map(|r| r.keys().filter(|n| !nodes.contains_key(*n)).cloned().collect())
+                    .unwrap_or_default();
+                for node in gone {
+                    members_gone(&state, &node, &shards).await;
+                }
                 state.nodes.store(nodes.len() as u64, Relaxed);
                 state.watched.store(watches.len() as u64, Relaxed);
                 if draining && !left {
@@ -615,7 +671,7 @@ async fn run(
                         if new && node != state.node_id {
                             // A node we did not know (or had forgotten): it learns who is
                             // connected here from the whole set.
-                            tell_presence(&client, &presence_subject, &state.node_id, &mine).await;
+                            tell_presence(&client, &presence_subject, &state.node_id, &mine, &my_members).await;
                         }
                     }
                     Ok(NodeMsg::Leaving { node }) => {
@@ -623,23 +679,42 @@ async fn run(
                         if let Ok(mut remote) = state.remote.write() {
                             remote.remove(&node);
                         }
+                        members_gone(&state, &node, &shards).await;
                     }
                     Ok(_) => {} // not on this subject
                     Err(e) => refused(&state, &e),
                 }
                 state.nodes.store(nodes.len() as u64, Relaxed);
             }
-            _ = presence_tick.tick(), if !changed.is_empty() => {
+            _ = presence_tick.tick(), if !changed.is_empty() || !member_changes.is_empty() => {
                 let msg = NodeMsg::Presence {
                     node: state.node_id.clone(),
                     full: false,
                     counts: std::mem::take(&mut changed).into_iter().collect(),
+                    members: std::mem::take(&mut member_changes),
                 };
                 let _ = client.publish(presence_subject.clone(), encode_node(&msg).into()).await;
             }
             Some(message) = presence.next() => {
                 match decode_node(&message.payload) {
-                    Ok(NodeMsg::Presence { node, full, counts }) if node != state.node_id => {
+                    Ok(NodeMsg::Presence { node, full, counts, members }) if node != state.node_id => {
+                        if let Ok(mut remote) = state.remote_members.write() {
+                            let topics = remote.entry(node.clone()).or_default();
+                            if full {
+                                topics.clear();
+                            }
+                            for (topic, customer, joined) in members {
+                                let set = topics.entry(topic.clone()).or_default();
+                                if joined {
+                                    set.insert(customer);
+                                } else {
+                                    set.remove(&customer);
+                                    if set.is_empty() {
+                                        topics.remove(&topic);
+                                    }
+                                }
+                            }
+                        }
                         if let Ok(mut remote) = state.remote.write() {
                             let table = remote.entry(node).or_default();
                             if full {
@@ -1046,33 +1121,55 @@ async fn fetch(
     }
 }
 
-/// Publishes the whole table of customers connected here, in chunks.
+/// Publishes the whole table of customers connected here and of presence-topic members,
+/// in chunks.
 async fn tell_presence(
     client: &async_nats::Client,
     subject: &str,
     node: &str,
     mine: &HashMap<String, u32>,
+    members: &HashSet<(String, String)>,
 ) {
-    let all: Vec<(String, u32)> = mine.iter().map(|(c, n)| (c.clone(), *n)).collect();
-    let mut chunks = all.chunks(2000);
-    let first = chunks.next().unwrap_or(&[]).to_vec();
-    let msg = NodeMsg::Presence {
-        node: node.to_owned(),
-        full: true,
-        counts: first,
-    };
-    let _ = client
-        .publish(subject.to_owned(), encode_node(&msg).into())
-        .await;
-    for chunk in chunks {
+    let counts: Vec<(String, u32)> = mine.iter().map(|(c, n)| (c.clone(), *n)).collect();
+    let members: Vec<(String, String, bool)> = members
+        .iter()
+        .map(|(t, c)| (t.clone(), c.clone(), true))
+        .collect();
+    let chunks = counts.len().max(members.len()).div_ceil(2000).max(1);
+    for i in 0..chunks {
+        let range = |len: usize| (i * 2000).min(len)..((i + 1) * 2000).min(len);
         let msg = NodeMsg::Presence {
             node: node.to_owned(),
-            full: false,
-            counts: chunk.to_vec(),
+            full: i == 0,
+            counts: counts[range(counts.len())].to_vec(),
+            members: members[range(members.len())].to_vec(),
         };
         let _ = client
             .publish(subject.to_owned(), encode_node(&msg).into())
             .await;
+    }
+}
+
+/// A node is gone: forgets the members it had and tells each topic's owner shard here which
+/// ones left with it.
+async fn members_gone(state: &BusState, node: &str, shards: &[mpsc::Sender<BusIn>]) {
+    let Some(topics) = state
+        .remote_members
+        .write()
+        .ok()
+        .and_then(|mut r| r.remove(node))
+    else {
+        return;
+    };
+    for (topic, customers) in topics {
+        let owner = proto::placement::topic_shard(&topic, shards.len().max(1));
+        if let Some(tx) = shards.get(owner) {
+            let msg = BusIn::MembersGone {
+                topic,
+                customers: customers.into_iter().collect(),
+            };
+            let _ = tx.send(msg).await;
+        }
     }
 }
 

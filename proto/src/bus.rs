@@ -369,6 +369,8 @@ pub enum NodeMsg {
         full: bool,
         /// Customers and their connection counts there now (0: none left).
         counts: Vec<(String, u32)>,
+        /// Members of presence topics there: (topic, customer, member now).
+        members: Vec<(String, String, bool)>,
     },
 }
 
@@ -599,6 +601,7 @@ mod tests {
             node: "n1".into(),
             full: true,
             counts: vec![("a".into(), 2), ("b".into(), 0)],
+            members: vec![("room:1".into(), "a".into(), true)],
         };
         assert_eq!(decode_node(&encode_node(&presence)), Ok(presence));
         let gone = NodeMsg::Disconnect {

@@ -139,6 +139,13 @@ impl Members {
         })
     }
 
+    /// Whether `customer` is a member of `topic` (has a subscription to it) here.
+    pub fn has(&self, topic: &str, customer: &str) -> bool {
+        self.topics
+            .get(topic)
+            .is_some_and(|m| m.count.contains_key(customer))
+    }
+
     /// A topic's members and their subscription counts, by name.
     pub fn list(&self, topic: &str) -> Vec<(&str, u32)> {
         let mut list: Vec<(&str, u32)> = self
@@ -391,10 +398,17 @@ impl Shard {
     /// window schedules its diff `presence.coalesce_ms` later.
     pub(super) fn handle_membership(&self, topic: &str, customer: &str, joined: bool) {
         let diffs = self.presence_on(topic);
-        let opened = self
-            .members
-            .borrow_mut()
-            .change(topic, customer, joined, diffs);
+        let (was, opened, now) = {
+            let mut members = self.members.borrow_mut();
+            let was = members.has(topic, customer);
+            let opened = members.change(topic, customer, joined, diffs);
+            (was, opened, members.has(topic, customer))
+        };
+        if diffs && was != now {
+            if let Some(cluster) = self.broker.cluster() {
+                cluster.member(topic, customer, now);
+            }
+        }
         if opened {
             let due = Instant::now()
                 + std::time::Duration::from_millis(self.shared.config.presence.coalesce_ms);
@@ -432,6 +446,34 @@ impl Shard {
         }
     }
 
+    /// Cluster mode, on the topic's owner: members of `topic` that were on a node now gone;
+    /// those not here nor on another node left, and this node's subscribers are told (each
+    /// node tells its own, so the diff does not cross nodes).
+    pub(super) fn members_gone(&self, topic: &str, customers: &[String], elsewhere: &[String]) {
+        let left: Vec<String> = {
+            let members = self.members.borrow();
+            customers
+                .iter()
+                .filter(|c| !members.has(topic, c) && elsewhere.binary_search(c).is_err())
+                .cloned()
+                .collect()
+        };
+        if left.is_empty() || !self.presence_on(topic) {
+            return;
+        }
+        let count = self.members.borrow().list(topic).len() + elsewhere.len();
+        let data = proto::client::presence_diff(&[], &left, count, false);
+        let (ws, sse) = proto::client::ephemeral("presence_diff", topic, &data);
+        let payload = crate::shard::Payload {
+            ws: proto::ws::server_frame(proto::ws::OpCode::Text, &ws),
+            sse: bytes::Bytes::from(sse),
+        };
+        self.metrics()
+            .presence_diffs
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.broker.ephemeral_here(self, topic, payload);
+    }
+
     /// On the owner: the JSON body the API returns for a query.
     pub(super) fn answer_query(&self, query: Query, key: &str) -> Vec<u8> {
         let body = match query {
@@ -445,7 +487,22 @@ impl Shard {
                 return serde_json::to_vec(&out).expect("serialisable");
             }
             Query::TopicMembers => {
-                proto::client::topic_members(key, &self.members.borrow().list(key))
+                let members = self.members.borrow();
+                let mut list = members.list(key);
+                // In a cluster, the members on the other nodes too (their counts are theirs:
+                // each is listed with one here).
+                let remote = self
+                    .broker
+                    .cluster()
+                    .map(|c| c.remote_members(key))
+                    .unwrap_or_default();
+                for r in &remote {
+                    if !list.iter().any(|(n, _)| *n == r.as_str()) {
+                        list.push((r.as_str(), 1));
+                    }
+                }
+                list.sort_unstable_by(|a, b| a.0.cmp(b.0));
+                proto::client::topic_members(key, &list)
             }
             Query::CustomerPresence => self.customer_json(key),
         };

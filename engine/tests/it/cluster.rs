@@ -1403,3 +1403,89 @@ fn the_per_customer_connection_limit_counts_every_node() {
         Client::connect_raw(&b, &format!("/v1/ws?token={token}")).is_ok()
     });
 }
+
+#[test]
+#[ignore = "needs nats-server: bash .ci/cluster.sh"]
+fn a_presence_topic_lists_members_of_every_node_and_a_killed_nodes_members_leave() {
+    let nats = Nats::start();
+    let file = crate::presence::tempfile_path::TempFile::new(
+        "[[namespaces]]\nprefix = \"room:\"\npresence = true\n",
+    );
+    let node = |id: &str| {
+        Server::start_with(
+            2,
+            &[
+                ("RINGCAST_BROKER", "nats"),
+                ("RINGCAST_NATS_URL", &nats.url()),
+                ("RINGCAST_NODE_ID", id),
+                ("RINGCAST_NATS_HEARTBEAT_MS", "200"),
+                ("RINGCAST_NATS_NODE_TIMEOUT_MS", "1500"),
+                ("RINGCAST_CONFIG", file.path()),
+                ("RINGCAST_PRESENCE_COALESCE_MS", "50"),
+            ],
+        )
+    };
+    let (mut a, b) = (node("node-a"), node("node-b"));
+    eventually(10, "two nodes", || {
+        b.metric("ringcast_cluster_nodes") == 2.0
+    });
+    let mut ann = Client::connect(&a, &room_token("ann"));
+    let mut bob = Client::connect(&b, &room_token("bob"));
+    ann.subscribe(&["room:p"]);
+    bob.subscribe(&["room:p"]);
+    let members = |s: &Server| {
+        let (_, body) = s.http(
+            "GET",
+            "/v1/presence/topics/room:p",
+            &[("Authorization", &format!("Bearer {API_KEY}"))],
+            "",
+        );
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let mut names: Vec<String> = v["members"]
+            .as_array()
+            .map(|m| {
+                m.iter()
+                    .map(|x| x["customerId"].as_str().unwrap_or_default().to_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    };
+    eventually(5, "both nodes list both members", || {
+        members(&a) == ["ann", "bob"] && members(&b) == ["ann", "bob"]
+    });
+    // Bob hears that ann joined (her node's diff crosses to his).
+    loop {
+        let m = bob.recv_json();
+        if m["type"] == "presence_diff"
+            && m["data"]["joined"]
+                .as_array()
+                .unwrap()
+                .contains(&serde_json::json!("ann"))
+        {
+            break;
+        }
+    }
+    let _ = a.child.kill();
+    let killed = Instant::now();
+    // Within the node timeout (1.5 s) and a tick: bob is told ann left, and B lists him alone.
+    loop {
+        let m = bob.recv_json();
+        if m["type"] == "presence_diff"
+            && m["data"]["left"]
+                .as_array()
+                .unwrap()
+                .contains(&serde_json::json!("ann"))
+        {
+            break;
+        }
+    }
+    assert!(
+        killed.elapsed() < Duration::from_millis(3000),
+        "{:?}",
+        killed.elapsed()
+    );
+    assert_eq!(members(&b), ["bob"]);
+    drop(ann);
+}

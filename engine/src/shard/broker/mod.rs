@@ -134,6 +134,12 @@ impl Broker {
         }
     }
 
+    /// An ephemeral event for this node's subscribers of `topic` only (something every node
+    /// learns and tells its own subscribers, such as a gone node's members).
+    pub fn ephemeral_here(&self, shard: &Shard, topic: &str, payload: Payload) {
+        self.local().ephemeral(shard, topic, "", payload)
+    }
+
     /// A message to `to` allowed only if `to` follows one of `topics`: decided by `to`'s
     /// owner; `forbidden` counts a refusal.
     pub async fn direct(

@@ -21,7 +21,10 @@
 //! - Per-customer connection limits count the customer's connections on every node (from
 //!   the presence table, ~100 ms behind).
 //!
-//! Not across nodes yet: topic member lists, chosen presence statuses.
+//! - Presence-topic members are replicated with the presence table: member lists show every
+//!   node's, and a gone node's members leave (each node tells its own subscribers).
+//!
+//! Not across nodes yet: chosen presence statuses.
 
 use std::{cell::RefCell, sync::Arc, time::Instant};
 
@@ -306,6 +309,12 @@ impl Nats {
                     };
                     return self.on_ephemeral(shard, &topic, &except, payload);
                 }
+                BusIn::MembersGone { topic, customers } => {
+                    drop(relay);
+                    let elsewhere = self.bus.remote_members(&topic);
+                    shard.members_gone(&topic, &customers, &elsewhere);
+                    return;
+                }
                 BusIn::Direct {
                     to,
                     topics,
@@ -443,6 +452,21 @@ impl Nats {
             customer: customer.to_owned(),
             open: open as u32,
         });
+    }
+
+    /// `customer` became (`joined`) or stopped being a member of presence topic `topic` on
+    /// this node.
+    pub fn member(&self, topic: &str, customer: &str, joined: bool) {
+        self.bus.send(BusCmd::Member {
+            topic: topic.to_owned(),
+            customer: customer.to_owned(),
+            joined,
+        });
+    }
+
+    /// The members of presence topic `topic` on the other nodes (sorted).
+    pub fn remote_members(&self, topic: &str) -> Vec<String> {
+        self.bus.remote_members(topic)
     }
 
     /// The customer's connections on the other nodes (up to ~100 ms behind).
