@@ -136,6 +136,10 @@ def run(a, nodes, rate, out):
             "deliveries_per_sec": s["deliveries_per_second"],
             "p50_ms": s["latency"]["p50_us"] / 1000,
             "p99_ms": s["latency"]["p99_us"] / 1000,
+            # Subscribers on other nodes than the one taking the publishes (the load generator
+            # tells them apart); none with one node.
+            "cross_node_p50_ms": (s.get("cross_node_latency") or {}).get("p50_us", 0) / 1000,
+            "cross_node_p99_ms": (s.get("cross_node_latency") or {}).get("p99_us", 0) / 1000,
             "missing": s["missing"],
             "nats_msgs_out_per_event": (last[1] - first[1]) / events,
             "nats_bytes_out_per_event": (last[2] - first[2]) / events,
@@ -169,7 +173,7 @@ def main():
                 row = run(a, nodes, rate, os.path.join(out, f"{nodes}-{rate}"))
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    keys = ["published_per_sec", "deliveries_per_sec", "p50_ms", "p99_ms", "missing", "nats_msgs_out_per_event",
+    keys = ["published_per_sec", "deliveries_per_sec", "p50_ms", "p99_ms", "cross_node_p50_ms", "cross_node_p99_ms", "missing", "nats_msgs_out_per_event",
             "nats_bytes_out_per_event", "nats_bytes_in_per_event", "nodes_us_per_delivery", "nats_us_per_event"]
     print(f"\n{'offered/s':>9} {'nodes':>5} " + " ".join(f"{k[:18]:>18}" for k in keys))
     for r in rows:

@@ -233,7 +233,8 @@ fn run() -> anyhow::Result<()> {
     if framing == net::Framing::Sse && matches!(cli.scenario, Scenario::Chat { .. }) {
         anyhow::bail!("chat members publish over their connection: use --transport ws");
     }
-    let target = Target {
+    let mut target = Target {
+        home: None,
         addr,
         host: host.clone(),
         nodes: nodes.into_iter().map(|(a, h, _)| (a, h)).collect(),
@@ -330,6 +331,17 @@ fn run() -> anyhow::Result<()> {
                 first,
                 child,
             } = tr;
+            // The node that takes the publishes, among several --url nodes: its subscribers'
+            // latency is same-node, the others' cross-node.
+            if target.nodes.len() > 1 {
+                target.home = match &publish_url {
+                    None => Some(0),
+                    Some(u) => {
+                        let (a, _, _) = Target::parse_url(u)?;
+                        target.nodes.iter().position(|(n, _)| *n == a)
+                    }
+                };
+            }
             let children = if procs > 1 {
                 let (room_size, extra) = match mode {
                     scenario::fanout::Mode::Chat {
@@ -353,6 +365,11 @@ fn run() -> anyhow::Result<()> {
                     }
                     _ => (None, Vec::new()),
                 };
+                // Children count cross-node latency against the same publishing node.
+                let mut extra = extra;
+                if let Some(u) = &publish_url {
+                    extra.extend(["--publish-url".to_owned(), u.clone()]);
+                }
                 Some(procs::Children::start(
                     t,
                     &target,

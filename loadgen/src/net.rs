@@ -72,6 +72,9 @@ pub struct Client {
     dup: Option<socket2::Socket>,
     dec: Decoder,
     mask_seed: u32,
+    /// Connected to another cluster node than the one that takes the publishes: its
+    /// latency is also counted as cross-node.
+    pub remote: bool,
 }
 
 /// What a stream's bytes become: frames or SSE records, from a buffer of bytes read but not
@@ -92,6 +95,8 @@ pub struct Plain {
     /// The socket.
     pub stream: mio::net::TcpStream,
     dec: Decoder,
+    /// See [`Client::remote`].
+    pub remote: bool,
 }
 
 /// Bytes asked of the socket per read.
@@ -213,6 +218,7 @@ impl Client {
                 sse: None,
             },
             mask_seed: 0x9E37_79B9,
+            remote: false,
         })
     }
 
@@ -226,7 +232,11 @@ impl Client {
     /// bytes read so far become a [`Plain`] receiver; glommio's handle is closed.
     pub fn into_plain(self) -> anyhow::Result<Plain> {
         let Client {
-            stream, dup, dec, ..
+            stream,
+            dup,
+            dec,
+            remote,
+            ..
         } = self;
         let dup = dup.context("no second handle kept (keep_dup)")?;
         drop(stream);
@@ -235,6 +245,7 @@ impl Client {
         Ok(Plain {
             stream: mio::net::TcpStream::from_std(std),
             dec,
+            remote,
         })
     }
 

@@ -335,6 +335,7 @@ impl Children {
                 ("latency_histogram", &mut merged.latency),
                 ("handshake_histogram", &mut merged.handshake),
                 ("reconnect_histogram", &mut merged.reconnect),
+                ("cross_node_histogram", &mut merged.cross_node),
             ] {
                 if let Some(x) = v[key].as_str().and_then(report::histogram_from_base64) {
                     h.add(&x).map_err(|e| anyhow::anyhow!("{e:?}"))?;
@@ -413,6 +414,7 @@ pub fn child_report(summary: &serde_json::Value, stats: &stats::ThreadStats) -> 
         "latency_histogram": report::histogram_base64(&stats.latency),
         "handshake_histogram": report::histogram_base64(&stats.handshake),
         "reconnect_histogram": report::histogram_base64(&stats.reconnect),
+        "cross_node_histogram": report::histogram_base64(&stats.cross_node),
     })
     .to_string()
 }

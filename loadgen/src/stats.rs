@@ -90,6 +90,9 @@ pub struct ThreadStats {
     pub publish: Histogram<u64>,
     /// Drop to subscribed again, in a reconnect storm.
     pub reconnect: Histogram<u64>,
+    /// The part of `latency` measured on subscribers of other cluster nodes than the one
+    /// that took the publishes (`--url` with several nodes).
+    pub cross_node: Histogram<u64>,
 }
 
 impl Default for ThreadStats {
@@ -99,6 +102,7 @@ impl Default for ThreadStats {
             handshake: histogram(),
             publish: histogram(),
             reconnect: histogram(),
+            cross_node: histogram(),
         }
     }
 }
@@ -111,6 +115,7 @@ impl ThreadStats {
             handshake: self.handshake.clone(),
             publish: self.publish.clone(),
             reconnect: self.reconnect.clone(),
+            cross_node: self.cross_node.clone(),
         }
     }
 
@@ -120,6 +125,7 @@ impl ThreadStats {
         self.handshake.add(&other.handshake).expect("same bounds");
         self.publish.add(&other.publish).expect("same bounds");
         self.reconnect.add(&other.reconnect).expect("same bounds");
+        self.cross_node.add(&other.cross_node).expect("same bounds");
     }
 }
 

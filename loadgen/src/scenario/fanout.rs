@@ -459,6 +459,8 @@ pub fn run(mut args: Args) -> anyhow::Result<(serde_json::Value, ThreadStats)> {
         }),
         "wall_seconds_publish_and_drain": (publish_secs * 100.0).round() / 100.0,
         "latency": Percentiles::from(&stats.latency),
+        // Subscribers on other cluster nodes than the publishers' (several --url).
+        "cross_node_latency": (!stats.cross_node.is_empty()).then(|| Percentiles::from(&stats.cross_node)),
         "publish_round_trip": Percentiles::from(&stats.publish),
         "handshake": Percentiles::from(&stats.handshake),
         "timeline": timeline(&shared),
@@ -674,7 +676,9 @@ async fn receiver(
         let mut batch = Batch::default();
         let res = {
             let mut st = stats.borrow_mut();
-            client.drain(|m| batch.take(m, now, &fields, &mut st, &shared, &mut last_offset))
+            let remote = client.remote;
+            client
+                .drain(|m| batch.take(m, now, &fields, &mut st, &shared, &mut last_offset, remote))
         };
         let (pongs, close_code) = (batch.pongs, batch.close);
         if let Some(code) = close_code {
@@ -753,9 +757,10 @@ fn receive_plain(
                 let now = unix_us();
                 let mut batch = Batch::default();
                 let last = &mut last_offset[i];
+                let remote = c.remote;
                 let res = {
                     let mut st = stats.borrow_mut();
-                    c.drain(|m| batch.take(m, now, &fields, &mut st, shared, last))
+                    c.drain(|m| batch.take(m, now, &fields, &mut st, shared, last, remote))
                 };
                 let (pongs, close_code) = (batch.pongs, batch.close);
                 for p in pongs {
@@ -818,6 +823,7 @@ impl Batch {
     /// One decoded message: an event is timed (arrival `now`, µs) and order-checked, and
     /// counted on this thread (`count` adds the thread's counts to the shared ones every few
     /// milliseconds, so threads do not contend for one cache line per read).
+    #[allow(clippy::too_many_arguments)]
     fn take(
         &mut self,
         m: Incoming<'_>,
@@ -826,11 +832,16 @@ impl Batch {
         st: &mut ThreadStats,
         shared: &Shared,
         last: &mut Option<u64>,
+        remote: bool,
     ) {
         match m {
             Incoming::Text(t) => {
                 let Some(ts) = fields.ts(t) else { return };
-                let _ = st.latency.record(now.saturating_sub(ts).max(1));
+                let us = now.saturating_sub(ts).max(1);
+                let _ = st.latency.record(us);
+                if remote {
+                    let _ = st.cross_node.record(us);
+                }
                 UNCOUNTED.set(UNCOUNTED.get() + 1);
                 // Servers that number a topic's events (ringcast's `offset`) are checked for
                 // order: each subscriber must see offsets rise by exactly one.

@@ -31,6 +31,8 @@ pub struct Target {
     /// Every node given (`--url` with several, comma-separated): connection `i` goes to node
     /// `i % nodes.len()`, so subscribers spread evenly over a cluster.
     pub nodes: Vec<(SocketAddr, String)>,
+    /// Which of `nodes` takes the publishes (None: none of them, or a single node).
+    pub home: Option<usize>,
     /// Request path (and query) of the WebSocket endpoint, without the token.
     pub path: String,
     /// HS256 secret to mint a token per customer (`c-<i>`); none for generic servers.
@@ -65,6 +67,11 @@ impl Target {
             .next()
             .with_context(|| format!("cannot resolve {authority}"))?;
         Ok((addr, authority.to_owned(), path))
+    }
+
+    /// Whether connection `i` goes to another cluster node than the publishers'.
+    fn is_remote(&self, i: usize) -> bool {
+        self.nodes.len() > 1 && self.home != Some(i % self.nodes.len())
     }
 
     /// Opens connection number `i`: handshake, then the subscribe frame and readiness wait.
@@ -102,6 +109,7 @@ impl Target {
         let t0 = Instant::now();
         if self.framing == Framing::Sse {
             let mut client = self.open_sse(stream, path, topic).await?;
+            client.remote = self.is_remote(i);
             if let Some(dup) = dup {
                 client.keep_dup(dup);
             }
@@ -112,6 +120,7 @@ impl Target {
             return Ok(client);
         }
         let mut client = Client::handshake(stream, host, &path, Duration::from_secs(30)).await?;
+        client.remote = self.is_remote(i);
         if let Some(frame) = &self.subscribe_frame {
             client
                 .send(OpCode::Text, frame.replace("{topic}", topic).as_bytes())
