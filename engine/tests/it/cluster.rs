@@ -1489,3 +1489,28 @@ fn a_presence_topic_lists_members_of_every_node_and_a_killed_nodes_members_leave
     assert_eq!(members(&b), ["bob"]);
     drop(ann);
 }
+
+#[test]
+#[ignore = "needs nats-server: bash .ci/cluster.sh"]
+fn a_publisher_chosen_id_is_deduplicated_per_topic_and_per_customer_not_across_them() {
+    let nats = Nats::start();
+    let a = node_with(&nats.url(), "node-a", "3000", 2);
+    let body = serde_json::json!({"topics": ["room:d1", "room:d2"], "customers": ["dan", "dee"],
+        "wait": "accepted",
+        "event": {"type": "t", "id": "order-42", "persistent": true, "data": {}}});
+    let first = a.publish(body.clone());
+    assert_eq!(
+        first["offsets"].as_object().map(|o| o.len()),
+        Some(2),
+        "{first}"
+    );
+    assert_eq!(
+        (first["queued"].as_u64(), first["duplicates"].as_u64()),
+        (Some(2), Some(0)),
+        "{first}"
+    );
+    // The same id again: a duplicate for each of the four targets, nothing stored twice.
+    let again = a.publish(body);
+    assert_eq!(again["duplicates"], 4, "{again}");
+    assert_eq!(again["queued"], 0, "{again}");
+}

@@ -101,7 +101,13 @@ impl Nats {
         wait: Option<Wait>,
     ) -> Result<Outcome, Unavailable> {
         let mut out = Outcome::default();
-        let msg_id = p.event.idempotent.then(|| p.event.id.clone());
+        // JetStream deduplicates by message id across a whole stream, and one publish may
+        // name several topics or customers: the id is made per subject.
+        let msg_id = |subject: &str| {
+            p.event
+                .idempotent
+                .then(|| format!("{subject} {}", p.event.id))
+        };
         let mut pending = Vec::with_capacity(p.topics.len());
         for topic in &p.topics {
             let body = encode_node(&NodeMsg::TopicEvent {
@@ -109,10 +115,11 @@ impl Nats {
                 event: p.event.clone(),
             });
             let (reply, rx) = tokio::sync::oneshot::channel();
+            let subject = self.bus.subject("h", Some(topic));
             self.bus.send(BusCmd::Publish {
-                subject: self.bus.subject("h", Some(topic)),
+                msg_id: msg_id(&subject),
+                subject,
                 body,
-                msg_id: msg_id.clone(),
                 reply,
             });
             pending.push((topic, rx));
@@ -129,10 +136,11 @@ impl Nats {
                     seq: 0,
                 });
                 let (reply, rx) = tokio::sync::oneshot::channel();
+                let subject = self.bus.subject("q", Some(c));
                 self.bus.send(BusCmd::Publish {
-                    subject: self.bus.subject("q", Some(c)),
+                    msg_id: msg_id(&subject),
+                    subject,
                     body,
-                    msg_id: msg_id.clone(),
                     reply,
                 });
                 stored.push((c, rx));
