@@ -671,7 +671,7 @@ async fn run(
                         if new && node != state.node_id {
                             // A node we did not know (or had forgotten): it learns who is
                             // connected here from the whole set.
-                            tell_presence(&client, &presence_subject, &state.node_id, &mine, &my_members).await;
+                            tell_presence(&client, &presence_subject, &state.node_id, &mine, &my_members, true).await;
                         }
                     }
                     Ok(NodeMsg::Leaving { node }) => {
@@ -690,6 +690,7 @@ async fn run(
                 let msg = NodeMsg::Presence {
                     node: state.node_id.clone(),
                     full: false,
+                    ask: false,
                     counts: std::mem::take(&mut changed).into_iter().collect(),
                     members: std::mem::take(&mut member_changes),
                 };
@@ -697,7 +698,12 @@ async fn run(
             }
             Some(message) = presence.next() => {
                 match decode_node(&message.payload) {
-                    Ok(NodeMsg::Presence { node, full, counts, members }) if node != state.node_id => {
+                    Ok(NodeMsg::Presence { node, full, ask, counts, members }) if node != state.node_id => {
+                        if ask {
+                            // A node that (re)started knows nothing of this one: even if it
+                            // kept its id and was never forgotten here, it gets the table.
+                            tell_presence(&client, &presence_subject, &state.node_id, &mine, &my_members, false).await;
+                        }
                         if let Ok(mut remote) = state.remote_members.write() {
                             let topics = remote.entry(node.clone()).or_default();
                             if full {
@@ -1129,6 +1135,7 @@ async fn tell_presence(
     node: &str,
     mine: &HashMap<String, u32>,
     members: &HashSet<(String, String)>,
+    ask: bool,
 ) {
     let counts: Vec<(String, u32)> = mine.iter().map(|(c, n)| (c.clone(), *n)).collect();
     let members: Vec<(String, String, bool)> = members
@@ -1141,6 +1148,7 @@ async fn tell_presence(
         let msg = NodeMsg::Presence {
             node: node.to_owned(),
             full: i == 0,
+            ask: ask && i == 0,
             counts: counts[range(counts.len())].to_vec(),
             members: members[range(members.len())].to_vec(),
         };

@@ -367,6 +367,9 @@ pub enum NodeMsg {
         node: String,
         /// The whole table: forget what was known of the node before.
         full: bool,
+        /// The sender does not know the receivers' tables (it just started, or came back):
+        /// each answers with its whole table.
+        ask: bool,
         /// Customers and their connection counts there now (0: none left).
         counts: Vec<(String, u32)>,
         /// Members of presence topics there: (topic, customer, member now).
@@ -600,6 +603,7 @@ mod tests {
         let presence = NodeMsg::Presence {
             node: "n1".into(),
             full: true,
+            ask: true,
             counts: vec![("a".into(), 2), ("b".into(), 0)],
             members: vec![("room:1".into(), "a".into(), true)],
         };

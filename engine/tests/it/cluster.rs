@@ -1514,3 +1514,20 @@ fn a_publisher_chosen_id_is_deduplicated_per_topic_and_per_customer_not_across_t
     assert_eq!(again["duplicates"], 4, "{again}");
     assert_eq!(again["queued"], 0, "{again}");
 }
+
+#[test]
+#[ignore = "needs nats-server: bash .ci/cluster.sh"]
+fn a_node_restarted_under_the_same_id_learns_the_others_presence() {
+    let nats = Nats::start();
+    let mut a = node_with(&nats.url(), "node-a", "3000", 1);
+    let b = node_with(&nats.url(), "node-b", "3000", 1);
+    let _bob = Client::connect(&b, &sub_token("bob"));
+    eventually(5, "A sees bob", || presence_of(&a, "bob") == "online");
+    // Killed and back under the same id before B's 3 s timeout: B never forgot it.
+    let _ = a.child.kill();
+    let _ = a.child.wait();
+    let again = node_with(&nats.url(), "node-a", "3000", 1);
+    eventually(5, "the new A sees bob", || {
+        presence_of(&again, "bob") == "online"
+    });
+}
