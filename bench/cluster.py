@@ -15,18 +15,14 @@ usage: bench/cluster.py [--binary target/release/ringcast] [--loadgen target/rel
                         [--layouts 0,1,3] [--shards 1] [--json OUT]
 nats-server: --nats-server, else target/nats-venv/bin/nats-server (bash .ci/cluster.sh installs it).
 """
-import argparse, json, os, shutil, socket, subprocess, sys, tempfile, threading, time, urllib.request
+import argparse, json, os, shutil, subprocess, sys, tempfile, threading, time, urllib.request
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from clients import proc_cpu  # noqa: E402
+from compare import free_port  # noqa: E402
 
 SECRET, API_KEY = "cluster-bench-secret", "cluster-bench-key"
 SOURCES = "127.0.0.2-127.0.0.9"
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def wait_http(url, secs=20):
@@ -37,15 +33,6 @@ def wait_http(url, secs=20):
         except OSError:
             time.sleep(0.1)
     raise RuntimeError(f"{url} did not answer")
-
-
-def proc_cpu(pids):
-    total = 0
-    for pid in pids:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
 
 
 def varz(port):

@@ -17,31 +17,18 @@ connections), and NATS's share (nats-server RSS, CPU, bytes per event).
 usage: bench/scripts/cluster_100k.py [--conns 100000] [--nodes 6] [--rate 2] [--secs 30]
                                      [--broadcasts 5] [--nats-server PATH] [--json OUT]
 """
-import argparse, json, os, shutil, socket, subprocess, sys, tempfile, threading, time, urllib.request
+import argparse, json, os, shutil, subprocess, sys, tempfile, time, urllib.request
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from clients import proc_cpu  # noqa: E402
+from cluster import wait_http  # noqa: E402
+from compare import free_port  # noqa: E402
 
 SECRET, API_KEY = "cluster-100k-secret", "cluster-100k-key"
 
 
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 def get(url, timeout=10):
     return urllib.request.urlopen(url, timeout=timeout).read()
-
-
-def wait_http(url, secs=30):
-    deadline = time.time() + secs
-    while time.time() < deadline:
-        try:
-            return get(url, 1)
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"{url} did not answer")
 
 
 def rss_kib(pid):
@@ -50,12 +37,6 @@ def rss_kib(pid):
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     return 0
-
-
-def cpu_secs(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def metric(port, name):
@@ -126,7 +107,7 @@ def main():
         at_full["per_node"] = [metric(p, "ringcast_connections") for p in ports]
         at_full["rss_kib"] = [rss_kib(p.pid) for p in nodes]
         at_full["nats_rss_kib"] = rss_kib(nats.pid)
-        v0, nats_cpu0 = json.loads(get(f"http://127.0.0.1:{monitor}/varz")), cpu_secs(nats.pid)
+        v0, nats_cpu0 = json.loads(get(f"http://127.0.0.1:{monitor}/varz")), proc_cpu([nats.pid])
         t0 = time.time()
         sent = 0
         for i in range(a.broadcasts):
@@ -138,7 +119,7 @@ def main():
                 sent += 1
             time.sleep(2)
         stdout, stderr = lg.communicate(timeout=900)
-        v1, nats_cpu1 = json.loads(get(f"http://127.0.0.1:{monitor}/varz")), cpu_secs(nats.pid)
+        v1, nats_cpu1 = json.loads(get(f"http://127.0.0.1:{monitor}/varz")), proc_cpu([nats.pid])
         span = time.time() - t0
         if lg.returncode != 0:
             raise RuntimeError(f"loadgen failed: {stderr[-3000:]}")

@@ -174,6 +174,11 @@ impl BusState {
         }
     }
 
+    /// A node's inbox subject: `<prefix>.n.<node>`.
+    pub fn inbox(&self, node: &str) -> String {
+        format!("{}.n.{node}", self.prefix)
+    }
+
     /// A subject of this cluster: `<prefix>.<kind>[.<id as a token>]`.
     pub fn subject(&self, kind: &str, id: Option<&str>) -> String {
         match id {
@@ -482,7 +487,7 @@ async fn run(
     };
     let all_subject = format!("{prefix}.all");
     let presence_subject = format!("{prefix}.presence");
-    let inbox_subject = format!("{prefix}.n.{}", state.node_id);
+    let inbox_subject = state.inbox(&state.node_id);
     let (Ok(mut all), Ok(mut presence), Ok(mut inbox)) = (
         client.subscribe(all_subject.clone()).await,
         client.subscribe(presence_subject.clone()).await,
@@ -816,11 +821,24 @@ fn refused(state: &BusState, e: &NodeError) {
 fn stream_config(setup: &Setup) -> jetstream::stream::Config {
     let prefix = &setup.nats.prefix;
     jetstream::stream::Config {
-        name: stream_name(prefix),
-        subjects: vec![format!("{prefix}.h.>")],
         max_age: setup.max_age,
-        max_bytes: setup.nats.history_max_bytes,
         discard: jetstream::stream::DiscardPolicy::Old,
+        republish: Some(jetstream::stream::Republish {
+            source: format!("{prefix}.h.>"),
+            destination: format!("{prefix}.t.>"),
+            headers_only: false,
+        }),
+        ..stream_base(setup, stream_name(prefix), format!("{prefix}.h.>"))
+    }
+}
+
+/// What both streams share: name and subjects, the configured size bound, storage and
+/// replicas, Direct Get for reads, and the dedupe window for publisher-chosen ids.
+fn stream_base(setup: &Setup, name: String, subject: String) -> jetstream::stream::Config {
+    jetstream::stream::Config {
+        name,
+        subjects: vec![subject],
+        max_bytes: setup.nats.history_max_bytes,
         storage: if setup.nats.storage == "memory" {
             jetstream::stream::StorageType::Memory
         } else {
@@ -829,11 +847,6 @@ fn stream_config(setup: &Setup) -> jetstream::stream::Config {
         num_replicas: setup.nats.replicas,
         allow_direct: true,
         duplicate_window: setup.dedupe_window,
-        republish: Some(jetstream::stream::Republish {
-            source: format!("{prefix}.h.>"),
-            destination: format!("{prefix}.t.>"),
-            headers_only: false,
-        }),
         ..Default::default()
     }
 }
@@ -847,22 +860,15 @@ fn stream_config(setup: &Setup) -> jetstream::stream::Config {
 fn queue_config(setup: &Setup) -> jetstream::stream::Config {
     let prefix = &setup.nats.prefix;
     jetstream::stream::Config {
-        name: format!("{}_Q", prefix.to_uppercase()),
-        subjects: vec![format!("{prefix}.q.>")],
         max_age: setup.queue_age,
-        max_bytes: setup.nats.history_max_bytes,
         max_messages_per_subject: setup.queue_cap,
         discard: jetstream::stream::DiscardPolicy::New,
         discard_new_per_subject: true,
-        storage: if setup.nats.storage == "memory" {
-            jetstream::stream::StorageType::Memory
-        } else {
-            jetstream::stream::StorageType::File
-        },
-        num_replicas: setup.nats.replicas,
-        allow_direct: true,
-        duplicate_window: setup.dedupe_window,
-        ..Default::default()
+        ..stream_base(
+            setup,
+            format!("{}_Q", prefix.to_uppercase()),
+            format!("{prefix}.q.>"),
+        )
     }
 }
 

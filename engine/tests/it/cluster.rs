@@ -153,16 +153,51 @@ fn node(nats: &str, id: &str, timeout_ms: &str) -> Server {
 }
 
 fn node_with(nats: &str, id: &str, timeout_ms: &str, shards: usize) -> Server {
-    Server::start_with(
+    cluster_node(
+        nats,
+        id,
         shards,
-        &[
-            ("RINGCAST_BROKER", "nats"),
-            ("RINGCAST_NATS_URL", nats),
-            ("RINGCAST_NODE_ID", id),
-            ("RINGCAST_NATS_HEARTBEAT_MS", "200"),
-            ("RINGCAST_NATS_NODE_TIMEOUT_MS", timeout_ms),
-        ],
+        &[("RINGCAST_NATS_NODE_TIMEOUT_MS", timeout_ms)],
     )
+}
+
+/// A cluster node `id` on `nats` (heartbeats every 200 ms, gone after 3 s), with `extra`
+/// settings (later ones win).
+fn cluster_node(nats: &str, id: &str, shards: usize, extra: &[(&str, &str)]) -> Server {
+    let mut env = vec![
+        ("RINGCAST_BROKER", "nats"),
+        ("RINGCAST_NATS_URL", nats),
+        ("RINGCAST_NODE_ID", id),
+        ("RINGCAST_NATS_HEARTBEAT_MS", "200"),
+        ("RINGCAST_NATS_NODE_TIMEOUT_MS", "3000"),
+    ];
+    env.extend_from_slice(extra);
+    Server::start_with(shards, &env)
+}
+
+/// A resilient subscriber's thread: what it started above, what it got, its recovered flags.
+type Subscriber = std::thread::JoinHandle<(u64, Vec<u64>, Vec<bool>)>;
+
+/// Each subscriber got every accepted event of its topic after the offset it started above,
+/// once, in order, and every (re)subscription said `recovered: true`.
+fn assert_every_event_once(
+    subs: Vec<(String, Subscriber)>,
+    accepted: &std::collections::HashMap<String, Vec<u64>>,
+    label: &str,
+) {
+    for (topic, h) in subs {
+        let (start, got, recovered) = h.join().unwrap();
+        let want: Vec<u64> = accepted[&topic]
+            .iter()
+            .copied()
+            .filter(|o| *o > start)
+            .collect();
+        assert_eq!(
+            got, want,
+            "{label}{topic}: every event after {start}, once, in order"
+        );
+        assert!(recovered.iter().all(|r| *r), "{label}{recovered:?}");
+    }
 }
 
 /// Waits until `f` holds (checked every 50 ms), or fails naming `what`.
@@ -527,7 +562,7 @@ fn resilient_subscriber(
     topic: String,
     until: std::sync::Arc<std::sync::atomic::AtomicBool>,
     epoch_and_start: std::sync::mpsc::Sender<()>,
-) -> std::thread::JoinHandle<(u64, Vec<u64>, Vec<bool>)> {
+) -> Subscriber {
     let (tx, _) = std::sync::mpsc::channel();
     resilient_subscriber_via(nodes, customer, topic, until, epoch_and_start, tx)
 }
@@ -541,7 +576,7 @@ fn resilient_subscriber_via(
     until: std::sync::Arc<std::sync::atomic::AtomicBool>,
     epoch_and_start: std::sync::mpsc::Sender<()>,
     broken: std::sync::mpsc::Sender<(String, Instant, String)>,
-) -> std::thread::JoinHandle<(u64, Vec<u64>, Vec<bool>)> {
+) -> Subscriber {
     std::thread::spawn(move || {
         let token = room_token(&customer);
         let mut start = None;
@@ -692,19 +727,7 @@ fn when_a_node_is_killed_its_subscribers_get_every_event_once_in_order_on_the_ot
         // Give the movers time to reconnect and catch up, then stop them.
         std::thread::sleep(Duration::from_secs(3));
         stop.store(true, std::sync::atomic::Ordering::SeqCst);
-        for (topic, h) in subs {
-            let (start, got, recovered) = h.join().unwrap();
-            let want: Vec<u64> = accepted[&topic]
-                .iter()
-                .copied()
-                .filter(|o| *o > start)
-                .collect();
-            assert_eq!(
-                got, want,
-                "seed {seed}, {topic}: every event after {start}, once, in order"
-            );
-            assert!(recovered.iter().all(|r| *r), "seed {seed}: {recovered:?}");
-        }
+        assert_every_event_once(subs, &accepted, &format!("seed {seed}, "));
     }
 }
 
@@ -841,14 +864,11 @@ impl Drop for Balancer {
 }
 
 fn drain_node(nats: &str, id: &str) -> Server {
-    Server::start_with(
+    cluster_node(
+        nats,
+        id,
         2,
         &[
-            ("RINGCAST_BROKER", "nats"),
-            ("RINGCAST_NATS_URL", nats),
-            ("RINGCAST_NODE_ID", id),
-            ("RINGCAST_NATS_HEARTBEAT_MS", "200"),
-            ("RINGCAST_NATS_NODE_TIMEOUT_MS", "3000"),
             // HAProxy takes a node out after 2 failed checks 2 s apart (deploy/haproxy).
             ("RINGCAST_SERVER_DRAIN_GRACE_SECS", "5"),
             ("RINGCAST_SERVER_DRAIN_SPREAD_SECS", "2"),
@@ -914,19 +934,7 @@ fn a_node_drained_behind_haproxy_loses_no_event_and_its_clients_move_gradually()
     publish_for(10, &mut accepted);
     std::thread::sleep(Duration::from_secs(2));
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    for (topic, h) in subs {
-        let (start, got, recovered) = h.join().unwrap();
-        let want: Vec<u64> = accepted[&topic]
-            .iter()
-            .copied()
-            .filter(|o| *o > start)
-            .collect();
-        assert_eq!(
-            got, want,
-            "{topic}: every event after {start}, once, in order"
-        );
-        assert!(recovered.iter().all(|r| *r), "{recovered:?}");
-    }
+    assert_every_event_once(subs, &accepted, "");
     drop(broken_tx);
     let closes: Vec<(String, Instant, String)> = broken_rx.try_iter().collect();
     assert_eq!(
@@ -1167,15 +1175,11 @@ fn kinds(events: &[serde_json::Value]) -> Vec<String> {
 fn a_customers_stored_events_follow_it_to_any_node_and_acks_hold_everywhere() {
     let nats = Nats::start();
     let env = |id| {
-        Server::start_with(
+        cluster_node(
+            &nats.url(),
+            id,
             2,
-            &[
-                ("RINGCAST_BROKER", "nats"),
-                ("RINGCAST_NATS_URL", &nats.url()),
-                ("RINGCAST_NODE_ID", id),
-                ("RINGCAST_NATS_HEARTBEAT_MS", "200"),
-                ("RINGCAST_DELIVERY_OFFLINE_QUEUE", "4"),
-            ],
+            &[("RINGCAST_DELIVERY_OFFLINE_QUEUE", "4")],
         )
     };
     let (a, b, c) = (env("node-a"), env("node-b"), env("node-c"));
@@ -1371,15 +1375,11 @@ fn a_node_authenticates_to_nats_with_the_configured_token() {
 fn the_per_customer_connection_limit_counts_every_node() {
     let nats = Nats::start();
     let node = |id: &str| {
-        Server::start_with(
+        cluster_node(
+            &nats.url(),
+            id,
             1,
-            &[
-                ("RINGCAST_BROKER", "nats"),
-                ("RINGCAST_NATS_URL", &nats.url()),
-                ("RINGCAST_NODE_ID", id),
-                ("RINGCAST_NATS_HEARTBEAT_MS", "200"),
-                ("RINGCAST_LIMITS_CONNECTIONS_PER_CUSTOMER", "2"),
-            ],
+            &[("RINGCAST_LIMITS_CONNECTIONS_PER_CUSTOMER", "2")],
         )
     };
     let (a, b) = (node("node-a"), node("node-b"));
@@ -1412,13 +1412,11 @@ fn a_presence_topic_lists_members_of_every_node_and_a_killed_nodes_members_leave
         "[[namespaces]]\nprefix = \"room:\"\npresence = true\n",
     );
     let node = |id: &str| {
-        Server::start_with(
+        cluster_node(
+            &nats.url(),
+            id,
             2,
             &[
-                ("RINGCAST_BROKER", "nats"),
-                ("RINGCAST_NATS_URL", &nats.url()),
-                ("RINGCAST_NODE_ID", id),
-                ("RINGCAST_NATS_HEARTBEAT_MS", "200"),
                 ("RINGCAST_NATS_NODE_TIMEOUT_MS", "1500"),
                 ("RINGCAST_CONFIG", file.path()),
                 ("RINGCAST_PRESENCE_COALESCE_MS", "50"),

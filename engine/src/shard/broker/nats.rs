@@ -238,7 +238,7 @@ impl Nats {
         });
         for node in nodes {
             self.bus.send(BusCmd::Core {
-                subject: format!("{}.n.{node}", self.bus.prefix),
+                subject: self.bus.inbox(&node),
                 body: body.clone(),
             });
         }
@@ -660,7 +660,7 @@ impl Nats {
         };
         let (reply, rx) = tokio::sync::oneshot::channel();
         self.bus.send(BusCmd::Request {
-            subject: format!("{}.n.{node}", self.bus.prefix),
+            subject: self.bus.inbox(&node),
             body: encode_node(&NodeMsg::Direct {
                 to: to.to_owned(),
                 topics,
