@@ -11,6 +11,8 @@
 //! - [`client`]: the client JSON protocol (`{type, payload, requestId}`), parsed with simd-json.
 //! - [`event`]: events and their one-time JSON encoding; [`api`]: the backend API bodies.
 //! - [`json`]: the nesting bound every untrusted JSON document passes first.
+//! - [`lifecycle`]: one connection's life (heartbeats, idle timeout, close with a deadline),
+//!   the same for WebSocket and SSE.
 //! - [`auth`]: JWT verification with a pinned algorithm, and topic permission globs.
 //! - [`bus`]: rkyv-encoded messages between shards.
 //! - [`fuzz`]: one entry point per parser of untrusted bytes, for fuzzers and corpus replay.
@@ -30,6 +32,7 @@ pub mod event;
 pub mod fuzz;
 pub mod http1;
 pub mod json;
+pub mod lifecycle;
 pub mod placement;
 pub mod prefs;
 pub mod proxy;

@@ -40,7 +40,7 @@ impl Link {
     /// writability or talks again soon after its last message.
     pub(in crate::conn) fn settle(&mut self, shard: &Shard, key: ConnKey, c: &mut Conn) {
         let park_after = shard.shared.config.server.park_after_secs as u32;
-        let quiet = shard.clock.get().saturating_sub(c.last_rx);
+        let quiet = c.life.silent(shard.clock.get());
         match self {
             Link::Parked { ready, .. } => {
                 *ready |= std::mem::take(&mut c.readable);
@@ -55,8 +55,7 @@ impl Link {
                 if park_after > 0
                     && quiet >= park_after
                     && !c.write_blocked
-                    && !c.closing
-                    && c.close_request.is_none() =>
+                    && c.life.is_open() =>
             {
                 self.park(shard, key, c);
             }

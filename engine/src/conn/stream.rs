@@ -18,6 +18,7 @@ use proto::{
     client::{self, TopicPosition},
     event::{push_json_str, validate_topic},
     http1::{json_error, Head, Method, Response},
+    lifecycle::{Lifecycle, Transport},
     placement::owner_shard,
     sse,
     ws::close,
@@ -176,7 +177,7 @@ pub async fn sse(
         shard.clock.get(),
         shard.shared.config.limits.max_backlog,
     );
-    conn.sse = true;
+    conn.life = Lifecycle::new(Transport::Sse, shard.clock.get());
     conn.platform = shard
         .presence
         .borrow_mut()
@@ -267,25 +268,24 @@ async fn drive(shard: &Shard, key: ConnKey, link: &mut Link) {
             if !c.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
                 c.waker = Some(cx.waker().clone());
             }
-            if c.dead {
+            if c.life.is_closed() {
                 return Poll::Ready(());
             }
-            if let (Some(code), false) = (c.close_request, c.closing) {
+            if let Some(code) = c.life.close_requested() {
                 // SSE has no close frame: stop adding, let what is queued go out (bounded
                 // by the close deadline), then close the socket.
-                c.closing = true;
+                c.life.begin_close(shard.clock.get(), code);
                 if code == close::SLOW_CONSUMER {
                     let n = c.drop_unsent();
                     shard.metrics().drops.fetch_add(n as u64, Relaxed);
                 }
-                c.close_deadline = shard.clock.get() + 2;
                 shard.schedule(key, c, shard.clock.get() + 1);
             }
             link.settle(shard, key, c);
             if c.write_blocked && !write_blocked(shard, c, link, cx) {
                 return Poll::Ready(());
             }
-            if c.closing && c.out.is_empty() {
+            if c.life.is_closing() && c.out.is_empty() {
                 return Poll::Ready(());
             }
         }

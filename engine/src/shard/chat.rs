@@ -145,7 +145,11 @@ impl Shard {
                 if &*c.customer == except {
                     continue;
                 }
-                let frame = if c.sse { &payload.sse } else { &payload.ws };
+                let frame = if c.life.is_sse() {
+                    &payload.sse
+                } else {
+                    &payload.ws
+                };
                 if self.enqueue(&mut conns, key, frame, None) {
                     self.metrics().ephemeral_out.fetch_add(1, Relaxed);
                 }
@@ -233,7 +237,7 @@ impl Shard {
             let registry = self.registry.borrow();
             for (from, frame) in &out {
                 for &key in registry.of_customer(from) {
-                    if conns.get(key).is_some_and(|c| !c.sse) {
+                    if conns.get(key).is_some_and(|c| !c.life.is_sse()) {
                         self.enqueue(&mut conns, key, frame, None);
                     }
                 }

@@ -12,6 +12,7 @@ use std::{
 };
 
 use bytes::Bytes;
+use proto::lifecycle::{Lifecycle, Transport};
 
 use crate::{
     io::{Sink, Socket, MAX_IOV},
@@ -39,8 +40,9 @@ pub struct Conn {
     pub fd: RawFd,
     /// The customer (empty for the diagnostic echo).
     pub customer: Rc<str>,
-    /// An SSE stream (records, comment pings, no close frames) rather than a WebSocket.
-    pub sse: bool,
+    /// Open, closing or closed; heartbeats and the idle timeout (`proto::lifecycle`), and
+    /// whether this is an SSE stream (records, comment pings, no close frames).
+    pub life: Lifecycle,
     /// Event-type prefixes accepted on the customer's own stream; empty = all.
     pub filters: Box<[Box<str>]>,
     /// Frames waiting to be written.
@@ -54,12 +56,6 @@ pub struct Conn {
     pub sent: u32,
     /// The connection task's waker.
     pub waker: Option<Waker>,
-    /// Set when the shard wants the task to close the connection with this code.
-    pub close_request: Option<u16>,
-    /// A close frame is queued; nothing else may follow it.
-    pub closing: bool,
-    /// The socket failed or the close deadline passed: the task must drop it now.
-    pub dead: bool,
     /// The socket buffer is full; the task waits for writability.
     pub write_blocked: bool,
     /// Queued in the shard's dirty list for the next flush round.
@@ -69,8 +65,6 @@ pub struct Conn {
     /// Cluster mode: reading the customer's stored events from the queue stream at connect;
     /// customer events meanwhile are stored, not queued (the replay brings them in order).
     pub resuming: bool,
-    /// Shard clock (seconds) of the last frame from the client.
-    pub last_rx: u32,
     /// Shard clock of this connection's pending timer-wheel check (`u32::MAX`: none).
     pub wheel_at: u32,
     /// Client requests this connection may still send (`limits.client_messages_per_minute`).
@@ -81,8 +75,6 @@ pub struct Conn {
     pub parked: bool,
     /// The parking thread reported the parked socket readable.
     pub readable: bool,
-    /// Shard clock when the close handshake must be over.
-    pub close_deadline: u32,
 }
 
 /// Whether event-type prefix `filters` let an event of type `kind` through (none: everything).
@@ -130,39 +122,34 @@ impl Conn {
         Conn {
             fd,
             customer,
-            sse: false,
+            life: Lifecycle::new(Transport::WebSocket, now),
             filters: Box::default(),
             out: VecDeque::new(),
             out_bytes: 0,
             max_backlog: u32::try_from(max_backlog).unwrap_or(u32::MAX),
             sent: 0,
             waker: None,
-            close_request: None,
-            closing: false,
-            dead: false,
             write_blocked: false,
             dirty: false,
             holding: false,
             resuming: false,
-            last_rx: now,
             wheel_at: u32::MAX,
             // Full: the first take caps it at the configured size.
             bucket: crate::limits::MessageBucket::full(u32::MAX, 0),
             platform: 0,
             parked: false,
             readable: false,
-            close_deadline: u32::MAX,
         }
     }
 
     /// Queues a handle to a shared frame: a reference-count increment, never a copy of the
     /// payload. Enforces the backlog limit.
     pub fn queue(&mut self, frame: &Bytes, published: Option<Instant>) -> Queued {
-        if self.closing || self.close_request.is_some() || self.dead {
+        if !self.life.is_open() {
             return Queued::Closing;
         }
         if self.out_bytes as usize + frame.len() > self.max_backlog as usize {
-            self.close_request = Some(proto::ws::close::SLOW_CONSUMER);
+            self.life.close(proto::ws::close::SLOW_CONSUMER);
             return Queued::OverBacklog;
         }
         self.out.push_back(OutFrame {
@@ -179,7 +166,7 @@ impl Conn {
     /// that sends pings and never reads cannot grow the queue. Nothing is queued after our
     /// close frame. Pongs count against the backlog like any frame.
     pub fn queue_pong(&mut self, frame: &Bytes) -> Queued {
-        if self.closing || self.dead {
+        if !self.life.may_send_control() {
             return Queued::Closing;
         }
         let unsent = self.out.len() - usize::from(self.sent > 0);
@@ -197,8 +184,7 @@ impl Conn {
             return Queued::Yes;
         }
         if self.out_bytes as usize + frame.len() > self.max_backlog as usize {
-            self.close_request
-                .get_or_insert(proto::ws::close::SLOW_CONSUMER);
+            self.life.close(proto::ws::close::SLOW_CONSUMER);
             return Queued::OverBacklog;
         }
         self.out.push_back(OutFrame {
@@ -322,7 +308,7 @@ mod tests {
         assert_eq!(c.queue(&frame, None), Queued::Yes);
         assert_eq!(c.queue(&frame, None), Queued::Yes);
         assert_eq!(c.queue(&frame, None), Queued::OverBacklog);
-        assert_eq!(c.close_request, Some(4008));
+        assert_eq!(c.life.close_requested(), Some(4008));
         assert_eq!(c.queue(&frame, None), Queued::Closing);
         assert_eq!((c.out.len(), c.out_bytes), (2, 2000));
     }
@@ -352,7 +338,7 @@ mod tests {
         c.queue(&Bytes::from(vec![0u8; 10]), Some(Instant::now()));
         c.queue_pong(&pong(2));
         assert_eq!(c.out.len(), MAX_PENDING_PONGS + 2);
-        c.closing = true;
+        c.life.begin_close(0, proto::ws::close::NORMAL);
         assert_eq!(c.queue_pong(&pong(4)), Queued::Closing);
         assert_eq!(
             c.out.len(),

@@ -252,7 +252,7 @@ impl Shard {
     /// Registers a connection of `customer` with `roles`; returns its key.
     pub fn register(&self, conn: Conn, roles: &[String]) -> ConnKey {
         let customer = conn.customer.clone();
-        let sse = conn.sse;
+        let sse = conn.life.is_sse();
         let server = &self.shared.config.server;
         let first_check = match server.park_after_secs {
             0 => server.heartbeat_secs,
@@ -285,7 +285,7 @@ impl Shard {
         if conn.parked {
             self.metrics().parked.fetch_sub(1, Relaxed);
         }
-        if conn.sse {
+        if conn.life.is_sse() {
             self.metrics().sse_connections.fetch_sub(1, Relaxed);
         }
         let held = self
@@ -339,10 +339,10 @@ impl Shard {
         let queued = if may_hold && c.holding {
             let mut held = self.held.borrow_mut();
             let h = held.entry(key).or_default();
-            if c.closing || c.close_request.is_some() || c.dead {
+            if !c.life.is_open() {
                 Queued::Closing
             } else if c.out_bytes as usize + h.bytes + frame.len() > c.max_backlog as usize {
-                c.close_request = Some(proto::ws::close::SLOW_CONSUMER);
+                c.life.close(proto::ws::close::SLOW_CONSUMER);
                 Queued::OverBacklog
             } else {
                 h.bytes += frame.len();
@@ -478,7 +478,7 @@ impl Shard {
                 c.wake();
             }
             Flush::Failed => {
-                c.dead = true;
+                c.life.kill();
                 c.wake();
             }
         }
@@ -800,7 +800,7 @@ impl Shard {
                 glommio::timer::sleep(wait).await;
             }
             if let Some(c) = self.conns.borrow_mut().get_mut(key) {
-                c.close_request.get_or_insert(proto::ws::close::GOING_AWAY);
+                c.life.close(proto::ws::close::GOING_AWAY);
                 c.wake();
             }
         }

@@ -266,7 +266,7 @@ impl Shard {
                 .conns
                 .borrow()
                 .get(key)
-                .is_none_or(|c| c.dead || c.close_request.is_some());
+                .is_none_or(|c| !c.life.is_open());
             let mut all = true;
             for (answer, rx) in answers.iter_mut().zip(&mut pending) {
                 if answer.is_none() {
@@ -323,7 +323,7 @@ impl Shard {
         };
         let alive = {
             let mut conns = self.conns.borrow_mut();
-            let alive = !full && conns.get(w.key).is_some_and(|c| !c.dead);
+            let alive = !full && conns.get(w.key).is_some_and(|c| !c.life.is_closed());
             if alive {
                 for json in replay {
                     // Ahead of live frames held while the connection joins.
@@ -521,9 +521,8 @@ impl Shard {
         for id in customers {
             for &key in registry.of_customer(id) {
                 if let Some(c) = conns.get_mut(key) {
-                    if c.close_request.is_none() && !c.closing {
-                        c.close_request = Some(code);
-                        counts.connection(c.sse);
+                    if c.life.close(code) {
+                        counts.connection(c.life.is_sse());
                         c.wake();
                     }
                 }
@@ -596,7 +595,7 @@ impl Shard {
                     if check_prefs && prefs.get(&*c.customer).is_some_and(|p| !p.wants(&job.kind)) {
                         continue;
                     }
-                    let sse = c.sse;
+                    let sse = c.life.is_sse();
                     let frame = if sse {
                         &job.payload.sse
                     } else {

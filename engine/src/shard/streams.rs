@@ -517,7 +517,8 @@ impl Shard {
             let ws = server_frame(OpCode::Text, &json);
             let any_sse = {
                 let conns = self.conns.borrow();
-                keys.iter().any(|k| conns.get(*k).is_some_and(|c| c.sse))
+                keys.iter()
+                    .any(|k| conns.get(*k).is_some_and(|c| c.life.is_sse()))
             };
             let sse = if any_sse || event.persistent {
                 Bytes::from(event.to_sse(Some(&cur)))
@@ -528,7 +529,7 @@ impl Shard {
             {
                 let mut conns = self.conns.borrow_mut();
                 for key in keys {
-                    let is_sse = conns.get(key).is_some_and(|c| c.sse);
+                    let is_sse = conns.get(key).is_some_and(|c| c.life.is_sse());
                     let frame = if is_sse { &sse } else { &ws };
                     if self.enqueue(&mut conns, key, frame, published) {
                         handed = true;
@@ -614,7 +615,7 @@ impl Shard {
             };
         };
         let found = self.stored_after(customer, since, &c.filters, |s| {
-            if c.sse {
+            if c.life.is_sse() {
                 s.sse.clone()
             } else {
                 server_frame(OpCode::Text, &s.json)
@@ -665,7 +666,7 @@ impl Shard {
             .log_after(customer, offset)
             .filter(|s| accepts(&c.filters, &s.kind))
             .map(|s| {
-                if c.sse {
+                if c.life.is_sse() {
                     s.sse.clone()
                 } else {
                     server_frame(OpCode::Text, &s.json)

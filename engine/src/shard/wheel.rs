@@ -3,6 +3,7 @@
 //! a BTree and each `TimerActionOnce` spawns a task, which idle connections cannot afford).
 
 use bytes::Bytes;
+use proto::lifecycle::{Timeout, Timers};
 
 use super::{conn_state::Conn, slab::ConnKey, Shard};
 
@@ -62,9 +63,12 @@ impl Shard {
     /// Runs the checks due at second `now`.
     pub(super) fn run_timers(&self, now: u32) {
         let entries = self.wheel.borrow_mut().take(now);
-        let hb = self.shared.config.server.heartbeat_secs as u32;
-        let idle = self.shared.config.server.idle_timeout_secs as u32;
-        let park = self.shared.config.server.park_after_secs as u32;
+        let server = &self.shared.config.server;
+        let timers = Timers {
+            heartbeat: server.heartbeat_secs as u32,
+            idle: server.idle_timeout_secs as u32,
+        };
+        let park = server.park_after_secs as u32;
         let ping = Bytes::from_static(&PING);
         let sse_ping = Bytes::from_static(SSE_PING);
         {
@@ -82,50 +86,39 @@ impl Shard {
                     continue; // replaced by an earlier check
                 }
                 c.wheel_at = u32::MAX;
-                if c.closing || c.close_request.is_some() {
-                    if now >= c.close_deadline {
-                        c.dead = true;
+                let silent = c.life.silent(now);
+                let next = match c.life.handle_timeout(now, timers) {
+                    Timeout::Closed => continue,
+                    Timeout::Expired => {
                         c.wake();
-                    } else {
-                        wheel.schedule(key, c, c.close_deadline.min(now + 2));
+                        continue;
                     }
-                    continue;
-                }
-                let silent = now.saturating_sub(c.last_rx);
-                let parked = c.parked;
-                if park > 0 && !parked && silent >= park {
-                    // Its task parks the socket (`conn::link`) when it runs.
-                    c.wake();
-                }
-                if c.sse {
-                    // An SSE client never speaks: no idle timeout; a failed write ends it.
-                    let next = if parked || park == 0 || silent >= park {
-                        now + hb
-                    } else {
-                        now + hb.min(park - silent)
-                    };
-                    wheel.schedule(key, c, next);
-                    self.enqueue(&mut conns, key, &sse_ping, None);
-                    continue;
-                }
-                if silent >= idle {
-                    c.close_request = Some(proto::ws::close::GOING_AWAY);
-                    c.wake();
-                    wheel.schedule(key, c, now + 1);
-                    continue;
-                }
-                let mut next = if silent >= hb {
-                    now + hb.min(idle - silent)
-                } else {
-                    now + (hb - silent).min(idle - silent)
+                    Timeout::Idle { next } => {
+                        c.wake();
+                        wheel.schedule(key, c, next);
+                        continue;
+                    }
+                    Timeout::Heartbeat { next } => {
+                        let frame = if c.life.is_sse() { &sse_ping } else { &ping };
+                        self.enqueue(&mut conns, key, frame, None);
+                        next
+                    }
+                    Timeout::Wait { next } => next,
                 };
-                if park > 0 && !parked && silent < park {
-                    next = next.min(now + (park - silent));
-                }
+                // Parking (`conn::link`) is this engine's, not the connection's: a socket
+                // quiet for `park` seconds is parked by its task, woken here to do it.
+                let Some(c) = conns.get_mut(key) else {
+                    continue;
+                };
+                let next = if !c.life.is_open() || park == 0 || c.parked {
+                    next
+                } else if silent >= park {
+                    c.wake();
+                    next
+                } else {
+                    next.min(now + (park - silent))
+                };
                 wheel.schedule(key, c, next);
-                if silent >= hb {
-                    self.enqueue(&mut conns, key, &ping, None);
-                }
             }
         }
         self.wheel.borrow_mut().give_back(now, entries);

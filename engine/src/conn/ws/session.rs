@@ -149,17 +149,17 @@ impl Session {
             if !c.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
                 c.waker = Some(cx.waker().clone());
             }
-            if c.dead {
+            if c.life.is_closed() {
                 return Poll::Ready(Wake::Gone);
             }
-            if let (Some(code), false) = (c.close_request, c.closing) {
+            if let Some(code) = c.life.close_requested() {
                 return Poll::Ready(Wake::Close(code));
             }
             link.settle(shard, self.key, c);
             if c.write_blocked && !write_blocked(shard, c, link, cx) {
                 return Poll::Ready(Wake::Gone);
             }
-            if c.closing && self.peer_closed && c.out.is_empty() {
+            if c.life.is_closing() && self.peer_closed && c.out.is_empty() {
                 return Poll::Ready(Wake::Gone);
             }
         }
@@ -200,7 +200,7 @@ impl Session {
     /// Decodes the bytes just read (`Some(n)`: in the scratch buffer) or pending bytes (`None`).
     pub(super) fn decode(&mut self, shard: &Shard, read: Option<usize>) -> Vec<Action> {
         if let Some(c) = shard.conns.borrow_mut().get_mut(self.key) {
-            c.last_rx = shard.clock.get();
+            c.life.handle_input(shard.clock.get());
         }
         let mut scratch = shard.scratch.borrow_mut();
         let from_scratch = match read {
@@ -321,7 +321,7 @@ impl Session {
                         .conns
                         .borrow_mut()
                         .get_mut(self.key)
-                        .is_some_and(|c| c.closing);
+                        .is_some_and(|c| c.life.is_closing());
                     self.peer_closed = true;
                     if closing {
                         return false; // our close was answered
@@ -361,7 +361,7 @@ impl Session {
             let Some(c) = conns.get_mut(self.key) else {
                 return false;
             };
-            if c.closing || c.close_request.is_some() {
+            if !c.life.is_open() {
                 return false;
             }
             per_minute == 0 || cost == 0.0 || c.bucket.take_cost(per_minute, now_ms, cost)
@@ -389,16 +389,13 @@ impl Session {
             let Some(c) = conns.get_mut(self.key) else {
                 return;
             };
-            if c.closing {
+            if c.life.begin_close(shard.clock.get(), code).is_none() {
                 return;
             }
             if code == close::SLOW_CONSUMER {
                 let n = c.drop_unsent();
                 shard.metrics().drops.fetch_add(n as u64, Relaxed);
             }
-            c.closing = true;
-            c.close_request.get_or_insert(code);
-            c.close_deadline = shard.clock.get() + 2;
             shard.schedule(self.key, c, shard.clock.get() + 1);
         }
         let hint;
@@ -450,7 +447,7 @@ pub(in crate::conn) fn write_blocked(
     let Some(stream) = link.stream() else {
         // `Link::settle` brings a blocked socket back to glommio first; without a stream
         // there is nothing to wait on.
-        c.dead = true;
+        c.life.kill();
         return false;
     };
     let m = shard.metrics();
@@ -485,7 +482,7 @@ pub(in crate::conn) fn write_blocked(
     };
     m.bytes_out.fetch_add(written.bytes, Relaxed);
     if !ok {
-        c.dead = true;
+        c.life.kill();
     }
     ok
 }
