@@ -3,6 +3,7 @@
 //! API (`api`).
 
 mod api;
+mod driver;
 mod link;
 mod stream;
 mod ws;

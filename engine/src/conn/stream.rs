@@ -21,13 +21,13 @@ use proto::{
     lifecycle::{Lifecycle, Transport},
     placement::owner_shard,
     sse,
-    ws::close,
 };
 
 use super::{
+    driver::{self, Step},
     link::Link,
     respond,
-    ws::{auth_failure, authenticate, write_blocked, Grants},
+    ws::{auth_failure, authenticate, Grants},
 };
 use crate::shard::{conn_state::Conn, slab::ConnKey, streams::Poller, Joined, Shard};
 
@@ -260,34 +260,15 @@ pub async fn sse(
 /// it to close (drain, slow consumer, disconnect) and what was queued is out.
 async fn drive(shard: &Shard, key: ConnKey, link: &mut Link) {
     poll_fn(|cx| loop {
-        {
-            let mut conns = shard.conns.borrow_mut();
-            let Some(c) = conns.get_mut(key) else {
-                return Poll::Ready(());
-            };
-            if !c.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                c.waker = Some(cx.waker().clone());
-            }
-            if c.life.is_closed() {
-                return Poll::Ready(());
-            }
-            if let Some(code) = c.life.close_requested() {
+        match driver::before_read(shard, key, link, cx, true) {
+            Step::Gone => return Poll::Ready(()),
+            Step::Close(code) => {
                 // SSE has no close frame: stop adding, let what is queued go out (bounded
                 // by the close deadline), then close the socket.
-                c.life.begin_close(shard.clock.get(), code);
-                if code == close::SLOW_CONSUMER {
-                    let n = c.drop_unsent();
-                    shard.metrics().drops.fetch_add(n as u64, Relaxed);
-                }
-                shard.schedule(key, c, shard.clock.get() + 1);
+                driver::begin_close(shard, key, code);
+                continue;
             }
-            link.settle(shard, key, c);
-            if c.write_blocked && !write_blocked(shard, c, link, cx) {
-                return Poll::Ready(());
-            }
-            if c.life.is_closing() && c.out.is_empty() {
-                return Poll::Ready(());
-            }
+            Step::Read => {}
         }
         let mut scratch = shard.scratch.borrow_mut();
         match link.poll_read(shard, key, cx, &mut scratch[..]) {

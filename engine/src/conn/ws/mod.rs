@@ -28,8 +28,8 @@ use crate::{
     metrics::AUTH_REASONS,
     shard::{conn_state::Conn, Shard},
 };
+pub(super) use session::Grants;
 use session::Session;
-pub(super) use session::{write_blocked, Grants};
 
 /// Which WebSocket endpoint.
 #[derive(Clone, Copy, PartialEq, Eq)]

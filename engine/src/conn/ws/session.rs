@@ -2,12 +2,8 @@
 //! `proto`, act, and write when the socket buffer was full; the close handshake.
 
 use proto::error::Code;
-use std::{
-    future::poll_fn, pin::Pin, rc::Rc, sync::atomic::Ordering::Relaxed, task::Poll, time::Instant,
-};
+use std::{future::poll_fn, rc::Rc, sync::atomic::Ordering::Relaxed, task::Poll};
 
-use bytes::Bytes;
-use futures_lite::AsyncWrite;
 use proto::{
     auth::Claims,
     client::{self, ClientError, ClientMessage},
@@ -15,12 +11,11 @@ use proto::{
 };
 
 use super::Kind;
-use crate::conn::link::Link;
-use crate::shard::{
-    conn_state::{Conn, Flush, Written},
-    slab::ConnKey,
-    Shard,
+use crate::conn::{
+    driver::{self, Step},
+    link::Link,
 };
+use crate::shard::{slab::ConnKey, Shard};
 
 /// What one read asks the task to do.
 pub(super) enum Action {
@@ -141,27 +136,10 @@ impl Session {
         link: &mut Link,
         cx: &mut std::task::Context<'_>,
     ) -> Poll<Wake> {
-        {
-            let mut conns = shard.conns.borrow_mut();
-            let Some(c) = conns.get_mut(self.key) else {
-                return Poll::Ready(Wake::Gone);
-            };
-            if !c.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                c.waker = Some(cx.waker().clone());
-            }
-            if c.life.is_closed() {
-                return Poll::Ready(Wake::Gone);
-            }
-            if let Some(code) = c.life.close_requested() {
-                return Poll::Ready(Wake::Close(code));
-            }
-            link.settle(shard, self.key, c);
-            if c.write_blocked && !write_blocked(shard, c, link, cx) {
-                return Poll::Ready(Wake::Gone);
-            }
-            if c.life.is_closing() && self.peer_closed && c.out.is_empty() {
-                return Poll::Ready(Wake::Gone);
-            }
+        match driver::before_read(shard, self.key, link, cx, self.peer_closed) {
+            Step::Gone => return Poll::Ready(Wake::Gone),
+            Step::Close(code) => return Poll::Ready(Wake::Close(code)),
+            Step::Read => {}
         }
         if self.discard {
             return self.poll_discard(shard, link, cx);
@@ -384,19 +362,8 @@ impl Session {
 
     /// Queues a close frame; the connection ends when the peer answers, fails, or after 2 s.
     fn start_close(&mut self, shard: &Shard, code: u16, reason: &str) {
-        {
-            let mut conns = shard.conns.borrow_mut();
-            let Some(c) = conns.get_mut(self.key) else {
-                return;
-            };
-            if c.life.begin_close(shard.clock.get(), code).is_none() {
-                return;
-            }
-            if code == close::SLOW_CONSUMER {
-                let n = c.drop_unsent();
-                shard.metrics().drops.fetch_add(n as u64, Relaxed);
-            }
-            shard.schedule(self.key, c, shard.clock.get() + 1);
+        if !driver::begin_close(shard, self.key, code) {
+            return;
         }
         let hint;
         let reason = match code {
@@ -434,57 +401,6 @@ pub(super) fn session_limits(shard: &Shard, kind: Kind) -> WsLimits {
             shard.shared.config.limits.max_message
         },
     }
-}
-
-/// Drives a connection whose socket buffer was full: waits for writability through glommio,
-/// then resumes vectored flushing. Returns false if the socket failed.
-pub(in crate::conn) fn write_blocked(
-    shard: &Shard,
-    c: &mut Conn,
-    link: &mut Link,
-    cx: &mut std::task::Context<'_>,
-) -> bool {
-    let Some(stream) = link.stream() else {
-        // `Link::settle` brings a blocked socket back to glommio first; without a stream
-        // there is nothing to wait on.
-        c.life.kill();
-        return false;
-    };
-    let m = shard.metrics();
-    let mut hists = shard.hists.borrow_mut();
-    let mut written = Written {
-        bytes: 0,
-        latency: &m.latency,
-        hdr: Some(&mut hists.publish_to_write),
-    };
-    let ok = loop {
-        let Some(front) = c.out.front() else {
-            c.write_blocked = false;
-            break true;
-        };
-        let chunk: Bytes = front.bytes.slice(c.sent as usize..);
-        match Pin::new(&mut *stream).poll_write(cx, &chunk) {
-            Poll::Ready(Ok(n)) => {
-                written.bytes += n as u64;
-                c.advance(n, Instant::now(), &mut written);
-                match c.flush(&mut written) {
-                    Flush::Done => {
-                        c.write_blocked = false;
-                        break true;
-                    }
-                    Flush::Blocked => continue,
-                    Flush::Failed => break false,
-                }
-            }
-            Poll::Ready(Err(_)) => break false,
-            Poll::Pending => break true,
-        }
-    };
-    m.bytes_out.fetch_add(written.bytes, Relaxed);
-    if !ok {
-        c.life.kill();
-    }
-    ok
 }
 
 /// A reconnect delay in [100, 1100) ms, different for each call (the hint in a drain's close
