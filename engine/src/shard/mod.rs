@@ -9,6 +9,7 @@ pub mod broker;
 pub mod chat;
 pub mod conn_state;
 mod countdown;
+mod fanout;
 mod gather;
 mod local_topics;
 mod mesh;
@@ -32,7 +33,6 @@ mod wheel;
 
 use std::{
     cell::{Cell, RefCell},
-    collections::VecDeque,
     net::SocketAddr,
     rc::Rc,
     sync::{
@@ -52,6 +52,7 @@ use proto::auth::{KeyConfig, Verifier};
 
 use crate::{config::Config, metrics::ShardMetrics};
 use conn_state::{Conn, Flush, OutFrame, Queued, Written};
+use fanout::FanoutQueue;
 pub use mesh::Envelope;
 use mesh::Mesh;
 use notify::Notify;
@@ -170,7 +171,7 @@ pub struct Shard {
     next_req: Cell<u64>,
     next_conn: Cell<u64>,
     /// Deliveries in arrival order (keeps per-topic order), run by the fan-out task.
-    deliveries: RefCell<VecDeque<Job>>,
+    fanout: RefCell<FanoutQueue<Job>>,
     deliver_notify: Notify,
     /// Heartbeats, idle and close timeouts.
     wheel: RefCell<Wheel>,
@@ -691,7 +692,9 @@ pub fn start(config: Config) -> anyhow::Result<Server> {
                     dedupe: RefCell::default(),
                     next_req: Cell::new(0),
                     next_conn: Cell::new(0),
-                    deliveries: RefCell::default(),
+                    fanout: RefCell::new(FanoutQueue::new(Duration::from_micros(
+                        shared.config.server.flush_window_us,
+                    ))),
                     deliver_notify: Notify::default(),
                     wheel: RefCell::new(Wheel::default()),
                     clock: Cell::new(0),

@@ -434,26 +434,21 @@ impl Shard {
     }
 
     pub(super) fn queue_job(&self, job: Job) {
-        self.deliveries.borrow_mut().push_back(job);
+        self.fanout.borrow_mut().push(job);
         self.deliver_notify.notify();
     }
 
     /// Runs jobs in arrival order, then flushes every touched connection once.
     pub(super) async fn fanout_task(self: Rc<Self>) {
-        // Shortest time between two flush rounds of a busy shard (`server.flush_window_us`).
-        let window = std::time::Duration::from_micros(self.shared.config.server.flush_window_us);
-        let mut last_flush = Instant::now();
         loop {
             self.deliver_notify.wait().await;
-            // Busy (the last flush was moments ago): let deliveries gather for the rest of
-            // the interval, so several publishes' frames leave in one write per socket. A
-            // quiet shard flushes at once.
-            let since = last_flush.elapsed();
-            if since < window {
-                glommio::timer::sleep(window - since).await;
+            // Busy: let deliveries gather (see `FanoutQueue::gather_for`).
+            let gather = self.fanout.borrow().gather_for(Instant::now());
+            if let Some(wait) = gather {
+                glommio::timer::sleep(wait).await;
             }
             loop {
-                let Some(job) = self.deliveries.borrow_mut().pop_front() else {
+                let Some(job) = self.fanout.borrow_mut().pop() else {
                     break;
                 };
                 match job {
@@ -509,7 +504,7 @@ impl Shard {
                 }
             }
             self.flush_dirty();
-            last_flush = Instant::now();
+            self.fanout.borrow_mut().flushed(Instant::now());
         }
     }
 

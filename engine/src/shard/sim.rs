@@ -18,6 +18,8 @@
 
 use std::collections::{HashMap, VecDeque};
 
+use super::fanout::FanoutQueue;
+
 use proto::event::{Event, Priority};
 
 use super::{
@@ -98,7 +100,8 @@ struct SimShard {
     owner: TopicOwner,
     local: LocalTopics<()>,
     reports: HashMap<u64, (Countdown, u64)>,
-    jobs: VecDeque<Job>,
+    /// The engine's fan-out queue (the flush window plays no part here).
+    jobs: FanoutQueue<Job>,
 }
 
 #[derive(Default)]
@@ -166,7 +169,7 @@ impl Sim {
                 owner: TopicOwner::new("e1".into(), move |_| History { keep, age: 1 << 40 }),
                 local: LocalTopics::default(),
                 reports: HashMap::new(),
-                jobs: VecDeque::new(),
+                jobs: FanoutQueue::new(std::time::Duration::ZERO),
             })
             .collect();
         Sim {
@@ -388,7 +391,7 @@ impl Sim {
                 offset,
                 recovered,
                 replay,
-            } => self.shards[at].jobs.push_back(Job::Subscribed {
+            } => self.shards[at].jobs.push(Job::Subscribed {
                 req,
                 offset,
                 recovered,
@@ -399,7 +402,7 @@ impl Sim {
                 offset,
                 origin,
                 req,
-            } => self.shards[at].jobs.push_back(Job::Deliver {
+            } => self.shards[at].jobs.push(Job::Deliver {
                 topic,
                 offset,
                 origin,
@@ -414,7 +417,7 @@ impl Sim {
     }
 
     fn run_job(&mut self, at: usize) {
-        let Some(job) = self.shards[at].jobs.pop_front() else {
+        let Some(job) = self.shards[at].jobs.pop() else {
             return;
         };
         match job {
