@@ -15,6 +15,7 @@ mod local_topics;
 mod mesh;
 pub mod notify;
 pub mod park;
+pub mod prefs;
 pub mod presence;
 mod registry;
 mod route;
@@ -190,7 +191,7 @@ pub struct Shard {
     /// Presence topics with a diff to send, and when.
     presence_due: RefCell<Vec<(Rc<str>, Instant)>>,
     /// Delivery preferences of customers owned here (`update_preferences`).
-    pub preferences: RefCell<AHashMap<Rc<str>, proto::prefs::Preferences>>,
+    pub preferences: RefCell<prefs::PrefStore>,
     /// Presence queries awaiting their owner's answer.
     queries: RefCell<gather::Gather<Vec<u8>>>,
     /// Last typing indicator per (connection, topic): state and shard milliseconds.

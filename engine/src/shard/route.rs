@@ -587,7 +587,7 @@ impl Shard {
                     if filter && (c.customer.is_empty() || !c.accepts(&job.kind)) {
                         continue;
                     }
-                    if check_prefs && prefs.get(&*c.customer).is_some_and(|p| !p.wants(&job.kind)) {
+                    if check_prefs && !prefs.wants(&c.customer, &job.kind) {
                         continue;
                     }
                     let sse = c.life.is_sse();

@@ -427,10 +427,7 @@ impl Shard {
     /// Whether `customer`'s stored preferences let events of type `kind` through (on its
     /// owner, where they are stored).
     pub(super) fn wants(&self, customer: &str, kind: &str) -> bool {
-        self.preferences
-            .borrow()
-            .get(customer)
-            .is_none_or(|p| p.wants(kind))
+        self.preferences.borrow().wants(customer, kind)
     }
 
     /// On the owner: delivers an event to customers' own streams (live connections, parked

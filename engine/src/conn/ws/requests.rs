@@ -306,8 +306,7 @@ impl Session {
             Request::UpdatePreferences(update) => {
                 let reply = {
                     let mut all = shard.preferences.borrow_mut();
-                    let p = all.entry(self.grants.customer.clone()).or_default();
-                    p.merge(update);
+                    let p = all.update(&self.grants.customer, update);
                     client::Reply::PreferencesUpdated(p).encode(rid, &now_rfc3339())
                 };
                 self.reply(shard, &reply);
