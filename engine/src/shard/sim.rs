@@ -5,8 +5,10 @@
 //! seeded generator, with a manual clock. No sockets, no executor: a failing seed replays
 //! exactly (`RINGCAST_SIM_SEED=<seed> cargo test -p ringcast --lib sim`).
 //!
-//! It drives the engine's own role structs ([`TopicOwner`], [`LocalTopics`], [`Countdown`]);
-//! the glue between them (which message a handler sends) mirrors `route.rs`.
+//! It drives the engine's own role structs ([`TopicOwner`], [`LocalTopics`], [`Countdown`],
+//! the fan-out queue) and the owner's own publish decisions ([`TopicOwner::plan_publish`], what
+//! `Broker::on_publish` carries out); the rest of the glue (which message a handler sends)
+//! mirrors `route.rs`.
 //!
 //! Invariants checked for every seed:
 //! - every subscriber sees a topic's offsets with no gap and no duplicate: the replay, then the
@@ -25,8 +27,9 @@ use proto::event::{Event, Priority};
 use super::{
     countdown::Countdown,
     local_topics::LocalTopics,
+    route::ReportTo,
     slab::ConnKey,
-    topic_owner::{History, Published, Since, TopicOwner},
+    topic_owner::{History, Since, TopicOwner},
 };
 
 /// splitmix64: small, fast, and the same on every machine.
@@ -331,28 +334,36 @@ impl Sim {
     fn handle(&mut self, at: usize, msg: Msg) {
         match msg {
             Msg::PublishTopic { topic, origin, req } => {
-                let published = self.shards[at].owner.publish(topic, &event(), self.now, 60);
-                let Published::Event {
-                    payload,
-                    interested,
-                    ..
-                } = published
-                else {
-                    panic!("generated ids are never duplicates")
+                // The engine's own decision (`Broker::on_publish` carries out the same plan).
+                let to = ReportTo {
+                    origin,
+                    req,
+                    deliveries: true,
                 };
-                let head = if payload.ws[1] < 126 { 2 } else { 4 };
-                let offset = offset_in(&payload.ws[head..]);
+                let plan = self.shards[at]
+                    .owner
+                    .plan_publish(topic, &event(), self.now, 60, to);
+                let (Some(report), Some(deliver)) = (plan.report, plan.deliver) else {
+                    panic!("generated ids are never duplicates, and every publish waits")
+                };
+                let head = if deliver.payload.ws[1] < 126 { 2 } else { 4 };
+                let offset = offset_in(&deliver.payload.ws[head..]);
+                assert_eq!(
+                    report.offset,
+                    Some(offset),
+                    "the report names the event's offset"
+                );
                 self.offsets.insert(req, (topic, offset));
-                self.report(at, origin, req, 0, Some(interested.len() as u32));
-                for s in interested {
+                self.report(at, report.origin, req, 0, Some(report.forwarded));
+                for s in deliver.shards {
                     self.send(
                         at,
                         s,
                         Msg::Deliver {
                             topic,
                             offset,
-                            origin,
-                            req,
+                            origin: report.origin,
+                            req: deliver.req,
                         },
                     );
                 }

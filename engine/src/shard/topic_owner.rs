@@ -12,7 +12,7 @@ use proto::{
 };
 
 use super::{
-    route::Payload,
+    route::{Payload, ReportTo},
     streams::{Dedupe, Scope},
     Frame,
 };
@@ -39,6 +39,42 @@ pub enum Published {
         /// The offset the event got.
         offset: u64,
     },
+}
+
+/// What a topic's owner sends for one publish ([`TopicOwner::plan_publish`]). The broker
+/// carries it out over the mesh; the simulation over its simulated one, so both run the same
+/// decisions.
+pub struct PublishPlan {
+    /// A repeated publisher-chosen id: nothing else happened.
+    pub duplicate: bool,
+    /// The report to the origin, when it waits.
+    pub report: Option<OwnerReport>,
+    /// The event to send the interested shards (none for a duplicate).
+    pub deliver: Option<OwnerDeliver>,
+}
+
+/// The owner's report of a publish to the shard that took it.
+#[derive(Debug, PartialEq, Eq)]
+pub struct OwnerReport {
+    /// The shard that took the publish.
+    pub origin: usize,
+    /// Its request id.
+    pub req: u64,
+    /// How many shards' reports follow this one (the origin's countdown): the interested
+    /// shards when the origin waits for deliveries, else none.
+    pub forwarded: u32,
+    /// The offset the event got (none for a duplicate).
+    pub offset: Option<u64>,
+}
+
+/// The event as the interested shards get it.
+pub struct OwnerDeliver {
+    /// Encoded once, for every shard and transport.
+    pub payload: Payload,
+    /// Shards with subscribers.
+    pub shards: Vec<usize>,
+    /// The request id the deliveries report under (0: nobody waits for them).
+    pub req: u64,
 }
 
 /// The owner's answer to a subscription.
@@ -189,6 +225,54 @@ impl TopicOwner {
             payload,
             interested,
             offset,
+        }
+    }
+
+    /// [`TopicOwner::publish`], and what to send for it: a report to the origin when it
+    /// waits (its countdown expects the interested shards' reports only when it waits for
+    /// deliveries), and the event to each interested shard.
+    pub fn plan_publish(
+        &mut self,
+        topic: &str,
+        event: &Event,
+        now: u64,
+        dedupe_window: u64,
+        to: ReportTo,
+    ) -> PublishPlan {
+        let waits = to.req != 0;
+        match self.publish(topic, event, now, dedupe_window) {
+            Published::Duplicate => PublishPlan {
+                duplicate: true,
+                report: waits.then_some(OwnerReport {
+                    origin: to.origin,
+                    req: to.req,
+                    forwarded: 0,
+                    offset: None,
+                }),
+                deliver: None,
+            },
+            Published::Event {
+                payload,
+                interested,
+                offset,
+            } => PublishPlan {
+                duplicate: false,
+                report: waits.then_some(OwnerReport {
+                    origin: to.origin,
+                    req: to.req,
+                    forwarded: if to.deliveries {
+                        interested.len() as u32
+                    } else {
+                        0
+                    },
+                    offset: Some(offset),
+                }),
+                deliver: Some(OwnerDeliver {
+                    payload,
+                    shards: interested,
+                    req: if to.deliveries { to.req } else { 0 },
+                }),
+            },
         }
     }
 
@@ -386,6 +470,41 @@ mod tests {
         assert_eq!(publish(&mut o, "t", 100), (2, vec![1, 3]));
         o.interest("t", 1, false, None, 0, 100);
         assert_eq!(publish(&mut o, "t", 100), (3, vec![3]));
+    }
+
+    #[test]
+    fn the_publish_plan_reports_and_forwards_as_the_origin_waits() {
+        let mut o = owner();
+        o.interest("t", 1, true, None, 0, 100);
+        o.interest("t", 2, true, None, 0, 100);
+        let to = |req, deliveries| ReportTo {
+            origin: 0,
+            req,
+            deliveries,
+        };
+        // Waiting for deliveries: the countdown expects both shards, which report under req.
+        let p = o.plan_publish("t", &event("a", true), 100, 60, to(7, true));
+        let report = |forwarded, offset| OwnerReport {
+            origin: 0,
+            req: 7,
+            forwarded,
+            offset,
+        };
+        assert!(!p.duplicate);
+        assert_eq!(p.report, Some(report(2, Some(1))));
+        let d = p.deliver.unwrap();
+        assert_eq!((d.shards, d.req), (vec![1, 2], 7));
+        // Answered on acceptance: the owner's report is the last; deliveries report to nobody.
+        let p = o.plan_publish("t", &event("b", false), 100, 60, to(7, false));
+        assert_eq!(p.report, Some(report(0, Some(2))));
+        assert_eq!(p.deliver.unwrap().req, 0);
+        // Nobody waits: no report at all.
+        let p = o.plan_publish("t", &event("c", false), 100, 60, to(0, false));
+        assert!(p.report.is_none() && p.deliver.is_some());
+        // A repeated id: a report (when one waits) that ends the count, nothing delivered.
+        let p = o.plan_publish("t", &event("a", true), 100, 60, to(7, true));
+        assert!(p.duplicate && p.deliver.is_none());
+        assert_eq!(p.report, Some(report(0, None)));
     }
 
     #[test]

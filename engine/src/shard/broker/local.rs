@@ -28,7 +28,7 @@ use crate::shard::{
     mesh::LocalMsg,
     route::{answer, Interest, Outcome, ReportTo},
     streams::unix_now,
-    topic_owner::{History, Published, Since, TopicOwner},
+    topic_owner::{History, Since, TopicOwner},
     Payload, Shard, Shared,
 };
 
@@ -281,61 +281,41 @@ impl Local {
         to: ReportTo,
         published: Option<Instant>,
     ) {
-        let ReportTo {
-            origin,
-            req,
-            deliveries,
-        } = to;
         let window = shard.shared.config.delivery.dedupe_window_secs;
-        let result = self
+        let origin = to.origin as u32;
+        let plan = self
             .owner
             .borrow_mut()
-            .publish(topic, event, unix_now(), window);
+            .plan_publish(topic, event, unix_now(), window, to);
         self.gauges(shard);
-        let (payload, shards, offset) = match result {
-            Published::Duplicate => {
-                shard.metrics().duplicates.fetch_add(1, Relaxed);
-                if req != 0 {
-                    let counts = Counts {
-                        duplicates: 1,
-                        ..Counts::default()
-                    };
-                    shard.report(origin, req, counts, Some(0));
-                }
-                return;
-            }
-            Published::Event {
-                payload,
-                interested,
-                offset,
-            } => (payload, interested, offset),
-        };
-        if req != 0 {
-            // Waiting for deliveries: the origin now also expects the forwarded shards'.
-            let forwarded = if deliveries { shards.len() as u32 } else { 0 };
-            let offset = TopicOffset {
+        if plan.duplicate {
+            shard.metrics().duplicates.fetch_add(1, Relaxed);
+        }
+        if let Some(r) = plan.report {
+            let counts = Counts {
+                duplicates: u64::from(plan.duplicate),
+                ..Counts::default()
+            };
+            let offset = r.offset.map(|offset| TopicOffset {
                 topic: topic.to_owned(),
                 offset,
-            };
-            shard.report_offset(
-                origin,
-                req,
-                Counts::default(),
-                Some(forwarded),
-                Some(offset),
-            );
+            });
+            shard.report_offset(r.origin, r.req, counts, Some(r.forwarded), offset);
         }
-        for to in shards {
+        let Some(d) = plan.deliver else {
+            return;
+        };
+        for to in d.shards {
             let msg = ShardMsg::Deliver {
                 target: Target::Topic(topic.to_owned()),
                 kind: event.kind.clone(),
                 id: event.id.clone(),
                 // Deduplicated here, once for the topic.
                 idempotent: false,
-                origin: origin as u32,
-                req: if deliveries { req } else { 0 },
+                origin,
+                req: d.req,
             };
-            shard.send_msg(to, &msg, Some(payload.clone()), published);
+            shard.send_msg(to, &msg, Some(d.payload.clone()), published);
         }
     }
 
