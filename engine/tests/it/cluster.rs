@@ -1529,3 +1529,213 @@ fn a_node_restarted_under_the_same_id_learns_the_others_presence() {
         presence_of(&again, "bob") == "online"
     });
 }
+
+/// Three nats-servers clustered on loopback (routes between all, JetStream on each), each
+/// with its own store; the JetStream meta group has a leader when this returns.
+fn nats_cluster() -> Vec<Nats> {
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let all_routes = routes
+        .iter()
+        .map(|p| format!("nats://127.0.0.1:{p}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let servers: Vec<Nats> = (0..3)
+        .map(|i| {
+            let store = std::env::temp_dir().join(format!(
+                "ringcast-js-c{i}-{}-{}",
+                std::process::id(),
+                ports[i]
+            ));
+            let _ = std::fs::remove_dir_all(&store);
+            let name = format!("n{i}");
+            let cluster = format!("nats://127.0.0.1:{}", routes[i]);
+            Nats::start_with(
+                ports[i],
+                store,
+                &[
+                    "--server_name",
+                    &name,
+                    "--cluster_name",
+                    "rc",
+                    "--cluster",
+                    &cluster,
+                    "--routes",
+                    &all_routes,
+                ],
+            )
+        })
+        .collect();
+    eventually(30, "JetStream clustered and healthy on all three", || {
+        servers.iter().all(|s| s.healthz() == 200)
+    });
+    servers
+}
+
+impl Nats {
+    /// A monitoring endpoint's whole answer (status line, headers, body), or "" if closed.
+    fn monitoring(&self, path: &str) -> String {
+        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.monitor)) else {
+            return String::new();
+        };
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut s, &mut text);
+        text
+    }
+
+    /// The monitoring endpoint's `/healthz` status (200 once JetStream is current).
+    fn healthz(&self) -> u16 {
+        self.monitoring("/healthz")
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+#[test]
+#[ignore = "needs nats-server: bash .ci/cluster.sh"]
+fn a_nats_server_killed_in_a_three_server_cluster_loses_no_event_and_a_retry_stores_none_twice() {
+    // Streams replicated on all three servers; each node knows every server, listed from a
+    // different one first.
+    let mut nats = nats_cluster();
+    let urls: Vec<String> = nats.iter().map(Nats::url).collect();
+    let node = |id: &str, first: usize| {
+        let list = (0..3)
+            .map(|i| urls[(first + i) % 3].clone())
+            .collect::<Vec<_>>()
+            .join(",");
+        cluster_node(&list, id, 2, &[("RINGCAST_NATS_REPLICAS", "3")])
+    };
+    let a = node("node-a", 0);
+    let b = node("node-b", 1);
+    eventually(30, "both nodes ready", || {
+        a.http("GET", "/readyz", &[], "").0 == 200 && b.http("GET", "/readyz", &[], "").0 == 200
+    });
+    // Both of ringcast's streams are replicated on the three servers.
+    let jsz = nats[1].monitoring("/jsz?accounts=true&streams=true&config=true");
+    let jsz: serde_json::Value =
+        serde_json::from_str(&jsz[jsz.find("\r\n\r\n").unwrap()..]).unwrap();
+    let replicas: Vec<(String, u64)> = jsz["account_details"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|a| a["stream_detail"].as_array().cloned().unwrap_or_default())
+        .map(|s| {
+            let config = &s["config"];
+            (
+                config["name"].as_str().unwrap().to_owned(),
+                config["num_replicas"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(replicas.len(), 2, "{replicas:?}");
+    assert!(replicas.iter().all(|(_, n)| *n == 3), "{replicas:?}");
+    let topics = ["room:r0", "room:r1"];
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut subs = Vec::new();
+    for (i, topic) in topics.iter().enumerate() {
+        for (j, first) in [a.addr, b.addr].into_iter().enumerate() {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let other = if j == 0 { b.addr } else { a.addr };
+            let h = resilient_subscriber(
+                vec![first, other],
+                format!("r{i}{j}"),
+                topic.to_string(),
+                stop.clone(),
+                tx,
+            );
+            rx.recv_timeout(Duration::from_secs(10))
+                .expect("subscribed");
+            subs.push((topic.to_string(), h));
+        }
+    }
+    // Persistent events with publisher-chosen ids through both nodes' APIs; the server node
+    // A lists first is killed part-way. What JetStream could not confirm is refused (503)
+    // and retried with the same id, as docs/protocol.md tells publishers to: a refused
+    // publish may still have been stored, and then its retry is answered as a duplicate.
+    let mut accepted: std::collections::HashMap<&str, Vec<u64>> = Default::default();
+    let mut stored_by_refused: std::collections::HashMap<&str, usize> = Default::default();
+    let mut refused = 0;
+    for i in 0..80u64 {
+        if i == 20 {
+            let _ = nats[0].child.kill(); // SIGKILL
+            let _ = nats[0].child.wait();
+        }
+        let topic = topics[(i % 2) as usize];
+        let via = if i % 3 == 0 { &a } else { &b };
+        let body = serde_json::json!({"topics": [topic], "wait": "accepted",
+            "event": {"id": format!("e{i}"), "type": "t", "persistent": true, "data": {"i": i}}})
+        .to_string();
+        let auth = format!("Bearer {API_KEY}");
+        let mut tries = 0;
+        loop {
+            let (status, text) =
+                via.http("POST", "/v1/publish", &[("Authorization", &auth)], &body);
+            if status == 200 {
+                let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+                match v["offsets"][topic].as_u64() {
+                    Some(offset) => accepted.entry(topic).or_default().push(offset),
+                    None => {
+                        assert_eq!(v["duplicates"], 1, "{text}");
+                        assert!(tries > 0, "a first try is never a duplicate: {text}");
+                        *stored_by_refused.entry(topic).or_default() += 1;
+                    }
+                }
+                break;
+            }
+            assert_eq!(status, 503, "publish {i}: {text}");
+            assert!(text.contains("\"unavailable\""), "{text}");
+            refused += 1;
+            tries += 1;
+            assert!(tries < 100, "publish {i} still refused after 100 tries");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    eprintln!("three-server cluster: {refused} refusals, stored by refused publishes {stored_by_refused:?}");
+    std::thread::sleep(Duration::from_secs(3));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    for (topic, h) in subs {
+        let (start, got, recovered) = h.join().unwrap();
+        let want = &accepted[topic.as_str()];
+        assert!(want.iter().all(|o| *o > start));
+        assert!(
+            got.windows(2).all(|w| w[0] < w[1]),
+            "{topic}: in order, none twice: {got:?}"
+        );
+        assert!(
+            want.iter().all(|o| got.contains(o)),
+            "{topic}: every accepted event: got {got:?}, accepted {want:?}"
+        );
+        let extra = stored_by_refused.get(topic.as_str()).copied().unwrap_or(0);
+        assert_eq!(
+            got.len(),
+            want.len() + extra,
+            "{topic}: beyond the accepted ones, only the refused-but-stored ({extra}); {refused} refusals"
+        );
+        assert!(recovered.iter().all(|r| *r), "{recovered:?}");
+    }
+    // A client that comes now recovers the whole run from the two surviving replicas.
+    let mut first = Client::connect(&b, &room_token("late0"));
+    let confirmed = first.subscribe(&["room:r0"]);
+    let epoch = confirmed["data"]["topics"]["room:r0"]["epoch"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let from = accepted["room:r0"][0] - 1;
+    let mut late = Client::connect(&b, &room_token("late"));
+    let replay = late.subscribe_collect(serde_json::json!({"topics": ["room:r0"],
+        "since": {"room:r0": {"offset": from, "epoch": epoch}}}));
+    let replayed: Vec<u64> = events_of(&replay, "room:r0").iter().map(|e| e.0).collect();
+    assert!(
+        accepted["room:r0"].iter().all(|o| replayed.contains(o)),
+        "replayed {replayed:?}"
+    );
+    assert_eq!(
+        replayed.len(),
+        accepted["room:r0"].len() + stored_by_refused.get("room:r0").copied().unwrap_or(0)
+    );
+}
