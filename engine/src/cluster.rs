@@ -1098,6 +1098,7 @@ async fn fetch(
         let mut fetched = Fetched {
             complete: info.state.first_sequence <= after + 1,
             events: Vec::new(),
+            whole: true,
         };
         let mut prev = after;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
@@ -1119,6 +1120,7 @@ async fn fetch(
                     // Unreadable (another wire version): the replay cannot be whole.
                     refused(state, &e);
                     fetched.complete = false;
+                    fetched.whole = false;
                 }
             }
         }

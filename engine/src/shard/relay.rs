@@ -49,6 +49,10 @@ pub struct Fetched {
     pub complete: bool,
     /// The topic's events after `after`, in order, at most the fetch's `max`.
     pub events: Vec<Live>,
+    /// The read finished and every message in its range was readable: what it did not bring
+    /// back (below its bound) is not in the stream. False when it failed (then `events` is
+    /// empty and says nothing).
+    pub whole: bool,
 }
 
 /// What the shard must do, in order.
@@ -643,6 +647,7 @@ mod tests {
         // A subscription meanwhile waits for the gap.
         assert!(r.interest("t", 1, true, 2, None, 0, 1000).is_empty());
         let fetched = Fetched {
+            whole: true,
             complete: true,
             events: vec![live(13, 12), live(14, 13), live(15, 14), live(16, 15)],
         };
@@ -707,6 +712,7 @@ mod tests {
         );
         assert_eq!(show(&r.live("t", live(21, 20), 1000)), ["F 21->[0, 1]"]);
         let fetched = Fetched {
+            whole: true,
             complete: true,
             events: vec![live(5, 3), live(12, 5), live(14, 12), live(20, 14)],
         };
@@ -730,6 +736,7 @@ mod tests {
         );
         r.live("t", live(13, 12), 1000);
         let fetched = Fetched {
+            whole: true,
             complete: true,
             events: vec![live(9, 4), live(12, 9), live(13, 12)],
         };
@@ -741,6 +748,7 @@ mod tests {
         // Something removed from the stream after `since`: not recovered.
         r.interest("t", 1, true, 3, Some((2, true)), 0, 1000);
         let fetched = Fetched {
+            whole: true,
             complete: false,
             events: vec![live(9, 4)],
         };
@@ -753,6 +761,7 @@ mod tests {
         let mut old = live(9, 2);
         old.stored = 900;
         let fetched = Fetched {
+            whole: true,
             complete: true,
             events: vec![old, live(12, 9)],
         };

@@ -278,6 +278,18 @@ impl Streams {
         }
     }
 
+    /// Cluster mode: drops stored events of `customer` the queue stream no longer has
+    /// (acknowledged on another node, or expired there): not a loss here, the cluster's store
+    /// decided. Returns how many.
+    pub fn forget(&mut self, customer: &str, offsets: &[u64]) -> u64 {
+        let Some(stream) = self.by_customer.get_mut(customer) else {
+            return 0;
+        };
+        let before = stream.log.len();
+        stream.log.retain(|s| !offsets.contains(&s.offset));
+        (before - stream.log.len()) as u64
+    }
+
     /// Acknowledges stored events of `customer` by id, by cursor, or up to a cursor; returns
     /// how many.
     pub fn ack(
@@ -568,6 +580,45 @@ impl Shard {
         counts
     }
 
+    /// Cluster mode, after a read of `customer`'s queue (`read_max` events at most) that
+    /// began when this shard held `held` (its stored offsets after the read's start): what
+    /// the read did not bring back is gone from the cluster's queue (acknowledged on another
+    /// node, or expired) and is dropped here too; then the read's events are stored. Events
+    /// that arrived during the read are not in `held` and stay.
+    pub fn sync_fetched(
+        &self,
+        customer: &str,
+        held: &[u64],
+        fetched: &crate::shard::relay::Fetched,
+        read_max: usize,
+    ) {
+        let events = &fetched.events;
+        // A failed read says nothing; one cut short by its bound, nothing beyond its end.
+        let bound = match events.last() {
+            _ if !fetched.whole => 0,
+            Some(last) if events.len() >= read_max => last.seq,
+            _ => u64::MAX,
+        };
+        let gone: Vec<u64> = held
+            .iter()
+            .copied()
+            .filter(|o| *o <= bound && !events.iter().any(|e| e.seq == *o))
+            .collect();
+        if !gone.is_empty() {
+            self.streams.borrow_mut().forget(customer, &gone);
+        }
+        self.store_fetched(customer, events);
+    }
+
+    /// The offsets of `customer`'s stored events after `after` (see [`Shard::sync_fetched`]).
+    pub fn held_after(&self, customer: &str, after: u64) -> Vec<u64> {
+        self.streams
+            .borrow()
+            .log_after(customer, after)
+            .map(|s| s.offset)
+            .collect()
+    }
+
     /// Cluster mode: keeps events read back from the queue stream (numbered by it) in the
     /// customer's store, beside those already here, so a resume replays them in order.
     pub fn store_fetched(&self, customer: &str, events: &[crate::shard::relay::Live]) {
@@ -733,6 +784,23 @@ mod tests {
             sse: bytes::Bytes::new(),
             expires: u64::MAX,
         }
+    }
+
+    #[test]
+    fn forgetting_what_the_cluster_no_longer_holds_is_not_a_loss() {
+        let mut s = Streams::new("e".into());
+        s.adopt("jq1");
+        for o in [3, 5, 9] {
+            s.store("gus", stored(o), 10, 0);
+        }
+        assert_eq!(s.forget("gus", &[5, 7]), 1);
+        assert_eq!(s.forget("nobody", &[3]), 0);
+        let left: Vec<u64> = s.log_after("gus", 0).map(|e| e.offset).collect();
+        assert_eq!(left, [3, 9]);
+        // A cursor from before still resumes complete: nothing was lost.
+        let after = s.stored_after("gus", Some("jq1-2"), &[], 100, |e: &Stored| e.offset);
+        assert!(after.recovered);
+        assert_eq!(after.items, [3, 9]);
     }
 
     #[test]

@@ -1739,3 +1739,38 @@ fn a_nats_server_killed_in_a_three_server_cluster_loses_no_event_and_a_retry_sto
         accepted["room:r0"].len() + stored_by_refused.get("room:r0").copied().unwrap_or(0)
     );
 }
+
+#[test]
+#[ignore = "needs nats-server: bash .ci/cluster.sh"]
+fn an_ack_on_one_node_holds_for_the_customers_connections_on_another() {
+    let nats = Nats::start();
+    let a = cluster_node(&nats.url(), "node-a", 2, &[]);
+    let b = cluster_node(&nats.url(), "node-b", 2, &[]);
+    // Hal is connected on both nodes.
+    let (mut on_a, _, _, _) = connect_customer(&a, "hal", None);
+    let (mut on_b, _, _, _) = connect_customer(&b, "hal", None);
+    eventually(5, "both nodes see hal", || {
+        presence_of(&a, "hal").contains("online") && presence_of(&b, "hal").contains("online")
+    });
+    for k in ["e1", "e2"] {
+        let out = a.publish(serde_json::json!({"customers": ["hal"], "wait": "accepted",
+            "event": {"type": k, "persistent": true, "data": {}}}));
+        assert_eq!(out["queued"], 1, "{out}");
+    }
+    let e1 = until(&mut on_a, "e1");
+    until(&mut on_a, "e2");
+    until(&mut on_b, "e1");
+    until(&mut on_b, "e2");
+    // Acked on A.
+    on_a.send_json(serde_json::json!({"type": "ack", "requestId": "k",
+        "payload": {"ids": [e1["id"]]}}));
+    let acked = until(&mut on_a, "acked");
+    assert_eq!(acked["data"]["acked"], 1, "{acked}");
+    // A new connection on B, and one on A, without a cursor: only what is not acked.
+    std::thread::sleep(Duration::from_millis(300));
+    let (_again_b, _, _, replay) = connect_customer(&b, "hal", None);
+    assert_eq!(kinds(&replay), ["e2"], "on B after an ack on A");
+    let (_again_a, _, _, replay) = connect_customer(&a, "hal", None);
+    assert_eq!(kinds(&replay), ["e2"], "on A");
+    drop(on_b);
+}

@@ -517,6 +517,7 @@ impl Nats {
         shard.hold(key);
         let (reply, rx) = tokio::sync::oneshot::channel();
         let cap = shard.shared.config.delivery.offline_queue;
+        let held = shard.held_after(customer, after.unwrap_or(0));
         self.bus.send(BusCmd::FetchQueue {
             customer: customer.to_owned(),
             after: after.unwrap_or(0),
@@ -524,7 +525,7 @@ impl Nats {
             reply,
         });
         let fetched = rx.await.unwrap_or_default();
-        shard.store_fetched(customer, &fetched.events);
+        shard.sync_fetched(customer, &held, &fetched, cap);
         let mut resume = shard.resume_customer(key, customer, since);
         // The other nodes learn within ~100 ms (presence) that this one has the customer;
         // an event stored meanwhile is not sent here. The connection stays `resuming` (live
@@ -566,16 +567,18 @@ impl Nats {
         };
         for c in due {
             let (reply, rx) = tokio::sync::oneshot::channel();
+            let max = shard.shared.config.delivery.offline_queue;
+            let held = shard.held_after(&c.customer, c.upto);
             self.bus.send(BusCmd::FetchQueue {
                 customer: c.customer.clone(),
                 after: c.upto,
-                max: shard.shared.config.delivery.offline_queue,
+                max,
                 reply,
             });
             let shard = shard.clone();
             glommio::spawn_local(async move {
                 let fetched = rx.await.unwrap_or_default();
-                shard.store_fetched(&c.customer, &fetched.events);
+                shard.sync_fetched(&c.customer, &held, &fetched, max);
                 let frames = shard.stored_frames_after(c.key, &c.customer, c.upto);
                 if let Some(conn) = shard.conns.borrow_mut().get_mut(c.key) {
                     conn.resuming = false;
@@ -600,14 +603,16 @@ impl Nats {
             .filter(|(e, _)| *e == epoch)
             .map_or(0, |(_, o)| o);
         let (reply, rx) = tokio::sync::oneshot::channel();
+        let max = shard.shared.config.delivery.offline_queue;
+        let held = shard.held_after(customer, after);
         self.bus.send(BusCmd::FetchQueue {
             customer: customer.to_owned(),
             after,
-            max: shard.shared.config.delivery.offline_queue,
+            max,
             reply,
         });
         let fetched = rx.await.unwrap_or_default();
-        shard.store_fetched(customer, &fetched.events);
+        shard.sync_fetched(customer, &held, &fetched, max);
     }
 
     /// Acknowledges stored events here and in the queue stream; resolves to how many were
