@@ -223,6 +223,9 @@ pub enum BusCmd {
         seqs: Vec<u64>,
         /// Everything up to this sequence is acknowledged.
         up_to: Option<u64>,
+        /// Told when the stream has been asked to remove them all (whatever it answered), so
+        /// that an `acked` reply means no other node will read them again.
+        done: Option<oneshot::Sender<()>>,
     },
     /// Subscribe to a topic's live subject for shard `shard` (its owner here), then tell it
     /// the stream's position (`BusIn::Synced`).
@@ -623,7 +626,7 @@ async fn run(
                         let _ = reply.send(fetched);
                     });
                 }
-                BusCmd::AckQueue { customer, seqs, up_to } => {
+                BusCmd::AckQueue { customer, seqs, up_to, done } => {
                     let queue = queue.clone();
                     let subject = format!("{prefix}.q.{}", subject_token(&customer));
                     tokio::spawn(async move {
@@ -636,6 +639,9 @@ async fn run(
                         for seq in seqs {
                             // Already gone (acked twice, expired) is fine.
                             let _ = stream.delete_message(seq).await;
+                        }
+                        if let Some(done) = done {
+                            let _ = done.send(());
                         }
                     });
                 }

@@ -546,6 +546,7 @@ impl Nats {
                 customer: customer.to_owned(),
                 seqs: Vec::new(),
                 up_to: after,
+                done: None,
             });
         }
         resume
@@ -636,11 +637,16 @@ impl Nats {
         let up_to_seq = up_to.and_then(ours);
         let acked = shard.ack(customer, ids, cursors, up_to);
         if !seqs.is_empty() || up_to_seq.is_some() {
+            // Answered once the stream has removed them: a connection that starts on another
+            // node after the client saw `acked` does not get them again.
+            let (done, removed) = tokio::sync::oneshot::channel();
             self.bus.send(BusCmd::AckQueue {
                 customer: customer.to_owned(),
                 seqs,
                 up_to: up_to_seq,
+                done: Some(done),
             });
+            let _ = removed.await;
         }
         acked
     }
