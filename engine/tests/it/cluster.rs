@@ -1766,8 +1766,21 @@ fn an_ack_on_one_node_holds_for_the_customers_connections_on_another() {
         "payload": {"ids": [e1["id"]]}}));
     let acked = until(&mut on_a, "acked");
     assert_eq!(acked["data"]["acked"], 1, "{acked}");
-    // A new connection on B, and one on A, without a cursor: only what is not acked.
-    std::thread::sleep(Duration::from_millis(300));
+    // A long poll on B, a new connection there, and one on A, without a cursor: only what is
+    // not acked.
+    let (status, body) = b.http(
+        "GET",
+        "/v1/events/missed",
+        &[("Authorization", &format!("Bearer {}", sub_token("hal")))],
+        "",
+    );
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        kinds(v["events"].as_array().unwrap()),
+        ["e2"],
+        "a long poll on B: {v}"
+    );
     let (_again_b, _, _, replay) = connect_customer(&b, "hal", None);
     assert_eq!(kinds(&replay), ["e2"], "on B after an ack on A");
     let (_again_a, _, _, replay) = connect_customer(&a, "hal", None);
