@@ -6,16 +6,13 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
+source .ci/lib.sh
 venv="$root/target/ci-venv"
-if [ ! -x "$venv/bin/kosoku" ]; then
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check kosoku==0.1.0 websockets==15.0.1
-fi
+ci_venv "$venv" bin/kosoku kosoku==0.1.0 websockets==15.0.1
 cargo build --release --locked -p ringcast
 out="$root/target/autobahn"
 rm -rf "$out"
 log=$(mktemp)
-source .ci/lib.sh
 CLEANUP="$log"
 RINGCAST_DIAGNOSTICS_ECHO=true start_ringcast "$log" --listen 127.0.0.1:0 --shards 2
 addr=$RINGCAST_ADDR

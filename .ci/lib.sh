@@ -19,3 +19,14 @@ start_ringcast() {
   echo "ringcast did not start" >&2
   return 1
 }
+
+# ci_venv DIR PROBE PACKAGE...: a Python virtualenv in DIR holding PACKAGEs, made once: it is
+# (re)made when DIR/PROBE (an executable the packages install) is missing.
+ci_venv() {
+  local venv=$1 probe=$2
+  shift 2
+  if [ ! -x "$venv/$probe" ]; then
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check "$@"
+  fi
+}
