@@ -515,17 +515,10 @@ impl Nats {
             c.resuming = true;
         }
         shard.hold(key);
-        let (reply, rx) = tokio::sync::oneshot::channel();
-        let cap = shard.shared.config.delivery.offline_queue;
-        let held = shard.held_after(customer, after.unwrap_or(0));
-        self.bus.send(BusCmd::FetchQueue {
-            customer: customer.to_owned(),
-            after: after.unwrap_or(0),
-            max: cap,
-            reply,
-        });
-        let fetched = rx.await.unwrap_or_default();
-        shard.sync_fetched(customer, &held, &fetched, cap);
+        let fetched = self
+            .start_queue_read(shard, customer, after.unwrap_or(0))
+            .finish(shard)
+            .await;
         let mut resume = shard.resume_customer(key, customer, since);
         // The other nodes learn within ~100 ms (presence) that this one has the customer;
         // an event stored meanwhile is not sent here. The connection stays `resuming` (live
@@ -567,19 +560,10 @@ impl Nats {
             due
         };
         for c in due {
-            let (reply, rx) = tokio::sync::oneshot::channel();
-            let max = shard.shared.config.delivery.offline_queue;
-            let held = shard.held_after(&c.customer, c.upto);
-            self.bus.send(BusCmd::FetchQueue {
-                customer: c.customer.clone(),
-                after: c.upto,
-                max,
-                reply,
-            });
+            let read = self.start_queue_read(shard, &c.customer, c.upto);
             let shard = shard.clone();
             glommio::spawn_local(async move {
-                let fetched = rx.await.unwrap_or_default();
-                shard.sync_fetched(&c.customer, &held, &fetched, max);
+                read.finish(&shard).await;
                 let frames = shard.stored_frames_after(c.key, &c.customer, c.upto);
                 if let Some(conn) = shard.conns.borrow_mut().get_mut(c.key) {
                     conn.resuming = false;
@@ -603,17 +587,30 @@ impl Nats {
             .and_then(parse_cursor)
             .filter(|(e, _)| *e == epoch)
             .map_or(0, |(_, o)| o);
-        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.start_queue_read(shard, customer, after)
+            .finish(shard)
+            .await;
+    }
+
+    /// Asks the bus for `customer`'s queued events after `after`, noting first which of them
+    /// this shard holds copies of (the order matters: a copy made after the read was sent may
+    /// be newer than what the read sees, and must not be dropped).
+    fn start_queue_read(&self, shard: &Shard, customer: &str, after: u64) -> QueueRead {
         let max = shard.shared.config.delivery.offline_queue;
         let held = shard.held_after(customer, after);
+        let (reply, rx) = tokio::sync::oneshot::channel();
         self.bus.send(BusCmd::FetchQueue {
             customer: customer.to_owned(),
             after,
             max,
             reply,
         });
-        let fetched = rx.await.unwrap_or_default();
-        shard.sync_fetched(customer, &held, &fetched, max);
+        QueueRead {
+            customer: customer.to_owned(),
+            held,
+            max,
+            rx,
+        }
     }
 
     /// Acknowledges stored events here and in the queue stream; resolves to how many were
@@ -826,5 +823,23 @@ impl Nats {
     ) {
         let shards = self.relay.borrow().interested(topic);
         super::local::pass_ephemeral(shard, shards, topic, except, payload);
+    }
+}
+
+/// A read of a customer's queue stream in flight ([`Nats::start_queue_read`]).
+struct QueueRead {
+    customer: String,
+    held: Vec<u64>,
+    max: usize,
+    rx: tokio::sync::oneshot::Receiver<crate::shard::relay::Fetched>,
+}
+
+impl QueueRead {
+    /// Waits for the events and brings the shard's copies in line with them
+    /// (`Shard::sync_fetched`): a failed read comes back empty and changes nothing.
+    async fn finish(self, shard: &Shard) -> crate::shard::relay::Fetched {
+        let fetched = self.rx.await.unwrap_or_default();
+        shard.sync_fetched(&self.customer, &self.held, &fetched, self.max);
+        fetched
     }
 }
