@@ -1296,6 +1296,21 @@ fn when_a_customers_node_is_killed_it_resumes_elsewhere_with_every_persistent_ev
 }
 
 /// Reads until a message of type `kind`; returns it.
+/// Reads until a `presence_diff` whose `field` (`joined` or `left`) names `customer`.
+fn until_diff(c: &mut Client, field: &str, customer: &str) {
+    loop {
+        let m = c.recv_json();
+        if m["type"] == "presence_diff"
+            && m["data"][field]
+                .as_array()
+                .unwrap()
+                .contains(&serde_json::json!(customer))
+        {
+            return;
+        }
+    }
+}
+
 fn until(c: &mut Client, kind: &str) -> serde_json::Value {
     loop {
         let m = c.recv_json();
@@ -1454,31 +1469,11 @@ fn a_presence_topic_lists_members_of_every_node_and_a_killed_nodes_members_leave
         members(&a) == ["ann", "bob"] && members(&b) == ["ann", "bob"]
     });
     // Bob hears that ann joined (her node's diff crosses to his).
-    loop {
-        let m = bob.recv_json();
-        if m["type"] == "presence_diff"
-            && m["data"]["joined"]
-                .as_array()
-                .unwrap()
-                .contains(&serde_json::json!("ann"))
-        {
-            break;
-        }
-    }
+    until_diff(&mut bob, "joined", "ann");
     let _ = a.child.kill();
     let killed = Instant::now();
     // Within the node timeout (1.5 s) and a tick: bob is told ann left, and B lists him alone.
-    loop {
-        let m = bob.recv_json();
-        if m["type"] == "presence_diff"
-            && m["data"]["left"]
-                .as_array()
-                .unwrap()
-                .contains(&serde_json::json!("ann"))
-        {
-            break;
-        }
-    }
+    until_diff(&mut bob, "left", "ann");
     assert!(
         killed.elapsed() < Duration::from_millis(3000),
         "{:?}",
