@@ -21,6 +21,7 @@ $lg --url "ws://$addr/v1/ws" --threads 1 --out "$out/storm" storm --subscribers 
 $lg --url "ws://$addr/v1/ws" --transport sse --threads 1 --out "$out/sse-fanout" fanout --subscribers 300 --rate 20 --duration 2 --publishers 2 >/dev/null
 $lg --url "ws://$addr/v1/ws" --transport sse --threads 1 --out "$out/sse-unicast" unicast --subscribers 300 --rate 100 --duration 2 --publishers 2 >/dev/null
 $lg --url "ws://$addr/v1/ws" --out "$out/fanout-procs" fanout --procs 2 --subscribers 400 --rate 20 --duration 2 --publishers 2 >/dev/null
+$lg --url "ws://$addr/v1/ws" --out "$out/topics-procs" fanout --procs 2 --topics 20 --subscribers 400 --rate 40 --duration 2 --publishers 2 >/dev/null
 $lg --url "ws://$addr/v1/ws" --out "$out/chat-procs" chat --procs 2 --subscribers 200 --room-size 10 --rate 1 --duration 2 >/dev/null
 $lg --out "$out/merged" report "$out/connect" "$out/fanout" 2>/dev/null
 python3 - "$out" <<'PY'
@@ -48,6 +49,7 @@ checks = {
     "sse fanout: every event reached all 300 SSE subscribers": exact(load("sse-fanout")) and load("sse-fanout")["expected_deliveries"] == 300 * load("sse-fanout")["published"],
     "sse unicast: every event reached its one customer's SSE stream": exact(load("sse-unicast")),
     "fanout --procs 2: children's counts and histograms merged, server agrees": exact(load("fanout-procs")) and load("fanout-procs")["subscribers"]["connected"] == 400 and load("fanout-procs")["expected_deliveries"] == 400 * load("fanout-procs")["published"] and load("fanout-procs")["latency"]["count"] == load("fanout-procs")["received"],
+    "fanout --topics 20 --procs 2: each event reached its topic's 20 subscribers, server agrees": exact(load("topics-procs")) and load("topics-procs")["topics"] == 20 and load("topics-procs")["expected_deliveries"] == 20 * load("topics-procs")["published"] and load("topics-procs")["received"] == load("topics-procs")["expected_deliveries"],
     "chat --procs 2: members in two processes, every message reached its room": exact(load("chat-procs")) and load("chat-procs")["expected_deliveries"] == 10 * load("chat-procs")["published"],
     "storm: all 300 reconnected, no duplicate or reordering": load("storm")["storm"]["reconnected"] == 300 and load("storm")["duplicates"] == 0 and load("storm")["reorders"] == 0,
     "reports written": all(os.path.exists(os.path.join(out, p)) for p in ["fanout/latency.hgrm", "fanout/report.html", "merged/report.html"]),

@@ -76,6 +76,11 @@ struct Traffic {
     /// Topic.
     #[arg(long, default_value = "loadgen")]
     topic: String,
+    /// `fanout` over several topics: subscriber i joins `<topic>:<i mod N>` and event n goes
+    /// to `<topic>:<n mod N>`, so each event reaches subscribers / N (which must divide
+    /// evenly). 1: every subscriber on `<topic>` itself.
+    #[arg(long, default_value_t = 1)]
+    topics: usize,
     /// Events per second (total, open loop).
     #[arg(long, default_value_t = 100.0)]
     rate: f64,
@@ -302,7 +307,15 @@ fn run() -> anyhow::Result<()> {
         | Scenario::Storm { .. }
         | Scenario::Chat { .. }) => {
             let (mode, tr) = match scenario {
-                Scenario::Fanout(tr) => (scenario::fanout::Mode::Topic, tr),
+                Scenario::Fanout(tr) => {
+                    anyhow::ensure!(
+                        tr.topics >= 1 && tr.subscribers % tr.topics == 0,
+                        "--topics must divide --subscribers ({} over {})",
+                        tr.subscribers,
+                        tr.topics
+                    );
+                    (scenario::fanout::Mode::Topic { topics: tr.topics }, tr)
+                }
                 Scenario::Unicast(tr) => (scenario::fanout::Mode::Unicast, tr),
                 Scenario::Storm { traffic, at } => (scenario::fanout::Mode::Storm { at }, traffic),
                 Scenario::Chat { traffic, room_size } => (
@@ -317,6 +330,7 @@ fn run() -> anyhow::Result<()> {
             let Traffic {
                 subscribers,
                 topic,
+                topics: _,
                 rate,
                 size,
                 duration,
@@ -362,6 +376,9 @@ fn run() -> anyhow::Result<()> {
                     ),
                     scenario::fanout::Mode::Storm { at } => {
                         (None, vec!["--at".to_owned(), at.to_string()])
+                    }
+                    scenario::fanout::Mode::Topic { topics } => {
+                        (None, vec!["--topics".to_owned(), topics.to_string()])
                     }
                     _ => (None, Vec::new()),
                 };

@@ -127,6 +127,7 @@ pub fn run(args: Args) -> anyhow::Result<(serde_json::Value, ThreadStats)> {
                             topic: &topic,
                             thread: (t, threads),
                             room_size: None,
+                            topics: 1,
                             first,
                         },
                         keep,

@@ -75,8 +75,13 @@ pub struct Args {
 /// What a traffic run publishes.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Mode {
-    /// `fanout`: HTTP publishes to one topic every subscriber joined.
-    Topic,
+    /// `fanout`: HTTP publishes to topics the subscribers joined: with `topics` = 1 one topic
+    /// every subscriber joined; with N, subscriber i joins topic `i mod N` and event n goes to
+    /// topic `n mod N`.
+    Topic {
+        /// Topics the subscribers are spread over.
+        topics: usize,
+    },
     /// `unicast`: HTTP publishes to one customer each (`{cust}` in the body: `seq % N`).
     Unicast,
     /// `storm`: like `Topic`, and `at` seconds into publishing every subscriber drops its
@@ -98,7 +103,7 @@ pub enum Mode {
 impl Mode {
     pub(crate) fn name(self) -> &'static str {
         match self {
-            Mode::Topic => "fanout",
+            Mode::Topic { .. } => "fanout",
             Mode::Storm { .. } => "storm",
             Mode::Unicast => "unicast",
             Mode::Chat { .. } => "chat",
@@ -169,7 +174,7 @@ pub fn run(mut args: Args) -> anyhow::Result<(serde_json::Value, ThreadStats)> {
     // Subscribers that only read leave glommio after their handshake for a `mio` loop on
     // their thread (see `receive_plain`); chat members send and storm subscribers redial, so
     // they stay tasks.
-    let plain = matches!(args.mode, Mode::Topic | Mode::Unicast);
+    let plain = matches!(args.mode, Mode::Topic { .. } | Mode::Unicast);
     args.target.keep_dup = plain;
     let worker = {
         let (shared, phase, stop, seq) = (shared.clone(), phase.clone(), stop.clone(), seq.clone());
@@ -248,6 +253,10 @@ pub fn run(mut args: Args) -> anyhow::Result<(serde_json::Value, ThreadStats)> {
                                 Mode::Chat { room_size, .. } => Some(room_size),
                                 _ => None,
                             },
+                            topics: match mode {
+                                Mode::Topic { topics } => topics,
+                                _ => 1,
+                            },
                             first,
                         },
                         receive,
@@ -289,6 +298,10 @@ pub fn run(mut args: Args) -> anyhow::Result<(serde_json::Value, ThreadStats)> {
                 offset,
                 publisher: args.publisher.clone(),
                 topic: args.topic.clone(),
+                topics: match args.mode {
+                    Mode::Topic { topics } => topics,
+                    _ => 1,
+                },
                 rate: per_publisher,
                 customers: args.subscribers,
                 size: args.size,
@@ -429,6 +442,7 @@ pub fn run(mut args: Args) -> anyhow::Result<(serde_json::Value, ThreadStats)> {
     let active = args.duration.max(0.001);
     let summary = json!({
                 "scenario": args.mode.name(),
+        "topics": match args.mode { Mode::Topic { topics } => topics, _ => 1 },
         "subscribers": {"requested": args.subscribers, "connected": connected, "errors": shared.connect_errors.load(Relaxed), "closed_by_server": shared.closed.load(Relaxed)},
         "ramp_seconds": (ramp_secs * 100.0f64).round() / 100.0,
         "offered_events_per_second": args.rate,
@@ -521,7 +535,8 @@ fn cpu_ticks(pids: &[u32]) -> Option<u64> {
 /// Receivers per published event.
 fn fanout_of(mode: Mode, connected: u64) -> u64 {
     match mode {
-        Mode::Topic | Mode::Storm { .. } => connected,
+        Mode::Topic { topics } => connected / topics.max(1) as u64,
+        Mode::Storm { .. } => connected,
         Mode::Unicast => 1,
         Mode::Chat { room_size, .. } => room_size as u64,
     }
@@ -879,6 +894,8 @@ struct PublishPlan {
     offset: Duration,
     publisher: Publisher,
     topic: String,
+    /// Event n goes to `<topic>:<n mod topics>` when there are several.
+    topics: usize,
     /// Publishes per second of this publisher.
     rate: f64,
     customers: usize,
@@ -927,9 +944,14 @@ fn publish_loop(
             break;
         }
         let n = seq.fetch_add(1, Relaxed) + 1;
+        let topic = if plan.topics > 1 {
+            format!("{}:{}", plan.topic, n % plan.topics as u64)
+        } else {
+            plan.topic.clone()
+        };
         let body = p
             .body
-            .replace("{topic}", &plan.topic)
+            .replace("{topic}", &topic)
             .replace("{seq}", &n.to_string())
             .replace("{cust}", &(n % plan.customers.max(1) as u64).to_string())
             .replace("{pad}", &pad);

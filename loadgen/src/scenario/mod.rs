@@ -231,6 +231,8 @@ pub struct Ramp<'a> {
     pub thread: (usize, usize),
     /// Rooms of this many members: connection `i` uses topic `<topic>:<i / size>`.
     pub room_size: Option<usize>,
+    /// Topics spread round-robin: with more than one, connection `i` uses `<topic>:<i mod N>`.
+    pub topics: usize,
     /// Index of the first connection (customer `c-<first>`): processes of one run take
     /// disjoint ranges.
     pub first: usize,
@@ -251,6 +253,7 @@ pub async fn ramp(
         topic,
         thread: (t, threads),
         room_size,
+        topics,
         first,
     } = plan;
     let per_thread_rate = (rate / threads as f64).max(1.0);
@@ -270,6 +273,7 @@ pub async fn ramp(
         let stats = stats.clone();
         let topic = match room_size {
             Some(k) => format!("{topic}:{}", i / k.max(1)),
+            None if topics > 1 => format!("{topic}:{}", i % topics),
             None => topic.to_owned(),
         };
         pending.push(
