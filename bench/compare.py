@@ -16,6 +16,9 @@ per run, HTML reports) and a Markdown table printed at the end.
 
 usage: bench/compare.py [--peers ringcast,bun,ws,socketio,nchan] [--conns 15000]
                         [--subscribers 5000] [--steps 100,200,400,800] [--duration 5]
+                        [--topics 1] [--size 100]
+  e.g. 1,000 topics x 15 subscribers: --peers ringcast,bun --subscribers 15000 --topics 1000
+       15,000 subscribers on one topic: --subscribers 15000; 1 KiB events: --size 1024
 """
 import argparse, datetime, json, os, platform, re, shutil, signal, socket, subprocess, sys, tempfile, time
 
@@ -144,6 +147,24 @@ def loadgen(peer, scenario, args, out):
     return json.loads(r.stdout)
 
 
+def traffic(peer, args):
+    """Event size and topics for a fan-out run (Bun's peer takes its topic from the body)."""
+    a = ["--size", str(args.size)]
+    if args.topics > 1:
+        a += ["--topics", str(args.topics)]
+        if peer.name == "bun":
+            a += ["--subscribe-frame", '{"sub":"{topic}"}', "--ready-match", "subscribed"]
+    return a
+
+
+def publish_flags(peer, args):
+    """The peer's publish flags; Bun's body names the topic first when there are several."""
+    p = list(peer.publish)
+    if args.topics > 1 and peer.name == "bun":
+        p[p.index("--publish-body") + 1] = '{topic}\n{"seq":{seq},"ts":{ts},"pad":"{pad}"}'
+    return p
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--peers", default="ringcast,bun,ws,socketio,nchan")
@@ -152,6 +173,9 @@ def main():
     ap.add_argument("--steps", default="100,200,400,800")
     ap.add_argument("--duration", type=float, default=5.0)
     ap.add_argument("--publishers", type=int, default=8)
+    ap.add_argument("--topics", type=int, default=1,
+                    help="fan-out over this many topics (subscribers spread evenly; ringcast and bun only)")
+    ap.add_argument("--size", type=int, default=100, help="bytes of each event's data")
     ap.add_argument("--hold", type=float, default=15.0,
                     help="seconds the connect scenario holds its idle connections before reading the server's RSS "
                          "(ringcast parks sockets quiet for server.park_after_secs = 10; the same hold for every peer)")
@@ -165,6 +189,11 @@ def main():
     out = args.out or os.path.join(ROOT, "docs", "bench", "runs", stamp)
     os.makedirs(out, exist_ok=True)
     peers = args.peers.split(",")
+    if args.topics > 1:
+        skipped = [p for p in peers if p not in ("ringcast", "bun")]
+        if skipped:
+            print(f"--topics {args.topics}: skipping {','.join(skipped)} (one topic only)", file=sys.stderr)
+        peers = [p for p in peers if p in ("ringcast", "bun")]
     steps = [] if args.only_connect else [float(x) for x in args.steps.split(",")]
     results = {}
     for name in peers:
@@ -180,9 +209,9 @@ def main():
         peer = Peer(name).start()
         try:
             for rate in steps:
-                f = loadgen(peer, "fanout", ["--subscribers", str(args.subscribers), "--rate", str(rate), "--size", "100",
+                f = loadgen(peer, "fanout", ["--subscribers", str(args.subscribers), "--rate", str(rate)] + traffic(peer, args) + [
                                              "--duration", str(args.duration), "--publishers", str(args.publishers),
-                                             "--server-pid", ",".join(map(str, peer.pids))] + peer.publish,
+                                             "--server-pid", ",".join(map(str, peer.pids))] + publish_flags(peer, args),
                             os.path.join(out, f"{name}-fanout-{int(rate)}"))
                 res["steps"].append(f)
                 print(f"{name} fanout offered {rate}/s: {f['deliveries_per_second']:.0f} deliveries/s "
@@ -199,9 +228,9 @@ def main():
         for name in peers:
             peer = Peer(name).start()
             try:
-                results[name]["half_bun"] = loadgen(peer, "fanout", ["--subscribers", str(args.subscribers), "--rate", str(half), "--size", "100",
+                results[name]["half_bun"] = loadgen(peer, "fanout", ["--subscribers", str(args.subscribers), "--rate", str(half)] + traffic(peer, args) + [
                                                                      "--duration", str(args.duration), "--publishers", str(args.publishers),
-                                                                     "--server-pid", ",".join(map(str, peer.pids))] + peer.publish,
+                                                                     "--server-pid", ",".join(map(str, peer.pids))] + publish_flags(peer, args),
                                                     os.path.join(out, f"{name}-fanout-half-bun"))
             finally:
                 peer.stop()
@@ -267,7 +296,7 @@ Versions:
 {versions}
 
 Each row: `connect` ramps {args.conns} idle connections at 5,000/s (RSS of the server's processes before and after);
-`fanout` holds {args.subscribers} subscribers and {args.publishers} HTTP publishers (open-loop schedule, staggered, one request in flight each) post 100-byte events at
+`fanout` holds {args.subscribers} subscribers{f' spread evenly over {args.topics} topics (each event goes to one topic)' if args.topics > 1 else ''} and {args.publishers} HTTP publishers (open-loop schedule, staggered, one request in flight each) post {args.size}-byte events at
 stepped rates ({args.steps}/s offered) for {args.duration}s each, stopping after the first step whose p99 passes 100 ms.
 Per-run JSON summaries, .hgrm files and HTML reports are in this directory.
 """
