@@ -206,6 +206,13 @@ async fn handle(shard: &Rc<Shard>, head: &Head, body: Vec<u8>) -> Response {
                 // A cluster node that cannot reach NATS would serve its clients without the
                 // rest of the cluster: the load balancer should send them elsewhere.
                 Response::json(503, r#"{"status":"nats unreachable"}"#)
+            } else if shared.bus.as_ref().is_some_and(|b| {
+                !b.stream_ready.load(std::sync::atomic::Ordering::Relaxed)
+                    || b.queue_epoch.get().is_none()
+            }) {
+                // Until its JetStream streams exist, a node answers persistent publishes with
+                // 503 (`no stream found`): it is not ready for the load balancer's traffic yet.
+                Response::json(503, r#"{"status":"streams not ready"}"#)
             } else {
                 Response::json(200, r#"{"status":"ready"}"#)
             }

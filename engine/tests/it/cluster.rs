@@ -172,7 +172,14 @@ fn cluster_node(nats: &str, id: &str, shards: usize, extra: &[(&str, &str)]) -> 
         ("RINGCAST_NATS_NODE_TIMEOUT_MS", "3000"),
     ];
     env.extend_from_slice(extra);
-    Server::start_with(shards, &env)
+    let node = Server::start_with(shards, &env);
+    // Ready once it reaches NATS and its streams exist (tests of an unreachable NATS go on
+    // after the bound and check `/readyz` themselves).
+    let until = Instant::now() + Duration::from_secs(10);
+    while node.http("GET", "/readyz", &[], "").0 != 200 && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    node
 }
 
 /// A resilient subscriber's thread: what it started above, what it got, its recovered flags.
