@@ -15,21 +15,13 @@ use crate::conn::{
     driver::{self, Step},
     link::Link,
 };
-use crate::shard::{conn_state::MAX_PENDING_PONGS, slab::ConnKey, Shard};
+use crate::shard::{slab::ConnKey, Shard};
 
 /// What one read asks the task to do.
 pub(super) enum Action {
     Request(Result<ClientMessage, ClientError>),
     Echo(OpCode, Vec<u8>),
-    /// A run of pings read back to back: how many, and the payloads to answer. RFC 6455 §5.5.3
-    /// lets an endpoint answer only the latest of pings it has not answered yet, so a run keeps
-    /// at most [`MAX_PENDING_PONGS`] payloads (the last one replaced by each newer ping, as the
-    /// connection's queue does): a 64 KiB read of a ping flood is one small action, not ten
-    /// thousand.
-    Pongs {
-        count: u32,
-        payloads: Vec<Vec<u8>>,
-    },
+    Pong(Vec<u8>),
     PeerClose(Option<u16>),
     Fail(WsError),
     Unsupported(&'static str),
@@ -225,22 +217,7 @@ impl Session {
                         (Message::Binary(_), Kind::Client) => Action::Unsupported(
                             "binary messages are not part of protocol v1; send JSON text",
                         ),
-                        (Message::Ping(p), _) => {
-                            if let Some(Action::Pongs { count, payloads }) = actions.last_mut() {
-                                *count += 1;
-                                if payloads.len() < MAX_PENDING_PONGS {
-                                    payloads.push(p.to_vec());
-                                } else if let Some(last) = payloads.last_mut() {
-                                    last.clear();
-                                    last.extend_from_slice(p);
-                                }
-                                continue;
-                            }
-                            Action::Pongs {
-                                count: 1,
-                                payloads: vec![p.to_vec()],
-                            }
-                        }
+                        (Message::Ping(p), _) => Action::Pong(p.to_vec()),
                         (Message::Pong(_), _) => continue,
                         (Message::Close(c), _) => {
                             actions.push(Action::PeerClose(c.map(|(code, _)| code)));
@@ -308,16 +285,13 @@ impl Session {
                 Action::Echo(op, payload) => {
                     shard.send_now(self.key, &server_frame(op, &payload));
                 }
-                Action::Pongs { count, payloads } => {
-                    // Each ping is charged, answered or not.
+                Action::Pong(p) => {
                     if self.kind == Kind::Client
-                        && !self.within_rate(shard, crate::limits::PING_COST * count as f32)
+                        && !self.within_rate(shard, crate::limits::PING_COST)
                     {
                         return true;
                     }
-                    for p in payloads {
-                        shard.queue_pong(self.key, &server_frame(OpCode::Pong, &p));
-                    }
+                    shard.queue_pong(self.key, &server_frame(OpCode::Pong, &p));
                     pongs = true;
                 }
                 Action::PeerClose(code) => {
