@@ -1,7 +1,10 @@
 //! The engine's only `unsafe` code: thin wrappers over a few system calls glommio does not
 //! offer (vectored non-blocking send, non-blocking receive, fd duplication for handoff and
-//! parking, an epoll set for parked sockets, resource limits).
+//! parking, an epoll set for parked sockets, resource limits), and the process's allocator
+//! ([`alloc`]).
 #![deny(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
+
+pub mod alloc;
 
 use std::{
     io::{self, IoSlice},

@@ -4,12 +4,12 @@
 
 #[cfg(not(feature = "alloc-stats"))]
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: engine::io::alloc::Allocator = engine::io::alloc::Allocator;
 
 #[cfg(feature = "alloc-stats")]
 #[global_allocator]
-static GLOBAL: engine::io::CountingAlloc<mimalloc::MiMalloc> =
-    engine::io::CountingAlloc(mimalloc::MiMalloc);
+static GLOBAL: engine::io::CountingAlloc<engine::io::alloc::Allocator> =
+    engine::io::CountingAlloc(engine::io::alloc::Allocator);
 
 fn main() -> std::process::ExitCode {
     engine::io::tune_allocator();
