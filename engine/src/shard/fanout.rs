@@ -31,6 +31,13 @@ impl<J> FanoutQueue<J> {
         }
     }
 
+    /// Gives back the memory a burst of deliveries grew the queue to.
+    pub fn shrink(&mut self) {
+        if self.jobs.capacity() > 4 * self.jobs.len().max(64) {
+            self.jobs.shrink_to_fit();
+        }
+    }
+
     /// Adds a job behind every job that arrived before it.
     pub fn push(&mut self, job: J) {
         self.jobs.push_back(job);
@@ -98,5 +105,18 @@ mod tests {
         let mut q: FanoutQueue<()> = FanoutQueue::new(Duration::ZERO);
         q.flushed(t0);
         assert_eq!(q.gather_for(t0), None);
+    }
+
+    #[test]
+    fn a_queue_a_burst_grew_gives_its_memory_back_once_drained() {
+        let mut q = FanoutQueue::new(Duration::ZERO);
+        for i in 0..10_000 {
+            q.push(i);
+        }
+        q.shrink();
+        assert!(q.jobs.capacity() >= 10_000, "not while it holds the burst");
+        while q.pop().is_some() {}
+        q.shrink();
+        assert!(q.jobs.capacity() <= 256, "{}", q.jobs.capacity());
     }
 }

@@ -88,6 +88,16 @@ pub struct Mesh {
 }
 
 impl Mesh {
+    /// Gives back the memory a burst grew the local and overflow queues to.
+    pub fn shrink(&self) {
+        for q in self.overflow.iter().chain([&self.local]) {
+            let mut q = q.borrow_mut();
+            if q.capacity() > 4 * q.len().max(64) {
+                q.shrink_to_fit();
+            }
+        }
+    }
+
     /// Joins the mesh (waits for every shard).
     pub async fn join(
         builder: MeshBuilder<Envelope, Full>,

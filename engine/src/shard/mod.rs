@@ -866,7 +866,7 @@ impl Shard {
                 self.broker.sweep(&self, 10_000, shrink);
                 if shrink {
                     self.sweep_streams();
-                    self.shrink_local_topics();
+                    self.shrink_tables();
                 }
             }
         }

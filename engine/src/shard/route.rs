@@ -353,9 +353,14 @@ impl Shard {
         }
     }
 
-    /// Gives back the subscriber table's memory after a burst of made-up names.
-    pub(super) fn shrink_local_topics(&self) {
+    /// Gives back the memory that a burst (of connections, made-up topic names, deliveries)
+    /// grew the shard's tables and queues to: containers keep their capacity when emptied,
+    /// and a grown one also pins the allocator page it sits in.
+    pub(super) fn shrink_tables(&self) {
         self.local.borrow_mut().shrink();
+        self.wheel.borrow_mut().shrink();
+        self.fanout.borrow_mut().shrink();
+        self.mesh.shrink();
     }
 
     fn withdraw_interest(&self, topic: &str) {

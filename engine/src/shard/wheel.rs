@@ -39,6 +39,16 @@ impl Wheel {
         self.slots[at as usize % SLOTS].push((key, at));
     }
 
+    /// Gives back the memory of slots that a burst of connections grew (a slot keeps its
+    /// buffer from one turn to the next).
+    pub fn shrink(&mut self) {
+        for slot in &mut self.slots {
+            if slot.capacity() > 4 * slot.len().max(64) {
+                slot.shrink_to_fit();
+            }
+        }
+    }
+
     fn take(&mut self, now: u32) -> Vec<(ConnKey, u32)> {
         std::mem::take(&mut self.slots[now as usize % SLOTS])
     }
@@ -128,6 +138,26 @@ impl Shard {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_a_burst_grew_give_their_memory_back() {
+        let mut w = Wheel::default();
+        let key = |i: u32| ConnKey::from_bits(u64::from(i));
+        for i in 0..10_000 {
+            w.keep(key(i), 5);
+        }
+        // The slot comes up: its buffer goes back for the next turn, emptied.
+        let due = w.take(5);
+        assert_eq!(due.len(), 10_000);
+        w.give_back(5, due);
+        assert!(w.slots[5].capacity() >= 10_000);
+        w.keep(key(1), 69);
+        w.shrink();
+        assert!(w.slots[5].capacity() <= 256, "{}", w.slots[5].capacity());
+        assert_eq!(w.slots[5], [(key(1), 69)], "what is due stays");
+    }
+
     #[test]
     fn the_static_sse_heartbeat_is_protos_comment() {
         assert_eq!(super::SSE_PING, proto::sse::comment("ping"));
