@@ -263,7 +263,9 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
 /// Returns this thread's free allocator pages to the OS. mimalloc purges lazily, on later
 /// allocations of the same thread, so a shard that goes idle after a burst of connections
-/// would otherwise keep the burst's memory resident. The shard ticker calls this.
+/// would otherwise keep the burst's memory resident. The shard ticker calls this; `force`
+/// also visits full pages, whose blocks other shards may have freed since (frames, handed-off
+/// connections), which a normal collection skips.
 pub fn collect_allocator(force: bool) {
     // SAFETY: mi_collect only walks and releases the calling thread's own heap.
     unsafe { libmimalloc_sys::mi_collect(force) }

@@ -859,14 +859,15 @@ impl Shard {
             while self.clock.get() < now {
                 self.clock.set(self.clock.get() + 1);
                 self.run_timers(self.clock.get());
-                if self.clock.get().is_multiple_of(2) {
-                    crate::io::collect_allocator(false);
-                }
                 let shrink = self.clock.get().is_multiple_of(10);
                 self.broker.sweep(&self, 10_000, shrink);
                 if shrink {
                     self.sweep_streams();
                     self.shrink_tables();
+                }
+                if self.clock.get().is_multiple_of(2) {
+                    // After the sweep, so what it freed goes back too; forced every 10 s.
+                    crate::io::collect_allocator(shrink);
                 }
             }
         }
