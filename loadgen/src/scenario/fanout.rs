@@ -109,6 +109,14 @@ impl Mode {
             Mode::Chat { .. } => "chat",
         }
     }
+
+    /// Topics the subscribers are spread over (1 for every mode but `fanout --topics N`).
+    pub(crate) fn topics(self) -> usize {
+        match self {
+            Mode::Topic { topics } => topics,
+            _ => 1,
+        }
+    }
 }
 
 /// The reconnect storm's shared state.
@@ -253,10 +261,7 @@ pub fn run(mut args: Args) -> anyhow::Result<(serde_json::Value, ThreadStats)> {
                                 Mode::Chat { room_size, .. } => Some(room_size),
                                 _ => None,
                             },
-                            topics: match mode {
-                                Mode::Topic { topics } => topics,
-                                _ => 1,
-                            },
+                            topics: mode.topics(),
                             first,
                         },
                         receive,
@@ -298,10 +303,7 @@ pub fn run(mut args: Args) -> anyhow::Result<(serde_json::Value, ThreadStats)> {
                 offset,
                 publisher: args.publisher.clone(),
                 topic: args.topic.clone(),
-                topics: match args.mode {
-                    Mode::Topic { topics } => topics,
-                    _ => 1,
-                },
+                topics: args.mode.topics(),
                 rate: per_publisher,
                 customers: args.subscribers,
                 size: args.size,
@@ -442,7 +444,7 @@ pub fn run(mut args: Args) -> anyhow::Result<(serde_json::Value, ThreadStats)> {
     let active = args.duration.max(0.001);
     let summary = json!({
                 "scenario": args.mode.name(),
-        "topics": match args.mode { Mode::Topic { topics } => topics, _ => 1 },
+        "topics": args.mode.topics(),
         "subscribers": {"requested": args.subscribers, "connected": connected, "errors": shared.connect_errors.load(Relaxed), "closed_by_server": shared.closed.load(Relaxed)},
         "ramp_seconds": (ramp_secs * 100.0f64).round() / 100.0,
         "offered_events_per_second": args.rate,
