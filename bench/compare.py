@@ -25,7 +25,8 @@ import argparse, datetime, json, os, platform, re, shutil, signal, socket, subpr
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEERS_DIR = os.path.join(ROOT, "target", "peers")
 LOADGEN = os.path.join(ROOT, "target", "release", "ringcast-loadgen")
-RINGCAST = os.path.join(ROOT, "target", "release", "ringcast")
+# COMPARE_RINGCAST: another ringcast binary (an A/B against an older build, same run).
+RINGCAST = os.environ.get("COMPARE_RINGCAST") or os.path.join(ROOT, "target", "release", "ringcast")
 
 
 def sh(cmd, **kw):
