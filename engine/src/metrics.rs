@@ -66,6 +66,8 @@ pub struct ShardMetrics {
     pub polls_waiting: AtomicI64,
     /// Connections whose quiet socket is parked in the shard's epoll set.
     pub parked: AtomicI64,
+    /// Parked connections without a task (their state saved in the slot).
+    pub dormant: AtomicI64,
     /// Persistent events stored for customers with no connection taking them.
     pub events_queued: AtomicU64,
     /// Persistent events dropped unacknowledged: queue full or time to live passed.
@@ -167,7 +169,7 @@ pub fn render_prometheus(
     }
     out.push_str(&lines);
     type Counter = (&'static str, &'static str, fn(&ShardMetrics) -> u64);
-    let counters: [Counter; 33] = [
+    let counters: [Counter; 34] = [
         ("ringcast_sse_connections", "Open SSE streams.", |s| {
             s.sse_connections.load(Relaxed).max(0) as u64
         }),
@@ -220,6 +222,11 @@ pub fn render_prometheus(
             "ringcast_parked_connections",
             "Quiet connections parked in the shards' epoll sets.",
             |s| s.parked.load(Relaxed).max(0) as u64,
+        ),
+        (
+            "ringcast_dormant_connections",
+            "Parked connections without a task, their state saved in the slot.",
+            |s| s.dormant.load(Relaxed).max(0) as u64,
         ),
         (
             "ringcast_events_queued_total",

@@ -43,9 +43,7 @@ pub(in crate::conn) fn before_read(
     let Some(c) = conns.get_mut(key) else {
         return Step::Gone;
     };
-    if !c.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-        c.waker = Some(cx.waker().clone());
-    }
+    c.driver.register(cx.waker());
     if c.life.is_closed() {
         return Step::Gone;
     }

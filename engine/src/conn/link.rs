@@ -91,6 +91,11 @@ impl Link {
         *self = Link::new(adopt_owned(fd));
     }
 
+    /// Whether the socket is in the shard's epoll set.
+    pub(in crate::conn) fn is_parked(&self) -> bool {
+        matches!(self, Link::Parked { .. })
+    }
+
     /// The glommio stream, to wait for writability (`settle` has unparked a blocked socket).
     pub(in crate::conn) fn stream(&mut self) -> Option<&mut TcpStream> {
         match self {

@@ -373,6 +373,33 @@ pub(crate) fn hand_off(
     }
 }
 
+/// What a connection's task held, saved in its slot while the connection is dormant (parked
+/// with nothing to read: see `shard::dormant`).
+pub enum Dormant {
+    /// A WebSocket connection.
+    Ws(ws::WsTask),
+    /// An SSE stream.
+    Sse(stream::SseTask),
+}
+
+impl Dormant {
+    /// The connection's key.
+    pub(crate) fn key(&self) -> crate::shard::slab::ConnKey {
+        match self {
+            Dormant::Ws(t) => t.key(),
+            Dormant::Sse(t) => t.key,
+        }
+    }
+}
+
+/// Gives a dormant connection a task again.
+pub(crate) async fn revive(shard: Rc<Shard>, state: Box<Dormant>) {
+    match *state {
+        Dormant::Ws(t) => ws::revive(shard, t).await,
+        Dormant::Sse(t) => stream::run(shard, t).await,
+    }
+}
+
 /// Resumes a connection handed over by another shard.
 pub async fn resume(shard: Rc<Shard>, h: Handoff) {
     let stream = crate::io::adopt_owned(h.fd);

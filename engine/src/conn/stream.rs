@@ -247,21 +247,45 @@ pub async fn sse(
     }
     // The stream lives on in a small task of its own: the request's state (head, buffers,
     // this function's future) is freed here, which is what keeps an idle stream small.
-    let mut link = Link::new(stream);
-    let roles = grants.roles;
-    glommio::spawn_local(async move {
-        drive(&shard, key, &mut link).await;
-        shard.unregister(key, &roles, &names);
-    })
-    .detach();
+    let task = SseTask {
+        key,
+        link: Link::new(stream),
+        roles: grants.roles,
+        names,
+    };
+    glommio::spawn_local(run(shard, task)).detach();
+}
+
+/// What an SSE stream's task holds; saved in its slot while it is dormant.
+pub struct SseTask {
+    pub(super) key: ConnKey,
+    link: Link,
+    roles: Box<[String]>,
+    names: Vec<Rc<str>>,
+}
+
+/// Runs an SSE stream until it ends (then leaves its shard's lists) or goes dormant.
+pub(super) async fn run(shard: Rc<Shard>, mut task: SseTask) {
+    if drive(&shard, task.key, &mut task.link).await {
+        let key = task.key;
+        match shard.go_dormant(key, Box::new(super::Dormant::Sse(task))) {
+            None => return,
+            Some(back) => match *back {
+                super::Dormant::Sse(t) => task = t,
+                super::Dormant::Ws(_) => unreachable!("the state given back is the one given"),
+            },
+        }
+    }
+    shard.unregister(task.key, &task.roles, &task.names);
 }
 
 /// Watches an SSE stream: ends when the client goes away, the socket fails, or the shard asks
-/// it to close (drain, slow consumer, disconnect) and what was queued is out.
-async fn drive(shard: &Shard, key: ConnKey, link: &mut Link) {
+/// it to close (drain, slow consumer, disconnect) and what was queued is out. True when the
+/// stream is parked with nothing to read instead: its task may end (`shard::dormant`).
+async fn drive(shard: &Shard, key: ConnKey, link: &mut Link) -> bool {
     poll_fn(|cx| loop {
         match driver::before_read(shard, key, link, cx, true) {
-            Step::Gone => return Poll::Ready(()),
+            Step::Gone => return Poll::Ready(false),
             Step::Close(code) => {
                 // SSE has no close frame: stop adding, let what is queued go out (bounded
                 // by the close deadline), then close the socket.
@@ -272,9 +296,10 @@ async fn drive(shard: &Shard, key: ConnKey, link: &mut Link) {
         }
         let mut scratch = shard.scratch.borrow_mut();
         match link.poll_read(shard, key, cx, &mut scratch[..]) {
-            Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(()),
+            Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(false),
             // A client has nothing to say on an SSE stream; whatever it sends is ignored.
             Poll::Ready(Ok(_)) => continue,
+            Poll::Pending if link.is_parked() => return Poll::Ready(true),
             Poll::Pending => return Poll::Pending,
         }
     })

@@ -54,8 +54,9 @@ pub struct Conn {
     pub max_backlog: u32,
     /// Bytes of `out.front()` already written.
     pub sent: u32,
-    /// The connection task's waker.
-    pub waker: Option<Waker>,
+    /// What drives the connection: its task (by its waker) or, while it is dormant, nothing
+    /// but its saved state.
+    pub driver: Driver,
     /// The socket buffer is full; the task waits for writability.
     pub write_blocked: bool,
     /// Queued in the shard's dirty list for the next flush round.
@@ -75,6 +76,31 @@ pub struct Conn {
     pub parked: bool,
     /// The parking thread reported the parked socket readable.
     pub readable: bool,
+}
+
+/// What drives a connection. Two variants, so that the enum is as small as a waker: every
+/// slot pays for it.
+pub enum Driver {
+    /// Its task, by the waker of its last poll (a no-op waker until the first poll of a newly
+    /// spawned task, which is about to run anyway).
+    Task(Waker),
+    /// No task: a parked connection with nothing to read, its task's state saved here until
+    /// something wakes it (see `shard::dormant`).
+    Dormant(Box<crate::conn::Dormant>),
+}
+
+impl Driver {
+    /// A task spawned and not polled yet.
+    pub fn starting() -> Driver {
+        Driver::Task(Waker::noop().clone())
+    }
+
+    /// Records the waker of the task polling now (a clone only when it changed).
+    pub fn register(&mut self, waker: &Waker) {
+        if !matches!(self, Driver::Task(w) if w.will_wake(waker)) {
+            *self = Driver::Task(waker.clone());
+        }
+    }
 }
 
 /// Whether event-type prefix `filters` let an event of type `kind` through (none: everything).
@@ -128,7 +154,7 @@ impl Conn {
             out_bytes: 0,
             max_backlog: u32::try_from(max_backlog).unwrap_or(u32::MAX),
             sent: 0,
-            waker: None,
+            driver: Driver::starting(),
             write_blocked: false,
             dirty: false,
             holding: false,
@@ -200,10 +226,11 @@ impl Conn {
         accepts(&self.filters, kind)
     }
 
-    /// Wakes the connection's task.
+    /// Wakes the connection's task, or has a dormant connection's task spawned again.
     pub fn wake(&self) {
-        if let Some(w) = &self.waker {
-            w.wake_by_ref();
+        match &self.driver {
+            Driver::Task(w) => w.wake_by_ref(),
+            Driver::Dormant(state) => super::dormant::woken(state.key()),
         }
     }
 
@@ -285,6 +312,26 @@ impl Conn {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_slot_pays_for_a_waker_and_nothing_more_to_hold_a_dormant_connection() {
+        // The saved state hides in the waker's niche; a third variant or an extra field
+        // would cost every connection 8 more bytes.
+        assert_eq!(std::mem::size_of::<Driver>(), std::mem::size_of::<Waker>());
+        struct Count(std::sync::atomic::AtomicU32);
+        impl std::task::Wake for Count {
+            fn wake(self: std::sync::Arc<Self>) {
+                self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        let count = std::sync::Arc::new(Count(Default::default()));
+        let waker = Waker::from(count.clone());
+        let mut c = Conn::new(-1, Rc::from("c"), 0, 1024);
+        c.wake(); // spawned, not polled yet: nothing to wake
+        c.driver.register(&waker);
+        c.wake();
+        assert_eq!(count.0.load(std::sync::atomic::Ordering::Relaxed), 1);
+    }
 
     #[test]
     fn fan_out_queues_handles_to_one_buffer() {

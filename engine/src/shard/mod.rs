@@ -9,6 +9,7 @@ pub mod broker;
 pub mod chat;
 pub mod conn_state;
 mod countdown;
+pub(crate) mod dormant;
 mod fanout;
 mod gather;
 mod local_topics;
@@ -758,6 +759,7 @@ impl Shard {
         }
         spawn_local(self.clone().parking_task(parked_keys)).detach();
         spawn_local(self.clone().fanout_task()).detach();
+        spawn_local(self.clone().revive_task()).detach();
         let ticker = spawn_local(self.clone().ticker_task());
         // Returns when the drain's grace period is over; until then every connection is
         // served (a load balancer's `/readyz` probe gets its 503).

@@ -163,9 +163,7 @@ pub async fn upgrade(
     // connection lives on in a task that holds only the socket and its session, which is what
     // keeps an idle connection small.
     drop(request);
-    // The block uses the captured `link` as is: rebinding a captured variable inside an
-    // `async move` block (`let mut link = link;`) gives the future a second slot.
-    let mut link = Link::new(stream);
+    let link = Link::new(stream);
     glommio::spawn_local(async move {
         // Bytes that arrived with the head (a client that did not wait for the 101).
         let proceed = session.pending.is_empty() || {
@@ -173,11 +171,47 @@ pub async fn upgrade(
             Box::pin(session.act(&shard, actions)).await
         };
         if proceed {
-            session.run(&shard, &mut link).await;
+            drive(shard, session, link).await;
+        } else {
+            session.finish(&shard);
         }
-        session.finish(&shard);
     })
     .detach();
+}
+
+/// What a WebSocket connection's task holds, saved in its slot while it is dormant.
+pub struct WsTask {
+    session: Session,
+    link: Link,
+}
+
+impl WsTask {
+    pub(in crate::conn) fn key(&self) -> crate::shard::slab::ConnKey {
+        self.session.key
+    }
+}
+
+/// Gives a dormant WebSocket connection a task again; it carries on where its last task
+/// stopped.
+pub(in crate::conn) async fn revive(shard: Rc<Shard>, state: WsTask) {
+    drive(shard, state.session, state.link).await
+}
+
+/// Runs a connection until it is finished or goes dormant.
+async fn drive(shard: Rc<Shard>, mut session: Session, mut link: Link) {
+    match session.run(&shard, &mut link).await {
+        session::Exit::Done => session.finish(&shard),
+        session::Exit::Dormant => {
+            let key = session.key;
+            let state = Box::new(super::Dormant::Ws(WsTask { session, link }));
+            if let Some(back) = shard.go_dormant(key, state) {
+                match *back {
+                    super::Dormant::Ws(mut t) => t.session.finish(&shard),
+                    super::Dormant::Sse(_) => unreachable!("the state given back is the one given"),
+                }
+            }
+        }
+    }
 }
 
 /// Counts a refused authentication, writes its audit line and builds its response (401 with

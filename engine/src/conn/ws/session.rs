@@ -32,6 +32,16 @@ enum Wake {
     Read(usize),
     Close(u16),
     Gone,
+    /// Parked with nothing to read: the task may end (see `shard::dormant`).
+    Dormant,
+}
+
+/// How a connection's task stops.
+pub(super) enum Exit {
+    /// The connection is finished: it leaves its shard's lists.
+    Done,
+    /// Parked and quiet: its state can wait in the slot without a task.
+    Dormant,
 }
 
 /// What a token allows, kept compact for the connection's lifetime (the full `Claims` are
@@ -104,7 +114,7 @@ pub(super) struct Session {
 }
 
 impl Session {
-    pub(super) async fn run(&mut self, shard: &Rc<Shard>, link: &mut Link) {
+    pub(super) async fn run(&mut self, shard: &Rc<Shard>, link: &mut Link) -> Exit {
         loop {
             let wake = poll_fn(|cx| self.poll(shard, link, cx)).await;
             match wake {
@@ -114,7 +124,7 @@ impl Session {
                     // Boxed: request handling has large, rarely live states that would
                     // otherwise sit in every idle connection's future.
                     if !Box::pin(self.act(shard, actions)).await {
-                        return;
+                        return Exit::Done;
                     }
                     // glommio never preempts a task: a client that keeps its socket readable
                     // (a flood of pings, say) would otherwise hold the shard between reads.
@@ -125,7 +135,8 @@ impl Session {
                     }
                 }
                 Wake::Close(code) => self.start_close(shard, code, ""),
-                Wake::Gone => return,
+                Wake::Gone => return Exit::Done,
+                Wake::Dormant => return Exit::Dormant,
             }
         }
     }
@@ -151,6 +162,9 @@ impl Session {
         match link.poll_read(shard, self.key, cx, &mut scratch[..]) {
             Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => Poll::Ready(Wake::Gone),
             Poll::Ready(Ok(n)) => Poll::Ready(Wake::Read(n)),
+            // A parked socket is pending only until the parking thread reports it readable,
+            // which wakes the slot's waker whether or not a task is behind it.
+            Poll::Pending if link.is_parked() => Poll::Ready(Wake::Dormant),
             Poll::Pending => Poll::Pending,
         }
     }
