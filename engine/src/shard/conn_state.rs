@@ -318,6 +318,8 @@ mod tests {
         // The saved state hides in the waker's niche; a third variant or an extra field
         // would cost every connection 8 more bytes.
         assert_eq!(std::mem::size_of::<Driver>(), std::mem::size_of::<Waker>());
+        // And the saved state is one small allocation (mimalloc's 96-byte class).
+        assert!(std::mem::size_of::<crate::conn::Dormant>() <= 96);
         struct Count(std::sync::atomic::AtomicU32);
         impl std::task::Wake for Count {
             fn wake(self: std::sync::Arc<Self>) {

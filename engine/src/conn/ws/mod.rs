@@ -135,7 +135,7 @@ pub async fn upgrade(
         grants,
         kind,
         rx: Receiver::default(),
-        pending: request.buf[request.head_len..].to_vec(),
+        pending: session::Pending::from_slice(&request.buf[request.head_len..]),
         topics: Vec::new(),
         peer_closed: false,
         discard: false,

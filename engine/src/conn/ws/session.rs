@@ -101,8 +101,8 @@ pub(super) struct Session {
     pub(super) grants: Box<Grants>,
     pub(super) kind: Kind,
     pub(super) rx: Receiver,
-    /// Input bytes of an incomplete frame (empty, and unallocated, most of the time).
-    pub(super) pending: Vec<u8>,
+    /// Input bytes of an incomplete frame (none, and unallocated, most of the time).
+    pub(super) pending: Pending,
     pub(super) topics: Vec<Rc<str>>,
     /// The peer sent its close frame, or the connection failed: stop once our queue is out.
     pub(super) peer_closed: bool,
@@ -111,6 +111,41 @@ pub(super) struct Session {
     /// socket, and closing a socket with unread bytes sends a reset, which can make the
     /// client lose our close frame and its code.)
     pub(super) discard: bool,
+}
+
+/// Input bytes of an incomplete frame: one pointer, and no allocation, while there are none
+/// (a `Vec` would be three words in every idle connection's saved state).
+#[derive(Default)]
+// The extra allocation is the point: it exists only while a frame is incomplete.
+#[allow(clippy::box_collection)]
+pub(super) struct Pending(Option<Box<Vec<u8>>>);
+
+impl Pending {
+    pub(super) fn from_slice(bytes: &[u8]) -> Pending {
+        Pending((!bytes.is_empty()).then(|| Box::new(bytes.to_vec())))
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.0.as_ref().is_none_or(|v| v.is_empty())
+    }
+
+    fn extend(&mut self, bytes: &[u8]) {
+        self.0.get_or_insert_default().extend_from_slice(bytes);
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        self.0.as_deref_mut().map_or(&mut [], |v| &mut v[..])
+    }
+
+    /// Drops the first `n` bytes (decoded), and the buffer once it is empty.
+    fn consume(&mut self, n: usize) {
+        if let Some(v) = &mut self.0 {
+            v.drain(..n);
+            if v.is_empty() {
+                self.0 = None;
+            }
+        }
+    }
 }
 
 impl Session {
@@ -198,7 +233,7 @@ impl Session {
         let from_scratch = match read {
             Some(n) if self.pending.is_empty() => Some(n),
             Some(n) => {
-                self.pending.extend_from_slice(&scratch[..n]);
+                self.pending.extend(&scratch[..n]);
                 None
             }
             None => None,
@@ -209,7 +244,7 @@ impl Session {
         } = self;
         let data: &mut [u8] = match from_scratch {
             Some(n) => &mut scratch[..n],
-            None => &mut pending[..],
+            None => pending.bytes_mut(),
         };
         let mut actions = Vec::new();
         let mut pos = 0;
@@ -250,16 +285,9 @@ impl Session {
         }
         match from_scratch {
             Some(_) => {
-                if pos < data.len() {
-                    *pending = data[pos..].to_vec();
-                }
+                *pending = Pending::from_slice(&data[pos..]);
             }
-            None => {
-                pending.drain(..pos);
-                if pending.is_empty() {
-                    *pending = Vec::new();
-                }
-            }
+            None => pending.consume(pos),
         }
         actions
     }
