@@ -53,8 +53,8 @@ def free_port():
 class Peer:
     """A running server: its WebSocket URL, publish endpoint, pids and loadgen target flags."""
 
-    def __init__(self, name):
-        self.name, self.procs, self.tmp = name, [], None
+    def __init__(self, name, transport="ws"):
+        self.name, self.procs, self.tmp, self.transport = name, [], None, transport
 
     def start(self):
         n = self.name
@@ -99,6 +99,8 @@ class Peer:
             self.flags = ["--generic", "--url", f"ws://127.0.0.1:{port}/sub"]
             self.publish = ["--publish-url", f"http://127.0.0.1:{port}/pub",
                             "--publish-body", '{"seq":{seq},"ts":{ts},"pad":"{pad}"}']
+        if self.transport == "sse":
+            self.flags += ["--transport", "sse"]
         time.sleep(0.5)
         return self
 
@@ -180,6 +182,8 @@ def main():
     ap.add_argument("--hold", type=float, default=15.0,
                     help="seconds the connect scenario holds its idle connections before reading the server's RSS "
                          "(ringcast parks sockets quiet for server.park_after_secs = 10; the same hold for every peer)")
+    ap.add_argument("--transport", choices=["ws", "sse"], default="ws",
+                    help="subscribers' transport; sse: ringcast (/v1/events/stream) against nginx+nchan (EventSource) only")
     ap.add_argument("--only-connect", action="store_true", help="measure idle memory and connects/s only")
     ap.add_argument("--out", default=None)
     ap.add_argument("--no-install", action="store_true")
@@ -190,6 +194,11 @@ def main():
     out = args.out or os.path.join(ROOT, "docs", "bench", "runs", stamp)
     os.makedirs(out, exist_ok=True)
     peers = args.peers.split(",")
+    if args.transport == "sse":
+        skipped = [p for p in peers if p not in ("ringcast", "nchan")]
+        if skipped:
+            print(f"--transport sse: skipping {','.join(skipped)} (WebSocket only)", file=sys.stderr)
+        peers = [p for p in peers if p in ("ringcast", "nchan")]
     if args.topics > 1:
         skipped = [p for p in peers if p not in ("ringcast", "bun")]
         if skipped:
@@ -199,7 +208,7 @@ def main():
     results = {}
     for name in peers:
         res = results[name] = {"steps": []}
-        peer = Peer(name).start()
+        peer = Peer(name, args.transport).start()
         res["version"] = peer.version()
         try:
             c = loadgen(peer, "connect", ["--conns", str(args.conns), "--rate", "5000", "--hold", str(args.hold),
@@ -207,7 +216,7 @@ def main():
             res["connect"] = c
         finally:
             peer.stop()
-        peer = Peer(name).start()
+        peer = Peer(name, args.transport).start()
         try:
             for rate in steps:
                 f = loadgen(peer, "fanout", ["--subscribers", str(args.subscribers), "--rate", str(rate)] + traffic(peer, args) + [
@@ -227,7 +236,7 @@ def main():
         bun_peak = peak_step(results["bun"])
         half = max(1.0, bun_peak["published_per_second"] / 2)
         for name in peers:
-            peer = Peer(name).start()
+            peer = Peer(name, args.transport).start()
             try:
                 results[name]["half_bun"] = loadgen(peer, "fanout", ["--subscribers", str(args.subscribers), "--rate", str(half)] + traffic(peer, args) + [
                                                                      "--duration", str(args.duration), "--publishers", str(args.publishers),
@@ -252,12 +261,15 @@ def peak_step(r):
 
 
 def render(results, args):
-    base = results.get("bun")
+    # Ratios against Bun, or against nchan when Bun did not run (the SSE comparison).
+    base_name = "bun" if "bun" in results else "nchan" if "nchan" in results else None
+    base = results.get(base_name) if base_name else None
+    label = {"bun": "Bun", "nchan": "nchan"}.get(base_name, "")
     rows = ["| server | idle memory per connection | connects/s | peak deliveries/s at p99 <= 100 ms | deliveries per server CPU-second at the first step (same load for all) | p50 / p99 at half of Bun's peak | missing |",
             "|---|---|---|---|---|---|---|"]
 
     def ratio(v, b):
-        return f" ({v / b:.2f}x Bun)" if b else ""
+        return f" ({v / b:.2f}x {label})" if b else ""
 
     for name, r in results.items():
         c = r.get("connect", {})
@@ -272,9 +284,9 @@ def render(results, args):
         bpeak = bps["deliveries_per_second"] if bps and within_slo(bps) else 0
         beff = (base["steps"][0] if base and base["steps"] else {}).get("deliveries_per_server_cpu_second") or 0
         hl = f"{half['latency']['p50_us'] / 1000:.1f} / {half['latency']['p99_us'] / 1000:.1f} ms" if half else "-"
-        peak_txt = "-" if not r["steps"] else "none (p99 > 100 ms at the lowest step)" if not peak else f"{peak:.0f}{ratio(peak, bpeak) if name != 'bun' else ''}"
-        rows.append(f"| {name} | {mem:.0f} B{ratio(mem, bmem) if mem and name != 'bun' else ''} | {c.get('connects_per_second', 0):.0f} | "
-                    f"{peak_txt} | {eff:.0f}{ratio(eff, beff) if name != 'bun' and eff else ''} | {hl} | {lost} |" if mem else
+        peak_txt = "-" if not r["steps"] else "none (p99 > 100 ms at the lowest step)" if not peak else f"{peak:.0f}{ratio(peak, bpeak) if name != base_name else ''}"
+        rows.append(f"| {name} | {mem:.0f} B{ratio(mem, bmem) if mem and name != base_name else ''} | {c.get('connects_per_second', 0):.0f} | "
+                    f"{peak_txt} | {eff:.0f}{ratio(eff, beff) if name != base_name and eff else ''} | {hl} | {lost} |" if mem else
                     f"| {name} | - | - | {peak:.0f} | {eff:.0f} | {hl} | {lost} |")
     return "\n".join(rows)
 
@@ -285,7 +297,7 @@ def readme(table, args, results):
     versions = "\n".join(f"- {n}: {r.get('version')}" for n, r in results.items())
     return f"""# Side-by-side run {datetime.date.today()}
 
-Command: `python3 bench/compare.py --peers {args.peers} --conns {args.conns} --hold {args.hold} --subscribers {args.subscribers} --steps {args.steps} --duration {args.duration} --publishers {args.publishers}{' --only-connect' if args.only_connect else ''}`
+Command: `python3 bench/compare.py --peers {args.peers} --conns {args.conns} --hold {args.hold} --subscribers {args.subscribers} --steps {args.steps} --duration {args.duration} --publishers {args.publishers}{' --transport sse' if args.transport == 'sse' else ''}{' --only-connect' if args.only_connect else ''}`
 
 Machine: {os.cpu_count()} vCPU ({cpu}), kernel {platform.release()}, commit {commit}. Client and servers share the
 same cores: the load generator (2 threads) competes with the server under test, so absolute rates
