@@ -395,7 +395,7 @@ impl Dormant {
 /// Gives a dormant connection a task again.
 pub(crate) async fn revive(shard: Rc<Shard>, state: Box<Dormant>) {
     match *state {
-        Dormant::Ws(t) => ws::revive(shard, t).await,
+        Dormant::Ws(t) => ws::run(shard, t).await,
         Dormant::Sse(t) => stream::run(shard, t).await,
     }
 }

@@ -267,16 +267,10 @@ pub struct SseTask {
 /// Runs an SSE stream until it ends (then leaves its shard's lists) or goes dormant.
 pub(super) async fn run(shard: Rc<Shard>, mut task: SseTask) {
     if drive(&shard, task.key, &mut task.link).await {
-        let key = task.key;
-        match shard.go_dormant(key, Box::new(super::Dormant::Sse(task))) {
-            None => return,
-            Some(back) => match *back {
-                super::Dormant::Sse(t) => task = t,
-                super::Dormant::Ws(_) => unreachable!("the state given back is the one given"),
-            },
-        }
+        shard.go_dormant(task.key, Box::new(super::Dormant::Sse(task)));
+    } else {
+        shard.unregister(task.key, &task.roles, &task.names);
     }
-    shard.unregister(task.key, &task.roles, &task.names);
 }
 
 /// Watches an SSE stream: ends when the client goes away, the socket fails, or the shard asks

@@ -95,6 +95,17 @@ impl Driver {
         Driver::Task(Waker::noop().clone())
     }
 
+    /// The saved state of a dormant connection, leaving a task about to be spawned.
+    pub fn take_dormant(&mut self) -> Option<Box<crate::conn::Dormant>> {
+        match self {
+            Driver::Dormant(_) => match std::mem::replace(self, Driver::starting()) {
+                Driver::Dormant(state) => Some(state),
+                Driver::Task(_) => None,
+            },
+            Driver::Task(_) => None,
+        }
+    }
+
     /// Records the waker of the task polling now (a clone only when it changed).
     pub fn register(&mut self, waker: &Waker) {
         if !matches!(self, Driver::Task(w) if w.will_wake(waker)) {

@@ -53,22 +53,16 @@ async fn next_woken(into: &mut Vec<u64>) {
 }
 
 impl Shard {
-    /// Ends a connection's task: its state waits in the slot until something wakes it. Returns
-    /// the state back when the connection is gone from the slab (the caller then finishes it).
-    pub(crate) fn go_dormant(
-        &self,
-        key: ConnKey,
-        state: Box<crate::conn::Dormant>,
-    ) -> Option<Box<crate::conn::Dormant>> {
-        let mut conns = self.conns.borrow_mut();
-        let Some(c) = conns.get_mut(key) else {
-            return Some(state);
-        };
-        c.driver = Driver::Dormant(state);
-        self.metrics()
-            .dormant
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        None
+    /// Ends a connection's task: its state waits in the slot until something wakes it. Only
+    /// the task itself removes its slot (`unregister`, as it finishes), so the slot is there;
+    /// were it not, the connection would already be finished and the state is dropped.
+    pub(crate) fn go_dormant(&self, key: ConnKey, state: Box<crate::conn::Dormant>) {
+        if let Some(c) = self.conns.borrow_mut().get_mut(key) {
+            c.driver = Driver::Dormant(state);
+            self.metrics()
+                .dormant
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     /// Gives woken dormant connections a task again. A key may be woken several times before
@@ -78,15 +72,11 @@ impl Shard {
         loop {
             next_woken(&mut keys).await;
             for &bits in &keys {
-                let state = match self.conns.borrow_mut().get_mut(ConnKey::from_bits(bits)) {
-                    Some(c) if matches!(c.driver, Driver::Dormant(_)) => {
-                        match std::mem::replace(&mut c.driver, Driver::starting()) {
-                            Driver::Dormant(state) => Some(state),
-                            _ => None,
-                        }
-                    }
-                    _ => None,
-                };
+                let state = self
+                    .conns
+                    .borrow_mut()
+                    .get_mut(ConnKey::from_bits(bits))
+                    .and_then(|c| c.driver.take_dormant());
                 if let Some(state) = state {
                     self.metrics()
                         .dormant

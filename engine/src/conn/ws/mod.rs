@@ -171,7 +171,7 @@ pub async fn upgrade(
             Box::pin(session.act(&shard, actions)).await
         };
         if proceed {
-            drive(shard, session, link).await;
+            run(shard, WsTask { session, link }).await;
         } else {
             session.finish(&shard);
         }
@@ -191,25 +191,13 @@ impl WsTask {
     }
 }
 
-/// Gives a dormant WebSocket connection a task again; it carries on where its last task
-/// stopped.
-pub(in crate::conn) async fn revive(shard: Rc<Shard>, state: WsTask) {
-    drive(shard, state.session, state.link).await
-}
-
-/// Runs a connection until it is finished or goes dormant.
-async fn drive(shard: Rc<Shard>, mut session: Session, mut link: Link) {
-    match session.run(&shard, &mut link).await {
-        session::Exit::Done => session.finish(&shard),
+/// Runs a WebSocket connection until it is finished or goes dormant; a revived connection
+/// carries on here where its last task stopped.
+pub(in crate::conn) async fn run(shard: Rc<Shard>, mut task: WsTask) {
+    match task.session.run(&shard, &mut task.link).await {
+        session::Exit::Done => task.session.finish(&shard),
         session::Exit::Dormant => {
-            let key = session.key;
-            let state = Box::new(super::Dormant::Ws(WsTask { session, link }));
-            if let Some(back) = shard.go_dormant(key, state) {
-                match *back {
-                    super::Dormant::Ws(mut t) => t.session.finish(&shard),
-                    super::Dormant::Sse(_) => unreachable!("the state given back is the one given"),
-                }
-            }
+            shard.go_dormant(task.key(), Box::new(super::Dormant::Ws(task)));
         }
     }
 }
