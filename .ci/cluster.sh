@@ -18,7 +18,7 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 haproxy=$(command -v haproxy || echo /usr/sbin/haproxy)
 nginx=$(command -v nginx || echo /usr/sbin/nginx)
-"$haproxy" -v | head -1
+"$haproxy" -v | sed -n 1p  # sed reads all: head would SIGPIPE haproxy under pipefail
 "$nginx" -v
 RINGCAST_TEST_NATS_SERVER="$venv/bin/nats-server" RINGCAST_TEST_HAPROXY="$haproxy" RINGCAST_TEST_NGINX="$nginx" \
   cargo test --locked -p ringcast --test it cluster:: -- --ignored --test-threads 2
