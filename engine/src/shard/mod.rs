@@ -461,9 +461,9 @@ impl Shard {
         }
     }
 
-    /// Flushes one connection unless its task is already waiting for writability.
+    /// Flushes one connection unless its task is already waiting for writability. A
+    /// connection in the dirty list stays there (and marked) until the next flush round.
     pub fn flush_conn(&self, c: &mut Conn) {
-        c.dirty = false;
         if c.write_blocked || c.out.is_empty() {
             return;
         }
@@ -498,6 +498,7 @@ impl Shard {
         let mut conns = self.conns.borrow_mut();
         for key in &keys {
             if let Some(c) = conns.get_mut(*key) {
+                c.dirty = false;
                 self.flush_conn(c);
             }
         }
