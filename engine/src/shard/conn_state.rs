@@ -275,6 +275,39 @@ impl Conn {
         Flush::Done
     }
 
+    /// Appends what one vectored send of the queue would write (at most [`MAX_IOV`] frames)
+    /// to `iov`, for a send made together with other connections' ([`Conn::sent_batched`]).
+    pub fn unsent<'a>(&'a self, iov: &mut Vec<IoSlice<'a>>) {
+        for (i, f) in self.out.iter().take(MAX_IOV).enumerate() {
+            let skip = if i == 0 { self.sent as usize } else { 0 };
+            iov.push(IoSlice::new(&f.bytes[skip..]));
+        }
+    }
+
+    /// Accounts for the result of a send of [`Conn::unsent`] made in a batch, then writes
+    /// what is left (a short write, more than [`MAX_IOV`] frames) with [`Conn::flush`].
+    pub fn sent_batched(
+        &mut self,
+        result: io::Result<usize>,
+        now: Instant,
+        written: &mut Written<'_>,
+    ) -> Flush {
+        match result {
+            Ok(n) => {
+                written.bytes += n as u64;
+                self.advance(n, now, written);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Flush::Blocked,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return Flush::Failed,
+        }
+        if self.out.is_empty() {
+            Flush::Done
+        } else {
+            self.flush(written)
+        }
+    }
+
     /// Accounts for `n` bytes written from the front of the queue.
     pub fn advance(&mut self, mut n: usize, now: Instant, written: &mut Written<'_>) {
         self.out_bytes -= n as u32;

@@ -52,8 +52,12 @@ use glommio::{
 };
 use proto::auth::{KeyConfig, Verifier};
 
+use crate::io::SendRing;
 use crate::{config::Config, metrics::ShardMetrics};
 use conn_state::{Conn, Flush, OutFrame, Queued, Written};
+
+/// Connections written per [`SendRing`] submission in a flush round.
+const SEND_CHUNK: usize = 256;
 use fanout::FanoutQueue;
 pub use mesh::Envelope;
 use mesh::Mesh;
@@ -153,6 +157,8 @@ pub struct Shard {
     pub broker: broker::Broker,
     /// Connections with queued frames awaiting the next flush round.
     dirty: RefCell<Vec<ConnKey>>,
+    /// Batched socket writes for flush rounds; `None` where io_uring refused the ring.
+    sends: RefCell<Option<SendRing>>,
     /// Frames for connections that are joining topics, held until their
     /// `subscription_confirmed` is queued (see [`Shard::hold`]).
     held: RefCell<AHashMap<ConnKey, Held>>,
@@ -474,7 +480,14 @@ impl Shard {
             latency: &m.latency,
             hdr: Some(&mut hists.publish_to_write),
         };
-        match c.flush(&mut written) {
+        let flush = c.flush(&mut written);
+        Self::after_flush(c, flush);
+        m.bytes_out.fetch_add(written.bytes, Relaxed);
+    }
+
+    /// What a connection's task must do after a flush.
+    fn after_flush(c: &mut Conn, flush: Flush) {
+        match flush {
             Flush::Done => {}
             Flush::Blocked => {
                 c.write_blocked = true;
@@ -485,21 +498,30 @@ impl Shard {
                 c.wake();
             }
         }
-        m.bytes_out.fetch_add(written.bytes, Relaxed);
     }
 
     /// One flush round: every connection that got frames since the last round is written with
-    /// one vectored send.
+    /// one vectored send, all of them through the shard's [`SendRing`] (one system call per
+    /// few hundred sockets) where it has one.
     pub fn flush_dirty(&self) {
         let keys = std::mem::take(&mut *self.dirty.borrow_mut());
         if keys.is_empty() {
             return;
         }
         let mut conns = self.conns.borrow_mut();
-        for key in &keys {
-            if let Some(c) = conns.get_mut(*key) {
-                c.dirty = false;
-                self.flush_conn(c);
+        match self.sends.borrow_mut().as_mut() {
+            Some(ring) => {
+                for chunk in keys.chunks(SEND_CHUNK) {
+                    self.flush_batch(&mut conns, chunk, ring);
+                }
+            }
+            None => {
+                for key in &keys {
+                    if let Some(c) = conns.get_mut(*key) {
+                        c.dirty = false;
+                        self.flush_conn(c);
+                    }
+                }
             }
         }
         // Reuse the list's allocation for the next round.
@@ -509,6 +531,46 @@ impl Shard {
             keys.clear();
             *dirty = keys;
         }
+    }
+
+    /// Writes the connections `keys` with one submission to `ring`.
+    fn flush_batch(&self, conns: &mut Slab, keys: &[ConnKey], ring: &mut SendRing) {
+        let mut ready = Vec::with_capacity(keys.len());
+        for &key in keys {
+            if let Some(c) = conns.get_mut(key) {
+                c.dirty = false;
+                if !c.write_blocked && !c.out.is_empty() {
+                    ready.push(key);
+                }
+            }
+        }
+        let mut results = Vec::with_capacity(ready.len());
+        {
+            let mut iov = Vec::with_capacity(ready.len());
+            let mut spans = Vec::with_capacity(ready.len());
+            for &key in &ready {
+                let c = conns.get(key).expect("present above");
+                let start = iov.len();
+                c.unsent(&mut iov);
+                spans.push((c.fd, start..iov.len()));
+            }
+            let msgs: Vec<_> = spans.into_iter().map(|(fd, r)| (fd, &iov[r])).collect();
+            ring.send_each(&msgs, &mut results);
+        }
+        let m = self.metrics();
+        let mut hists = self.hists.borrow_mut();
+        let mut written = Written {
+            bytes: 0,
+            latency: &m.latency,
+            hdr: Some(&mut hists.publish_to_write),
+        };
+        let now = Instant::now();
+        for (key, result) in ready.into_iter().zip(results) {
+            let c = conns.get_mut(key).expect("present above");
+            let flush = c.sent_batched(result, now, &mut written);
+            Self::after_flush(c, flush);
+        }
+        m.bytes_out.fetch_add(written.bytes, Relaxed);
     }
 
     /// Whether the process is draining.
@@ -686,6 +748,7 @@ pub fn start(config: Config) -> anyhow::Result<Server> {
                         }
                     },
                     dirty: RefCell::default(),
+                    sends: RefCell::new(crate::io::SendRing::new().ok()),
                     held: RefCell::default(),
                     scratch: RefCell::new(vec![0u8; 64 * 1024].into_boxed_slice()),
                     mesh,
