@@ -37,6 +37,21 @@ def client_cpu(cmd):
     return r, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
+def port_of(peer):
+    return peer.flags[peer.flags.index("--url") + 1].split(":")[2].split("/")[0]
+
+
+def server_answer_p50_ms(peer):
+    """ringcast's own p50 of the publish requests it answered (head parsed to response written,
+    `publishAnswer` in /v1/stats/histograms). Every run has a fresh server, so its cumulative
+    histogram holds exactly this run's publishes. None for other servers."""
+    if peer.name != "ringcast":
+        return None
+    import urllib.request
+    with urllib.request.urlopen(f"http://127.0.0.1:{port_of(peer)}/v1/stats/histograms", timeout=10) as r:
+        return json.load(r)["publishAnswer"]["p50"] / 1000
+
+
 def run_loadgen(peer, a, rate, out):
     cmd = [a.loadgen] + peer.flags + ["--threads", str(a.threads), "--label", peer.name, "--out", out, "fanout",
                                     "--subscribers", str(a.subscribers), "--rate", str(rate), "--size", "100",
@@ -53,12 +68,13 @@ def run_loadgen(peer, a, rate, out):
         "published_per_sec": s["published_per_second"],
         "missing": s["missing"],
         "publish_rtt_p50_ms": s["publish_round_trip"]["p50_us"] / 1000,
+        "server_answer_p50_ms": server_answer_p50_ms(peer),
         "client_us_per_delivery": cpu * 1e6 / max(1, s["received"]),
     }
 
 
 def run_wsprobe(peer, a, rate):
-    port = peer.flags[peer.flags.index("--url") + 1].split(":")[2].split("/")[0]
+    port = port_of(peer)
     cmd = [a.wsprobe, "fanout", "--conns", str(a.subscribers), "--rate", str(rate), "--secs", str(a.secs),
            "--payload-bytes", "100", "--pub-conns", str(a.pub_conns), "--pid", ",".join(map(str, peer.pids)),
            "--src-ips", SOURCES]
@@ -83,6 +99,7 @@ def run_wsprobe(peer, a, rate):
         "published_per_sec": s["publish_rate_achieved"],
         "missing": s["lost"],
         "publish_rtt_p50_ms": s["publish_http_us"]["p50"] / 1000,
+        "server_answer_p50_ms": server_answer_p50_ms(peer),
         "client_us_per_delivery": cpu * 1e6 / max(1, s["received"]),
     }
 
@@ -141,10 +158,14 @@ def main():
         for rate in [float(r) for r in a.rates.split(",")]:
             for key, label in (("published_per_sec", "publishes/s"), ("deliveries_per_sec", "deliveries/s"),
                                ("p50_ms", "p50 ms"), ("p99_ms", "p99 ms"), ("publish_rtt_p50_ms", "POST p50 ms"),
+                               ("server_answer_p50_ms", "POST p50 ms inside the server"),
                                ("client_us_per_delivery", "client CPU µs/delivery"),
                                ("server_us_per_delivery", "server CPU µs/delivery")):
-                vals = {c: med([r[key] for r in rows if r["peer"] == name and r["rate"] == rate and r["client"] == c])
-                        for c in ("loadgen", "wsprobe")}
+                got = {c: [r[key] for r in rows if r["peer"] == name and r["rate"] == rate and r["client"] == c]
+                       for c in ("loadgen", "wsprobe")}
+                if any(v is None for xs in got.values() for v in xs):
+                    continue  # a measure this server does not report
+                vals = {c: med(xs) for c, xs in got.items()}
                 ratio = vals["loadgen"] / vals["wsprobe"] if vals["wsprobe"] else float("nan")
                 print(f"| {name} | {rate:g} | {label} | {vals['loadgen']:,.2f} | {vals['wsprobe']:,.2f} | {ratio:.2f} |")
 

@@ -478,7 +478,7 @@ fn run() -> anyhow::Result<()> {
                 }
             }
             // The server's own view of this run: its histograms after minus before.
-            if let (Some((mut p2w, mut hs)), Some((p0, h0))) = (
+            if let (Some(after), Some(before)) = (
                 if ringcast {
                     server::server_histograms(&authority)
                 } else {
@@ -486,15 +486,18 @@ fn run() -> anyhow::Result<()> {
                 },
                 hists_before,
             ) {
-                let _ = p2w.subtract(&p0);
-                let _ = hs.subtract(&h0);
+                let h = after.since(&before);
                 summary["server_histograms"] = serde_json::json!({
-                    "publish_to_write": stats::Percentiles::from(&p2w),
-                    "handshake": stats::Percentiles::from(&hs),
+                    "publish_to_write": stats::Percentiles::from(&h.publish_to_write),
+                    "handshake": stats::Percentiles::from(&h.handshake),
+                    "publish_answer": stats::Percentiles::from(&h.publish_answer),
                 });
                 if let Some(dir) = &t.out {
                     std::fs::create_dir_all(dir)?;
-                    std::fs::write(dir.join("server-publish-to-write.hgrm"), report::hgrm(&p2w))?;
+                    std::fs::write(
+                        dir.join("server-publish-to-write.hgrm"),
+                        report::hgrm(&h.publish_to_write),
+                    )?;
                 }
             }
             (summary, stats)

@@ -22,11 +22,29 @@ pub fn server_counter(host: &str, name: &str) -> Option<u64> {
         .ok()
 }
 
-/// Fetches ringcast's `/v1/stats/histograms` and decodes the publish-to-write and handshake
-/// histograms (HdrHistogram V2 + DEFLATE, base64).
-pub fn server_histograms(
-    host: &str,
-) -> Option<(hdrhistogram::Histogram<u64>, hdrhistogram::Histogram<u64>)> {
+/// The server's histograms this tool reads, each cumulative since the server started.
+pub struct ServerHistograms {
+    /// Publish accepted to frame written.
+    pub publish_to_write: hdrhistogram::Histogram<u64>,
+    /// WebSocket handshakes.
+    pub handshake: hdrhistogram::Histogram<u64>,
+    /// A publish request's head parsed to its response written.
+    pub publish_answer: hdrhistogram::Histogram<u64>,
+}
+
+impl ServerHistograms {
+    /// What was recorded since `before` (another snapshot of the same server).
+    pub fn since(mut self, before: &ServerHistograms) -> ServerHistograms {
+        let _ = self.publish_to_write.subtract(&before.publish_to_write);
+        let _ = self.handshake.subtract(&before.handshake);
+        let _ = self.publish_answer.subtract(&before.publish_answer);
+        self
+    }
+}
+
+/// Fetches ringcast's `/v1/stats/histograms` and decodes its histograms (HdrHistogram V2 +
+/// DEFLATE, base64).
+pub fn server_histograms(host: &str) -> Option<ServerHistograms> {
     use base64::Engine as _;
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(host).ok()?;
@@ -48,5 +66,9 @@ pub fn server_histograms(
             .deserialize(&mut std::io::Cursor::new(bytes))
             .ok()
     };
-    Some((decode("publishToWrite")?, decode("handshake")?))
+    Some(ServerHistograms {
+        publish_to_write: decode("publishToWrite")?,
+        handshake: decode("handshake")?,
+        publish_answer: decode("publishAnswer")?,
+    })
 }

@@ -298,16 +298,24 @@ pub struct HistogramsOut {
     pub publish_to_write: HistogramOut,
     /// WebSocket handshakes, from the first byte of the request to the 101.
     pub handshake: HistogramOut,
+    /// `POST /v1/publish` and `/v1/publish/batch`, from the request's head parsed to its
+    /// response written: the server's share of a publisher's round trip.
+    pub publish_answer: HistogramOut,
 }
 
 impl HistogramsOut {
     /// The unit and encoding every answer names.
-    pub fn new(publish_to_write: HistogramOut, handshake: HistogramOut) -> Self {
+    pub fn new(
+        publish_to_write: HistogramOut,
+        handshake: HistogramOut,
+        publish_answer: HistogramOut,
+    ) -> Self {
         HistogramsOut {
             unit: "microseconds",
             encoding: "HdrHistogram V2 compressed (DEFLATE), base64",
             publish_to_write,
             handshake,
+            publish_answer,
         }
     }
 }
@@ -401,11 +409,12 @@ mod tests {
             histogram: "SGlz".into(),
         };
         assert_eq!(
-            serde_json::to_string(&HistogramsOut::new(h.clone(), h)).unwrap(),
+            serde_json::to_string(&HistogramsOut::new(h.clone(), h.clone(), h)).unwrap(),
             concat!(
                 r#"{"unit":"microseconds","encoding":"HdrHistogram V2 compressed (DEFLATE), base64","#,
                 r#""publishToWrite":{"count":1,"p50":2,"p90":3,"p99":4,"p999":5,"max":6,"histogram":"SGlz"},"#,
-                r#""handshake":{"count":1,"p50":2,"p90":3,"p99":4,"p999":5,"max":6,"histogram":"SGlz"}}"#
+                r#""handshake":{"count":1,"p50":2,"p90":3,"p99":4,"p999":5,"max":6,"histogram":"SGlz"},"#,
+                r#""publishAnswer":{"count":1,"p50":2,"p90":3,"p99":4,"p999":5,"max":6,"histogram":"SGlz"}}"#
             )
         );
     }

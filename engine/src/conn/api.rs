@@ -38,6 +38,9 @@ pub async fn serve(
     m.api_connections.fetch_add(1, Relaxed);
     let idle = Duration::from_secs(shard.shared.config.server.api_idle_secs);
     loop {
+        // The head was just parsed (here or by the caller, for the first request).
+        let started = Instant::now();
+        let publish = matches!(route(&head), Route::Publish | Route::PublishBatch);
         let (resp, keep_alive) =
             match read_body(&shard, &mut stream, &head, &mut buf, head_len, client).await {
                 Ok(body_len) => {
@@ -49,7 +52,16 @@ pub async fn serve(
                 Err(Some(resp)) => (resp, false),
                 Err(None) => break,
             };
-        if !respond(&mut stream, &resp, keep_alive).await || !keep_alive {
+        let sent = respond(&mut stream, &resp, keep_alive).await;
+        if publish && sent {
+            let us = started.elapsed().as_micros() as u64;
+            shard
+                .hists
+                .borrow_mut()
+                .publish_answer
+                .saturating_record(us.max(1));
+        }
+        if !sent || !keep_alive {
             break;
         }
         // The next request on this connection: its first byte within `api_idle_secs` (or
@@ -405,5 +417,9 @@ fn histograms_out(h: &crate::shard::Hists) -> HistogramsOut {
             histogram: base64::engine::general_purpose::STANDARD.encode(bytes),
         }
     };
-    HistogramsOut::new(one(&h.publish_to_write), one(&h.handshake))
+    HistogramsOut::new(
+        one(&h.publish_to_write),
+        one(&h.handshake),
+        one(&h.publish_answer),
+    )
 }

@@ -223,6 +223,8 @@ pub struct Hists {
     pub publish_to_write: hdrhistogram::Histogram<u64>,
     /// Connection accepted to `101 Switching Protocols` written.
     pub handshake: hdrhistogram::Histogram<u64>,
+    /// A publish request's head parsed to its response written.
+    pub publish_answer: hdrhistogram::Histogram<u64>,
 }
 
 impl Default for Hists {
@@ -234,6 +236,7 @@ impl Default for Hists {
         Hists {
             publish_to_write: h(),
             handshake: h(),
+            publish_answer: h(),
         }
     }
 }

@@ -435,6 +435,7 @@ impl Shard {
             // Same bounds on every shard: adding cannot fail.
             let _ = merged.publish_to_write.add(&hists.publish_to_write);
             let _ = merged.handshake.add(&hists.handshake);
+            let _ = merged.publish_answer.add(&hists.publish_answer);
         });
     }
 

@@ -142,6 +142,8 @@ fn keep_alive_batch_and_operational_endpoints() {
     assert_eq!(status, 200, "{text}");
     assert!(v["publishToWrite"]["count"].as_u64().unwrap() >= 2, "{v}");
     assert!(v["handshake"]["count"].as_u64().unwrap() >= 1, "{v}");
+    // The pipelined batch above is the only publish request so far.
+    assert_eq!(v["publishAnswer"]["count"].as_u64(), Some(1), "{v}");
     use base64::Engine as _;
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(v["publishToWrite"]["histogram"].as_str().unwrap())
