@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""Costs per delivery of a fan-out, for ringcast and Bun side by side: system calls (perf stat on
-syscall tracepoints, which barely slows the server; or strace -c, which does) and, for ringcast,
+"""Costs per delivery of a fan-out, for ringcast and Bun side by side: system calls and socket
+writes submitted through io_uring (perf stat on tracepoints, which barely slows the server; or
+strace -c, which does and sees no io_uring requests) and, for ringcast,
 instructions (valgrind --tool=callgrind).
 
 Each figure is a difference of two runs on fresh servers: the same subscribers with P publishes
@@ -33,13 +34,21 @@ PERF_EVENTS = ["raw_syscalls:sys_enter"] + [f"syscalls:sys_enter_{c}" for c in (
     "epoll_pwait", "epoll_pwait2", "futex")]
 
 
+# Socket writes a server submits through io_uring instead of as system calls (IORING_OP_SENDMSG
+# 9, IORING_OP_SEND 26): counted so that batching writes into one io_uring_enter is not mistaken
+# for making fewer writes.
+URING_SENDS = ["-e", "io_uring:io_uring_submit_req", "--filter", "opcode == 9 || opcode == 26"]
+
+
 def perf_counts(path):
     """{event: count} from `perf stat -x,` output."""
     calls = {}
     for line in open(path):
         f = line.strip().split(",")
         if len(f) >= 3 and f[0].isdigit():
-            name = f[2].replace("syscalls:sys_enter_", "").replace("raw_syscalls:sys_enter", "all system calls")
+            name = (f[2].replace("syscalls:sys_enter_", "")
+                    .replace("raw_syscalls:sys_enter", "all system calls")
+                    .replace("io_uring:io_uring_submit_req", "socket writes via io_uring"))
             calls[name] = int(f[0])
     return calls
 
@@ -48,7 +57,8 @@ def run(peer_name, a, publishes, tmp):
     """Starts the peer under the tool, drives it with the load generator, stops it; returns the
     tool's counts."""
     out = os.path.join(tmp, f"{peer_name}-{publishes}")
-    wrap = {"perf": ["perf", "stat", "-x,", "-o", out + ".perf"] + [x for e in PERF_EVENTS for x in ("-e", e)],
+    wrap = {"perf": ["perf", "stat", "-x,", "-o", out + ".perf"] + [x for e in PERF_EVENTS for x in ("-e", e)]
+            + URING_SENDS,
             "strace": ["strace", "-f", "-c", "-o", out + ".strace"],
             "callgrind": ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}.cg.%p",
                           "--trace-children=no"]}[a.tool]
