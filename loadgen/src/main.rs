@@ -43,7 +43,8 @@ pub(crate) struct TargetArgs {
     /// Generic target: no token, and no ringcast subscribe frame unless --subscribe-frame.
     #[arg(long, global = true)]
     generic: bool,
-    /// Frame sent after connecting; `{topic}` is replaced.
+    /// Frame sent after connecting; `{topic}` is replaced by the connection's topic and `{i}`
+    /// by its index (the `i` of its customer `c-{i}`: a generic server's per-customer channel).
     #[arg(long, global = true)]
     subscribe_frame: Option<String>,
     /// Text a server frame must contain before a connection counts as ready.

@@ -123,7 +123,13 @@ impl Target {
         client.remote = self.is_remote(i);
         if let Some(frame) = &self.subscribe_frame {
             client
-                .send(OpCode::Text, frame.replace("{topic}", topic).as_bytes())
+                .send(
+                    OpCode::Text,
+                    frame
+                        .replace("{topic}", topic)
+                        .replace("{i}", &i.to_string())
+                        .as_bytes(),
+                )
                 .await?;
         }
         if let Some(want) = &self.ready_match {
