@@ -153,7 +153,12 @@ def loadgen(peer, scenario, args, out):
 def traffic(peer, args):
     """Event size and topics for a fan-out run (Bun's peer takes its topic from the body)."""
     a = ["--size", str(args.size)]
-    if args.topics > 1:
+    if args.unicast:
+        # ringcast addresses the customer c-{i} of subscriber i; Bun's subscriber i joins the
+        # topic `c-{i}` in its place.
+        if peer.name == "bun":
+            a += ["--subscribe-frame", '{"sub":"c-{i}"}', "--ready-match", "subscribed"]
+    elif args.topics > 1:
         a += ["--topics", str(args.topics)]
         if peer.name == "bun":
             a += ["--subscribe-frame", '{"sub":"{topic}"}', "--ready-match", "subscribed"]
@@ -163,7 +168,9 @@ def traffic(peer, args):
 def publish_flags(peer, args):
     """The peer's publish flags; Bun's body names the topic first when there are several."""
     p = list(peer.publish)
-    if args.topics > 1 and peer.name == "bun":
+    if args.unicast and peer.name == "bun":
+        p[p.index("--publish-body") + 1] = 'c-{cust}\n{"seq":{seq},"ts":{ts},"pad":"{pad}"}'
+    elif args.topics > 1 and peer.name == "bun":
         p[p.index("--publish-body") + 1] = '{topic}\n{"seq":{seq},"ts":{ts},"pad":"{pad}"}'
     return p
 
@@ -178,6 +185,9 @@ def main():
     ap.add_argument("--publishers", type=int, default=8)
     ap.add_argument("--topics", type=int, default=1,
                     help="fan-out over this many topics (subscribers spread evenly; ringcast and bun only)")
+    ap.add_argument("--unicast", action="store_true",
+                    help="each event to one customer (ringcast: customer events; bun: a topic per connection); "
+                         "steps are events/s, each delivered once; ringcast and bun only")
     ap.add_argument("--size", type=int, default=100, help="bytes of each event's data")
     ap.add_argument("--hold", type=float, default=15.0,
                     help="seconds the connect scenario holds its idle connections before reading the server's RSS "
@@ -199,10 +209,10 @@ def main():
         if skipped:
             print(f"--transport sse: skipping {','.join(skipped)} (WebSocket only)", file=sys.stderr)
         peers = [p for p in peers if p in ("ringcast", "nchan")]
-    if args.topics > 1:
+    if args.topics > 1 or args.unicast:
         skipped = [p for p in peers if p not in ("ringcast", "bun")]
         if skipped:
-            print(f"--topics {args.topics}: skipping {','.join(skipped)} (one topic only)", file=sys.stderr)
+            print(f"skipping {','.join(skipped)}: several topics and unicast are ringcast and bun only", file=sys.stderr)
         peers = [p for p in peers if p in ("ringcast", "bun")]
     steps = [] if args.only_connect else [float(x) for x in args.steps.split(",")]
     results = {}
@@ -219,7 +229,7 @@ def main():
         peer = Peer(name, args.transport).start()
         try:
             for rate in steps:
-                f = loadgen(peer, "fanout", ["--subscribers", str(args.subscribers), "--rate", str(rate)] + traffic(peer, args) + [
+                f = loadgen(peer, "unicast" if args.unicast else "fanout", ["--subscribers", str(args.subscribers), "--rate", str(rate)] + traffic(peer, args) + [
                                              "--duration", str(args.duration), "--publishers", str(args.publishers),
                                              "--server-pid", ",".join(map(str, peer.pids))] + publish_flags(peer, args),
                             os.path.join(out, f"{name}-fanout-{int(rate)}"))
@@ -238,7 +248,7 @@ def main():
         for name in peers:
             peer = Peer(name, args.transport).start()
             try:
-                results[name]["half_bun"] = loadgen(peer, "fanout", ["--subscribers", str(args.subscribers), "--rate", str(half)] + traffic(peer, args) + [
+                results[name]["half_bun"] = loadgen(peer, "unicast" if args.unicast else "fanout", ["--subscribers", str(args.subscribers), "--rate", str(half)] + traffic(peer, args) + [
                                                                      "--duration", str(args.duration), "--publishers", str(args.publishers),
                                                                      "--server-pid", ",".join(map(str, peer.pids))] + publish_flags(peer, args),
                                                     os.path.join(out, f"{name}-fanout-half-bun"))
