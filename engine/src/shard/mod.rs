@@ -751,7 +751,17 @@ pub fn start(config: Config) -> anyhow::Result<Server> {
                         }
                     },
                     dirty: RefCell::default(),
-                    sends: RefCell::new(crate::io::SendRing::new().ok()),
+                    sends: RefCell::new(match crate::io::SendRing::new() {
+                        Ok(ring) => Some(ring),
+                        Err(e) => {
+                            tracing::warn!(
+                                shard = id,
+                                error = %e,
+                                "no io_uring for batched writes: one sendmsg per socket write"
+                            );
+                            None
+                        }
+                    }),
                     held: RefCell::default(),
                     scratch: RefCell::new(vec![0u8; 64 * 1024].into_boxed_slice()),
                     mesh,
