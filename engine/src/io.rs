@@ -61,33 +61,49 @@ const RING_BATCH: usize = 256;
 ///
 /// A fan-out round writes to hundreds of sockets, one `sendmsg` each; a system call's entry
 /// and exit are a fixed cost per write. Here each write is one submission entry and a round
-/// costs one `io_uring_enter` per 256 sockets. Every send carries `MSG_DONTWAIT`,
-/// so the kernel completes it during that call (bytes sent, or `EAGAIN` when the socket
-/// buffer is full) instead of waiting for the socket: nothing is left in flight, which is
-/// what lets callers lend their buffers for the call alone. Glommio's own ring is not used
-/// for this: its sends copy into its buffers and complete through its reactor, one task
-/// wake-up per write.
+/// costs one `io_uring_enter` per 256 sockets. Every send carries `MSG_DONTWAIT`, so the
+/// kernel completes it during that call (bytes sent, or `EAGAIN` when the socket buffer is
+/// full) instead of waiting for the socket: nothing is left in flight, which is what lets
+/// callers lend their buffers for the call alone. Glommio's own ring is not used for this:
+/// its sends copy into its buffers and complete through its reactor, one task wake-up per
+/// write. Without a ring (the kernel refused one, or it failed) each write is a `sendmsg`.
 pub struct SendRing {
-    ring: io_uring::IoUring,
+    ring: Option<io_uring::IoUring>,
     /// Message headers for multi-slice sends, kept alive until their call returns.
     hdrs: Vec<libc::msghdr>,
     /// One chunk's results: bytes sent, or minus the errno.
     res: Vec<i32>,
 }
 
+/// A send the ring has not completed yet (in `SendRing::res`).
+const PENDING: i32 = i32::MIN;
+
 impl SendRing {
-    /// A ring for the calling thread, which alone may use it.
-    pub fn new() -> io::Result<SendRing> {
-        // A single issuer lets the kernel skip locking on submission (Linux 6.0+).
+    /// A ring for the calling thread, which alone may use it, and the error that left it
+    /// without one (its writes then go out one `sendmsg` each).
+    pub fn new() -> (SendRing, Option<io::Error>) {
+        // A single issuer lets the kernel skip locking on submission (Linux 6.0+); with
+        // SUBMIT_ALL (5.18+) one bad entry does not hold back the rest of a chunk.
         let ring = io_uring::IoUring::builder()
             .setup_single_issuer()
+            .setup_submit_all()
             .build(RING_BATCH as u32)
-            .or_else(|_| io_uring::IoUring::new(RING_BATCH as u32))?;
-        Ok(SendRing {
+            .or_else(|_| io_uring::IoUring::new(RING_BATCH as u32));
+        let (ring, error) = match ring {
+            Ok(r) => (Some(r), None),
+            Err(e) => (None, Some(e)),
+        };
+        let ring = SendRing {
             ring,
             hdrs: Vec::with_capacity(RING_BATCH),
             res: Vec::with_capacity(RING_BATCH),
-        })
+        };
+        (ring, error)
+    }
+
+    /// Whether writes go through the ring (false: one `sendmsg` each).
+    pub fn batched(&self) -> bool {
+        self.ring.is_some()
     }
 
     /// Writes each `(fd, slices)` of `msgs` as [`send_vectored`] would and pushes one result
@@ -98,78 +114,89 @@ impl SendRing {
         out: &mut Vec<io::Result<usize>>,
     ) {
         for chunk in msgs.chunks(RING_BATCH) {
-            self.hdrs.clear();
-            for (_, bufs) in chunk {
-                // SAFETY: an all-zero msghdr is a valid empty message header.
-                let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-                // IoSlice is ABI-compatible with iovec on Unix (documented by std).
-                msg.msg_iov = bufs.as_ptr() as *mut libc::iovec;
-                msg.msg_iovlen = bufs.len().min(MAX_IOV) as _;
-                self.hdrs.push(msg);
+            self.res.clear();
+            self.res.resize(chunk.len(), PENDING);
+            if self.ring.is_some() {
+                self.submit_chunk(chunk);
             }
-            let flags = libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT;
-            {
-                let mut sq = self.ring.submission();
-                for (i, (fd, bufs)) in chunk.iter().enumerate() {
-                    let fd = io_uring::types::Fd(*fd);
-                    let entry = if bufs.len() == 1 {
-                        io_uring::opcode::Send::new(fd, bufs[0].as_ptr(), bufs[0].len() as u32)
-                            .flags(flags)
-                            .build()
-                    } else {
-                        io_uring::opcode::SendMsg::new(fd, &self.hdrs[i])
-                            .flags(flags as u32)
-                            .build()
-                    };
-                    // SAFETY: the entry points at `bufs` (borrowed for this whole call) or at
-                    // `self.hdrs[i]` (untouched until the next call), whose iovecs are `bufs`.
-                    // `complete` returns only when every entry has completed, so the kernel
-                    // reads none of them afterwards. The queue holds RING_BATCH entries and
-                    // `complete` left it empty.
-                    unsafe {
-                        sq.push(&entry.user_data(i as u64))
-                            .expect("a chunk fits the submission queue")
-                    };
-                }
+            for (r, (fd, bufs)) in self.res.iter().zip(chunk) {
+                out.push(match *r {
+                    // No ring, or it failed before taking this one: the kernel never saw it.
+                    PENDING => send_vectored(*fd, bufs),
+                    r if r < 0 => Err(io::Error::from_raw_os_error(-r)),
+                    r => Ok(r as usize),
+                });
             }
-            self.complete(chunk.len());
-            out.extend(self.res.iter().map(|&r| {
-                if r < 0 {
-                    Err(io::Error::from_raw_os_error(-r))
+        }
+    }
+
+    /// Queues one entry per message of `chunk`, submits them and waits for every completion.
+    fn submit_chunk(&mut self, chunk: &[(RawFd, &[IoSlice<'_>])]) {
+        let Some(ring) = self.ring.as_mut() else {
+            return;
+        };
+        self.hdrs.clear();
+        for (_, bufs) in chunk {
+            // SAFETY: an all-zero msghdr is a valid empty message header.
+            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+            // IoSlice is ABI-compatible with iovec on Unix (documented by std).
+            msg.msg_iov = bufs.as_ptr() as *mut libc::iovec;
+            msg.msg_iovlen = bufs.len().min(MAX_IOV) as _;
+            self.hdrs.push(msg);
+        }
+        let flags = libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT;
+        {
+            let mut sq = ring.submission();
+            for (i, (fd, bufs)) in chunk.iter().enumerate() {
+                let fd = io_uring::types::Fd(*fd);
+                let entry = if bufs.len() == 1 {
+                    io_uring::opcode::Send::new(fd, bufs[0].as_ptr(), bufs[0].len() as u32)
+                        .flags(flags)
+                        .build()
                 } else {
-                    Ok(r as usize)
-                }
-            }));
+                    io_uring::opcode::SendMsg::new(fd, &self.hdrs[i])
+                        .flags(flags as u32)
+                        .build()
+                };
+                // SAFETY: the entry points at `bufs` (borrowed for this whole call) or at
+                // `self.hdrs[i]` (untouched until the next call), whose iovecs are `bufs`.
+                // `complete` returns only when every entry has completed, or after closing
+                // the ring (the kernel then runs nothing more from it), so the kernel reads
+                // none of them afterwards. The queue holds RING_BATCH entries and is empty
+                // between calls.
+                unsafe {
+                    sq.push(&entry.user_data(i as u64))
+                        .expect("a chunk fits the submission queue")
+                };
+            }
+        }
+        if let Err(e) = self.complete(chunk.len()) {
+            // Never seen: close the ring (whatever it holds is dropped unrun) and write
+            // directly from now on; the sends it did not take are made by the caller.
+            tracing::warn!(error = %e, "the io_uring for batched writes failed; one sendmsg per write from now on");
+            self.ring = None;
         }
     }
 
     /// Submits the queued entries and waits for all `n` of their completions, which land in
-    /// `self.res` (bytes sent, or minus the errno).
-    fn complete(&mut self, n: usize) {
-        const PENDING: i32 = i32::MIN;
-        self.res.clear();
-        self.res.resize(n, PENDING);
+    /// `self.res` (bytes sent, or minus the errno). An error: the ring failed.
+    fn complete(&mut self, n: usize) -> io::Result<()> {
+        let ring = self.ring.as_mut().expect("called with a ring");
         let mut seen = 0;
         let mut cancelled = false;
         let mut first = true;
         while seen < n {
             let submitted = if first {
                 first = false;
-                self.ring.submit()
+                ring.submit()
             } else {
-                self.ring.submit_and_wait(1)
+                ring.submit_and_wait(1)
             };
-            if let Err(e) = submitted {
-                if e.kind() != io::ErrorKind::Interrupted {
-                    // The ring itself failed (never seen): nothing was sent.
-                    let errno = e.raw_os_error().unwrap_or(libc::EIO);
-                    for r in self.res.iter_mut().filter(|r| **r == PENDING) {
-                        *r = -errno;
-                    }
-                    return;
-                }
+            match submitted {
+                Err(e) if e.kind() != io::ErrorKind::Interrupted => return Err(e),
+                _ => {}
             }
-            for cqe in self.ring.completion() {
+            for cqe in ring.completion() {
                 if let Some(r) = self.res.get_mut(cqe.user_data() as usize) {
                     *r = cqe.result();
                     seen += 1;
@@ -184,10 +211,12 @@ impl SendRing {
                     io_uring::opcode::AsyncCancel2::new(io_uring::types::CancelBuilder::any())
                         .build()
                         .user_data(u64::MAX);
-                // SAFETY: a cancel entry reads no user memory; the queue is empty.
-                let _ = unsafe { self.ring.submission().push(&cancel) };
+                // SAFETY: a cancel entry reads no user memory; the queue has room (what was
+                // queued before was submitted or is still there, at most RING_BATCH - 1).
+                let _ = unsafe { ring.submission().push(&cancel) };
             }
         }
+        Ok(())
     }
 }
 
@@ -445,7 +474,8 @@ mod tests {
 
     #[test]
     fn send_ring_writes_each_socket_and_reports_each_outcome() {
-        let mut ring = SendRing::new().unwrap();
+        let (mut ring, error) = SendRing::new();
+        assert!(error.is_none() && ring.batched(), "{error:?}");
         let (a, mut a_peer) = pair();
         let (b, mut b_peer) = pair();
         let (full, _full_peer) = pair();
@@ -494,7 +524,8 @@ mod tests {
 
     #[test]
     fn send_ring_takes_more_sockets_than_one_submission() {
-        let mut ring = SendRing::new().unwrap();
+        let (mut ring, error) = SendRing::new();
+        assert!(error.is_none() && ring.batched(), "{error:?}");
         let pairs: Vec<_> = (0..RING_BATCH + 3).map(|_| pair()).collect();
         let bufs: Vec<Vec<u8>> = (0..pairs.len())
             .map(|i| i.to_string().into_bytes())
@@ -512,5 +543,27 @@ mod tests {
             assert_eq!(r.unwrap(), bufs[i].len());
             assert_eq!(read_some(&mut peer), bufs[i]);
         }
+    }
+
+    #[test]
+    fn send_ring_without_a_ring_writes_each_socket_directly() {
+        let mut ring = SendRing {
+            ring: None,
+            hdrs: Vec::new(),
+            res: Vec::new(),
+        };
+        assert!(!ring.batched());
+        let (a, mut a_peer) = pair();
+        let two = [IoSlice::new(b"ab"), IoSlice::new(b"cde")];
+        let tiny = [IoSlice::new(b"z")];
+        let msgs: Vec<(RawFd, &[IoSlice<'_>])> = vec![(a.as_raw_fd(), &two), (-1, &tiny)];
+        let mut out = Vec::new();
+        ring.send_each(&msgs, &mut out);
+        assert_eq!(*out[0].as_ref().unwrap(), 5);
+        assert_eq!(
+            out[1].as_ref().unwrap_err().raw_os_error(),
+            Some(libc::EBADF)
+        );
+        assert_eq!(read_some(&mut a_peer), b"abcde");
     }
 }

@@ -157,8 +157,8 @@ pub struct Shard {
     pub broker: broker::Broker,
     /// Connections with queued frames awaiting the next flush round.
     dirty: RefCell<Vec<ConnKey>>,
-    /// Batched socket writes for flush rounds; `None` where io_uring refused the ring.
-    sends: RefCell<Option<SendRing>>,
+    /// Batched socket writes for flush rounds.
+    sends: RefCell<SendRing>,
     /// Frames for connections that are joining topics, held until their
     /// `subscription_confirmed` is queued (see [`Shard::hold`]).
     held: RefCell<AHashMap<ConnKey, Held>>,
@@ -505,27 +505,16 @@ impl Shard {
 
     /// One flush round: every connection that got frames since the last round is written with
     /// one vectored send, all of them through the shard's [`SendRing`] (one system call per
-    /// few hundred sockets) where it has one.
+    /// few hundred sockets).
     pub fn flush_dirty(&self) {
         let keys = std::mem::take(&mut *self.dirty.borrow_mut());
         if keys.is_empty() {
             return;
         }
         let mut conns = self.conns.borrow_mut();
-        match self.sends.borrow_mut().as_mut() {
-            Some(ring) => {
-                for chunk in keys.chunks(SEND_CHUNK) {
-                    self.flush_batch(&mut conns, chunk, ring);
-                }
-            }
-            None => {
-                for key in &keys {
-                    if let Some(c) = conns.get_mut(*key) {
-                        c.dirty = false;
-                        self.flush_conn(c);
-                    }
-                }
-            }
+        let mut ring = self.sends.borrow_mut();
+        for chunk in keys.chunks(SEND_CHUNK) {
+            self.flush_batch(&mut conns, chunk, &mut ring);
         }
         // Reuse the list's allocation for the next round.
         let mut dirty = self.dirty.borrow_mut();
@@ -751,16 +740,16 @@ pub fn start(config: Config) -> anyhow::Result<Server> {
                         }
                     },
                     dirty: RefCell::default(),
-                    sends: RefCell::new(match crate::io::SendRing::new() {
-                        Ok(ring) => Some(ring),
-                        Err(e) => {
+                    sends: RefCell::new({
+                        let (ring, error) = crate::io::SendRing::new();
+                        if let Some(e) = error {
                             tracing::warn!(
                                 shard = id,
                                 error = %e,
                                 "no io_uring for batched writes: one sendmsg per socket write"
                             );
-                            None
                         }
+                        ring
                     }),
                     held: RefCell::default(),
                     scratch: RefCell::new(vec![0u8; 64 * 1024].into_boxed_slice()),
