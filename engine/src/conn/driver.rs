@@ -12,7 +12,7 @@ use proto::ws::close;
 
 use crate::conn::link::Link;
 use crate::shard::{
-    conn_state::{Conn, Flush, Written},
+    conn_state::{Conn, Flush},
     slab::ConnKey,
     Shard,
 };
@@ -95,14 +95,7 @@ fn write_blocked(
         c.life.kill();
         return false;
     };
-    let m = shard.metrics();
-    let mut hists = shard.hists.borrow_mut();
-    let mut written = Written {
-        bytes: 0,
-        latency: &m.latency,
-        hdr: Some(&mut hists.publish_to_write),
-    };
-    let ok = loop {
+    let ok = shard.writing(|written| loop {
         let Some(front) = c.out.front() else {
             c.write_blocked = false;
             break true;
@@ -111,8 +104,8 @@ fn write_blocked(
         match Pin::new(&mut *stream).poll_write(cx, &chunk) {
             Poll::Ready(Ok(n)) => {
                 written.bytes += n as u64;
-                c.advance(n, Instant::now(), &mut written);
-                match c.flush(&mut written) {
+                c.advance(n, Instant::now(), written);
+                match c.flush(written) {
                     Flush::Done => {
                         c.write_blocked = false;
                         break true;
@@ -124,8 +117,7 @@ fn write_blocked(
             Poll::Ready(Err(_)) => break false,
             Poll::Pending => break true,
         }
-    };
-    m.bytes_out.fetch_add(written.bytes, Relaxed);
+    });
     if !ok {
         c.life.kill();
     }

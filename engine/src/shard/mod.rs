@@ -476,6 +476,13 @@ impl Shard {
         if c.write_blocked || c.out.is_empty() {
             return;
         }
+        let flush = self.writing(|written| c.flush(written));
+        Self::after_flush(c, flush);
+    }
+
+    /// Runs `f` with the accounting of a write (publish-to-write latencies, then the bytes
+    /// written added to the shard's counter).
+    pub fn writing<R>(&self, f: impl FnOnce(&mut Written<'_>) -> R) -> R {
         let m = self.metrics();
         let mut hists = self.hists.borrow_mut();
         let mut written = Written {
@@ -483,9 +490,9 @@ impl Shard {
             latency: &m.latency,
             hdr: Some(&mut hists.publish_to_write),
         };
-        let flush = c.flush(&mut written);
-        Self::after_flush(c, flush);
+        let r = f(&mut written);
         m.bytes_out.fetch_add(written.bytes, Relaxed);
+        r
     }
 
     /// What a connection's task must do after a flush.
@@ -549,20 +556,14 @@ impl Shard {
             let msgs: Vec<_> = spans.into_iter().map(|(fd, r)| (fd, &iov[r])).collect();
             ring.send_each(&msgs, &mut results);
         }
-        let m = self.metrics();
-        let mut hists = self.hists.borrow_mut();
-        let mut written = Written {
-            bytes: 0,
-            latency: &m.latency,
-            hdr: Some(&mut hists.publish_to_write),
-        };
         let now = Instant::now();
-        for (key, result) in ready.into_iter().zip(results) {
-            let c = conns.get_mut(key).expect("present above");
-            let flush = c.sent_batched(result, now, &mut written);
-            Self::after_flush(c, flush);
-        }
-        m.bytes_out.fetch_add(written.bytes, Relaxed);
+        self.writing(|written| {
+            for (key, result) in ready.into_iter().zip(results) {
+                let c = conns.get_mut(key).expect("present above");
+                let flush = c.sent_batched(result, now, written);
+                Self::after_flush(c, flush);
+            }
+        });
     }
 
     /// Whether the process is draining.
