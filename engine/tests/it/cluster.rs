@@ -24,12 +24,27 @@ struct Nats {
     store: std::path::PathBuf,
 }
 
+/// A loopback port free now, for a server these tests start. Taken below the kernel's
+/// ephemeral range (32768 and up here) so that no outgoing connection of a test running in
+/// parallel can take it between this check and the server's bind, and never the same one twice
+/// in this process. (CI once saw nats-server fail to start on a port picked with `bind(0)`.)
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(7919) % SPAN,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    loop {
+        let port = (LOW + NEXT.fetch_add(1, Ordering::Relaxed) % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 impl Nats {
@@ -43,18 +58,29 @@ impl Nats {
         let bin = std::env::var("RINGCAST_TEST_NATS_SERVER")
             .expect("RINGCAST_TEST_NATS_SERVER: the nats-server binary (bash .ci/cluster.sh)");
         let monitor = free_port();
-        let child = Command::new(bin)
+        std::fs::create_dir_all(&store).unwrap();
+        let log = store.with_extension("log");
+        let mut child = Command::new(bin)
             .args(["-a", "127.0.0.1", "-p", &port.to_string()])
             .args(["-m", &monitor.to_string(), "-js", "-sd"])
             .arg(&store)
             .args(extra)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("start nats-server");
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(20);
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "nats-server did not listen");
+            let exited = child.try_wait().unwrap();
+            if exited.is_some() || Instant::now() > deadline {
+                let _ = child.kill();
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(20).collect();
+                panic!(
+                    "nats-server on port {port} did not listen ({exited:?}); its log ends:\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
         Nats {
@@ -132,6 +158,7 @@ impl Drop for Nats {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.store);
+        let _ = std::fs::remove_file(self.store.with_extension("log"));
     }
 }
 
