@@ -4,11 +4,12 @@ ringcast-loadgen and by wsprobe (tokio + fastwebsockets, built outside this repo
 Bun and ringcast, printed side by side with the loadgen/wsprobe ratio of each figure.
 
 Every run gets a fresh server. The scenario: N subscribers on one topic, events of 100 bytes
-published over HTTP by K keep-alive connections at each offered rate for S seconds.
+(--size) published over HTTP by K keep-alive connections at each offered rate for S seconds.
 
-usage: bench/clients.py --wsprobe /path/to/wsprobe [--peers bun,ringcast] [--subscribers 5000]
-                        [--rates 60,200] [--secs 8] [--pub-conns 8] [--repeat 1] [--no-install]
-                        [--json OUT]
+usage: bench/clients.py --wsprobe /path/to/wsprobe [--peers bun,ringcast,ringcast1] [--subscribers 5000]
+                        [--rates 60,200] [--secs 8] [--size 100] [--pub-conns 8] [--repeat 1]
+                        [--no-install] [--json OUT]
+  (ringcast1 is ringcast with one shard: see bench/compare.py)
 """
 import argparse, json, os, resource, subprocess, sys
 
@@ -45,7 +46,7 @@ def server_answer_p50_ms(peer):
     """ringcast's own p50 of the publish requests it answered (head parsed to response written,
     `publishAnswer` in /v1/stats/histograms). Every run has a fresh server, so its cumulative
     histogram holds exactly this run's publishes. None for other servers."""
-    if peer.name != "ringcast":
+    if not compare.is_ringcast(peer.name):
         return None
     import urllib.request
     with urllib.request.urlopen(f"http://127.0.0.1:{port_of(peer)}/v1/stats/histograms", timeout=10) as r:
@@ -54,7 +55,7 @@ def server_answer_p50_ms(peer):
 
 def run_loadgen(peer, a, rate, out):
     cmd = [a.loadgen] + peer.flags + ["--threads", str(a.threads), "--label", peer.name, "--out", out, "fanout",
-                                    "--subscribers", str(a.subscribers), "--rate", str(rate), "--size", "100",
+                                    "--subscribers", str(a.subscribers), "--rate", str(rate), "--size", str(a.size),
                                     "--duration", str(a.secs), "--publishers", str(a.pub_conns),
                                     "--server-pid", ",".join(map(str, peer.pids))] + peer.publish
     r, cpu = client_cpu(cmd)
@@ -78,9 +79,9 @@ def run_loadgen(peer, a, rate, out):
 def run_wsprobe(peer, a, rate):
     port = port_of(peer)
     cmd = [a.wsprobe, "fanout", "--conns", str(a.subscribers), "--rate", str(rate), "--secs", str(a.secs),
-           "--payload-bytes", "100", "--pub-conns", str(a.pub_conns), "--pid", ",".join(map(str, peer.pids)),
+           "--payload-bytes", str(a.size), "--pub-conns", str(a.pub_conns), "--pid", ",".join(map(str, peer.pids)),
            "--src-ips", SOURCES]
-    if peer.name == "ringcast":
+    if compare.is_ringcast(peer.name):
         cmd += ["--url", f"ws://127.0.0.1:{port}/v1/ws?token={{token}}", "--jwt-secret", "compare-secret",
                 "--jwt-claims", '{"channels":["loadgen"]}',
                 "--subscribe-msg", '{"type":"subscribe","payload":{"topics":["loadgen"]}}',
@@ -118,6 +119,7 @@ def main():
     ap.add_argument("--subscribers", type=int, default=5000)
     ap.add_argument("--rates", default="60,200")
     ap.add_argument("--secs", type=float, default=8)
+    ap.add_argument("--size", type=int, default=100, help="event payload bytes (both clients pad to it)")
     ap.add_argument("--pub-conns", type=int, default=8)
     ap.add_argument("--repeat", type=int, default=1, help="runs of each client per peer and rate (alternated)")
     ap.add_argument("--no-install", action="store_true")

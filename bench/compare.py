@@ -4,6 +4,7 @@ same ringcast-loadgen scenarios in one run.
 
 Peers (installed by this script into target/peers; nginx from Debian):
   ringcast   target/release/ringcast serve --shards 2 (JWT per connection)
+  ringcast1  the same with --shards 1: one thread, like Bun, leaving the other core to the client
   bun        Bun.serve with ws.subscribe / server.publish    (bench/peers/bun-pubsub.js)
   ws         Node `ws`, broadcast over its client set        (bench/peers/ws-pubsub.js)
   socketio   Socket.IO rooms                                 (bench/peers/socketio-pubsub.js)
@@ -27,6 +28,12 @@ PEERS_DIR = os.path.join(ROOT, "target", "peers")
 LOADGEN = os.path.join(ROOT, "target", "release", "ringcast-loadgen")
 # COMPARE_RINGCAST: another ringcast binary (an A/B against an older build, same run).
 RINGCAST = os.environ.get("COMPARE_RINGCAST") or os.path.join(ROOT, "target", "release", "ringcast")
+# ringcast's peer names and their shard counts.
+RINGCASTS = {"ringcast": 2, "ringcast1": 1}
+
+
+def is_ringcast(name):
+    return name in RINGCASTS
 
 
 def sh(cmd, **kw):
@@ -58,8 +65,8 @@ class Peer:
 
     def start(self):
         n = self.name
-        if n == "ringcast":
-            p = subprocess.Popen([RINGCAST, "serve", "--listen", "127.0.0.1:0", "--shards", "2"],
+        if is_ringcast(n):
+            p = subprocess.Popen([RINGCAST, "serve", "--listen", "127.0.0.1:0", "--shards", str(RINGCASTS[n])],
                                  stderr=subprocess.PIPE, text=True,
                                  env=dict(os.environ, RINGCAST_JWT_SECRET="compare-secret", RINGCAST_API_KEY="compare-key"))
             port = self._port_from(p, p.stderr)
@@ -117,8 +124,9 @@ class Peer:
     def version(self):
         n = self.name
         try:
-            if n == "ringcast":
-                return subprocess.run([RINGCAST, "--version"], capture_output=True, text=True).stdout.strip()
+            if is_ringcast(n):
+                v = subprocess.run([RINGCAST, "--version"], capture_output=True, text=True).stdout.strip()
+                return f"{v}, {RINGCASTS[n]} shard(s)"
             if n == "bun":
                 return "bun " + subprocess.run([os.path.join(PEERS_DIR, "node_modules", ".bin", "bun"), "--version"], capture_output=True, text=True).stdout.strip()
             if n in ("ws", "socketio"):
@@ -205,15 +213,15 @@ def main():
     os.makedirs(out, exist_ok=True)
     peers = args.peers.split(",")
     if args.transport == "sse":
-        skipped = [p for p in peers if p not in ("ringcast", "nchan")]
+        skipped = [p for p in peers if not (is_ringcast(p) or p == "nchan")]
         if skipped:
             print(f"--transport sse: skipping {','.join(skipped)} (WebSocket only)", file=sys.stderr)
-        peers = [p for p in peers if p in ("ringcast", "nchan")]
+        peers = [p for p in peers if p not in skipped]
     if args.topics > 1 or args.unicast:
-        skipped = [p for p in peers if p not in ("ringcast", "bun")]
+        skipped = [p for p in peers if not (is_ringcast(p) or p == "bun")]
         if skipped:
             print(f"skipping {','.join(skipped)}: several topics and unicast are ringcast and bun only", file=sys.stderr)
-        peers = [p for p in peers if p in ("ringcast", "bun")]
+        peers = [p for p in peers if p not in skipped]
     steps = [] if args.only_connect else [float(x) for x in args.steps.split(",")]
     results = {}
     for name in peers:
