@@ -44,6 +44,9 @@ use crate::{
     shard::relay::{Fetched, Live},
 };
 
+/// Presence statuses chosen on one node: customer -> (status name, unix ms of the choice).
+type Statuses = HashMap<String, (String, u64)>;
+
 /// What the bus thread tells the rest of the process.
 #[derive(Debug, Default)]
 pub struct BusState {
@@ -79,6 +82,9 @@ pub struct BusState {
     remote: RwLock<HashMap<String, HashMap<String, u32>>>,
     /// Members of presence topics on each other live node: node -> topic -> customers.
     remote_members: RwLock<HashMap<String, HashMap<String, HashSet<String>>>>,
+    /// Presence statuses chosen on each live node, this one included, by customers connected
+    /// there: node -> customer -> (status name, unix ms of the choice).
+    statuses: RwLock<HashMap<String, Statuses>>,
     /// The customers connected to this node (kept by their owner shards as they come and go).
     here: Mutex<HashSet<String>>,
     /// Commands from the shards.
@@ -140,6 +146,48 @@ impl BusState {
                 .map(|n| *n as usize)
                 .sum()
         })
+    }
+
+    /// The status `customer` chose last on any live node where it is connected, if it chose
+    /// one there (`online` included).
+    pub fn latest_status(&self, customer: &str) -> Option<String> {
+        let all = self.statuses.read().ok()?;
+        all.values()
+            .filter_map(|t| t.get(customer))
+            .max_by(|a, b| a.1.cmp(&b.1).then_with(|| a.0.cmp(&b.0)))
+            .map(|(status, _)| status.clone())
+    }
+
+    /// `customer`, connected here, chose `status` at `at` (unix ms): recorded at once, so
+    /// that this node's own answers see it, and told to the others by the bus. Called by the
+    /// customer's owner shard only, like [`BusState::forget_status`].
+    pub fn choose_status(&self, customer: &str, status: &str, at: u64) {
+        if let Ok(mut all) = self.statuses.write() {
+            all.entry(self.node_id.clone())
+                .or_default()
+                .insert(customer.to_owned(), (status.to_owned(), at));
+        }
+        self.send(BusCmd::Status {
+            customer: customer.to_owned(),
+            status: status.to_owned(),
+            at,
+        });
+    }
+
+    /// `customer` has no connection left here: its status here goes with them.
+    pub fn forget_status(&self, customer: &str) {
+        if let Ok(mut all) = self.statuses.write() {
+            if let Some(t) = all.get_mut(&self.node_id) {
+                t.remove(customer);
+            }
+        }
+    }
+
+    /// Forgets the statuses chosen on `node` (gone or left).
+    fn forget_statuses(&self, node: &str) {
+        if let Ok(mut all) = self.statuses.write() {
+            all.remove(node);
+        }
     }
 
     /// The members of a presence topic on the other live nodes.
@@ -264,6 +312,16 @@ pub enum BusCmd {
         customer: String,
         /// Its connections here.
         open: u32,
+    },
+    /// `customer`, connected here, chose presence status `status` at `at` (unix ms): the
+    /// other nodes are told.
+    Status {
+        /// The customer.
+        customer: String,
+        /// The status's wire name.
+        status: String,
+        /// When it was chosen, unix ms (the latest choice on any node wins).
+        at: u64,
     },
     /// `customer` became (`joined`) or stopped being a member of presence topic `topic` on
     /// this node: the other nodes are told.
@@ -507,6 +565,8 @@ async fn run(
     // Members of presence topics here, and the changes not yet told.
     let mut my_members: HashSet<(String, String)> = HashSet::new();
     let mut member_changes: Vec<(String, String, bool)> = Vec::new();
+    // Statuses chosen here not yet told (this node's own are in `state.statuses`).
+    let mut status_changes: Vec<(String, String, u64)> = Vec::new();
     let mut presence_tick = tokio::time::interval(Duration::from_millis(100));
     let timeout = Duration::from_millis(setup.nats.node_timeout_ms);
     let mut tick = tokio::time::interval(Duration::from_millis(setup.nats.heartbeat_ms));
@@ -599,9 +659,15 @@ async fn run(
                     }
                     member_changes.push((key.0, key.1, joined));
                 }
+                BusCmd::Status { customer, status, at } => {
+                    status_changes.push((customer, status, at));
+                }
                 BusCmd::Here { customer, open } => {
                     if open == 0 {
                         mine.remove(&customer);
+                        // A status lives as long as the customer's connections here (the
+                        // owner shard forgot it already); the count 0 tells the others.
+                        status_changes.retain(|(c, _, _)| *c != customer);
                     } else {
                         mine.insert(customer.clone(), open);
                     }
@@ -656,6 +722,9 @@ async fn run(
                 if let Ok(mut remote) = state.remote.write() {
                     remote.retain(|node, _| nodes.contains_key(node));
                 }
+                if let Ok(mut all) = state.statuses.write() {
+                    all.retain(|node, _| *node == state.node_id || nodes.contains_key(node));
+                }
                 let gone: Vec<String> = state
                     .remote_members
                     .read()
@@ -682,7 +751,7 @@ async fn run(
                         if new && node != state.node_id {
                             // A node we did not know (or had forgotten): it learns who is
                             // connected here from the whole set.
-                            tell_presence(&client, &presence_subject, &state.node_id, &mine, &my_members, true).await;
+                            tell_presence(&client, &presence_subject, &state, &mine, &my_members, true).await;
                         }
                     }
                     Ok(NodeMsg::Leaving { node }) => {
@@ -690,6 +759,7 @@ async fn run(
                         if let Ok(mut remote) = state.remote.write() {
                             remote.remove(&node);
                         }
+                        state.forget_statuses(&node);
                         members_gone(&state, &node, &shards).await;
                     }
                     Ok(_) => {} // not on this subject
@@ -697,7 +767,7 @@ async fn run(
                 }
                 state.nodes.store(nodes.len() as u64, Relaxed);
             }
-            _ = presence_tick.tick(), if !changed.is_empty() || !member_changes.is_empty() => {
+            _ = presence_tick.tick(), if !changed.is_empty() || !member_changes.is_empty() || !status_changes.is_empty() => {
                 let msg = NodeMsg::Presence {
                     node: state.node_id.clone(),
                     full: false,
@@ -706,14 +776,43 @@ async fn run(
                     members: std::mem::take(&mut member_changes),
                 };
                 let _ = client.publish(presence_subject.clone(), encode_node(&msg).into()).await;
+                if !status_changes.is_empty() {
+                    let msg = NodeMsg::Statuses {
+                        node: state.node_id.clone(),
+                        full: false,
+                        statuses: std::mem::take(&mut status_changes),
+                    };
+                    let _ = client.publish(presence_subject.clone(), encode_node(&msg).into()).await;
+                }
             }
             Some(message) = presence.next() => {
                 match decode_node(&message.payload) {
+                    Ok(NodeMsg::Statuses { node, full, statuses }) if node != state.node_id => {
+                        if let Ok(mut all) = state.statuses.write() {
+                            let table = all.entry(node).or_default();
+                            if full {
+                                table.clear();
+                            }
+                            for (customer, status, at) in statuses {
+                                table.insert(customer, (status, at));
+                            }
+                        }
+                    }
                     Ok(NodeMsg::Presence { node, full, ask, counts, members }) if node != state.node_id => {
                         if ask {
                             // A node that (re)started knows nothing of this one: even if it
                             // kept its id and was never forgotten here, it gets the table.
-                            tell_presence(&client, &presence_subject, &state.node_id, &mine, &my_members, false).await;
+                            tell_presence(&client, &presence_subject, &state, &mine, &my_members, false).await;
+                        }
+                        // A customer's status there goes with its last connection there.
+                        if let Ok(mut all) = state.statuses.write() {
+                            if let Some(table) = all.get_mut(&node) {
+                                for (customer, n) in &counts {
+                                    if *n == 0 {
+                                        table.remove(customer);
+                                    }
+                                }
+                            }
                         }
                         if let Ok(mut remote) = state.remote_members.write() {
                             let topics = remote.entry(node.clone()).or_default();
@@ -1146,16 +1245,29 @@ async fn fetch(
 async fn tell_presence(
     client: &async_nats::Client,
     subject: &str,
-    node: &str,
+    state: &BusState,
     mine: &HashMap<String, u32>,
     members: &HashSet<(String, String)>,
     ask: bool,
 ) {
+    let node = &state.node_id;
     let counts: Vec<(String, u32)> = mine.iter().map(|(c, n)| (c.clone(), *n)).collect();
     let members: Vec<(String, String, bool)> = members
         .iter()
         .map(|(t, c)| (t.clone(), c.clone(), true))
         .collect();
+    let statuses: Vec<(String, String, u64)> = state
+        .statuses
+        .read()
+        .ok()
+        .and_then(|all| {
+            all.get(node).map(|t| {
+                t.iter()
+                    .map(|(c, (s, at))| (c.clone(), s.clone(), *at))
+                    .collect()
+            })
+        })
+        .unwrap_or_default();
     let chunks = counts.len().max(members.len()).div_ceil(2000).max(1);
     for i in 0..chunks {
         let range = |len: usize| (i * 2000).min(len)..((i + 1) * 2000).min(len);
@@ -1165,6 +1277,27 @@ async fn tell_presence(
             ask: ask && i == 0,
             counts: counts[range(counts.len())].to_vec(),
             members: members[range(members.len())].to_vec(),
+        };
+        let _ = client
+            .publish(subject.to_owned(), encode_node(&msg).into())
+            .await;
+    }
+    // After the counts (the same subject keeps the order): the statuses chosen here.
+    for (i, chunk) in statuses.chunks(2000).enumerate() {
+        let msg = NodeMsg::Statuses {
+            node: node.to_owned(),
+            full: i == 0,
+            statuses: chunk.to_vec(),
+        };
+        let _ = client
+            .publish(subject.to_owned(), encode_node(&msg).into())
+            .await;
+    }
+    if statuses.is_empty() {
+        let msg = NodeMsg::Statuses {
+            node: node.to_owned(),
+            full: true,
+            statuses: Vec::new(),
         };
         let _ = client
             .publish(subject.to_owned(), encode_node(&msg).into())

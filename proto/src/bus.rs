@@ -375,6 +375,20 @@ pub enum NodeMsg {
         /// Members of presence topics there: (topic, customer, member now).
         members: Vec<(String, String, bool)>,
     },
+    /// Presence statuses chosen by customers connected to `node` (`<prefix>.presence`, after
+    /// the `Presence` message of the same moment): changes, or the whole set (`full`). A
+    /// customer's latest choice on any node is its status on every node; a node's choice is
+    /// forgotten with the customer's last connection there (count 0 in `Presence`). Added
+    /// after wire version 2 shipped, at the end and smaller than the largest variant, so the
+    /// archives of version 2 still read the same; a node without it refuses it as invalid.
+    Statuses {
+        /// The node.
+        node: String,
+        /// The whole set: forget what was known of the node's statuses before.
+        full: bool,
+        /// (customer, status name, unix ms of the choice by the node's clock).
+        statuses: Vec<(String, String, u64)>,
+    },
 }
 
 /// The wire-format version of [`NodeMsg`] between nodes. rkyv archives have no schema
@@ -465,6 +479,15 @@ const HEX: &[u8; 16] = b"0123456789ABCDEF";
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Stored events (topic history, customer queues) are `NodeMsg` archives: a variant added
+    /// later must not change the archived enum's size, or every stored archive of this wire
+    /// version would stop validating. (A change that must is a new `WIRE_VERSION`.)
+    #[test]
+    fn the_archived_message_keeps_its_size() {
+        assert_eq!(std::mem::size_of::<ArchivedNodeMsg>(), 120);
+        assert_eq!(std::mem::align_of::<ArchivedNodeMsg>(), 8);
+    }
     use crate::event::Priority;
 
     #[test]
@@ -608,6 +631,12 @@ mod tests {
             members: vec![("room:1".into(), "a".into(), true)],
         };
         assert_eq!(decode_node(&encode_node(&presence)), Ok(presence));
+        let statuses = NodeMsg::Statuses {
+            node: "n1".into(),
+            full: false,
+            statuses: vec![("a".into(), "away".into(), 1_765_000_000_000)],
+        };
+        assert_eq!(decode_node(&encode_node(&statuses)), Ok(statuses));
         let gone = NodeMsg::Disconnect {
             origin: "n2".into(),
             customers: vec!["a".into()],

@@ -344,8 +344,15 @@ impl Shard {
                 .broker
                 .cluster()
                 .is_some_and(|c| c.online_elsewhere(customer));
+        // In a cluster, the status the customer chose last on any node it is connected to.
+        let chosen = self
+            .broker
+            .cluster()
+            .and_then(|c| c.latest_status(customer));
         let status = if keys.is_empty() && !elsewhere {
             "offline"
+        } else if let Some(chosen) = chosen.as_deref() {
+            chosen
         } else {
             p.status.get(customer).copied().unwrap_or_default().as_str()
         };

@@ -1130,6 +1130,41 @@ fn customer_role_broadcast_and_disconnect_reach_clients_on_other_nodes() {
 
 #[test]
 #[ignore = "needs nats-server: bash .ci/cluster.sh"]
+fn a_status_chosen_on_one_node_is_the_customers_status_on_every_node() {
+    let nats = Nats::start();
+    let a = node_with(&nats.url(), "node-a", "3000", 2);
+    let b = node_with(&nats.url(), "node-b", "3000", 2);
+    let status = |v: &str| serde_json::json!({"type": "presence", "payload": {"status": v}});
+    let mut ann = Client::connect(&a, &sub_token("ann"));
+    eventually(5, "B sees ann", || presence_of(&b, "ann") == "online");
+    ann.send_json(status("away"));
+    eventually(5, "B sees ann away", || presence_of(&b, "ann") == "away");
+    assert_eq!(presence_of(&a, "ann"), "away");
+    // Connected to B as well, ann chooses again there: the latest choice is hers everywhere.
+    let mut ann_b = Client::connect(&b, &sub_token("ann"));
+    ann_b.send_json(status("busy"));
+    eventually(5, "busy on both", || {
+        presence_of(&a, "ann") == "busy" && presence_of(&b, "ann") == "busy"
+    });
+    // A node that starts later learns it with the whole table.
+    let c = node_with(&nats.url(), "node-c", "3000", 2);
+    eventually(5, "C sees ann busy", || presence_of(&c, "ann") == "busy");
+    // The choice lives with the connections of the node where it was made: B's goes with
+    // ann's connection there, and A's stands again.
+    drop(ann_b);
+    eventually(5, "away again on all three", || {
+        [&a, &b, &c].iter().all(|n| presence_of(n, "ann") == "away")
+    });
+    drop(ann);
+    eventually(5, "offline on all three", || {
+        [&a, &b, &c]
+            .iter()
+            .all(|n| presence_of(n, "ann") == "offline")
+    });
+}
+
+#[test]
+#[ignore = "needs nats-server: bash .ci/cluster.sh"]
 fn a_killed_nodes_customers_go_offline_on_the_others_within_the_node_timeout() {
     let nats = Nats::start();
     let mut a = node_with(&nats.url(), "node-a", "1500", 1);

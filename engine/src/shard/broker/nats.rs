@@ -31,6 +31,7 @@ use std::{cell::RefCell, sync::Arc, time::Instant};
 use proto::{
     api::{Publish, Wait},
     bus::{encode_node, NodeMsg, ShardMsg, Target, TopicOffset},
+    client::PresenceStatus,
     event::{parse_cursor, Via},
     placement::owner_shard,
 };
@@ -456,10 +457,27 @@ impl Nats {
     /// against its limit.
     pub fn customer_count(&self, customer: &str, open: usize) {
         self.bus.set_here(customer, open > 0);
+        if open == 0 {
+            self.bus.forget_status(customer);
+        }
         self.bus.send(BusCmd::Here {
             customer: customer.to_owned(),
             open: open as u32,
         });
+    }
+
+    /// `customer`, connected here, chose `status`: the other nodes are told, and the latest
+    /// choice on any node is its status everywhere.
+    pub fn status(&self, customer: &str, status: PresenceStatus) {
+        let at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        self.bus.choose_status(customer, status.as_str(), at);
+    }
+
+    /// The status `customer` chose last on any node where it is connected.
+    pub fn latest_status(&self, customer: &str) -> Option<String> {
+        self.bus.latest_status(customer)
     }
 
     /// `customer` became (`joined`) or stopped being a member of presence topic `topic` on
