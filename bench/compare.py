@@ -223,6 +223,7 @@ def main():
             print(f"skipping {','.join(skipped)}: several topics and unicast are ringcast and bun only", file=sys.stderr)
         peers = [p for p in peers if p not in skipped]
     steps = [] if args.only_connect else [float(x) for x in args.steps.split(",")]
+    scenario = "unicast" if args.unicast else "fanout"
     results = {}
     for name in peers:
         res = results[name] = {"steps": []}
@@ -237,7 +238,7 @@ def main():
         peer = Peer(name, args.transport).start()
         try:
             for rate in steps:
-                f = loadgen(peer, "unicast" if args.unicast else "fanout", ["--subscribers", str(args.subscribers), "--rate", str(rate)] + traffic(peer, args) + [
+                f = loadgen(peer, scenario, ["--subscribers", str(args.subscribers), "--rate", str(rate)] + traffic(peer, args) + [
                                              "--duration", str(args.duration), "--publishers", str(args.publishers),
                                              "--server-pid", ",".join(map(str, peer.pids))] + publish_flags(peer, args),
                             os.path.join(out, f"{name}-fanout-{int(rate)}"))
@@ -256,7 +257,7 @@ def main():
         for name in peers:
             peer = Peer(name, args.transport).start()
             try:
-                results[name]["half_bun"] = loadgen(peer, "unicast" if args.unicast else "fanout", ["--subscribers", str(args.subscribers), "--rate", str(half)] + traffic(peer, args) + [
+                results[name]["half_bun"] = loadgen(peer, scenario, ["--subscribers", str(args.subscribers), "--rate", str(half)] + traffic(peer, args) + [
                                                                      "--duration", str(args.duration), "--publishers", str(args.publishers),
                                                                      "--server-pid", ",".join(map(str, peer.pids))] + publish_flags(peer, args),
                                                     os.path.join(out, f"{name}-fanout-half-bun"))

@@ -1282,22 +1282,17 @@ async fn tell_presence(
             .publish(subject.to_owned(), encode_node(&msg).into())
             .await;
     }
-    // After the counts (the same subject keeps the order): the statuses chosen here.
-    for (i, chunk) in statuses.chunks(2000).enumerate() {
+    // After the counts (the same subject keeps the order): the statuses chosen here. At least
+    // one message, since the first (`full`) also clears what the others knew of this node.
+    let mut chunks: Vec<&[(String, String, u64)]> = statuses.chunks(2000).collect();
+    if chunks.is_empty() {
+        chunks.push(&[]);
+    }
+    for (i, chunk) in chunks.into_iter().enumerate() {
         let msg = NodeMsg::Statuses {
             node: node.to_owned(),
             full: i == 0,
             statuses: chunk.to_vec(),
-        };
-        let _ = client
-            .publish(subject.to_owned(), encode_node(&msg).into())
-            .await;
-    }
-    if statuses.is_empty() {
-        let msg = NodeMsg::Statuses {
-            node: node.to_owned(),
-            full: true,
-            statuses: Vec::new(),
         };
         let _ = client
             .publish(subject.to_owned(), encode_node(&msg).into())

@@ -228,9 +228,8 @@ impl Broker {
 
     /// A customer chose a presence status; announced to those who follow it.
     pub fn status(&self, shard: &Shard, customer: &Rc<str>, status: PresenceStatus) {
-        // Customers live on their owner shard under both brokers; in a cluster the other
-        // nodes learn the choice with the presence messages.
-        // Recorded for the cluster first: the announcement below reads it back.
+        // Customers live on their owner shard under both brokers. In a cluster the choice is
+        // recorded for the other nodes first: the announcement below reads it back.
         if let Some(cluster) = self.cluster() {
             cluster.status(customer, status);
         }
