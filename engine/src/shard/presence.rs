@@ -437,9 +437,23 @@ impl Shard {
         };
         let cap = self.shared.config.presence.max_diff_names;
         for topic in due {
-            let Some(diff) = self.members.borrow_mut().take_diff(&topic, cap) else {
+            let Some(mut diff) = self.members.borrow_mut().take_diff(&topic, cap) else {
                 continue; // everything cancelled out
             };
+            if let Some(cluster) = self.broker.cluster() {
+                // The diff goes to the topic's subscribers on every node, so it speaks for the
+                // cluster: members on other nodes count, and a customer still a member on
+                // another node neither joined nor left.
+                let remote = cluster.remote_members(&topic);
+                let elsewhere = |c: &String| remote.binary_search(c).is_ok();
+                let members = self.members.borrow();
+                diff.members += remote.iter().filter(|c| !members.has(&topic, c)).count();
+                diff.joined.retain(|c| !elsewhere(c));
+                diff.left.retain(|c| !elsewhere(c));
+                if diff.joined.is_empty() && diff.left.is_empty() && !diff.truncated {
+                    continue;
+                }
+            }
             self.metrics()
                 .presence_diffs
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -468,7 +482,10 @@ impl Shard {
         if left.is_empty() || !self.presence_on(topic) {
             return;
         }
-        let count = self.members.borrow().list(topic).len() + elsewhere.len();
+        let count = {
+            let members = self.members.borrow();
+            members.list(topic).len() + elsewhere.iter().filter(|c| !members.has(topic, c)).count()
+        };
         let data = proto::client::presence_diff(&[], &left, count, false);
         let (ws, sse) = proto::client::ephemeral("presence_diff", topic, &data);
         let payload = crate::shard::Payload {

@@ -1552,6 +1552,85 @@ fn a_presence_topic_lists_members_of_every_node_and_a_killed_nodes_members_leave
     drop(ann);
 }
 
+/// Reads `presence_diff`s until one names `customer` under `field`; returns every diff read.
+fn diffs_until(c: &mut Client, field: &str, customer: &str) -> Vec<serde_json::Value> {
+    let mut seen = Vec::new();
+    loop {
+        let m = c.recv_json();
+        if m["type"] != "presence_diff" {
+            continue;
+        }
+        let done = m["data"][field]
+            .as_array()
+            .unwrap()
+            .contains(&serde_json::json!(customer));
+        seen.push(m);
+        if done {
+            return seen;
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs nats-server: bash .ci/cluster.sh"]
+fn a_presence_diff_counts_every_nodes_members_and_names_only_cluster_wide_changes() {
+    let nats = Nats::start();
+    let file = crate::presence::tempfile_path::TempFile::new(
+        "[[namespaces]]\nprefix = \"room:\"\npresence = true\n",
+    );
+    let node = |id: &str| {
+        cluster_node(
+            &nats.url(),
+            id,
+            2,
+            &[
+                ("RINGCAST_CONFIG", file.path()),
+                ("RINGCAST_PRESENCE_COALESCE_MS", "50"),
+            ],
+        )
+    };
+    let (a, b) = (node("node-a"), node("node-b"));
+    eventually(10, "two nodes", || {
+        a.metric("ringcast_cluster_nodes") == 2.0 && b.metric("ringcast_cluster_nodes") == 2.0
+    });
+    let mut ann = Client::connect(&a, &room_token("ann"));
+    ann.subscribe(&["room:q"]);
+    let mut bob = Client::connect(&b, &room_token("bob"));
+    bob.subscribe(&["room:q"]);
+    diffs_until(&mut ann, "joined", "bob");
+    // cat joins on A: A's diff counts bob, who is on B (before: 2, A's own view).
+    let mut cat = Client::connect(&a, &room_token("cat"));
+    cat.subscribe(&["room:q"]);
+    let seen = diffs_until(&mut bob, "joined", "cat");
+    assert_eq!(seen.last().unwrap()["data"]["members"], 3, "{seen:?}");
+    // bob opens a second connection, on A: new to A, not to the room. Then dan joins on A.
+    let mut bob2 = Client::connect(&a, &room_token("bob"));
+    bob2.subscribe(&["room:q"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut dan = Client::connect(&a, &room_token("dan"));
+    dan.subscribe(&["room:q"]);
+    let seen = diffs_until(&mut ann, "joined", "dan");
+    assert!(
+        seen.iter()
+            .all(|d| d["data"]["joined"] != serde_json::json!(["bob"])),
+        "bob was already a member (on B): {seen:?}"
+    );
+    assert_eq!(seen.last().unwrap()["data"]["members"], 4, "{seen:?}");
+    // bob's connection on A goes: he is still a member on B. Then dan leaves.
+    drop(bob2);
+    std::thread::sleep(Duration::from_millis(300));
+    drop(dan);
+    let seen = diffs_until(&mut cat, "left", "dan");
+    assert!(
+        seen.iter().all(|d| !d["data"]["left"]
+            .as_array()
+            .unwrap()
+            .contains(&serde_json::json!("bob"))),
+        "bob is still a member (on B): {seen:?}"
+    );
+    assert_eq!(seen.last().unwrap()["data"]["members"], 3, "{seen:?}");
+}
+
 #[test]
 #[ignore = "needs nats-server: bash .ci/cluster.sh"]
 fn a_publisher_chosen_id_is_deduplicated_per_topic_and_per_customer_not_across_them() {
