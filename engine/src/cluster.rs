@@ -668,8 +668,20 @@ async fn run(
                         // A status lives as long as the customer's connections here (the
                         // owner shard forgot it already); the count 0 tells the others.
                         status_changes.retain(|(c, _, _)| *c != customer);
-                    } else {
-                        mine.insert(customer.clone(), open);
+                    } else if mine.insert(customer.clone(), open).is_none() {
+                        // The others send this customer's events only to the nodes their
+                        // table names: an arrival is told at once, not at the next tick, so
+                        // an event published meanwhile elsewhere is not lost to the batching.
+                        changed.remove(&customer);
+                        let msg = NodeMsg::Presence {
+                            node: state.node_id.clone(),
+                            full: false,
+                            ask: false,
+                            counts: vec![(customer, open)],
+                            members: Vec::new(),
+                        };
+                        let _ = client.publish(presence_subject.clone(), encode_node(&msg).into()).await;
+                        continue;
                     }
                     changed.insert(customer, open);
                 }

@@ -1130,6 +1130,35 @@ fn customer_role_broadcast_and_disconnect_reach_clients_on_other_nodes() {
 
 #[test]
 #[ignore = "needs nats-server: bash .ci/cluster.sh"]
+fn a_live_customer_event_reaches_a_connection_opened_on_another_node_moments_before() {
+    let nats = Nats::start();
+    let a = node_with(&nats.url(), "node-a", "3000", 2);
+    let b = node_with(&nats.url(), "node-b", "3000", 2);
+    eventually(10, "two nodes", || {
+        a.metric("ringcast_cluster_nodes") == 2.0 && b.metric("ringcast_cluster_nodes") == 2.0
+    });
+    // Each customer's first connection is on B; 50 ms later A's API sends it a live
+    // (not stored) event. A routes by what B told it: one NATS hop, not a 100 ms batch.
+    let mut clients = Vec::new();
+    for i in 0..20 {
+        let name = format!("fresh-{i}");
+        clients.push(Client::connect(&b, &sub_token(&name)));
+        std::thread::sleep(Duration::from_millis(50));
+        a.publish(serde_json::json!({"customers": [name], "wait": "accepted",
+            "event": {"type": "hello", "data": {}}}));
+    }
+    // A new customer connection holds live frames until its second read of the stored queue
+    // (300 ms after it opened), then sends them in order.
+    std::thread::sleep(Duration::from_millis(600));
+    let got: Vec<usize> = clients
+        .iter_mut()
+        .map(|c| of_type(c, "hello").len())
+        .collect();
+    assert_eq!(got, vec![1; 20], "hello received by each fresh connection");
+}
+
+#[test]
+#[ignore = "needs nats-server: bash .ci/cluster.sh"]
 fn a_status_chosen_on_one_node_is_the_customers_status_on_every_node() {
     let nats = Nats::start();
     let a = node_with(&nats.url(), "node-a", "3000", 2);
