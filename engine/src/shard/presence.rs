@@ -308,7 +308,9 @@ impl Shard {
     }
 
     /// The `presence` op: sets the customer's status and tells those who may see it.
-    pub fn set_status(&self, customer: &Rc<str>, status: PresenceStatus) {
+    /// With `changed_elsewhere` (a cluster where another node's choice was the latest), it is
+    /// announced even if this node's own choice was already `status`.
+    pub fn set_status(&self, customer: &Rc<str>, status: PresenceStatus, changed_elsewhere: bool) {
         let before = {
             let mut p = self.presence.borrow_mut();
             if status == PresenceStatus::Online {
@@ -317,7 +319,7 @@ impl Shard {
                 p.status.insert(customer.clone(), status)
             }
         };
-        if before.unwrap_or_default() != status {
+        if changed_elsewhere || before.unwrap_or_default() != status {
             self.announce_status(customer, true);
         }
     }

@@ -1159,6 +1159,42 @@ fn a_live_customer_event_reaches_a_connection_opened_on_another_node_moments_bef
 
 #[test]
 #[ignore = "needs nats-server: bash .ci/cluster.sh"]
+fn a_follower_hears_a_status_chosen_again_on_a_node_after_another_nodes_choice() {
+    let nats = Nats::start();
+    let a = node_with(&nats.url(), "node-a", "3000", 2);
+    let b = node_with(&nats.url(), "node-b", "3000", 2);
+    eventually(10, "two nodes", || {
+        a.metric("ringcast_cluster_nodes") == 2.0 && b.metric("ringcast_cluster_nodes") == 2.0
+    });
+    let status = |v: &str| serde_json::json!({"type": "presence", "payload": {"status": v}});
+    let mut fay = Client::connect(&a, &sub_token("fay"));
+    fay.subscribe(&["presence:ann"]);
+    let mut ann = Client::connect(&a, &sub_token("ann"));
+    let mut ann_b = Client::connect(&b, &sub_token("ann"));
+    eventually(5, "each node sees ann on the other", || {
+        presence_of(&a, "ann") == "online" && presence_of(&b, "ann") == "online"
+    });
+    let heard = |fay: &mut Client, want: &str| loop {
+        let m = fay.recv_json();
+        if m["type"] == "presence" && m["data"]["status"] == want {
+            return;
+        }
+    };
+    ann.send_json(status("away"));
+    heard(&mut fay, "away");
+    ann_b.send_json(status("busy"));
+    heard(&mut fay, "busy");
+    eventually(5, "A knows B's choice", || presence_of(&a, "ann") == "busy");
+    // Away again on A: A's own choice was already away, but ann's status (the latest choice
+    // on any node) changes, and fay is told.
+    ann.send_json(status("away"));
+    heard(&mut fay, "away");
+    assert_eq!(presence_of(&a, "ann"), "away");
+    drop(ann_b);
+}
+
+#[test]
+#[ignore = "needs nats-server: bash .ci/cluster.sh"]
 fn a_status_chosen_on_one_node_is_the_customers_status_on_every_node() {
     let nats = Nats::start();
     let a = node_with(&nats.url(), "node-a", "3000", 2);

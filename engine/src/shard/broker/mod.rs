@@ -229,11 +229,16 @@ impl Broker {
     /// A customer chose a presence status; announced to those who follow it.
     pub fn status(&self, shard: &Shard, customer: &Rc<str>, status: PresenceStatus) {
         // Customers live on their owner shard under both brokers. In a cluster the choice is
-        // recorded for the other nodes first: the announcement below reads it back.
+        // recorded for the other nodes first: the announcement below reads it back. The
+        // status followers know is the latest choice on any node, so a choice is announced
+        // when it changes that, even if it repeats this node's own last choice.
+        let mut changed_elsewhere = false;
         if let Some(cluster) = self.cluster() {
+            let before = cluster.latest_status(customer);
+            changed_elsewhere = before.as_deref().unwrap_or("online") != status.as_str();
             cluster.status(customer, status);
         }
-        shard.set_status(customer, status);
+        shard.set_status(customer, status, changed_elsewhere);
     }
 
     // ---- owner side: messages that reach a topic's owner shard ----
