@@ -1429,22 +1429,38 @@ fn when_a_customers_node_is_killed_it_resumes_elsewhere_with_every_persistent_ev
     }
 }
 
-/// Reads until a message of type `kind`; returns it.
 /// Reads until a `presence_diff` whose `field` (`joined` or `left`) names `customer`.
 fn until_diff(c: &mut Client, field: &str, customer: &str) {
+    diffs_until(c, field, customer);
+}
+
+/// Reads `presence_diff`s until one names `customer` under `field`; returns every diff read.
+fn diffs_until(c: &mut Client, field: &str, customer: &str) -> Vec<serde_json::Value> {
+    let mut seen = Vec::new();
     loop {
         let m = c.recv_json();
-        if m["type"] == "presence_diff"
-            && m["data"][field]
-                .as_array()
-                .unwrap()
-                .contains(&serde_json::json!(customer))
-        {
-            return;
+        if m["type"] != "presence_diff" {
+            continue;
+        }
+        let done = m["data"][field]
+            .as_array()
+            .unwrap()
+            .contains(&serde_json::json!(customer));
+        seen.push(m);
+        if done {
+            return seen;
         }
     }
 }
 
+/// A config file whose `room:` topics have presence.
+fn presence_rooms() -> crate::presence::tempfile_path::TempFile {
+    crate::presence::tempfile_path::TempFile::new(
+        "[[namespaces]]\nprefix = \"room:\"\npresence = true\n",
+    )
+}
+
+/// Reads until a message of type `kind`; returns it.
 fn until(c: &mut Client, kind: &str) -> serde_json::Value {
     loop {
         let m = c.recv_json();
@@ -1557,9 +1573,7 @@ fn the_per_customer_connection_limit_counts_every_node() {
 #[ignore = "needs nats-server: bash .ci/cluster.sh"]
 fn a_presence_topic_lists_members_of_every_node_and_a_killed_nodes_members_leave() {
     let nats = Nats::start();
-    let file = crate::presence::tempfile_path::TempFile::new(
-        "[[namespaces]]\nprefix = \"room:\"\npresence = true\n",
-    );
+    let file = presence_rooms();
     let node = |id: &str| {
         cluster_node(
             &nats.url(),
@@ -1617,32 +1631,11 @@ fn a_presence_topic_lists_members_of_every_node_and_a_killed_nodes_members_leave
     drop(ann);
 }
 
-/// Reads `presence_diff`s until one names `customer` under `field`; returns every diff read.
-fn diffs_until(c: &mut Client, field: &str, customer: &str) -> Vec<serde_json::Value> {
-    let mut seen = Vec::new();
-    loop {
-        let m = c.recv_json();
-        if m["type"] != "presence_diff" {
-            continue;
-        }
-        let done = m["data"][field]
-            .as_array()
-            .unwrap()
-            .contains(&serde_json::json!(customer));
-        seen.push(m);
-        if done {
-            return seen;
-        }
-    }
-}
-
 #[test]
 #[ignore = "needs nats-server: bash .ci/cluster.sh"]
 fn a_presence_diff_counts_every_nodes_members_and_names_only_cluster_wide_changes() {
     let nats = Nats::start();
-    let file = crate::presence::tempfile_path::TempFile::new(
-        "[[namespaces]]\nprefix = \"room:\"\npresence = true\n",
-    );
+    let file = presence_rooms();
     let node = |id: &str| {
         cluster_node(
             &nats.url(),
