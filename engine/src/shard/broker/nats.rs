@@ -539,10 +539,10 @@ impl Nats {
             .await;
         let mut resume = shard.resume_customer(key, customer, since);
         // The other nodes learn that this one has the customer one NATS hop after it opened
-        // (an arrival is told at once); an event stored meanwhile is not sent here. The connection stays `resuming` (live
-        // persistent customer events stored, not queued; other frames held) until a second
-        // read of the queue, a little later, has brought those; they go out in order, then
-        // the held frames.
+        // (an arrival is told at once); an event stored meanwhile is not sent here. The
+        // connection stays `resuming` (live persistent customer events stored, not queued;
+        // other frames held) until a second read of the queue, a little later, has brought
+        // those; they go out in order, then the held frames.
         let upto = shard.streams.borrow().seen_upto(customer);
         self.catchups.borrow_mut().push(Catchup {
             key,
