@@ -214,6 +214,21 @@ type Subscriber = std::thread::JoinHandle<(u64, Vec<u64>, Vec<bool>)>;
 
 /// Each subscriber got every accepted event of its topic after the offset it started above,
 /// once, in order, and every (re)subscription said `recovered: true`.
+/// Nodes `node-a` and `node-b` (two shards, 3 s node timeout), once each sees the other.
+fn two_nodes(nats: &Nats) -> (Server, Server) {
+    let a = node_with(&nats.url(), "node-a", "3000", 2);
+    let b = node_with(&nats.url(), "node-b", "3000", 2);
+    see_each_other(&a, &b);
+    (a, b)
+}
+
+/// Waits until each of two nodes counts both.
+fn see_each_other(a: &Server, b: &Server) {
+    eventually(10, "two nodes", || {
+        a.metric("ringcast_cluster_nodes") == 2.0 && b.metric("ringcast_cluster_nodes") == 2.0
+    });
+}
+
 fn assert_every_event_once(
     subs: Vec<(String, Subscriber)>,
     accepted: &std::collections::HashMap<String, Vec<u64>>,
@@ -1132,11 +1147,7 @@ fn customer_role_broadcast_and_disconnect_reach_clients_on_other_nodes() {
 #[ignore = "needs nats-server: bash .ci/cluster.sh"]
 fn a_live_customer_event_reaches_a_connection_opened_on_another_node_moments_before() {
     let nats = Nats::start();
-    let a = node_with(&nats.url(), "node-a", "3000", 2);
-    let b = node_with(&nats.url(), "node-b", "3000", 2);
-    eventually(10, "two nodes", || {
-        a.metric("ringcast_cluster_nodes") == 2.0 && b.metric("ringcast_cluster_nodes") == 2.0
-    });
+    let (a, b) = two_nodes(&nats);
     // Each customer's first connection is on B; 50 ms later A's API sends it a live
     // (not stored) event. A routes by what B told it: one NATS hop, not a 100 ms batch.
     let mut clients = Vec::new();
@@ -1161,11 +1172,7 @@ fn a_live_customer_event_reaches_a_connection_opened_on_another_node_moments_bef
 #[ignore = "needs nats-server: bash .ci/cluster.sh"]
 fn a_follower_hears_a_status_chosen_again_on_a_node_after_another_nodes_choice() {
     let nats = Nats::start();
-    let a = node_with(&nats.url(), "node-a", "3000", 2);
-    let b = node_with(&nats.url(), "node-b", "3000", 2);
-    eventually(10, "two nodes", || {
-        a.metric("ringcast_cluster_nodes") == 2.0 && b.metric("ringcast_cluster_nodes") == 2.0
-    });
+    let (a, b) = two_nodes(&nats);
     let status = |v: &str| serde_json::json!({"type": "presence", "payload": {"status": v}});
     let mut fay = Client::connect(&a, &sub_token("fay"));
     fay.subscribe(&["presence:ann"]);
@@ -1460,6 +1467,21 @@ fn presence_rooms() -> crate::presence::tempfile_path::TempFile {
     )
 }
 
+/// A two-shard node reading `rooms` (see [`presence_rooms`]), with diffs every 50 ms.
+fn presence_node(
+    nats: &Nats,
+    rooms: &crate::presence::tempfile_path::TempFile,
+    id: &str,
+    extra: &[(&str, &str)],
+) -> Server {
+    let mut env = vec![
+        ("RINGCAST_CONFIG", rooms.path()),
+        ("RINGCAST_PRESENCE_COALESCE_MS", "50"),
+    ];
+    env.extend_from_slice(extra);
+    cluster_node(&nats.url(), id, 2, &env)
+}
+
 /// Reads until a message of type `kind`; returns it.
 fn until(c: &mut Client, kind: &str) -> serde_json::Value {
     loop {
@@ -1575,15 +1597,11 @@ fn a_presence_topic_lists_members_of_every_node_and_a_killed_nodes_members_leave
     let nats = Nats::start();
     let file = presence_rooms();
     let node = |id: &str| {
-        cluster_node(
-            &nats.url(),
+        presence_node(
+            &nats,
+            &file,
             id,
-            2,
-            &[
-                ("RINGCAST_NATS_NODE_TIMEOUT_MS", "1500"),
-                ("RINGCAST_CONFIG", file.path()),
-                ("RINGCAST_PRESENCE_COALESCE_MS", "50"),
-            ],
+            &[("RINGCAST_NATS_NODE_TIMEOUT_MS", "1500")],
         )
     };
     let (mut a, b) = (node("node-a"), node("node-b"));
@@ -1636,21 +1654,9 @@ fn a_presence_topic_lists_members_of_every_node_and_a_killed_nodes_members_leave
 fn a_presence_diff_counts_every_nodes_members_and_names_only_cluster_wide_changes() {
     let nats = Nats::start();
     let file = presence_rooms();
-    let node = |id: &str| {
-        cluster_node(
-            &nats.url(),
-            id,
-            2,
-            &[
-                ("RINGCAST_CONFIG", file.path()),
-                ("RINGCAST_PRESENCE_COALESCE_MS", "50"),
-            ],
-        )
-    };
+    let node = |id: &str| presence_node(&nats, &file, id, &[]);
     let (a, b) = (node("node-a"), node("node-b"));
-    eventually(10, "two nodes", || {
-        a.metric("ringcast_cluster_nodes") == 2.0 && b.metric("ringcast_cluster_nodes") == 2.0
-    });
+    see_each_other(&a, &b);
     let mut ann = Client::connect(&a, &room_token("ann"));
     ann.subscribe(&["room:q"]);
     let mut bob = Client::connect(&b, &room_token("bob"));
