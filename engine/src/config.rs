@@ -197,6 +197,12 @@ pub struct Server {
     /// fanned out meanwhile leave together, one write per socket. Default 1000. A quiet shard
     /// flushes at once whatever this is.
     pub flush_window_us: u64,
+    /// How far behind, in milliseconds, a shard's fan-out may fall (the age of its oldest
+    /// accepted event not yet written to its sockets) before the publish API holds new
+    /// publishes until it catches up (503 `overloaded` after 5 s). Default 100; 0 turns the
+    /// bound off. Publishes are answered on acceptance, so this is what keeps publishers
+    /// from outrunning delivery.
+    pub max_fanout_lag_ms: u64,
     /// Load balancers whose word about the client's address is believed (CIDR ranges or
     /// addresses): their `X-Forwarded-For`, and their PROXY header with `proxy_protocol`.
     /// Default none: the TCP peer is the client, and the headers are ignored.
@@ -507,6 +513,7 @@ impl Default for Server {
             ring_depth: 4096,
             mesh_capacity: 4096,
             flush_window_us: 1000,
+            max_fanout_lag_ms: 100,
             trusted_proxies: Vec::new(),
             proxy_protocol: false,
         }
@@ -662,6 +669,7 @@ impl Config {
             "server.ring_depth" => self.server.ring_depth = num(value)?,
             "server.mesh_capacity" => self.server.mesh_capacity = num(value)?,
             "server.flush_window_us" => self.server.flush_window_us = num(value)?,
+            "server.max_fanout_lag_ms" => self.server.max_fanout_lag_ms = num(value)?,
             "server.trusted_proxies" => self.server.trusted_proxies = list(value),
             "server.proxy_protocol" => self.server.proxy_protocol = flag(value)?,
             "auth.jwt_algorithm" => self.auth.jwt_algorithm = value.parse()?,

@@ -82,6 +82,11 @@ pub struct ShardMetrics {
     pub replayed: AtomicU64,
     /// Open backend API connections.
     pub api_connections: AtomicI64,
+    /// When the oldest job of this shard's fan-out queue not yet written arrived, in
+    /// microseconds since the process started, plus one; 0 while the shard has caught up.
+    pub fanout_unwritten_since: AtomicU64,
+    /// Publishes the API held because a shard's fan-out was behind.
+    pub publishes_held: AtomicU64,
     /// Topics this shard owns (offset, interest, history), as of its last sweep or change.
     pub topics_owned: AtomicI64,
     /// Owned topics forgotten by the sweep (no interest, no history left).
@@ -169,7 +174,7 @@ pub fn render_prometheus(
     }
     out.push_str(&lines);
     type Counter = (&'static str, &'static str, fn(&ShardMetrics) -> u64);
-    let counters: [Counter; 34] = [
+    let counters: [Counter; 35] = [
         ("ringcast_sse_connections", "Open SSE streams.", |s| {
             s.sse_connections.load(Relaxed).max(0) as u64
         }),
@@ -267,6 +272,11 @@ pub fn render_prometheus(
             "ringcast_api_connections",
             "Open backend API connections.",
             |s| s.api_connections.load(Relaxed).max(0) as u64,
+        ),
+        (
+            "ringcast_publishes_held_total",
+            "Publishes held by the API while a shard's fan-out was behind (server.max_fanout_lag_ms).",
+            |s| s.publishes_held.load(Relaxed),
         ),
         (
             "ringcast_handshakes_total",

@@ -84,6 +84,9 @@ codes! {
     ServerFull = "server_full",
     /// Another shard did not answer in time.
     ShardTimeout = "shard_timeout",
+    /// A publish held while delivery was behind (`server.max_fanout_lag_ms`) for 5 s and not
+    /// accepted: nothing of it was stored or delivered; send it again later.
+    Overloaded = "overloaded",
     /// Cluster mode: the event store (JetStream) did not take the event, so it was not
     /// published (or, with several topics, not to all of them). Retrying with a
     /// publisher-chosen id is safe.

@@ -16,7 +16,7 @@ use proto::{
     http1::{json_error, parse_head, route, Head, Response, Route},
 };
 
-use super::{read_more, read_more_by, respond};
+use super::{read_more_by, respond};
 use crate::{metrics, shard::Shard};
 
 /// A keep-alive connection whose next request opens a client stream (a browser reusing the
@@ -121,17 +121,27 @@ async fn next_request_starts(
     buf: &mut Vec<u8>,
     idle: Duration,
 ) -> bool {
-    if stream.set_read_timeout(Some(idle)).is_err() {
-        return false;
-    }
-    let read = async { matches!(read_more(shard, stream, buf).await, Ok(n) if n > 0) };
-    let drain = async {
-        while !shard.draining() {
-            glommio::timer::sleep(Duration::from_millis(100)).await;
+    // Wait with a peek: glommio sends socket receives through its latency ring, which a busy
+    // shard checks between fan-out chunks (`Shard::pause_if_needed`), while a plain read's
+    // readiness poll would only be seen when the shard next polls its main ring (up to a
+    // whole flush round later).
+    let arrived = async {
+        let mut first = [0u8; 1];
+        matches!(stream.peek(&mut first).await, Ok(n) if n > 0)
+    };
+    let idle_or_drain = async {
+        let until = Instant::now() + idle;
+        while !shard.draining() && Instant::now() < until {
+            glommio::timer::sleep(Duration::from_millis(100).min(idle)).await;
         }
         false
     };
-    futures_lite::future::or(read, drain).await
+    if !futures_lite::future::or(arrived, idle_or_drain).await {
+        return false;
+    }
+    let deadline =
+        Instant::now() + Duration::from_secs(shard.shared.config.server.handshake_timeout_secs);
+    matches!(read_more_by(shard, stream, buf, deadline).await, Ok(n) if n > 0)
 }
 
 /// Reads the request body into `buf` after the head, within `server.body_timeout_secs`.
@@ -372,6 +382,13 @@ async fn publish_one(shard: &Rc<Shard>, p: PublishIn) -> Result<PublishOut, ApiE
     let p = p
         .validate(|| shard.next_conn_id(), now)
         .map_err(|e| ApiError::new(400, e.code, e.message))?;
+    if !shard.room_to_publish().await {
+        return Err(ApiError::new(
+            503,
+            Code::Overloaded,
+            "not published: delivery is behind; send it again later".to_string(),
+        ));
+    }
     let outcome = shard
         .broker
         .publish(shard, &p, Some(wait))

@@ -8,6 +8,11 @@
 //! for the rest of `server.flush_window_us`, so several publishes' frames leave in one write
 //! per socket; a quiet shard runs at once. Plain data: the task that runs it (`route.rs`) owns
 //! the waiting and the executor.
+//!
+//! And it knows how far behind the shard is: the arrival of the oldest job whose frames are not
+//! written yet. The publish API holds new publishes while that is too long ago
+//! (`server.max_fanout_lag_ms`): a publish is answered once accepted, so without this bound
+//! publishers faster than delivery would grow the queue without limit.
 
 use std::{
     collections::VecDeque,
@@ -16,9 +21,11 @@ use std::{
 
 /// Jobs in arrival order and the time of the last flush.
 pub struct FanoutQueue<J> {
-    jobs: VecDeque<J>,
+    jobs: VecDeque<(Instant, J)>,
     window: Duration,
     last_flush: Option<Instant>,
+    /// Arrival of the oldest job not flushed yet (queued, or taken by the running round).
+    unwritten_since: Option<Instant>,
 }
 
 impl<J> FanoutQueue<J> {
@@ -28,6 +35,7 @@ impl<J> FanoutQueue<J> {
             jobs: VecDeque::new(),
             window,
             last_flush: None,
+            unwritten_since: None,
         }
     }
 
@@ -38,14 +46,21 @@ impl<J> FanoutQueue<J> {
         }
     }
 
-    /// Adds a job behind every job that arrived before it.
-    pub fn push(&mut self, job: J) {
-        self.jobs.push_back(job);
+    /// Adds a job, arrived at `now`, behind every job that arrived before it.
+    pub fn push(&mut self, job: J, now: Instant) {
+        self.unwritten_since.get_or_insert(now);
+        self.jobs.push_back((now, job));
     }
 
     /// The oldest job.
     pub fn pop(&mut self) -> Option<J> {
-        self.jobs.pop_front()
+        self.jobs.pop_front().map(|(_, job)| job)
+    }
+
+    /// When the oldest job whose frames are not written yet arrived; `None` when the shard
+    /// has caught up.
+    pub fn unwritten_since(&self) -> Option<Instant> {
+        self.unwritten_since
     }
 
     /// Whether no job waits (the simulation picks among shards with work).
@@ -61,9 +76,11 @@ impl<J> FanoutQueue<J> {
         (since < self.window).then(|| self.window - since)
     }
 
-    /// A round ended with a flush at `now`.
+    /// A round ended with a flush at `now`: every job it took is written; what waits is
+    /// what arrived meanwhile.
     pub fn flushed(&mut self, now: Instant) {
         self.last_flush = Some(now);
+        self.unwritten_since = self.jobs.front().map(|(at, _)| *at);
     }
 }
 
@@ -73,11 +90,12 @@ mod tests {
 
     #[test]
     fn jobs_run_in_arrival_order_across_rounds() {
+        let now = Instant::now();
         let mut q = FanoutQueue::new(Duration::ZERO);
-        q.push(1);
-        q.push(2);
+        q.push(1, now);
+        q.push(2, now);
         assert_eq!(q.pop(), Some(1));
-        q.push(3);
+        q.push(3, now);
         assert_eq!((q.pop(), q.pop(), q.pop()), (Some(2), Some(3), None));
         assert!(q.is_empty());
     }
@@ -100,6 +118,27 @@ mod tests {
     }
 
     #[test]
+    fn the_lag_runs_from_the_oldest_job_not_written_until_a_round_catches_up() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut q = FanoutQueue::new(Duration::ZERO);
+        assert_eq!(q.unwritten_since(), None);
+        q.push(1, t0);
+        q.push(2, t0 + ms(5));
+        assert_eq!(q.unwritten_since(), Some(t0));
+        // A round takes both; until it has flushed they are still not written.
+        while q.pop().is_some() {}
+        assert_eq!(q.unwritten_since(), Some(t0));
+        // One arrives while the round writes: it is what the shard is behind by next.
+        q.push(3, t0 + ms(20));
+        q.flushed(t0 + ms(30));
+        assert_eq!(q.unwritten_since(), Some(t0 + ms(20)));
+        q.pop();
+        q.flushed(t0 + ms(40));
+        assert_eq!(q.unwritten_since(), None, "caught up");
+    }
+
+    #[test]
     fn a_zero_window_never_waits() {
         let t0 = Instant::now();
         let mut q: FanoutQueue<()> = FanoutQueue::new(Duration::ZERO);
@@ -110,8 +149,9 @@ mod tests {
     #[test]
     fn a_queue_a_burst_grew_gives_its_memory_back_once_drained() {
         let mut q = FanoutQueue::new(Duration::ZERO);
+        let now = Instant::now();
         for i in 0..10_000 {
-            q.push(i);
+            q.push(i, now);
         }
         q.shrink();
         assert!(q.jobs.capacity() >= 10_000, "not while it holds the burst");

@@ -58,6 +58,9 @@ use conn_state::{Conn, Flush, OutFrame, Queued, Written};
 
 /// Connections written per [`SendRing`] submission in a flush round.
 const SEND_CHUNK: usize = 256;
+/// The longest a publish is held for a shard's fan-out to catch up before it is refused with
+/// 503 (see [`Shard::room_to_publish`]).
+const PUBLISH_HOLD: Duration = Duration::from_secs(5);
 use fanout::FanoutQueue;
 pub use mesh::Envelope;
 use mesh::Mesh;
@@ -181,6 +184,9 @@ pub struct Shard {
     /// Deliveries in arrival order (keeps per-topic order), run by the fan-out task.
     fanout: RefCell<FanoutQueue<Job>>,
     deliver_notify: Notify,
+    /// The fan-out task asks to pause / may go on (see [`Shard::pause_if_needed`]).
+    pause: Notify,
+    resume: Notify,
     /// Heartbeats, idle and close timeouts.
     wheel: RefCell<Wheel>,
     /// Seconds since the shard started, advanced by the ticker.
@@ -518,17 +524,99 @@ impl Shard {
         if keys.is_empty() {
             return;
         }
-        let mut conns = self.conns.borrow_mut();
-        let mut ring = self.sends.borrow_mut();
-        for chunk in keys.chunks(SEND_CHUNK) {
-            self.flush_batch(&mut conns, chunk, &mut ring);
+        {
+            let mut conns = self.conns.borrow_mut();
+            let mut ring = self.sends.borrow_mut();
+            for chunk in keys.chunks(SEND_CHUNK) {
+                self.flush_batch(&mut conns, chunk, &mut ring);
+            }
         }
-        // Reuse the list's allocation for the next round.
+        self.reuse_dirty(keys);
+    }
+
+    /// The fan-out task's flush round: as [`Shard::flush_dirty`], but it lets the rest of the
+    /// shard run between chunks when something waits (see [`Shard::pause_if_needed`]), so a
+    /// round over thousands of sockets does not hold a publish's answer for its whole length.
+    /// A connection flushed before a pause and given frames during it is simply dirty again.
+    pub async fn flush_round(&self) {
+        let keys = std::mem::take(&mut *self.dirty.borrow_mut());
+        for chunk in keys.chunks(SEND_CHUNK) {
+            {
+                let mut conns = self.conns.borrow_mut();
+                let mut ring = self.sends.borrow_mut();
+                self.flush_batch(&mut conns, chunk, &mut ring);
+            }
+            self.pause_if_needed().await;
+        }
+        self.reuse_dirty(keys);
+    }
+
+    /// Gives the dirty list's allocation back for the next round.
+    fn reuse_dirty(&self, mut keys: Vec<ConnKey>) {
         let mut dirty = self.dirty.borrow_mut();
-        if dirty.is_empty() {
-            let mut keys = keys;
+        if dirty.is_empty() && keys.capacity() > dirty.capacity() {
             keys.clear();
             *dirty = keys;
+        }
+    }
+
+    /// How far behind the furthest-behind shard's fan-out is: the age of the oldest accepted
+    /// job whose frames are not written yet.
+    pub fn fanout_lag(&self) -> Duration {
+        let now = self.shared.started.elapsed().as_micros() as u64 + 1;
+        let oldest = self
+            .shared
+            .metrics
+            .iter()
+            .map(|m| m.fanout_unwritten_since.load(Relaxed))
+            .filter(|&since| since != 0)
+            .min();
+        oldest.map_or(Duration::ZERO, |since| {
+            Duration::from_micros(now.saturating_sub(since))
+        })
+    }
+
+    /// Holds a publish while any shard's fan-out is more than `server.max_fanout_lag_ms`
+    /// behind, up to `PUBLISH_HOLD`. An answer on acceptance would otherwise let publishers
+    /// that wait for it outrun delivery and grow the shards' queues without bound; holding
+    /// the answer slows them to what the shards deliver. False: still behind, not accepted.
+    pub async fn room_to_publish(&self) -> bool {
+        let limit = Duration::from_millis(self.shared.config.server.max_fanout_lag_ms);
+        if limit.is_zero() || self.fanout_lag() <= limit {
+            return true;
+        }
+        self.metrics().publishes_held.fetch_add(1, Relaxed);
+        let until = Instant::now() + PUBLISH_HOLD;
+        while Instant::now() < until {
+            glommio::timer::sleep(Duration::from_millis(1)).await;
+            if self.fanout_lag() <= limit {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Called by the fan-out task between chunks of work. When glommio says something waits
+    /// (an event on its latency ring: a socket receive such as an API request's first byte,
+    /// a message from another shard, or its preemption timer), the task steps aside until
+    /// the rest of the shard has run once. The fan-out task runs in a task queue of its own;
+    /// a queue that merely yielded would be picked again before the woken tasks (glommio
+    /// gives a newly woken queue the lowest running vruntime plus one), so instead it waits
+    /// for the resume task, which runs in the shard's main queue ahead of whatever the next
+    /// I/O poll wakes there.
+    pub async fn pause_if_needed(&self) {
+        if glommio::executor().need_preempt() {
+            self.pause.notify();
+            self.resume.wait().await;
+        }
+    }
+
+    /// Lets the fan-out task go on after a pause: by the time this task runs, the executor
+    /// has polled for I/O and the tasks it woke are queued right behind it.
+    async fn resume_task(self: Rc<Self>) {
+        loop {
+            self.pause.wait().await;
+            self.resume.notify();
         }
     }
 
@@ -765,6 +853,8 @@ pub fn start(config: Config) -> anyhow::Result<Server> {
                         shared.config.server.flush_window_us,
                     ))),
                     deliver_notify: Notify::default(),
+                    pause: Notify::default(),
+                    resume: Notify::default(),
                     wheel: RefCell::new(Wheel::default()),
                     clock: Cell::new(0),
                     drain_notify: Notify::default(),
@@ -825,7 +915,16 @@ impl Shard {
             .detach();
         }
         spawn_local(self.clone().parking_task(parked_keys)).detach();
-        spawn_local(self.clone().fanout_task()).detach();
+        // Its own task queue, so that a pause lets the main queue's woken tasks run first.
+        let fanout = glommio::executor().create_task_queue(
+            glommio::Shares::default(),
+            glommio::Latency::NotImportant,
+            "fanout",
+        );
+        glommio::spawn_local_into(self.clone().fanout_task(), fanout)
+            .expect("the fan-out queue was just created")
+            .detach();
+        spawn_local(self.clone().resume_task()).detach();
         spawn_local(self.clone().revive_task()).detach();
         let ticker = spawn_local(self.clone().ticker_task());
         // Returns when the drain's grace period is over; until then every connection is

@@ -440,8 +440,24 @@ impl Shard {
     }
 
     pub(super) fn queue_job(&self, job: Job) {
-        self.fanout.borrow_mut().push(job);
+        let mut fanout = self.fanout.borrow_mut();
+        let caught_up = fanout.unwritten_since().is_none();
+        fanout.push(job, Instant::now());
+        if caught_up {
+            self.publish_lag(fanout.unwritten_since());
+        }
+        drop(fanout);
         self.deliver_notify.notify();
+    }
+
+    /// Tells the publish API (any shard's) how far behind this shard's fan-out is.
+    fn publish_lag(&self, since: Option<Instant>) {
+        let us = since.map_or(0, |at| {
+            at.saturating_duration_since(self.shared.started)
+                .as_micros() as u64
+                + 1
+        });
+        self.metrics().fanout_unwritten_since.store(us, Relaxed);
     }
 
     /// Runs jobs in arrival order, then flushes every touched connection once.
@@ -509,8 +525,13 @@ impl Shard {
                     }
                 }
             }
-            self.flush_dirty();
-            self.fanout.borrow_mut().flushed(Instant::now());
+            if let Some(ms) = crate::faults::value("stall_fanout") {
+                glommio::timer::sleep(std::time::Duration::from_millis(ms)).await;
+            }
+            self.flush_round().await;
+            let mut fanout = self.fanout.borrow_mut();
+            fanout.flushed(Instant::now());
+            self.publish_lag(fanout.unwritten_since());
         }
     }
 
@@ -610,10 +631,10 @@ impl Shard {
                 }
             }
             start = end;
-            if start < total && glommio::executor().need_preempt() {
-                // Put what is queued on the wire before giving the executor away.
-                self.flush_dirty();
-                glommio::yield_if_needed().await;
+            if start < total {
+                // What is queued waits for the round's flush: flushing here would split
+                // the round's frames over two writes per socket.
+                self.pause_if_needed().await;
             }
         }
         counts

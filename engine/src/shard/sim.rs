@@ -402,23 +402,29 @@ impl Sim {
                 offset,
                 recovered,
                 replay,
-            } => self.shards[at].jobs.push(Job::Subscribed {
-                req,
-                offset,
-                recovered,
-                replay,
-            }),
+            } => self.shards[at].jobs.push(
+                Job::Subscribed {
+                    req,
+                    offset,
+                    recovered,
+                    replay,
+                },
+                std::time::Instant::now(),
+            ),
             Msg::Deliver {
                 topic,
                 offset,
                 origin,
                 req,
-            } => self.shards[at].jobs.push(Job::Deliver {
-                topic,
-                offset,
-                origin,
-                req,
-            }),
+            } => self.shards[at].jobs.push(
+                Job::Deliver {
+                    topic,
+                    offset,
+                    origin,
+                    req,
+                },
+                std::time::Instant::now(),
+            ),
             Msg::Report {
                 req,
                 delivered,

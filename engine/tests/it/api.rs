@@ -1,6 +1,9 @@
 //! The backend API: authentication, validation, keep-alive, operational endpoints.
 
-use std::io::{Read, Write};
+use std::{
+    io::{Read, Write},
+    time::{Duration, Instant},
+};
 
 use serde_json::json;
 
@@ -231,4 +234,92 @@ fn publish_answers_on_acceptance_with_offsets_or_after_delivery_when_asked() {
         r#"{"topics": ["acc:1"], "event": {"type": "x"}, "wait": "soon"}"#,
     );
     assert_eq!(status, 400, "{text}");
+}
+
+fn post_publish(server: &Server, topic: &str, n: u32) -> (u16, serde_json::Value, Duration) {
+    let started = Instant::now();
+    let (status, text) = server.http(
+        "POST",
+        "/v1/publish",
+        &[("Authorization", &format!("Bearer {API_KEY}"))],
+        &json!({"topics": [topic], "event": {"type": "x", "data": {"n": n}}}).to_string(),
+    );
+    let body = serde_json::from_str(&text).unwrap_or_else(|_| panic!("{status} {text}"));
+    (status, body, started.elapsed())
+}
+
+/// Publishes are answered on acceptance, so the API bounds how far delivery may fall behind:
+/// while a shard's oldest accepted event is unwritten for longer than
+/// `server.max_fanout_lag_ms`, a new publish waits, and is accepted once the shard catches
+/// up. (The fault makes every fan-out round take 2 s; the subscription's round is the first.)
+#[test]
+fn a_publish_waits_while_delivery_is_behind_and_is_accepted_once_it_catches_up() {
+    let server = Server::start_with(
+        1,
+        &[
+            ("RINGCAST_FAULTS", "stall_fanout=2000"),
+            ("RINGCAST_SERVER_MAX_FANOUT_LAG_MS", "100"),
+        ],
+    );
+    let mut c = Client::connect(&server, &sub_token("lagging"));
+    c.subscribe(&["lag:1"]);
+    let (status, a, took) = post_publish(&server, "lag:1", 1);
+    assert_eq!(status, 200, "{a}");
+    assert!(
+        took < Duration::from_millis(1500),
+        "caught up, yet held {took:?}"
+    );
+    // Past the bound: the oldest unwritten job has waited longer than 100 ms.
+    std::thread::sleep(Duration::from_millis(300));
+    let (status, b, took) = post_publish(&server, "lag:1", 2);
+    assert_eq!(status, 200, "{b}");
+    assert!(
+        took >= Duration::from_millis(1000),
+        "answered after {took:?} while the first event was still unwritten"
+    );
+    assert_eq!(
+        b["offsets"]["lag:1"],
+        a["offsets"]["lag:1"].as_u64().unwrap() + 1
+    );
+    assert!(server.metric("ringcast_publishes_held_total") >= 1.0);
+    let got: Vec<_> = (0..2).map(|_| c.recv_json()["data"]["n"].clone()).collect();
+    assert_eq!(got, [json!(1), json!(2)], "both delivered, in order");
+}
+
+/// A publish still behind a stalled fan-out after 5 s is refused with 503 `overloaded` and
+/// not accepted, so nobody receives it. (Every round takes 8 s here; the subscription's round
+/// is the first, the first event's the second.)
+#[test]
+fn a_publish_behind_a_stalled_fanout_is_refused_and_not_delivered() {
+    let server = Server::start_with(
+        1,
+        &[
+            ("RINGCAST_FAULTS", "stall_fanout=8000"),
+            ("RINGCAST_SERVER_MAX_FANOUT_LAG_MS", "100"),
+        ],
+    );
+    let mut c = Client::connect(&server, &sub_token("stalled"));
+    c.subscribe(&["lag:2"]);
+    let (status, a, _) = post_publish(&server, "lag:2", 1);
+    assert_eq!(status, 200, "{a}");
+    std::thread::sleep(Duration::from_millis(300));
+    let (status, b, took) = post_publish(&server, "lag:2", 2);
+    assert_eq!(
+        (status, b["error"]["code"].as_str()),
+        (503, Some("overloaded")),
+        "{b}"
+    );
+    assert!(
+        took >= Duration::from_millis(4500),
+        "refused after {took:?}"
+    );
+    // Had the second been accepted, it would have been in the first event's round.
+    assert_eq!(c.recv_json()["data"]["n"], 1);
+    c.ws.get_mut()
+        .set_read_timeout(Some(Duration::from_millis(1500)))
+        .unwrap();
+    match c.ws.read() {
+        Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!("after the refusal: {other:?}"),
+    }
 }
