@@ -203,6 +203,11 @@ pub struct Server {
     /// bound off. Publishes are answered on acceptance, so this is what keeps publishers
     /// from outrunning delivery.
     pub max_fanout_lag_ms: u64,
+    /// How many deliveries may wait in a shard's fan-out queue for its next round before the
+    /// publish API holds new publishes (each topic event counts its subscribers on the
+    /// shard). Default 131072; 0 turns the bound off. It caps a round's size under
+    /// overload, and so how long a delivery waits for its round and the rounds before it.
+    pub max_fanout_backlog: u64,
     /// Load balancers whose word about the client's address is believed (CIDR ranges or
     /// addresses): their `X-Forwarded-For`, and their PROXY header with `proxy_protocol`.
     /// Default none: the TCP peer is the client, and the headers are ignored.
@@ -514,6 +519,7 @@ impl Default for Server {
             mesh_capacity: 4096,
             flush_window_us: 1000,
             max_fanout_lag_ms: 100,
+            max_fanout_backlog: 131_072,
             trusted_proxies: Vec::new(),
             proxy_protocol: false,
         }
@@ -670,6 +676,7 @@ impl Config {
             "server.mesh_capacity" => self.server.mesh_capacity = num(value)?,
             "server.flush_window_us" => self.server.flush_window_us = num(value)?,
             "server.max_fanout_lag_ms" => self.server.max_fanout_lag_ms = num(value)?,
+            "server.max_fanout_backlog" => self.server.max_fanout_backlog = num(value)?,
             "server.trusted_proxies" => self.server.trusted_proxies = list(value),
             "server.proxy_protocol" => self.server.proxy_protocol = flag(value)?,
             "auth.jwt_algorithm" => self.auth.jwt_algorithm = value.parse()?,

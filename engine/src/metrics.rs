@@ -85,6 +85,8 @@ pub struct ShardMetrics {
     /// When the oldest job of this shard's fan-out queue not yet written arrived, in
     /// microseconds since the process started, plus one; 0 while the shard has caught up.
     pub fanout_unwritten_since: AtomicU64,
+    /// Deliveries of the jobs waiting in this shard's fan-out queue for a round.
+    pub fanout_waiting: AtomicU64,
     /// Publishes the API held because a shard's fan-out was behind.
     pub publishes_held: AtomicU64,
     /// Topics this shard owns (offset, interest, history), as of its last sweep or change.
@@ -275,7 +277,7 @@ pub fn render_prometheus(
         ),
         (
             "ringcast_publishes_held_total",
-            "Publishes held by the API while a shard's fan-out was behind (server.max_fanout_lag_ms).",
+            "Publishes held by the API while a shard's fan-out was behind (server.max_fanout_lag_ms, server.max_fanout_backlog).",
             |s| s.publishes_held.load(Relaxed),
         ),
         (

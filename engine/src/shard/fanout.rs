@@ -10,9 +10,11 @@
 //! the waiting and the executor.
 //!
 //! And it knows how far behind the shard is: the arrival of the oldest job whose frames are not
-//! written yet. The publish API holds new publishes while that is too long ago
-//! (`server.max_fanout_lag_ms`): a publish is answered once accepted, so without this bound
-//! publishers faster than delivery would grow the queue without limit.
+//! written yet, and how many deliveries wait for the next round. The publish API holds new
+//! publishes while the first is too long ago (`server.max_fanout_lag_ms`) or the second too
+//! large (`server.max_fanout_backlog`): a publish is answered once accepted, so without these
+//! bounds publishers faster than delivery would grow the queue without limit, and the backlog
+//! bound keeps each round (and so each delivery's wait) short under overload.
 
 use std::{
     collections::VecDeque,
@@ -21,7 +23,10 @@ use std::{
 
 /// Jobs in arrival order and the time of the last flush.
 pub struct FanoutQueue<J> {
-    jobs: VecDeque<(Instant, J)>,
+    /// Arrival, deliveries (weight) and the job.
+    jobs: VecDeque<(Instant, usize, J)>,
+    /// The sum of the queued jobs' weights.
+    waiting: usize,
     window: Duration,
     last_flush: Option<Instant>,
     /// Arrival of the oldest job not flushed yet (queued, or taken by the running round).
@@ -33,6 +38,7 @@ impl<J> FanoutQueue<J> {
     pub fn new(window: Duration) -> Self {
         FanoutQueue {
             jobs: VecDeque::new(),
+            waiting: 0,
             window,
             last_flush: None,
             unwritten_since: None,
@@ -46,15 +52,24 @@ impl<J> FanoutQueue<J> {
         }
     }
 
-    /// Adds a job, arrived at `now`, behind every job that arrived before it.
-    pub fn push(&mut self, job: J, now: Instant) {
+    /// Adds a job of about `deliveries` deliveries, arrived at `now`, behind every job that
+    /// arrived before it.
+    pub fn push(&mut self, job: J, deliveries: usize, now: Instant) {
         self.unwritten_since.get_or_insert(now);
-        self.jobs.push_back((now, job));
+        self.waiting += deliveries;
+        self.jobs.push_back((now, deliveries, job));
     }
 
     /// The oldest job.
     pub fn pop(&mut self) -> Option<J> {
-        self.jobs.pop_front().map(|(_, job)| job)
+        let (_, deliveries, job) = self.jobs.pop_front()?;
+        self.waiting -= deliveries;
+        Some(job)
+    }
+
+    /// The deliveries of the jobs that wait for a round.
+    pub fn waiting(&self) -> usize {
+        self.waiting
     }
 
     /// When the oldest job whose frames are not written yet arrived; `None` when the shard
@@ -69,6 +84,15 @@ impl<J> FanoutQueue<J> {
         self.jobs.is_empty()
     }
 
+    /// How many jobs wait: a round takes these and leaves later arrivals to the next.
+    #[allow(
+        clippy::len_without_is_empty,
+        reason = "is_empty is only for the simulation"
+    )]
+    pub fn len(&self) -> usize {
+        self.jobs.len()
+    }
+
     /// How long a round about to start at `now` should let deliveries gather first: the rest
     /// of the window since the last flush, or nothing when the shard has been quiet.
     pub fn gather_for(&self, now: Instant) -> Option<Duration> {
@@ -80,7 +104,7 @@ impl<J> FanoutQueue<J> {
     /// what arrived meanwhile.
     pub fn flushed(&mut self, now: Instant) {
         self.last_flush = Some(now);
-        self.unwritten_since = self.jobs.front().map(|(at, _)| *at);
+        self.unwritten_since = self.jobs.front().map(|(at, _, _)| *at);
     }
 }
 
@@ -92,10 +116,10 @@ mod tests {
     fn jobs_run_in_arrival_order_across_rounds() {
         let now = Instant::now();
         let mut q = FanoutQueue::new(Duration::ZERO);
-        q.push(1, now);
-        q.push(2, now);
+        q.push(1, 1, now);
+        q.push(2, 1, now);
         assert_eq!(q.pop(), Some(1));
-        q.push(3, now);
+        q.push(3, 1, now);
         assert_eq!((q.pop(), q.pop(), q.pop()), (Some(2), Some(3), None));
         assert!(q.is_empty());
     }
@@ -123,19 +147,32 @@ mod tests {
         let ms = Duration::from_millis;
         let mut q = FanoutQueue::new(Duration::ZERO);
         assert_eq!(q.unwritten_since(), None);
-        q.push(1, t0);
-        q.push(2, t0 + ms(5));
+        q.push(1, 1, t0);
+        q.push(2, 1, t0 + ms(5));
         assert_eq!(q.unwritten_since(), Some(t0));
         // A round takes both; until it has flushed they are still not written.
         while q.pop().is_some() {}
         assert_eq!(q.unwritten_since(), Some(t0));
         // One arrives while the round writes: it is what the shard is behind by next.
-        q.push(3, t0 + ms(20));
+        q.push(3, 1, t0 + ms(20));
         q.flushed(t0 + ms(30));
         assert_eq!(q.unwritten_since(), Some(t0 + ms(20)));
         q.pop();
         q.flushed(t0 + ms(40));
         assert_eq!(q.unwritten_since(), None, "caught up");
+    }
+
+    #[test]
+    fn the_backlog_counts_the_deliveries_of_the_jobs_not_taken_yet() {
+        let now = Instant::now();
+        let mut q = FanoutQueue::new(Duration::ZERO);
+        q.push('a', 5_000, now);
+        q.push('b', 15, now);
+        assert_eq!(q.waiting(), 5_015);
+        assert_eq!(q.pop(), Some('a'));
+        assert_eq!(q.waiting(), 15);
+        q.pop();
+        assert_eq!((q.waiting(), q.pop()), (0, None));
     }
 
     #[test]
@@ -151,7 +188,7 @@ mod tests {
         let mut q = FanoutQueue::new(Duration::ZERO);
         let now = Instant::now();
         for i in 0..10_000 {
-            q.push(i, now);
+            q.push(i, 1, now);
         }
         q.shrink();
         assert!(q.jobs.capacity() >= 10_000, "not while it holds the burst");

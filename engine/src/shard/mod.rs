@@ -576,20 +576,36 @@ impl Shard {
         })
     }
 
-    /// Holds a publish while any shard's fan-out is more than `server.max_fanout_lag_ms`
-    /// behind, up to `PUBLISH_HOLD`. An answer on acceptance would otherwise let publishers
-    /// that wait for it outrun delivery and grow the shards' queues without bound; holding
-    /// the answer slows them to what the shards deliver. False: still behind, not accepted.
+    /// Whether any shard's fan-out is behind: its oldest unwritten job older than
+    /// `server.max_fanout_lag_ms`, or more deliveries waiting for its next round than
+    /// `server.max_fanout_backlog` (0 turns either off).
+    fn fanout_behind(&self) -> bool {
+        let server = &self.shared.config.server;
+        let lag = Duration::from_millis(server.max_fanout_lag_ms);
+        let backlog = server.max_fanout_backlog;
+        (!lag.is_zero() && self.fanout_lag() > lag)
+            || (backlog != 0
+                && self
+                    .shared
+                    .metrics
+                    .iter()
+                    .any(|m| m.fanout_waiting.load(Relaxed) > backlog))
+    }
+
+    /// Holds a publish while any shard's fan-out is behind (see `fanout_behind`), up to
+    /// `PUBLISH_HOLD`. An answer on acceptance would otherwise let publishers that wait for
+    /// it outrun delivery and grow the shards' queues without bound; holding the answer slows
+    /// them to what the shards deliver, and the backlog bound keeps each round short. False:
+    /// still behind, not accepted.
     pub async fn room_to_publish(&self) -> bool {
-        let limit = Duration::from_millis(self.shared.config.server.max_fanout_lag_ms);
-        if limit.is_zero() || self.fanout_lag() <= limit {
+        if !self.fanout_behind() {
             return true;
         }
         self.metrics().publishes_held.fetch_add(1, Relaxed);
         let until = Instant::now() + PUBLISH_HOLD;
         while Instant::now() < until {
             glommio::timer::sleep(Duration::from_millis(1)).await;
-            if self.fanout_lag() <= limit {
+            if !self.fanout_behind() {
                 return true;
             }
         }

@@ -440,14 +440,34 @@ impl Shard {
     }
 
     pub(super) fn queue_job(&self, job: Job) {
+        let deliveries = self.deliveries_of(&job);
         let mut fanout = self.fanout.borrow_mut();
         let caught_up = fanout.unwritten_since().is_none();
-        fanout.push(job, Instant::now());
+        fanout.push(job, deliveries, Instant::now());
         if caught_up {
             self.publish_lag(fanout.unwritten_since());
         }
+        let m = self.metrics();
+        m.fanout_waiting.store(fanout.waiting() as u64, Relaxed);
         drop(fanout);
         self.deliver_notify.notify();
+    }
+
+    /// About how many deliveries `job` makes here: its receivers for a topic, role or
+    /// broadcast (as they are now), one for anything else.
+    fn deliveries_of(&self, job: &Job) -> usize {
+        let Job::Deliver(d) = job else {
+            return 1;
+        };
+        match &d.target {
+            Target::Topic(t) => self
+                .local
+                .borrow()
+                .subscribers(t.as_str())
+                .map_or(1, |s| s.len()),
+            Target::Role(r) => self.registry.borrow().role(r).map_or(1, |s| s.len()),
+            Target::Broadcast => self.conns.borrow().len(),
+        }
     }
 
     /// Tells the publish API (any shard's) how far behind this shard's fan-out is.
@@ -469,10 +489,17 @@ impl Shard {
             if let Some(wait) = gather {
                 glommio::timer::sleep(wait).await;
             }
-            loop {
+            // The jobs queued now; what arrives while this round runs (the round steps aside
+            // now and then) waits for the next one. Otherwise a round would take every publish
+            // accepted during its pauses and grow without bound under load, and its first
+            // deliveries would wait for all of them.
+            let round = self.fanout.borrow().len();
+            for _ in 0..round {
                 let Some(job) = self.fanout.borrow_mut().pop() else {
                     break;
                 };
+                let waiting = self.fanout.borrow().waiting() as u64;
+                self.metrics().fanout_waiting.store(waiting, Relaxed);
                 match job {
                     Job::Deliver(job) => {
                         let counts = self.deliver(&job).await;

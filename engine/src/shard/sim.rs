@@ -409,6 +409,7 @@ impl Sim {
                     recovered,
                     replay,
                 },
+                1,
                 std::time::Instant::now(),
             ),
             Msg::Deliver {
@@ -423,6 +424,7 @@ impl Sim {
                     origin,
                     req,
                 },
+                1,
                 std::time::Instant::now(),
             ),
             Msg::Report {

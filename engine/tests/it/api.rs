@@ -323,3 +323,37 @@ fn a_publish_behind_a_stalled_fanout_is_refused_and_not_delivered() {
         other => panic!("after the refusal: {other:?}"),
     }
 }
+
+/// The other bound: while more deliveries wait for a shard's next fan-out round than
+/// `server.max_fanout_backlog`, a publish waits; it is accepted once a round takes them. (Lag
+/// bound off; every round takes 2 s; one subscriber, so each event is one delivery.)
+#[test]
+fn a_publish_waits_while_too_many_deliveries_wait_for_a_round() {
+    let server = Server::start_with(
+        1,
+        &[
+            ("RINGCAST_FAULTS", "stall_fanout=2000"),
+            ("RINGCAST_SERVER_MAX_FANOUT_LAG_MS", "0"),
+            ("RINGCAST_SERVER_MAX_FANOUT_BACKLOG", "1"),
+        ],
+    );
+    let mut c = Client::connect(&server, &sub_token("backlogged"));
+    c.subscribe(&["lag:3"]);
+    // The subscription's round is stalled: these two wait for the next one.
+    for n in 1..=2 {
+        let (status, r, took) = post_publish(&server, "lag:3", n);
+        assert_eq!(status, 200, "{r}");
+        assert!(
+            took < Duration::from_millis(1000),
+            "held {took:?} under the bound"
+        );
+    }
+    let (status, r, took) = post_publish(&server, "lag:3", 3);
+    assert_eq!(status, 200, "{r}");
+    assert!(
+        took >= Duration::from_millis(700),
+        "answered after {took:?} with two deliveries waiting"
+    );
+    let got: Vec<_> = (0..3).map(|_| c.recv_json()["data"]["n"].clone()).collect();
+    assert_eq!(got, [json!(1), json!(2), json!(3)]);
+}
