@@ -442,13 +442,8 @@ impl Shard {
     pub(super) fn queue_job(&self, job: Job) {
         let deliveries = self.deliveries_of(&job);
         let mut fanout = self.fanout.borrow_mut();
-        let caught_up = fanout.unwritten_since().is_none();
         fanout.push(job, deliveries, Instant::now());
-        if caught_up {
-            self.publish_lag(fanout.unwritten_since());
-        }
-        let m = self.metrics();
-        m.fanout_waiting.store(fanout.waiting() as u64, Relaxed);
+        self.report_fanout(&fanout);
         drop(fanout);
         self.deliver_notify.notify();
     }
@@ -470,14 +465,17 @@ impl Shard {
         }
     }
 
-    /// Tells the publish API (any shard's) how far behind this shard's fan-out is.
-    fn publish_lag(&self, since: Option<Instant>) {
-        let us = since.map_or(0, |at| {
+    /// Tells the publish API (any shard's) how far behind this shard's fan-out is: called
+    /// after every change to the queue.
+    fn report_fanout(&self, fanout: &super::fanout::FanoutQueue<Job>) {
+        let since = fanout.unwritten_since().map_or(0, |at| {
             at.saturating_duration_since(self.shared.started)
                 .as_micros() as u64
                 + 1
         });
-        self.metrics().fanout_unwritten_since.store(us, Relaxed);
+        let m = self.metrics();
+        m.fanout_unwritten_since.store(since, Relaxed);
+        m.fanout_waiting.store(fanout.waiting() as u64, Relaxed);
     }
 
     /// Runs jobs in arrival order, then flushes every touched connection once.
@@ -498,8 +496,7 @@ impl Shard {
                 let Some(job) = self.fanout.borrow_mut().pop() else {
                     break;
                 };
-                let waiting = self.fanout.borrow().waiting() as u64;
-                self.metrics().fanout_waiting.store(waiting, Relaxed);
+                self.report_fanout(&self.fanout.borrow());
                 match job {
                     Job::Deliver(job) => {
                         let counts = self.deliver(&job).await;
@@ -558,7 +555,7 @@ impl Shard {
             self.flush_round().await;
             let mut fanout = self.fanout.borrow_mut();
             fanout.flushed(Instant::now());
-            self.publish_lag(fanout.unwritten_since());
+            self.report_fanout(&fanout);
         }
     }
 
